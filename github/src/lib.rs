@@ -1,0 +1,1 @@
+//! GitHub integration for GRS (to be built: issue 4).

@@ -1,0 +1,20 @@
+//! The GRS gRPC API.
+//!
+//! - [`v1`]: `grs.v1.ControlPlane`, the control plane's API for the webhook
+//!   gateway and operators (source: `grs/v1/control_plane.proto`, where every
+//!   message and field is documented).
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every GRS `.proto`,
+//!   for server reflection (grpcurl works with no `.proto` at hand).
+//!
+//! The code is generated at build time by protox + tonic-prost-build: no
+//! system `protoc` is needed.
+
+/// `grs.v1`: the control plane API.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod v1 {
+    tonic::include_proto!("grs.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the GRS protos, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/grs_descriptor.bin"));

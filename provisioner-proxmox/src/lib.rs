@@ -1,0 +1,1 @@
+//! Proxmox VE backend for GRS (to be built: issue 3).

@@ -1,0 +1,332 @@
+//! An in-memory [`Provisioner`] for tests and the demo.
+//!
+//! It keeps its "VMs" in a map and can be told to fail or slow down, so tests
+//! can prove what the control plane does when a backend misbehaves. It also
+//! records what matters for invariants: how many instances lived at once and
+//! how often each verb was called.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::{
+    Instance, InstanceSpec, InstanceState, Provisioner, ProvisionerError, validate_instance_name,
+};
+
+/// A failure the fake injects into its next `create` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFailure {
+    /// [`ProvisionerError::Transient`]: the caller should retry.
+    Transient,
+    /// [`ProvisionerError::NoCapacity`].
+    NoCapacity,
+    /// [`ProvisionerError::Permanent`]: retrying won't help.
+    Permanent,
+}
+
+impl InjectedFailure {
+    fn to_error(self, name: &str) -> ProvisionerError {
+        match self {
+            Self::Transient => {
+                ProvisionerError::Transient(format!("injected transient failure creating {name}"))
+            }
+            Self::NoCapacity => {
+                ProvisionerError::NoCapacity(format!("injected: no room for {name}"))
+            }
+            Self::Permanent => {
+                ProvisionerError::Permanent(format!("injected permanent failure creating {name}"))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FakeVm {
+    instance: Instance,
+    /// False for VMs "someone else" made: GRS must never touch them.
+    owned: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    vms: BTreeMap<String, FakeVm>,
+    create_failures: VecDeque<InjectedFailure>,
+    delete_failures: u32,
+    next_id: u64,
+    creates: u64,
+    deletes: u64,
+    peak_live: usize,
+}
+
+/// In-memory backend. Cheap to clone behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct FakeProvisioner {
+    pool: String,
+    create_delay: Mutex<Duration>,
+    state: Mutex<State>,
+}
+
+impl FakeProvisioner {
+    /// A fake serving `pool`, with no delay and no failures.
+    pub fn new(pool: impl Into<String>) -> Self {
+        Self {
+            pool: pool.into(),
+            create_delay: Mutex::new(Duration::ZERO),
+            state: Mutex::new(State {
+                next_id: 100,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Every `create` sleeps this long before the instance runs (boot time).
+    pub fn set_create_delay(&self, delay: Duration) {
+        *self.create_delay.lock().unwrap() = delay;
+    }
+
+    /// The next `n` creates fail with `failure` (after any queued before).
+    pub fn fail_next_creates(&self, n: usize, failure: InjectedFailure) {
+        let mut s = self.state.lock().unwrap();
+        s.create_failures.extend(std::iter::repeat_n(failure, n));
+    }
+
+    /// The next `n` deletes fail with a transient error.
+    pub fn fail_next_deletes(&self, n: u32) {
+        self.state.lock().unwrap().delete_failures += n;
+    }
+
+    /// Adds a VM named `name` that this installation does not own.
+    pub fn add_foreign(&self, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let instance = Instance {
+            name: name.to_owned(),
+            provider_id: format!("fake/{}", s.next_id),
+            pool: String::new(),
+            job_id: None,
+            state: InstanceState::Running,
+            location: Some("fake".into()),
+            created_at: Some(SystemTime::now()),
+        };
+        s.vms.insert(
+            name.to_owned(),
+            FakeVm {
+                instance,
+                owned: false,
+            },
+        );
+    }
+
+    /// Whether a VM named `name` exists, ours or not.
+    pub fn exists(&self, name: &str) -> bool {
+        self.state.lock().unwrap().vms.contains_key(name)
+    }
+
+    /// Number of our instances alive now.
+    pub fn live(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .vms
+            .values()
+            .filter(|v| v.owned)
+            .count()
+    }
+
+    /// Most of our instances ever alive at once.
+    pub fn peak_live(&self) -> usize {
+        self.state.lock().unwrap().peak_live
+    }
+
+    /// `create` calls that made a new instance.
+    pub fn creates(&self) -> u64 {
+        self.state.lock().unwrap().creates
+    }
+
+    /// `delete` calls that removed an instance.
+    pub fn deletes(&self) -> u64 {
+        self.state.lock().unwrap().deletes
+    }
+
+    fn owned_mut<'a>(
+        s: &'a mut State,
+        name: &str,
+    ) -> Result<Option<&'a mut FakeVm>, ProvisionerError> {
+        match s.vms.get_mut(name) {
+            Some(vm) if !vm.owned => Err(ProvisionerError::NotOwned {
+                name: name.to_owned(),
+            }),
+            other => Ok(other),
+        }
+    }
+}
+
+#[async_trait]
+impl Provisioner for FakeProvisioner {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn validate(&self) -> Result<(), ProvisionerError> {
+        Ok(())
+    }
+
+    async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {
+        validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
+        {
+            let mut s = self.state.lock().unwrap();
+            if let Some(vm) = Self::owned_mut(&mut s, &spec.name)? {
+                // Idempotent: the instance exists already (a repeated call).
+                return Ok(vm.instance.clone());
+            }
+            if let Some(f) = s.create_failures.pop_front() {
+                return Err(f.to_error(&spec.name));
+            }
+            // Reserve the name at once, as a real hypervisor's clone would:
+            // a crash or cancellation during "boot" leaves it findable.
+            s.next_id += 1;
+            let instance = Instance {
+                name: spec.name.clone(),
+                provider_id: format!("fake/{}", s.next_id),
+                pool: spec.pool.clone(),
+                job_id: Some(spec.job_id),
+                state: InstanceState::Creating,
+                location: Some("fake".into()),
+                created_at: Some(SystemTime::now()),
+            };
+            s.vms.insert(
+                spec.name.clone(),
+                FakeVm {
+                    instance,
+                    owned: true,
+                },
+            );
+            s.creates += 1;
+            let live = s.vms.values().filter(|v| v.owned).count();
+            s.peak_live = s.peak_live.max(live);
+        }
+        let delay = *self.create_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut s = self.state.lock().unwrap();
+        match s.vms.get_mut(&spec.name) {
+            Some(vm) => {
+                vm.instance.state = InstanceState::Running;
+                Ok(vm.instance.clone())
+            }
+            // Deleted while booting: report it, the caller decides.
+            None => Err(ProvisionerError::Transient(format!(
+                "instance {} vanished while starting",
+                spec.name
+            ))),
+        }
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), ProvisionerError> {
+        let mut s = self.state.lock().unwrap();
+        if Self::owned_mut(&mut s, name)?.is_none() {
+            return Ok(());
+        }
+        if s.delete_failures > 0 {
+            s.delete_failures -= 1;
+            return Err(ProvisionerError::Transient(format!(
+                "injected transient failure deleting {name}"
+            )));
+        }
+        s.vms.remove(name);
+        s.deletes += 1;
+        Ok(())
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Instance>, ProvisionerError> {
+        let s = self.state.lock().unwrap();
+        Ok(s.vms
+            .get(name)
+            .filter(|v| v.owned)
+            .map(|v| v.instance.clone()))
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, ProvisionerError> {
+        let s = self.state.lock().unwrap();
+        Ok(s.vms
+            .values()
+            .filter(|v| v.owned && v.instance.pool == self.pool)
+            .map(|v| v.instance.clone())
+            .collect())
+    }
+
+    async fn start(&self, name: &str) -> Result<(), ProvisionerError> {
+        let mut s = self.state.lock().unwrap();
+        match Self::owned_mut(&mut s, name)? {
+            Some(vm) => {
+                vm.instance.state = InstanceState::Running;
+                Ok(())
+            }
+            None => Err(ProvisionerError::Permanent(format!(
+                "instance {name} does not exist"
+            ))),
+        }
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), ProvisionerError> {
+        let mut s = self.state.lock().unwrap();
+        match Self::owned_mut(&mut s, name)? {
+            Some(vm) => {
+                vm.instance.state = InstanceState::Stopped;
+                Ok(())
+            }
+            None => Err(ProvisionerError::Permanent(format!(
+                "instance {name} does not exist"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::conformance::{self, Harness};
+
+    #[derive(Debug)]
+    struct FakeHarness(Arc<FakeProvisioner>);
+
+    #[async_trait]
+    impl Harness for FakeHarness {
+        fn provisioner(&self) -> Arc<dyn Provisioner> {
+            self.0.clone()
+        }
+        fn pool(&self) -> String {
+            "conformance".into()
+        }
+        async fn create_foreign(&self, name: &str) -> bool {
+            self.0.add_foreign(name);
+            true
+        }
+        async fn exists_at_all(&self, name: &str) -> bool {
+            self.0.exists(name)
+        }
+    }
+
+    #[tokio::test]
+    async fn fake_passes_the_conformance_suite() {
+        let h = FakeHarness(Arc::new(FakeProvisioner::new("conformance")));
+        conformance::run_all(&h).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn injected_failures_come_in_order_then_stop() {
+        let p = FakeProvisioner::new("p");
+        p.fail_next_creates(1, InjectedFailure::Transient);
+        p.fail_next_creates(1, InjectedFailure::Permanent);
+        let spec = conformance::spec("p", "inj-1", 1);
+        assert!(p.create(&spec).await.unwrap_err().is_retryable());
+        assert!(!p.create(&spec).await.unwrap_err().is_retryable());
+        assert_eq!(p.create(&spec).await.unwrap().state, InstanceState::Running);
+        assert_eq!(p.creates(), 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! The GRS webhook gateway (to be built: issue 4).
