@@ -535,14 +535,14 @@ impl GitHubClient {
                 attempt -= 1;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED && !reauthed {
-                if let Auth::App(app) = &inner.auth {
-                    // The cached installation token may have been revoked.
-                    *app.cached.lock().await = None;
-                    reauthed = true;
-                    attempt -= 1;
-                    continue;
-                }
+            if let (StatusCode::UNAUTHORIZED, false, Auth::App(app)) =
+                (status, reauthed, &inner.auth)
+            {
+                // The cached installation token may have been revoked.
+                *app.cached.lock().await = None;
+                reauthed = true;
+                attempt -= 1;
+                continue;
             }
             if status.is_server_error() && attempt < inner.max_attempts {
                 tokio::time::sleep(short_backoff(attempt)).await;
@@ -744,15 +744,13 @@ pub fn rate_limit_wait(
     if let Some(secs) = num("retry-after") {
         return Some(Duration::from_secs(secs));
     }
-    if num("x-ratelimit-remaining") == Some(0) {
-        if let Some(reset) = num("x-ratelimit-reset") {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            // One second of slack: the reset is rounded to seconds.
-            return Some(Duration::from_secs(reset.saturating_sub(now) + 1));
-        }
+    if let (Some(0), Some(reset)) = (num("x-ratelimit-remaining"), num("x-ratelimit-reset")) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        // One second of slack: the reset is rounded to seconds.
+        return Some(Duration::from_secs(reset.saturating_sub(now) + 1));
     }
     let secondary = status == StatusCode::TOO_MANY_REQUESTS
         || message.to_ascii_lowercase().contains("rate limit")

@@ -138,10 +138,8 @@ pub fn jit_config_from_user_data(user_data: &str) -> Option<String> {
         let t = line.trim_start().trim_start_matches("- ");
         if let Some(p) = t.strip_prefix("path:") {
             in_jit_entry = p.trim().trim_matches('"').ends_with("jitconfig");
-        } else if in_jit_entry {
-            if let Some(c) = t.strip_prefix("content:") {
-                return Some(c.trim().trim_matches('"').to_owned());
-            }
+        } else if let (true, Some(c)) = (in_jit_entry, t.strip_prefix("content:")) {
+            return Some(c.trim().trim_matches('"').to_owned());
         }
     }
     None

@@ -32,7 +32,7 @@ pub enum Delivery {
     /// `ping`: GitHub checking the hook after it was created.
     Ping(Ping),
     /// `workflow_job` with an action GRS acts on.
-    WorkflowJob(WorkflowJobEvent),
+    WorkflowJob(Box<WorkflowJobEvent>),
     /// Any other event or action; `reason` says which, for the log.
     Ignored {
         /// `event` or `event.action`.
@@ -270,7 +270,7 @@ pub fn parse(event: &str, encoding: BodyEncoding, body: &[u8]) -> Result<Deliver
             l.len()
         )));
     }
-    Ok(Delivery::WorkflowJob(WorkflowJobEvent {
+    Ok(Delivery::WorkflowJob(Box::new(WorkflowJobEvent {
         action: Some(action),
         job_id,
         run_id: job.run_id.unwrap_or(0),
@@ -293,7 +293,7 @@ pub fn parse(event: &str, encoding: BodyEncoding, body: &[u8]) -> Result<Deliver
         conclusion: job.conclusion.filter(|c| !c.is_empty()),
         job_name: job.name.unwrap_or_default(),
         workflow_name: job.workflow_name.unwrap_or_default(),
-    }))
+    })))
 }
 
 fn invalid(e: serde_json::Error) -> PayloadError {
