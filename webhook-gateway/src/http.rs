@@ -35,6 +35,9 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::control_plane::ControlPlane;
 use crate::metrics::{BootstrapLabels, CodeLabels, DeliveryLabels, Metrics};
 
+/// The longest `X-GitHub-Delivery` accepted (GitHub sends 36-byte GUIDs).
+pub const MAX_DELIVERY_ID_LEN: usize = 128;
+
 /// What every handler shares.
 #[derive(Debug)]
 pub struct AppState {
@@ -168,6 +171,20 @@ async fn handle_webhook(
             text(StatusCode::BAD_REQUEST, "missing X-GitHub-Delivery\n"),
         );
     };
+    // GitHub's delivery ids are GUIDs; the control plane keys its
+    // de-duplication on them, so an outsized one is refused here.
+    if delivery_id.len() > MAX_DELIVERY_ID_LEN {
+        tracing::warn!(
+            delivery,
+            event = event_label,
+            "webhook refused: X-GitHub-Delivery longer than {MAX_DELIVERY_ID_LEN} bytes"
+        );
+        return (
+            event_label,
+            "bad_request",
+            text(StatusCode::BAD_REQUEST, "bad X-GitHub-Delivery\n"),
+        );
+    }
     let encoding = match BodyEncoding::from_content_type(header_str(headers, "content-type")) {
         Ok(e) => e,
         Err(e) => {

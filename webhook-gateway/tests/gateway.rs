@@ -176,8 +176,10 @@ async fn missing_or_wrong_signatures_are_401_and_reach_nothing() {
 async fn bad_input_gets_its_status_and_never_reaches_the_control_plane() {
     let (cp, gw) = setup().await;
     let full = fixture("octokit-webhooks/workflow_job/queued.payload.json");
+    let long_id = "x".repeat(200);
     let labels: Vec<String> = (0..10_000).map(|i| format!("label-{i}")).collect();
-    let cases: Vec<(&str, Delivery, u16)> = vec![
+    let cases: Vec<(&str, Delivery, u16)> =
+        vec![
         (
             "invalid JSON",
             Delivery::signed("workflow_job", "b1", b"{not json".to_vec()),
@@ -215,6 +217,7 @@ async fn bad_input_gets_its_status_and_never_reaches_the_control_plane() {
             400,
         ),
         ("no event", Delivery::signed("", "b6", full.clone()), 400),
+        ("delivery id too long", Delivery::signed("workflow_job", &long_id, full.clone()), 400),
         (
             "wrong content type",
             Delivery {
@@ -250,7 +253,7 @@ async fn bad_input_gets_its_status_and_never_reaches_the_control_plane() {
         .unwrap();
     assert!(
         metrics.contains(
-            r#"grs_gateway_deliveries_total{event="workflow_job",outcome="bad_request"} 5"#
+            r#"grs_gateway_deliveries_total{event="workflow_job",outcome="bad_request"} 6"#
         ),
         "{metrics}"
     );
