@@ -313,13 +313,16 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                     .map(|i| i.mul_f64(c as f64 / conns as f64))
                     .unwrap_or_default();
             loop {
-                if let Some(i) = interval {
-                    tokio::time::sleep_until(scheduled.into()).await;
-                    scheduled += i;
-                } else {
-                    scheduled = Instant::now();
-                }
-                if scheduled >= end {
+                let this = match interval {
+                    Some(i) => {
+                        tokio::time::sleep_until(scheduled.into()).await;
+                        let this = scheduled;
+                        scheduled += i;
+                        this
+                    }
+                    None => Instant::now(),
+                };
+                if this >= end {
                     break;
                 }
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -340,14 +343,13 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                 let status = resp.status();
                 let _ = resp.into_body().collect().await?;
                 let done = Instant::now();
-                if scheduled >= measure_from {
+                if this >= measure_from {
                     if status.is_success() {
                         ok += 1;
                     } else {
                         failed += 1;
                     }
-                    hist.record((done - scheduled).as_micros().max(1) as u64)
-                        .ok();
+                    hist.record((done - this).as_micros().max(1) as u64).ok();
                 }
             }
             anyhow::Ok((hist, ok, failed))

@@ -10,7 +10,10 @@
 //! was stale) · 200 a replayed delivery id the control plane already had ·
 //! 400 the control plane refused it as invalid · 503 the control plane is
 //! unreachable or timed out. Every non-2xx answer is logged with its
-//! reason and the delivery id; bodies and secrets never are.
+//! reason and the delivery id; bodies and secrets never are. Accepted
+//! events are logged at debug only (the `grs_gateway_deliveries_total`
+//! metric counts them): an info line per delivery costs a third of the
+//! gateway's throughput (see BENCH.md).
 //!
 //! The signature is checked before anything else is read, so unsigned
 //! traffic costs one HMAC and nothing reaches the control plane without a
@@ -228,7 +231,7 @@ async fn handle_webhook(
         Ok(r) => {
             match pb::SubmitOutcome::try_from(r.outcome).unwrap_or(pb::SubmitOutcome::Unspecified) {
                 pb::SubmitOutcome::DuplicateDelivery => {
-                    tracing::info!(
+                    tracing::debug!(
                         delivery,
                         job_id,
                         action,
@@ -241,7 +244,7 @@ async fn handle_webhook(
                     )
                 }
                 pb::SubmitOutcome::Stale => {
-                    tracing::info!(
+                    tracing::debug!(
                         delivery,
                         job_id,
                         action,
@@ -250,7 +253,7 @@ async fn handle_webhook(
                     (event_label, "stale", text(StatusCode::ACCEPTED, "stale\n"))
                 }
                 _ => {
-                    tracing::info!(delivery, job_id, action, "job event accepted");
+                    tracing::debug!(delivery, job_id, action, "job event accepted");
                     (
                         event_label,
                         "accepted",

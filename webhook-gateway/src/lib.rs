@@ -78,6 +78,10 @@ pub async fn run_with(
         public_url = config.public_url.as_deref().unwrap_or("-"),
         "webhook gateway serving"
     );
+    // No Nagle: answers are small and latency is what GitHub measures.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;

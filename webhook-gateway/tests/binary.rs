@@ -91,7 +91,7 @@ async fn it_serves_logs_reasons_not_secrets_and_stops_on_sigterm() {
         .env("GRS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
         .env("GRS_GATEWAY_CONTROL_PLANE_URL", cp.url())
         .env("GRS_GATEWAY_WEBHOOK_SECRET_FILE", &secret_file)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -100,7 +100,16 @@ impl FakeControlPlane {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let svc = ControlPlaneServer::new(self.clone());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // No Nagle, like a real gRPC server should (else 40 ms stalls).
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            },
+        );
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
