@@ -341,13 +341,22 @@ fn the_github_section_loads_from_toml_and_env() {
     .unwrap();
     let c: Top = grs_config::load_from(
         Some(file),
-        [(
-            "GRS_GITHUB_API_URL".to_string(),
-            "https://ghe.example/api/v3".to_string(),
-        )],
+        [
+            (
+                "GRS_GITHUB_API_URL".to_string(),
+                "https://ghe.example/api/v3".to_string(),
+            ),
+            // Works because the file has a [github.app] table to land in.
+            (
+                "GRS_GITHUB_APP_PRIVATE_KEY".to_string(),
+                "-----BEGIN RSA PRIVATE KEY-----".to_string(),
+            ),
+        ],
     )
     .unwrap();
     assert_eq!(c.github.api_url, "https://ghe.example/api/v3");
     assert_eq!(c.github.max_rate_limit_wait, Duration::from_secs(30));
-    assert_eq!(c.github.app.unwrap().installation_id, 5);
+    let app = c.github.app.unwrap();
+    assert_eq!(app.installation_id, 5);
+    assert!(app.private_key.is_some());
 }
