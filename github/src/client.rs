@@ -343,11 +343,24 @@ impl GitHubClient {
     }
 
     /// Mints a just-in-time config for a runner called `name` (the instance
-    /// name) with `labels`, in the configured runner group.
+    /// name) with `labels` (the pool's), in the configured runner group.
     pub async fn generate_jit_config(
         &self,
         name: &str,
         labels: &[String],
+        work_folder: Option<&str>,
+    ) -> Result<JitConfig, GitHubError> {
+        self.generate_jit_config_in_group(name, labels, None, work_folder)
+            .await
+    }
+
+    /// [`generate_jit_config`](Self::generate_jit_config) in a pool's own
+    /// runner group (`None`: `github.runner_group_id`).
+    pub async fn generate_jit_config_in_group(
+        &self,
+        name: &str,
+        labels: &[String],
+        runner_group_id: Option<u64>,
         work_folder: Option<&str>,
     ) -> Result<JitConfig, GitHubError> {
         #[derive(Serialize)]
@@ -371,7 +384,7 @@ impl GitHubClient {
         let path = format!("{}/generate-jitconfig", self.inner.scope.runners_path());
         let req = Req {
             name,
-            runner_group_id: self.inner.runner_group_id,
+            runner_group_id: runner_group_id.unwrap_or(self.inner.runner_group_id),
             labels,
             work_folder: work_folder.unwrap_or("_work"),
         };

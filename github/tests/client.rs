@@ -65,6 +65,12 @@ async fn an_app_mints_a_jit_config_with_the_pool_labels_and_runner_group() {
     let runners = sim.runners();
     assert_eq!(runners.len(), 1);
     assert_eq!(runners[0].runner_group_id, 3);
+    // A pool may name its own group.
+    gh.generate_jit_config_in_group("grs-2", &labels(&["gpu"]), Some(9), None)
+        .await
+        .unwrap();
+    let g: Vec<u64> = sim.runners().iter().map(|r| r.runner_group_id).collect();
+    assert_eq!(g, [3, 9]);
     sim.shutdown().await;
 }
 

@@ -216,3 +216,30 @@ async fn a_wrong_secret_shows_as_a_failed_delivery() {
     assert_eq!(sim.deliveries()[0].status, Some(401));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_runner_can_boot_over_http_from_another_process() {
+    let (sim, gh, _seen) = setup().await;
+    let jit = gh
+        .generate_jit_config("grs-http", &["l".into()], None)
+        .await
+        .unwrap();
+    let url = format!("{}/_sim/boot", sim.url());
+    let http = reqwest::Client::new();
+    let r = http
+        .post(&url)
+        .body(jit.encoded_jit_config.expose_secret().to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(sim.runners()[0].online);
+    let again = http
+        .post(&url)
+        .body(jit.encoded_jit_config.expose_secret().to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 422);
+    sim.shutdown().await;
+}
