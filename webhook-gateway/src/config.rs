@@ -9,6 +9,8 @@
 //! # tls_ca_file = "/etc/grs/ca.pem"                   # control plane over TLS
 //! max_body_bytes = 1048576
 //! control_plane_timeout = "5s"
+//! request_timeout = "9s"
+//! shutdown_grace = "10s"
 //! ```
 //!
 //! The webhook secret is looked up in this order: `gateway.webhook_secret`
@@ -67,6 +69,10 @@ pub struct GatewayConfig {
     /// the operator's reference and logs; the control plane builds the
     /// cloud-init seed URL from its own copy.
     pub public_url: Option<String>,
+    /// Longest any request may take, body upload included (408 after):
+    /// a slow or stalled client cannot hold an answer past GitHub's 10 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -86,6 +92,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 1024 * 1024,
             control_plane_timeout: Duration::from_secs(5),
             public_url: None,
+            request_timeout: Duration::from_secs(9),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -111,6 +118,14 @@ impl GatewayConfig {
             return Err(ConfigError::key(
                 "gateway.control_plane_timeout",
                 "must be between 1ms and 9s (GitHub waits 10s for an answer)",
+            ));
+        }
+        if self.request_timeout <= self.control_plane_timeout
+            || self.request_timeout > Duration::from_secs(10)
+        {
+            return Err(ConfigError::key(
+                "gateway.request_timeout",
+                "must be above gateway.control_plane_timeout and at most 10s",
             ));
         }
         if !(self.control_plane_url.starts_with("http://")
@@ -253,6 +268,11 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("gateway.control_plane_url"), "{e}");
+        let e = with_secret(GatewayConfig {
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        });
+        assert!(e.contains("gateway.request_timeout"), "{e}");
         let e = with_secret(GatewayConfig {
             max_body_bytes: 0,
             ..Default::default()

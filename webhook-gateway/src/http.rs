@@ -52,14 +52,19 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
-/// The gateway's routes over `state`, refusing bodies above `max_body_bytes`.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+/// The gateway's routes over `state`: bodies above `max_body_bytes` are
+/// refused (413), requests running past `request_timeout` answered 408.
+pub fn router(state: Arc<AppState>, config: &crate::GatewayConfig) -> Router {
     Router::new()
         .route("/webhook", post(webhook))
         .route("/cloud-init/{token}/{document}", get(cloud_init))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
         .with_state(state)
 }
 

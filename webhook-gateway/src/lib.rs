@@ -71,7 +71,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let st = state(&config, &secrets)?;
-    let app = http::router(st, config.max_body_bytes);
+    let app = http::router(st, &config);
     tracing::info!(
         listen = %listener.local_addr()?,
         control_plane = %config.control_plane_url,

@@ -576,3 +576,34 @@ async fn shutdown_answers_requests_in_flight_first() {
     assert_eq!(cp.fake.accepted().len(), 1);
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn a_stalled_upload_is_cut_off_at_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cp, _) = (FakeControlPlane::default().serve().await, ());
+    let gw = Gateway::start(&cp.url(), |c, _| {
+        c.control_plane_timeout = Duration::from_millis(200);
+        c.request_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // Promise 1000 bytes, send 10, then stall.
+    s.write_all(b"POST /webhook HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-github-event: workflow_job\r\nx-github-delivery: slow\r\ncontent-length: 1000\r\n\r\n{\"action\":").await.unwrap();
+    let t = Instant::now();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(cp.fake.state.lock().unwrap().calls, 0);
+    gw.stop().await;
+    cp.stop().await;
+}
