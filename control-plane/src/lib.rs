@@ -1,1 +1,4 @@
 //! control plane
+pub mod model;
+pub mod store;
+pub mod testing;
