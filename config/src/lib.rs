@@ -14,6 +14,9 @@
 //! is reported as the key (and the variable that set it) the operator has to
 //! fix. Binaries exit with [`EX_USAGE`] (64) on any [`ConfigError`].
 //!
+//! [`process`] holds the other conventions every binary follows: logging
+//! setup and the shutdown signal.
+//!
 //! Start at [`load`].
 
 use std::collections::BTreeMap;
@@ -23,6 +26,8 @@ use secrecy::SecretString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
+
+pub mod process;
 
 /// The exit code for bad configuration (`EX_USAGE` of sysexits.h).
 pub const EX_USAGE: i32 = 64;
