@@ -244,20 +244,22 @@ fn parse_server(s: &str) -> Result<String, String> {
     let uri: tonic::codegen::http::Uri = s
         .parse()
         .map_err(|e| format!("{s:?} is not a URL ({e}); {hint}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
+    let scheme = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some(scheme @ ("http" | "https")) => scheme.to_owned(),
         Some(other) => return Err(format!("scheme {other}:// is not supported; {hint}")),
         None => return Err(format!("{s:?} has no scheme; {hint}")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
+    };
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
         return Err(format!("{s:?} has no host; {hint}"));
-    }
-    if !matches!(uri.path(), "" | "/") {
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
             "{s:?} has a path; the gRPC API is served at the root; {hint}"
         ));
     }
-    Ok(s.trim_end_matches('/').to_owned())
+    // Normalized (lower-case scheme, no trailing slash): connecting decides
+    // on TLS by the `https://` prefix, and messages show this form.
+    Ok(format!("{scheme}://{authority}"))
 }
 
 #[cfg(test)]
@@ -276,7 +278,10 @@ mod tests {
             parse_server("http://127.0.0.1:50051/").unwrap(),
             "http://127.0.0.1:50051"
         );
-        assert!(parse_server("https://cp.example:443").is_ok());
+        assert_eq!(
+            parse_server("HTTPS://cp.example:443").unwrap(),
+            "https://cp.example:443"
+        );
         assert!(parse_server("127.0.0.1:50051").is_err());
         assert!(parse_server("ftp://cp:21").is_err());
         assert!(parse_server("http://cp:1/api").is_err());

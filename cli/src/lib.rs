@@ -3,9 +3,9 @@
 //!
 //! Modules:
 //! - [`args`]: the command line (clap): global flags and subcommands.
-//! - [`client`](crate::client): connecting (URL, TLS, bearer token,
-//!   timeouts) and calling the API.
-//! - [`commands`](crate::commands): one function per subcommand.
+//! - `client`: connecting (URL, TLS, bearer token, timeouts) and calling
+//!   the API.
+//! - `commands`: one function per subcommand.
 //! - [`error`]: [`CliError`], the one-line messages and the exit codes
 //!   (1 server error, 2 usage, 69 control plane unreachable).
 //! - [`view`]: the JSON form of the API's messages (`--output json`).

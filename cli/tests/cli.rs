@@ -242,7 +242,7 @@ async fn grs_bin(args: &[&str], env: &[(&str, &str)]) -> Run {
     }
 }
 
-fn job_of<'a>(doc: &'a Value, id: u64) -> &'a Value {
+fn job_of(doc: &Value, id: u64) -> &Value {
     doc["jobs"]
         .as_array()
         .expect("jobs array")
@@ -608,6 +608,53 @@ async fn events_prints_one_line_per_transition_until_stopped() {
     }
 }
 
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_binary_streams_until_ctrl_c_and_then_exits_0() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let s = start(Setup {
+        paused: true,
+        ..Setup::default()
+    })
+    .await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_grs"))
+        .args(["--server", &s.url, "events"])
+        .env_remove("GRS_TOKEN")
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut first = None;
+    for id in 1..=50u64 {
+        s.queue(4_000_000_800 + id).await;
+        // `next_line` is cancel-safe: a line cut short here is read whole later.
+        if let Ok(line) = tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
+        {
+            first = line.unwrap();
+            break;
+        }
+    }
+    let first = first.expect("grs events printed a line");
+    assert!(
+        first.contains("job 40000008") && first.ends_with("new → queued"),
+        "{first}"
+    );
+
+    let pid = child.id().expect("still running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("grs events stops on SIGINT")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_exits_69_naming_the_url() {
     // A port nobody listens on: bound, then released.
@@ -735,6 +782,7 @@ async fn https_servers_are_checked_against_the_ca_file() {
     let err = s.grs(&["pools", "list"]).await.unwrap_err();
     assert_eq!(err.exit_code(), 69, "{err}");
     assert!(err.to_string().contains(&s.url), "{err}");
+    assert!(err.to_string().contains("certificate"), "{err}");
 
     // A CA file is for https:// only.
     let plain = format!("http://{}", s.addr);
