@@ -28,6 +28,7 @@ pub struct Cli {
 
 /// Flags every subcommand takes (before or after the subcommand).
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// The control plane's gRPC URL: http://HOST:PORT, or https://HOST:PORT
     /// for TLS (checked against the system's roots, or --ca-file).
