@@ -185,7 +185,7 @@ pub async fn run(
         token: config.control_plane.auth_token.clone(),
     };
     let api = ControlPlaneServer::with_interceptor(
-        ControlPlaneService::new(store.clone(), pools.clone(), registrar),
+        ControlPlaneService::new(store.clone(), pools.clone(), registrar, stop.clone()),
         move |req| auth.check(req),
     );
 

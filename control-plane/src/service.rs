@@ -10,6 +10,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use grs_proto::v1 as pb;
 use grs_proto::v1::control_plane_server::ControlPlane;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::bootstrap;
@@ -29,6 +30,9 @@ pub struct ControlPlaneService {
     store: Arc<dyn Store>,
     pools: Pools,
     bootstrap_docs: Arc<crate::cloud_init::Documents>,
+    /// Cancelled at shutdown: ends open `WatchEvents` streams, which would
+    /// otherwise hold the server's graceful shutdown open forever.
+    shutdown: CancellationToken,
 }
 
 impl ControlPlaneService {
@@ -38,12 +42,14 @@ impl ControlPlaneService {
         store: Arc<dyn Store>,
         pools: Pools,
         registrar: Option<Arc<dyn RunnerRegistrar>>,
+        shutdown: CancellationToken,
     ) -> Self {
         let bootstrap_docs = Arc::new(crate::cloud_init::Documents::new(registrar));
         Self {
             store,
             pools,
             bootstrap_docs,
+            shutdown,
         }
     }
 }
@@ -419,11 +425,10 @@ impl ControlPlane for ControlPlaneService {
             Some(self.pool(&pool)?.name.clone())
         };
         let stream = self.store.watch(pool).await.map_err(store_status)?;
-        Ok(Response::new(
-            stream
-                .map(|r| r.map(|e| e.to_proto()).map_err(store_status))
-                .boxed(),
-        ))
+        let stream = stream
+            .map(|r| r.map(|e| e.to_proto()).map_err(store_status))
+            .take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(stream.boxed()))
     }
 
     async fn get_bootstrap_document(
