@@ -127,6 +127,12 @@ impl RedisStore {
         })
     }
 
+    /// The key prefix (another replica's store on the same prefix shares
+    /// everything with this one).
+    pub fn prefix(&self) -> &str {
+        &self.opts.prefix
+    }
+
     async fn conn(&self) -> StoreResult<ConnectionManager> {
         self.conn
             .get_or_try_init(|| async {
