@@ -14,6 +14,8 @@
 //!   PVE: clone, mark, configure, bootstrap, start; stop and destroy.
 //! - [`sim`]: [`sim::PveSim`], a PVE simulator over real HTTP(S) for tests,
 //!   the demo and the benchmark (binary `grs-pve-sim`).
+//! - [`testing`]: [`testing::SimFixture`], a simulator with nodes, a template
+//!   and a provisioner, implementing the conformance `Harness`.
 //!
 //! Start reading at [`ProxmoxProvisioner`]; the PVE facts it honours are in
 //! `shared/docs/proxmox-api.md`.
@@ -25,6 +27,7 @@ pub mod placement;
 pub mod provisioner;
 pub mod schema;
 pub mod sim;
+pub mod testing;
 pub mod tls;
 
 pub use client::PveClient;

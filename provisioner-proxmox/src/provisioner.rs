@@ -117,12 +117,22 @@ struct Backend {
     vmids: Mutex<BTreeSet<u32>>,
 }
 
-/// Backends by (url, token id): provisioners of several pools made from the
-/// same `[proxmox]` share one, so per-node limits hold across pools.
+/// Backends by connection settings: provisioners of several pools made
+/// from the same `[proxmox]` share one, so per-node limits hold across
+/// pools. The key is the whole serialized config plus a digest of the
+/// secret, so a different token, TLS setting or timeout gets its own client.
 fn backend_for(conn: &ProxmoxConfig) -> Result<Arc<Backend>, ProvisionerError> {
-    static REG: OnceLock<Mutex<HashMap<(String, String), Weak<Backend>>>> = OnceLock::new();
+    use sha2::Digest;
+    static REG: OnceLock<Mutex<HashMap<String, Weak<Backend>>>> = OnceLock::new();
+    let secret = conn
+        .resolve_token_secret()
+        .map_err(|e| ProvisionerError::Config(e.to_string()))?;
+    let key = format!(
+        "{}#{}",
+        serde_json::to_string(conn).unwrap_or_default(),
+        hex::encode(sha2::Sha256::digest(secret.expose_secret().as_bytes()))
+    );
     let reg = REG.get_or_init(Default::default);
-    let key = (conn.url.clone(), conn.token_id.clone());
     let mut reg = reg.lock().unwrap();
     if let Some(b) = reg.get(&key).and_then(Weak::upgrade) {
         return Ok(b);
