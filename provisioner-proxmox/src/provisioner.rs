@@ -769,23 +769,30 @@ impl Provisioner for ProxmoxProvisioner {
             }
         }
         let (node, vmid) = (&self.pool.node, self.pool.template_vmid);
-        let cfg = match client.vm_config(node, vmid).await {
-            Ok(c) => c,
-            Err(e) if e.is_vm_missing() => {
-                return Err(ProvisionerError::Config(format!(
-                    "pools.{}.proxmox.template_vmid: template VM {vmid} does not exist on node {node}",
-                    self.pool_name
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let is_template = cfg
-            .get("template")
-            .is_some_and(|v| v.as_i64() == Some(1) || v.as_str() == Some("1"));
-        if !is_template && !self.pool.full_clone {
+        // `/cluster/resources` knows every guest of the cluster and whether
+        // it is a template, wherever it lives.
+        let guests = client.resources(Some("vm")).await?;
+        let key = format!("pools.{}.proxmox.template_vmid", self.pool_name);
+        let Some(t) = guests.iter().find(|r| r.vmid == Some(vmid)) else {
             return Err(ProvisionerError::Config(format!(
-                "pools.{}.proxmox.template_vmid: VM {vmid} on node {node} is not a template, and a linked clone needs one; convert it (qm template {vmid}) or set full_clone = true",
-                self.pool_name
+                "{key}: template VM {vmid} does not exist on node {node} (nor anywhere in the cluster at {})",
+                client.url()
+            )));
+        };
+        if t.node.as_deref() != Some(node.as_str()) {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: VM {vmid} is on node {}, not on node {node}",
+                t.node.as_deref().unwrap_or("?")
+            )));
+        }
+        if !t.is_vm() {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: guest {vmid} on node {node} is a container, not a QEMU VM"
+            )));
+        }
+        if !t.template && !self.pool.full_clone {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: VM {vmid} on node {node} is not a template, and a linked clone needs one; convert it (qm template {vmid}) or set full_clone = true"
             )));
         }
         tracing::info!(pool = %self.pool_name, node = %node, template = vmid, url = client.url(), "Proxmox pool validated");
