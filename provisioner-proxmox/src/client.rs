@@ -41,7 +41,11 @@ pub struct Param {
 
 impl std::fmt::Debug for Param {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = if self.sensitive { "[REDACTED]" } else { &self.value };
+        let v = if self.sensitive {
+            "[REDACTED]"
+        } else {
+            &self.value
+        };
         write!(f, "{}={}", self.key, v)
     }
 }
@@ -176,9 +180,7 @@ impl Resource {
 
 /// Splits a PVE tag list.
 pub fn split_tags(s: &str) -> Vec<&str> {
-    s.split([';', ',', ' '])
-        .filter(|t| !t.is_empty())
-        .collect()
+    s.split([';', ',', ' ']).filter(|t| !t.is_empty()).collect()
 }
 
 fn de_opt_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -254,10 +256,11 @@ impl PveClient {
     pub fn new(conn: &ProxmoxConfig) -> Result<Self, ConfigError> {
         conn.validate()?;
         let secret = conn.resolve_token_secret()?;
-        let mut base = url::Url::parse(conn.url.trim_end_matches('/')).map_err(|e| ConfigError {
-            key: "proxmox.url".into(),
-            message: e.to_string(),
-        })?;
+        let mut base =
+            url::Url::parse(conn.url.trim_end_matches('/')).map_err(|e| ConfigError {
+                key: "proxmox.url".into(),
+                message: e.to_string(),
+            })?;
         if !base.path().ends_with("/api2/json") {
             let p = format!("{}/api2/json", base.path().trim_end_matches('/'));
             base.set_path(&p);
@@ -268,7 +271,10 @@ impl PveClient {
             .connect_timeout(conn.connect_timeout)
             .timeout(conn.request_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
-            .user_agent(concat!("grs-provisioner-proxmox/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!(
+                "grs-provisioner-proxmox/",
+                env!("CARGO_PKG_VERSION")
+            ))
             .build()
             .map_err(|e| ConfigError {
                 key: "proxmox".into(),
@@ -446,7 +452,10 @@ impl PveClient {
             .map(|m| {
                 m.iter()
                     .map(|(k, v)| {
-                        let text = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                        let text = v
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string());
                         (k.clone(), scrub(text.trim()))
                     })
                     .collect()
@@ -610,10 +619,12 @@ impl PveClient {
     }
 
     fn upid_from(path: &str, v: Value) -> Result<Upid, PveError> {
-        v.as_str().and_then(Upid::parse).ok_or_else(|| PveError::Decode {
-            path: path.into(),
-            detail: format!("expected a UPID, got {v}"),
-        })
+        v.as_str()
+            .and_then(Upid::parse)
+            .ok_or_else(|| PveError::Decode {
+                path: path.into(),
+                detail: format!("expected a UPID, got {v}"),
+            })
     }
 
     // ------------------------------------------------------ typed calls
@@ -693,7 +704,12 @@ impl PveClient {
     }
 
     /// `PUT .../qemu/{vmid}/config` (synchronous).
-    pub async fn set_config(&self, node: &str, vmid: u32, params: &[Param]) -> Result<(), PveError> {
+    pub async fn set_config(
+        &self,
+        node: &str,
+        vmid: u32,
+        params: &[Param],
+    ) -> Result<(), PveError> {
         let path = format!("/nodes/{node}/qemu/{vmid}/config");
         self.call(Method::PUT, &path, params, Idempotency::Idempotent)
             .await
@@ -756,23 +772,35 @@ impl PveClient {
 
     /// `POST .../agent/exec`; returns the guest pid. Not repeated after an
     /// unclear failure (it could run twice).
-    pub async fn agent_exec(&self, node: &str, vmid: u32, command: &[String]) -> Result<u64, PveError> {
+    pub async fn agent_exec(
+        &self,
+        node: &str,
+        vmid: u32,
+        command: &[String],
+    ) -> Result<u64, PveError> {
         let path = format!("/nodes/{node}/qemu/{vmid}/agent/exec");
         let params: Vec<Param> = command.iter().map(|c| Param::new("command", c)).collect();
         let v = self
             .call(Method::POST, &path, &params, Idempotency::NotIdempotent)
             .await?;
-        v.get("pid").and_then(Value::as_u64).ok_or_else(|| PveError::Decode {
-            path,
-            detail: format!("expected {{pid}}, got {v}"),
-        })
+        v.get("pid")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| PveError::Decode {
+                path,
+                detail: format!("expected {{pid}}, got {v}"),
+            })
     }
 }
 
 fn task_not_visible(e: &PveError) -> bool {
-    matches!(e, PveError::Api { status: 400 | 500, .. })
-        && (e.pve_text().contains("unable to parse worker upid")
-            || e.pve_text().contains("no such task"))
+    matches!(
+        e,
+        PveError::Api {
+            status: 400 | 500,
+            ..
+        }
+    ) && (e.pve_text().contains("unable to parse worker upid")
+        || e.pve_text().contains("no such task"))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(path: &str, v: Value) -> Result<T, PveError> {
@@ -797,7 +825,8 @@ mod tests {
 
     #[test]
     fn upids_name_their_node_and_type() {
-        let u = Upid::parse("UPID:pve1:0000ABCD:00112233:65A0B0C0:qmclone:9000:root@pam!grs:").unwrap();
+        let u =
+            Upid::parse("UPID:pve1:0000ABCD:00112233:65A0B0C0:qmclone:9000:root@pam!grs:").unwrap();
         assert_eq!(u.node, "pve1");
         assert_eq!(u.kind, "qmclone");
         assert!(Upid::parse("not-a-upid").is_none());

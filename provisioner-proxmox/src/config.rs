@@ -162,16 +162,16 @@ impl ProxmoxConfig {
     /// Checks every key; the error names the first bad one
     /// (`proxmox.<key>`).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = url::Url::parse(&self.url)
-            .map_err(|e| ConfigError::new("proxmox.url", format!("{:?} is not a URL: {e}", self.url)))?;
+        let url = url::Url::parse(&self.url).map_err(|e| {
+            ConfigError::new("proxmox.url", format!("{:?} is not a URL: {e}", self.url))
+        })?;
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
             return Err(ConfigError::new(
                 "proxmox.url",
                 format!("{:?} must be https://HOST[:PORT]", self.url),
             ));
         }
-        validate_token_id(&self.token_id)
-            .map_err(|m| ConfigError::new("proxmox.token_id", m))?;
+        validate_token_id(&self.token_id).map_err(|m| ConfigError::new("proxmox.token_id", m))?;
         if self.token_secret.is_none()
             && self.token_secret_file.is_none()
             && std::env::var_os(TOKEN_SECRET_ENV).is_none()
@@ -208,14 +208,20 @@ impl ProxmoxConfig {
             ));
         }
         if self.retry_attempts == 0 {
-            return Err(ConfigError::new("proxmox.retry_attempts", "must be at least 1"));
+            return Err(ConfigError::new(
+                "proxmox.retry_attempts",
+                "must be at least 1",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let key = format!("proxmox.nodes[{i}].name");
             validate_node_name(&n.name).map_err(|m| ConfigError::new(&key, m))?;
             if !seen.insert(n.name.as_str()) {
-                return Err(ConfigError::new(key, format!("node {:?} is listed twice", n.name)));
+                return Err(ConfigError::new(
+                    key,
+                    format!("node {:?} is listed twice", n.name),
+                ));
             }
             if n.max_instances == Some(0) {
                 return Err(ConfigError::new(
@@ -408,7 +414,10 @@ impl ProxmoxPoolConfig {
                 })
                 && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
             if !ok {
-                return Err(ConfigError::new(k("storage"), format!("{s:?} is not a storage id")));
+                return Err(ConfigError::new(
+                    k("storage"),
+                    format!("{s:?} is not a storage id"),
+                ));
             }
         }
         if let Some(p) = &self.resource_pool {
@@ -420,7 +429,10 @@ impl ProxmoxPoolConfig {
                             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
                 });
             if !ok {
-                return Err(ConfigError::new(k("resource_pool"), format!("{p:?} is not a pool id")));
+                return Err(ConfigError::new(
+                    k("resource_pool"),
+                    format!("{p:?} is not a pool id"),
+                ));
             }
         }
         if self.cores == Some(0) {
@@ -429,27 +441,48 @@ impl ProxmoxPoolConfig {
         if let Some(m) = self.memory_mib
             && m < 16
         {
-            return Err(ConfigError::new(k("memory_mib"), "must be at least 16 (MiB)"));
+            return Err(ConfigError::new(
+                k("memory_mib"),
+                "must be at least 16 (MiB)",
+            ));
         }
         if let Some(b) = &self.bridge {
             let ok = !b.is_empty()
                 && b.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
             if !ok {
-                return Err(ConfigError::new(k("bridge"), format!("{b:?} is not a bridge name")));
+                return Err(ConfigError::new(
+                    k("bridge"),
+                    format!("{b:?} is not a bridge name"),
+                ));
             }
         }
         if let Some(v) = self.vlan {
             if !(1..=4094).contains(&v) {
-                return Err(ConfigError::new(k("vlan"), format!("{v} is not a VLAN tag (1 to 4094)")));
+                return Err(ConfigError::new(
+                    k("vlan"),
+                    format!("{v} is not a VLAN tag (1 to 4094)"),
+                ));
             }
             if self.bridge.is_none() {
                 return Err(ConfigError::new(k("vlan"), "needs bridge to be set"));
             }
         }
         const MODELS: &[&str] = &[
-            "virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "i82551", "i82557b", "i82559er",
-            "ne2k_isa", "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em",
+            "virtio",
+            "e1000",
+            "e1000e",
+            "rtl8139",
+            "vmxnet3",
+            "i82551",
+            "i82557b",
+            "i82559er",
+            "ne2k_isa",
+            "ne2k_pci",
+            "pcnet",
+            "e1000-82540em",
+            "e1000-82544gc",
+            "e1000-82545em",
         ];
         if !MODELS.contains(&self.net_model.as_str()) {
             return Err(ConfigError::new(
@@ -458,7 +491,10 @@ impl ProxmoxPoolConfig {
             ));
         }
         if self.agent_timeout.is_zero() {
-            return Err(ConfigError::new(k("agent_timeout"), "must be greater than zero"));
+            return Err(ConfigError::new(
+                k("agent_timeout"),
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -528,21 +564,33 @@ mod tests {
             max_instances: Some(0),
             reserved_memory_mib: 0,
         }];
-        assert_eq!(c.validate().unwrap_err().key, "proxmox.nodes[0].max_instances");
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "proxmox.nodes[0].max_instances"
+        );
         conn().validate().unwrap();
 
         let mut p = ProxmoxPoolConfig::new("pve1", 9000);
         p.storage = Some("local-lvm".into());
-        assert_eq!(p.validate("linux").unwrap_err().key, "pools.linux.proxmox.storage");
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.storage"
+        );
         let mut p = ProxmoxPoolConfig::new("pve1", 9000);
         p.vlan = Some(10);
-        assert_eq!(p.validate("linux").unwrap_err().key, "pools.linux.proxmox.vlan");
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.vlan"
+        );
         p.bridge = Some("vmbr0".into());
         p.validate("linux").unwrap();
         p.vlan = Some(4095);
         assert!(p.validate("linux").unwrap_err().message.contains("4095"));
         let p = ProxmoxPoolConfig::new("pve1", 42);
-        assert_eq!(p.validate("x").unwrap_err().key, "pools.x.proxmox.template_vmid");
+        assert_eq!(
+            p.validate("x").unwrap_err().key,
+            "pools.x.proxmox.template_vmid"
+        );
     }
 
     #[test]

@@ -90,7 +90,10 @@ impl Placement {
                 continue;
             };
             if n.status.as_deref() != Some("online") {
-                reasons.push(format!("{node}: {}", n.status.as_deref().unwrap_or("status unknown")));
+                reasons.push(format!(
+                    "{node}: {}",
+                    n.status.as_deref().unwrap_or("status unknown")
+                ));
                 continue;
             }
             let limit = limits.iter().find(|l| &l.name == node);
@@ -223,7 +226,9 @@ mod tests {
         let snap = vec![node("a", "online", 64, 0), vm("x-0", "a")];
         let limits = [limit("a", 2)];
         let r1 = p.reserve(&req("x-1", &cands, &ex), &snap, &limits).unwrap();
-        let full = p.reserve(&req("x-2", &cands, &ex), &snap, &limits).unwrap_err();
+        let full = p
+            .reserve(&req("x-2", &cands, &ex), &snap, &limits)
+            .unwrap_err();
         assert!(full.contains("2/2"), "{full}");
         drop(r1);
         p.reserve(&req("x-2", &cands, &ex), &snap, &limits).unwrap();
@@ -236,7 +241,11 @@ mod tests {
         let ex = HashSet::new();
         let limits = [limit("a", 2)];
         let _r = p
-            .reserve(&req("x-1", &cands, &ex), &[node("a", "online", 64, 0)], &limits)
+            .reserve(
+                &req("x-1", &cands, &ex),
+                &[node("a", "online", 64, 0)],
+                &limits,
+            )
             .unwrap();
         // x-1 now shows up in the cluster too.
         let snap = vec![node("a", "online", 64, 0), vm("x-1", "a")];

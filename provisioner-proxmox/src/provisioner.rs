@@ -237,7 +237,10 @@ impl ProxmoxProvisioner {
         })?;
         let backend = backend_for(conn)?;
         if conn.insecure_skip_verify {
-            tracing::warn!(pool = pool_name, "PVE TLS verification is OFF for this pool");
+            tracing::warn!(
+                pool = pool_name,
+                "PVE TLS verification is OFF for this pool"
+            );
         }
         Ok(Self {
             backend,
@@ -382,7 +385,10 @@ impl ProxmoxProvisioner {
 
     /// Our VM named `name` for a destructive call, its marker verified from
     /// the description. `Ok(None)`: nothing of that name exists.
-    async fn find_owned_verified(&self, name: &str) -> Result<Option<Vec<Found>>, ProvisionerError> {
+    async fn find_owned_verified(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<Found>>, ProvisionerError> {
         let snapshot = self.client_ref().resources(Some("vm")).await?;
         let (ours, foreign) = self.classify(name, &snapshot).await?;
         if ours.is_empty() {
@@ -460,12 +466,23 @@ impl ProxmoxProvisioner {
         if let Err(e) = self.destroy_vm(node, vmid, true).await {
             tracing::warn!(instance = name, node, vmid, error = %e, "could not remove the VM of a failed create; it carries the GRS marker and will be removed later");
         } else {
-            tracing::info!(instance = name, node, vmid, "removed the VM of a failed create");
+            tracing::info!(
+                instance = name,
+                node,
+                vmid,
+                "removed the VM of a failed create"
+            );
         }
     }
 
     /// Parameters of the clone request. Public for the schema check.
-    pub fn clone_params(&self, newid: u32, name: &str, target: &str, marker: &Marker) -> Vec<Param> {
+    pub fn clone_params(
+        &self,
+        newid: u32,
+        name: &str,
+        target: &str,
+        marker: &Marker,
+    ) -> Vec<Param> {
         let mut p = vec![
             Param::new("newid", newid),
             Param::new("name", name),
@@ -486,7 +503,11 @@ impl ProxmoxProvisioner {
 
     /// Parameters of the config request after the clone. Public for the
     /// schema check.
-    pub fn config_params(&self, spec: &InstanceSpec, marker: &Marker) -> Result<Vec<Param>, ProvisionerError> {
+    pub fn config_params(
+        &self,
+        spec: &InstanceSpec,
+        marker: &Marker,
+    ) -> Result<Vec<Param>, ProvisionerError> {
         let tags = [
             "grs".to_owned(),
             self.tag_installation.clone(),
@@ -551,7 +572,12 @@ impl ProxmoxProvisioner {
                 )));
             }
         }
-        if let Bootstrap::GuestAgent { content, command, path } = &spec.bootstrap {
+        if let Bootstrap::GuestAgent {
+            content,
+            command,
+            path,
+        } = &spec.bootstrap
+        {
             if content.expose_secret().len() > 61440 {
                 return Err(ProvisionerError::InvalidSpec(format!(
                     "the runner config for {} is larger than the guest agent's 61440 bytes",
@@ -598,7 +624,9 @@ impl ProxmoxProvisioner {
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(lock_waits))).await;
                     continue;
                 }
-                Err(PveError::Connect { maybe_sent: true, .. }) => {
+                Err(PveError::Connect {
+                    maybe_sent: true, ..
+                }) => {
                     // The clone may have started. Adopt it if it is ours.
                     match self.adopt_clone(target, vmid).await? {
                         Some(()) => return Ok(vmid),
@@ -671,10 +699,11 @@ impl ProxmoxProvisioner {
         loop {
             match client.agent_ping(node, vmid).await {
                 Ok(()) => break,
-                Err(e) if Instant::now() < deadline
-                    && (e.is_transient()
-                        || e.pve_text().contains("not running")
-                        || e.pve_text().contains("guest agent")) =>
+                Err(e)
+                    if Instant::now() < deadline
+                        && (e.is_transient()
+                            || e.pve_text().contains("not running")
+                            || e.pve_text().contains("guest agent")) =>
                 {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
@@ -723,7 +752,14 @@ fn random_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn now_secs() -> u64 {
@@ -833,7 +869,11 @@ impl Provisioner for ProxmoxProvisioner {
             .find(|r| r.is_vm() && r.vmid == Some(self.pool.template_vmid))
             .and_then(|r| r.maxmem)
             .unwrap_or(2 << 30);
-        let mem = self.pool.memory_mib.map(|m| m << 20).unwrap_or(template_mem);
+        let mem = self
+            .pool
+            .memory_mib
+            .map(|m| m << 20)
+            .unwrap_or(template_mem);
         let candidates = self.candidates();
         let exclude = HashSet::new();
         let reservation = self
@@ -934,7 +974,10 @@ impl Provisioner for ProxmoxProvisioner {
             if f.res.status.as_deref() == Some("running") {
                 continue;
             }
-            let upid = self.client_ref().vm_action(&f.node, f.vmid, "start").await?;
+            let upid = self
+                .client_ref()
+                .vm_action(&f.node, f.vmid, "start")
+                .await?;
             match self.run_task(upid).await {
                 Err(e) if e.pve_text().contains("already running") => {}
                 other => other?,

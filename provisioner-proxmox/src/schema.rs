@@ -64,7 +64,9 @@ impl ApiSchema {
     /// The bundled schema, parsed once.
     pub fn bundled() -> &'static ApiSchema {
         static S: OnceLock<ApiSchema> = OnceLock::new();
-        S.get_or_init(|| ApiSchema::from_json(ENDPOINTS_JSON).expect("bundled endpoints.json parses"))
+        S.get_or_init(|| {
+            ApiSchema::from_json(ENDPOINTS_JSON).expect("bundled endpoints.json parses")
+        })
     }
 
     /// Parses an `endpoints.json` extract.
@@ -76,8 +78,14 @@ impl ApiSchema {
             .ok_or("no endpoints array")?;
         let mut endpoints = Vec::new();
         for e in list {
-            let method = e["method"].as_str().ok_or("endpoint without method")?.to_owned();
-            let path = e["path"].as_str().ok_or("endpoint without path")?.to_owned();
+            let method = e["method"]
+                .as_str()
+                .ok_or("endpoint without method")?
+                .to_owned();
+            let path = e["path"]
+                .as_str()
+                .ok_or("endpoint without path")?
+                .to_owned();
             let mut params = BTreeMap::new();
             for p in e["parameters"].as_array().into_iter().flatten() {
                 if let Some(n) = p["name"].as_str() {
@@ -156,7 +164,10 @@ impl ApiSchema {
             };
             let is_array = schema["type"] == "array";
             if vals.len() > 1 && !is_array {
-                errors.insert((*name).to_owned(), "duplicate parameter (not an array)".to_owned());
+                errors.insert(
+                    (*name).to_owned(),
+                    "duplicate parameter (not an array)".to_owned(),
+                );
                 continue;
             }
             let item_schema = if is_array { &schema["items"] } else { schema };
@@ -168,10 +179,13 @@ impl ApiSchema {
             }
         }
         for (name, p) in &ep.params {
-            let optional = p["optional"].as_i64().unwrap_or(0) == 1
-                || p["optional"].as_bool() == Some(true);
+            let optional =
+                p["optional"].as_i64().unwrap_or(0) == 1 || p["optional"].as_bool() == Some(true);
             if !optional && !name.contains("[n]") && !values.contains_key(name.as_str()) {
-                errors.insert(name.clone(), "property is missing and it is not optional".to_owned());
+                errors.insert(
+                    name.clone(),
+                    "property is missing and it is not optional".to_owned(),
+                );
             }
         }
         if errors.is_empty() {
@@ -293,19 +307,34 @@ fn check_property_string(sub: &serde_json::Map<String, Value>, v: &str) -> Resul
                 Some(s) if s.get("keyAlias").is_some() => (part, None),
                 _ => match default_key {
                     Some(k) => (k, Some(part)),
-                    None => return Err(format!("invalid format - value without key, but schema does not define a default key ('{part}')")),
+                    None => {
+                        return Err(format!(
+                            "invalid format - value without key, but schema does not define a default key ('{part}')"
+                        ));
+                    }
                 },
             },
         };
         let Some(ks) = sub.get(key) else {
-            return Err(format!("invalid format - property '{key}' is not defined in schema"));
+            return Err(format!(
+                "invalid format - property '{key}' is not defined in schema"
+            ));
         };
         let target = ks.get("alias").and_then(Value::as_str).unwrap_or(key);
-        if !seen.insert(ks.get("keyAlias").and_then(Value::as_str).unwrap_or(target).to_owned()) {
-            return Err(format!("invalid format - duplicate key in comma-separated list property: {key}"));
+        if !seen.insert(
+            ks.get("keyAlias")
+                .and_then(Value::as_str)
+                .unwrap_or(target)
+                .to_owned(),
+        ) {
+            return Err(format!(
+                "invalid format - duplicate key in comma-separated list property: {key}"
+            ));
         }
         let Some(ts) = sub.get(target) else {
-            return Err(format!("invalid format - property '{target}' is not defined in schema"));
+            return Err(format!(
+                "invalid format - property '{target}' is not defined in schema"
+            ));
         };
         if let Some(val) = val {
             check_value(ts, val).map_err(|m| format!("invalid format - {key}: {m}"))?;
@@ -386,7 +415,9 @@ fn check_smbios1(v: &str) -> Result<(), String> {
             .split_once('=')
             .ok_or_else(|| format!("invalid format - smbios1 value without key ('{part}')"))?;
         if !KEYS.contains(&k) {
-            return Err(format!("invalid format - property '{k}' is not defined in schema"));
+            return Err(format!(
+                "invalid format - property '{k}' is not defined in schema"
+            ));
         }
         if k == "base64" {
             b64 = matches!(val, "1" | "true" | "yes" | "on");
@@ -414,7 +445,10 @@ mod tests {
     use super::*;
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -429,15 +463,23 @@ mod tests {
     fn unknown_parameters_wrong_types_limits_and_formats_are_refused_with_pve_wording() {
         let s = ApiSchema::bundled();
         let path = "/nodes/pve1/qemu/9000/clone";
-        s.check("POST", path, &p(&[("newid", "101"), ("name", "grs-1"), ("full", "0")]))
-            .unwrap();
+        s.check(
+            "POST",
+            path,
+            &p(&[("newid", "101"), ("name", "grs-1"), ("full", "0")]),
+        )
+        .unwrap();
         let e = s.check("POST", path, &p(&[("newid", "x")])).unwrap_err();
         assert_eq!(e.errors["newid"], "type check ('integer') failed - got 'x'");
         let e = s.check("POST", path, &p(&[("newid", "99")])).unwrap_err();
         assert!(e.errors["newid"].contains("minimum value of 100"), "{e}");
-        let e = s.check("POST", path, &p(&[("newid", "101"), ("nme", "a")])).unwrap_err();
+        let e = s
+            .check("POST", path, &p(&[("newid", "101"), ("nme", "a")]))
+            .unwrap_err();
         assert!(e.errors["nme"].contains("not defined in schema"));
-        let e = s.check("POST", path, &p(&[("newid", "101"), ("name", "a_b")])).unwrap_err();
+        let e = s
+            .check("POST", path, &p(&[("newid", "101"), ("name", "a_b")]))
+            .unwrap_err();
         assert!(e.errors["name"].contains("valid DNS name"));
         let e = s.check("POST", path, &p(&[])).unwrap_err();
         assert!(e.errors["newid"].contains("not optional"));
@@ -461,19 +503,32 @@ mod tests {
                 ("agent", "enabled=1"),
                 ("memory", "2048"),
                 ("tags", "grs;grs-p-linux"),
-                ("smbios1", "uuid=6f1f2a4e-1b2c-4d3e-8f90-a1b2c3d4e5f6,serial=ZHM9bm9jbG91ZA==,base64=1"),
+                (
+                    "smbios1",
+                    "uuid=6f1f2a4e-1b2c-4d3e-8f90-a1b2c3d4e5f6,serial=ZHM9bm9jbG91ZA==,base64=1",
+                ),
             ]),
         )
         .unwrap();
-        let e = s.check("PUT", path, &p(&[("net0", "virtio,bridge=vmbr0,tag=5000")])).unwrap_err();
+        let e = s
+            .check("PUT", path, &p(&[("net0", "virtio,bridge=vmbr0,tag=5000")]))
+            .unwrap_err();
         assert!(e.errors["net0"].contains("tag"), "{e}");
-        let e = s.check("PUT", path, &p(&[("net0", "virtio,brdge=vmbr0")])).unwrap_err();
+        let e = s
+            .check("PUT", path, &p(&[("net0", "virtio,brdge=vmbr0")]))
+            .unwrap_err();
         assert!(e.errors["net0"].contains("brdge"), "{e}");
-        let e = s.check("PUT", path, &p(&[("smbios1", "serial=???,base64=1")])).unwrap_err();
+        let e = s
+            .check("PUT", path, &p(&[("smbios1", "serial=???,base64=1")]))
+            .unwrap_err();
         assert!(e.errors["smbios1"].contains("base64"), "{e}");
-        let e = s.check("PUT", path, &p(&[("smbios1", &"a".repeat(600))])).unwrap_err();
+        let e = s
+            .check("PUT", path, &p(&[("smbios1", &"a".repeat(600))]))
+            .unwrap_err();
         assert!(e.errors["smbios1"].contains("512"), "{e}");
-        let e = s.check("PUT", path, &p(&[("tags", "Not Ok!")])).unwrap_err();
+        let e = s
+            .check("PUT", path, &p(&[("tags", "Not Ok!")]))
+            .unwrap_err();
         assert!(e.errors["tags"].contains("tag"), "{e}");
     }
 
@@ -483,11 +538,18 @@ mod tests {
         s.check(
             "POST",
             "/nodes/pve1/qemu/101/agent/exec",
-            &p(&[("command", "/opt/runner/run.sh"), ("command", "--jitconfig")]),
+            &p(&[
+                ("command", "/opt/runner/run.sh"),
+                ("command", "--jitconfig"),
+            ]),
         )
         .unwrap();
         let e = s
-            .check("POST", "/nodes/pve1/qemu/101/agent/file-write", &p(&[("file", "a"), ("file", "b"), ("content", "x")]))
+            .check(
+                "POST",
+                "/nodes/pve1/qemu/101/agent/file-write",
+                &p(&[("file", "a"), ("file", "b"), ("content", "x")]),
+            )
             .unwrap_err();
         assert!(e.errors["file"].contains("duplicate"));
     }

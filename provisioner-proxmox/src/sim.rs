@@ -219,12 +219,23 @@ impl SimVm {
         self.config.get("name").map(String::as_str).unwrap_or("")
     }
     fn memory_bytes(&self) -> u64 {
-        let m = self.config.get("memory").map(String::as_str).unwrap_or("512");
+        let m = self
+            .config
+            .get("memory")
+            .map(String::as_str)
+            .unwrap_or("512");
         let m = m.strip_prefix("current=").unwrap_or(m);
-        m.split(',').next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(512) * MIB
+        m.split(',')
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(512)
+            * MIB
     }
     fn cores(&self) -> u32 {
-        self.config.get("cores").and_then(|c| c.parse().ok()).unwrap_or(1)
+        self.config
+            .get("cores")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1)
     }
     fn agent_enabled(&self) -> bool {
         self.config.get("agent").is_some_and(|a| {
@@ -306,7 +317,9 @@ pub struct PveSim {
 
 impl std::fmt::Debug for PveSim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PveSim").field("url", &self.url()).finish_non_exhaustive()
+        f.debug_struct("PveSim")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
     }
 }
 
@@ -337,7 +350,10 @@ impl PveSim {
             .with_safe_default_protocol_versions()
             .map_err(std::io::Error::other)?
             .with_no_client_auth()
-            .with_single_cert(vec![rustls_pki_types::CertificateDer::from(der.clone())], key)
+            .with_single_cert(
+                vec![rustls_pki_types::CertificateDer::from(der.clone())],
+                key,
+            )
             .map_err(std::io::Error::other)?;
             (
                 Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))),
@@ -370,7 +386,11 @@ impl PveSim {
 
     /// `http(s)://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        let scheme = if self.cert_der.is_some() { "https" } else { "http" };
+        let scheme = if self.cert_der.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.addr)
     }
 
@@ -432,7 +452,10 @@ impl PveSim {
         config.insert("name".into(), name.to_owned());
         config.insert("memory".into(), "2048".into());
         config.insert("cores".into(), "2".into());
-        config.insert("net0".into(), "virtio=BC:24:11:00:00:01,bridge=vmbr0".into());
+        config.insert(
+            "net0".into(),
+            "virtio=BC:24:11:00:00:01,bridge=vmbr0".into(),
+        );
         config.insert("agent".into(), "enabled=1".into());
         let disk = if template {
             format!("local-lvm:base-{vmid}-disk-0,size=8G")
@@ -553,7 +576,11 @@ impl PveSim {
 
     /// Tasks started so far of a type.
     pub fn task_count(&self, kind: &str) -> usize {
-        self.lock().tasks.values().filter(|t| t.kind == kind).count()
+        self.lock()
+            .tasks
+            .values()
+            .filter(|t| t.kind == kind)
+            .count()
     }
 
     /// The shortest wall time `n` concurrent linked clone-and-start cycles
@@ -697,7 +724,10 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         .await
         .unwrap_or_default();
     let Some(path) = path_full.strip_prefix("/api2/json") else {
-        return pve_error(501, &format!("Method '{method} {path_full}' not implemented"));
+        return pve_error(
+            501,
+            &format!("Method '{method} {path_full}' not implemented"),
+        );
     };
     let path = path.to_owned();
     let mut params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
@@ -751,7 +781,9 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         for f in s.faults.http.iter_mut() {
             if f.4 > 0
                 && path.contains(&f.0)
-                && f.1.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
+                && f.1
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
             {
                 f.4 -= 1;
                 hit = Some((f.2, f.3.clone()));
@@ -774,12 +806,19 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             .iter()
             .map(|(k, m)| (k.clone(), Value::String(format!("{m}\n"))))
             .collect();
-        return pve_error_with(400, "Parameter verification failed.", Some(Value::Object(errs)));
+        return pve_error_with(
+            400,
+            "Parameter verification failed.",
+            Some(Value::Object(errs)),
+        );
     }
     let Some(template) = template else {
         return pve_error(501, &format!("Method '{method} {path}' not implemented"));
     };
-    let (_, vars) = sh.schema.find(method.as_str(), &path).unwrap_or_else(|| unreachable!());
+    let (_, vars) = sh
+        .schema
+        .find(method.as_str(), &path)
+        .unwrap_or_else(|| unreachable!());
     let mut p: HashMap<String, Vec<String>> = HashMap::new();
     for (k, v) in vars.into_iter().chain(params) {
         p.entry(k).or_default().push(v);
@@ -822,36 +861,51 @@ async fn dispatch(
     if !node.is_empty() {
         let s = sh.state.lock().unwrap();
         match s.nodes.get(&node) {
-            None => return Err(Fail::e500(format!("hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"))),
+            None => {
+                return Err(Fail::e500(format!(
+                    "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
+                )));
+            }
             Some(n) if !n.online => return Err(Fail(595, "No route to host".into())),
             _ => {}
         }
     }
     match (method.as_str(), template) {
-        ("GET", "/version") => Ok(json!({"version": "9.1.1", "release": "9.1", "repoid": "0123abcd"})),
+        ("GET", "/version") => {
+            Ok(json!({"version": "9.1.1", "release": "9.1", "repoid": "0123abcd"}))
+        }
         ("GET", "/nodes") => Ok(nodes_list(sh)),
         ("GET", "/cluster/resources") => Ok(resources(sh, one(p, "type"))),
         ("GET", "/cluster/nextid") => nextid(sh, p),
         ("GET", "/nodes/{node}/status") => node_status(sh, &node),
         ("GET", "/nodes/{node}/qemu") => Ok(qemu_list(sh, &node)),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => vm_config(sh, &node, vmid_of(p)),
-        ("PUT", "/nodes/{node}/qemu/{vmid}/config") | ("POST", "/nodes/{node}/qemu/{vmid}/config") => {
-            set_config(sh, &node, vmid_of(p), p)
+        ("PUT", "/nodes/{node}/qemu/{vmid}/config")
+        | ("POST", "/nodes/{node}/qemu/{vmid}/config") => set_config(sh, &node, vmid_of(p), p),
+        ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => {
+            status_current(sh, &node, vmid_of(p))
         }
-        ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => status_current(sh, &node, vmid_of(p)),
         ("POST", "/nodes/{node}/qemu/{vmid}/clone") => clone_vm(sh, &node, p, user),
         ("POST", "/nodes/{node}/qemu/{vmid}/status/start") => start_vm(sh, &node, vmid_of(p), user),
-        ("POST", "/nodes/{node}/qemu/{vmid}/status/stop") | ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown") => {
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/stop")
+        | ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown") => {
             stop_vm(sh, &node, vmid_of(p), user)
         }
         ("DELETE", "/nodes/{node}/qemu/{vmid}") => destroy_vm(sh, &node, vmid_of(p), user),
-        ("GET", "/nodes/{node}/tasks/{upid}/status") => task_status(sh, &node, one(p, "upid").unwrap_or("")),
+        ("GET", "/nodes/{node}/tasks/{upid}/status") => {
+            task_status(sh, &node, one(p, "upid").unwrap_or(""))
+        }
         ("GET", "/nodes/{node}/tasks/{upid}/log") => task_log(sh, &node, p),
         ("POST", "/nodes/{node}/qemu/{vmid}/agent/ping")
         | ("POST", "/nodes/{node}/qemu/{vmid}/agent/file-write")
         | ("POST", "/nodes/{node}/qemu/{vmid}/agent/exec")
-        | ("GET", "/nodes/{node}/qemu/{vmid}/agent/exec-status") => agent(sh, &node, vmid_of(p), template, p),
-        _ => Err(Fail(501, format!("Method '{method} {template}' not implemented by the GRS PVE simulator"))),
+        | ("GET", "/nodes/{node}/qemu/{vmid}/agent/exec-status") => {
+            agent(sh, &node, vmid_of(p), template, p)
+        }
+        _ => Err(Fail(
+            501,
+            format!("Method '{method} {template}' not implemented by the GRS PVE simulator"),
+        )),
     }
 }
 
@@ -923,7 +977,10 @@ fn qemu_list(sh: &Shared, node: &str) -> Value {
 
 fn node_status(sh: &Shared, node: &str) -> HResult {
     let s = sh.state.lock().unwrap();
-    let n = s.nodes.get(node).ok_or_else(|| Fail::e500("no such node"))?;
+    let n = s
+        .nodes
+        .get(node)
+        .ok_or_else(|| Fail::e500("no such node"))?;
     let st = node_stats(&s, n);
     Ok(json!({"memory": {"total": st["maxmem"], "used": st["mem"]}, "cpu": 0.05, "uptime": 3600}))
 }
@@ -972,7 +1029,13 @@ fn vm_config(sh: &Shared, node: &str, vmid: u32) -> HResult {
     if let Some(l) = &vm.lock {
         m.insert("lock".into(), json!(l));
     }
-    m.insert("digest".into(), json!(format!("{:040x}", vm.config.len() as u64 * 7919 + vmid as u64)));
+    m.insert(
+        "digest".into(),
+        json!(format!(
+            "{:040x}",
+            vm.config.len() as u64 * 7919 + vmid as u64
+        )),
+    );
     Ok(Value::Object(m))
 }
 
@@ -988,7 +1051,10 @@ fn set_config(sh: &Shared, node: &str, vmid: u32, p: &HashMap<String, Vec<String
     let vm = find(&mut s, node, vmid)?;
     locked(vm)?;
     for (k, v) in p {
-        if matches!(k.as_str(), "node" | "vmid" | "digest" | "delete" | "skiplock") {
+        if matches!(
+            k.as_str(),
+            "node" | "vmid" | "digest" | "delete" | "skiplock"
+        ) {
             continue;
         }
         if let Some(v) = v.first() {
@@ -1016,8 +1082,19 @@ fn status_current(sh: &Shared, node: &str, vmid: u32) -> HResult {
 }
 
 /// Registers a task and runs `body` after `dur` (plus injected slowness);
-/// `body` returns the exit status (`Ok` for OK).
-fn spawn_task<F>(sh: &Arc<Shared>, node: &str, kind: &str, id: u32, user: &str, dur: Duration, wait_for: Option<Arc<Semaphore>>, body: F) -> String
+/// `body` returns the exit status (`Ok` for OK). The arguments are the
+/// UPID's fields plus timing; a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
+fn spawn_task<F>(
+    sh: &Arc<Shared>,
+    node: &str,
+    kind: &str,
+    id: u32,
+    user: &str,
+    dur: Duration,
+    wait_for: Option<Arc<Semaphore>>,
+    body: F,
+) -> String
 where
     F: FnOnce(&mut SimState, Option<String>) -> Result<(), String> + Send + 'static,
 {
@@ -1107,7 +1184,9 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
         if let Some(t) = &target {
             match s.nodes.get(t) {
                 None => return Err(Fail::e500(format!("no such cluster node '{t}'"))),
-                Some(n) if !n.online => return Err(Fail::e500(format!("target node '{t}' is not online"))),
+                Some(n) if !n.online => {
+                    return Err(Fail::e500(format!("target node '{t}' is not online")));
+                }
                 _ => {}
             }
         }
@@ -1117,10 +1196,14 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
         }
         let full = flag(p, "full").unwrap_or(!source.template);
         if one(p, "storage").is_some() && !full {
-            return Err(Fail::e500("parameter 'storage' not allowed for linked clones"));
+            return Err(Fail::e500(
+                "parameter 'storage' not allowed for linked clones",
+            ));
         }
         if !full && !source.template {
-            return Err(Fail::e500("Linked clone feature is not supported for drive 'scsi0'"));
+            return Err(Fail::e500(
+                "Linked clone feature is not supported for drive 'scsi0'",
+            ));
         }
         if s.vms.contains_key(&newid) {
             return Err(Fail::e500(format!(
@@ -1135,7 +1218,9 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
             .collect();
         config.insert(
             "name".into(),
-            one(p, "name").map(str::to_owned).unwrap_or_else(|| format!("Copy-of-VM-{}", source.name())),
+            one(p, "name")
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("Copy-of-VM-{}", source.name())),
         );
         if let Some(d) = one(p, "description") {
             config.insert("description".into(), d.to_owned());
@@ -1143,7 +1228,10 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
         if let Some(pool) = one(p, "pool") {
             config.insert("pool".into(), pool.to_owned());
         }
-        config.insert("scsi0".into(), format!("local-lvm:vm-{newid}-disk-0,size=8G"));
+        config.insert(
+            "scsi0".into(),
+            format!("local-lvm:vm-{newid}-disk-0,size=8G"),
+        );
         let vm = SimVm {
             vmid: newid,
             node: target.clone().unwrap_or_else(|| node.to_owned()),
@@ -1167,24 +1255,36 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
             .or_insert_with(|| Arc::new(Semaphore::new(sh.opts.clone_parallelism.max(1))))
             .clone()
     };
-    let upid = spawn_task(sh, node, "qmclone", src, user, dur, Some(slot), move |s, injected| {
-        if let Some(m) = injected {
-            // PVE removes what a failed clone made.
-            s.vms.remove(&newid);
-            return Err(format!("clone failed: {m}"));
-        }
-        match s.vms.get_mut(&newid) {
-            Some(vm) => {
-                vm.lock = None;
-                let _ = full;
-                Ok(())
+    let upid = spawn_task(
+        sh,
+        node,
+        "qmclone",
+        src,
+        user,
+        dur,
+        Some(slot),
+        move |s, injected| {
+            if let Some(m) = injected {
+                // PVE removes what a failed clone made.
+                s.vms.remove(&newid);
+                return Err(format!("clone failed: {m}"));
             }
-            None => Err(format!("clone failed: VM {newid} vanished")),
-        }
-    });
+            match s.vms.get_mut(&newid) {
+                Some(vm) => {
+                    vm.lock = None;
+                    let _ = full;
+                    Ok(())
+                }
+                None => Err(format!("clone failed: VM {newid} vanished")),
+            }
+        },
+    );
     let mut s = sh.state.lock().unwrap();
     if let Some(t) = s.tasks.get_mut(&upid) {
-        t.log.push(format!("create {} clone of drive scsi0", if full { "full" } else { "linked" }));
+        t.log.push(format!(
+            "create {} clone of drive scsi0",
+            if full { "full" } else { "linked" }
+        ));
     }
     Ok(json!(upid))
 }
@@ -1201,21 +1301,34 @@ fn start_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
     let dur = sh.opts.durations.start;
     let agent_after = sh.opts.durations.agent_ready;
     let node2 = node.to_owned();
-    Ok(json!(spawn_task(sh, node, "qmstart", vmid, user, dur, None, move |s, injected| {
-        if let Some(m) = injected {
-            return Err(m);
+    Ok(json!(spawn_task(
+        sh,
+        node,
+        "qmstart",
+        vmid,
+        user,
+        dur,
+        None,
+        move |s, injected| {
+            if let Some(m) = injected {
+                return Err(m);
+            }
+            let vm = match s.vms.get_mut(&vmid) {
+                Some(vm) if vm.node == node2 => vm,
+                _ => {
+                    return Err(format!(
+                        "Configuration file 'nodes/{node2}/qemu-server/{vmid}.conf' does not exist"
+                    ));
+                }
+            };
+            if vm.running {
+                return Err(format!("VM {vmid} already running"));
+            }
+            vm.running = true;
+            vm.agent_ready_at = vm.agent_enabled().then(|| Instant::now() + agent_after);
+            Ok(())
         }
-        let vm = match s.vms.get_mut(&vmid) {
-            Some(vm) if vm.node == node2 => vm,
-            _ => return Err(format!("Configuration file 'nodes/{node2}/qemu-server/{vmid}.conf' does not exist")),
-        };
-        if vm.running {
-            return Err(format!("VM {vmid} already running"));
-        }
-        vm.running = true;
-        vm.agent_ready_at = vm.agent_enabled().then(|| Instant::now() + agent_after);
-        Ok(())
-    })))
+    )))
 }
 
 fn stop_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
@@ -1227,16 +1340,25 @@ fn stop_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
         }
     }
     let dur = sh.opts.durations.stop;
-    Ok(json!(spawn_task(sh, node, "qmstop", vmid, user, dur, None, move |s, injected| {
-        if let Some(m) = injected {
-            return Err(m);
+    Ok(json!(spawn_task(
+        sh,
+        node,
+        "qmstop",
+        vmid,
+        user,
+        dur,
+        None,
+        move |s, injected| {
+            if let Some(m) = injected {
+                return Err(m);
+            }
+            if let Some(vm) = s.vms.get_mut(&vmid) {
+                vm.running = false;
+                vm.agent_ready_at = None;
+            }
+            Ok(())
         }
-        if let Some(vm) = s.vms.get_mut(&vmid) {
-            vm.running = false;
-            vm.agent_ready_at = None;
-        }
-        Ok(())
-    })))
+    )))
 }
 
 fn destroy_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
@@ -1249,13 +1371,22 @@ fn destroy_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
         }
     }
     let dur = sh.opts.durations.destroy;
-    Ok(json!(spawn_task(sh, node, "qmdestroy", vmid, user, dur, None, move |s, injected| {
-        if let Some(m) = injected {
-            return Err(m);
+    Ok(json!(spawn_task(
+        sh,
+        node,
+        "qmdestroy",
+        vmid,
+        user,
+        dur,
+        None,
+        move |s, injected| {
+            if let Some(m) = injected {
+                return Err(m);
+            }
+            s.vms.remove(&vmid);
+            Ok(())
         }
-        s.vms.remove(&vmid);
-        Ok(())
-    })))
+    )))
 }
 
 fn task_status(sh: &Shared, node: &str, upid: &str) -> HResult {
@@ -1299,7 +1430,13 @@ fn task_log(sh: &Shared, node: &str, p: &HashMap<String, Vec<String>>) -> HResul
     ))
 }
 
-fn agent(sh: &Shared, node: &str, vmid: u32, template: &str, p: &HashMap<String, Vec<String>>) -> HResult {
+fn agent(
+    sh: &Shared,
+    node: &str,
+    vmid: u32,
+    template: &str,
+    p: &HashMap<String, Vec<String>>,
+) -> HResult {
     let mut s = sh.state.lock().unwrap();
     let vm = find(&mut s, node, vmid)?;
     if !vm.running {
@@ -1320,7 +1457,8 @@ fn agent(sh: &Shared, node: &str, vmid: u32, template: &str, p: &HashMap<String,
             Ok(Value::Null)
         }
         "exec" => {
-            vm.agent_execs.push(p.get("command").cloned().unwrap_or_default());
+            vm.agent_execs
+                .push(p.get("command").cloned().unwrap_or_default());
             Ok(json!({"pid": 1000 + vm.agent_execs.len()}))
         }
         _ => Ok(json!({"exited": 0})),

@@ -97,7 +97,9 @@ pub fn client_config(conn: &ProxmoxConfig) -> Result<ClientConfig, ConfigError> 
             let _ = roots.add(c);
         }
         if roots.is_empty() {
-            tracing::warn!("no system root certificates found; set proxmox.ca_file or proxmox.fingerprint");
+            tracing::warn!(
+                "no system root certificates found; set proxmox.ca_file or proxmox.fingerprint"
+            );
         }
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())

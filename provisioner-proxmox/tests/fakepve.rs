@@ -52,7 +52,8 @@ async fn start_fakepve(faults: &str) -> Option<FakePve> {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 use tokio::io::AsyncReadExt;
-                let _ = tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
             }
             return unavailable(&format!("fakepve did not start ({other:?}): {err}"));
         }
@@ -109,7 +110,9 @@ impl Harness for FakeHarness {
         "linux".into()
     }
     async fn create_foreign(&self, name: &str) -> bool {
-        let Ok(id) = self.admin.nextid().await else { return false };
+        let Ok(id) = self.admin.nextid().await else {
+            return false;
+        };
         let params = [Param::new("newid", id), Param::new("name", name)];
         match self.admin.clone_vm("pve1", 9000, &params).await {
             Ok(upid) => self.admin.wait_task(&upid).await.is_ok(),
@@ -132,13 +135,21 @@ fn assert_schema_clean(requests: &[grs_provisioner_proxmox::client::RecordedRequ
         .filter_map(|r| schema.check(&r.method, &r.path, &r.params).err())
         .map(|v| v.to_string())
         .collect();
-    assert!(bad.is_empty(), "requests outside the PVE schema:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "requests outside the PVE schema:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[tokio::test]
 async fn conformance_suite_passes_on_fakepve() {
-    let Some(fake) = start_fakepve("").await else { return };
-    let p = Arc::new(ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap());
+    let Some(fake) = start_fakepve("").await else {
+        return;
+    };
+    let p = Arc::new(
+        ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap(),
+    );
     let log = p.client().record_requests();
     p.validate().await.unwrap();
     let h = FakeHarness {
@@ -159,21 +170,30 @@ async fn conformance_suite_passes_on_fakepve() {
     assert!(!h.exists_at_all("grs-conf-ci").await);
 
     let requests = log.lock().unwrap().clone();
-    assert!(requests.len() > 20, "only {} requests recorded", requests.len());
+    assert!(
+        requests.len() > 20,
+        "only {} requests recorded",
+        requests.len()
+    );
     assert_schema_clean(&requests);
 }
 
 #[tokio::test]
 async fn lock_timeouts_on_clone_are_retried_on_fakepve() {
-    let Some(fake) = start_fakepve("clone-lock:2").await else { return };
-    let p = ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap();
+    let Some(fake) = start_fakepve("clone-lock:2").await else {
+        return;
+    };
+    let p =
+        ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap();
     p.create(&spec("linux", "grs-conf-lock", 5)).await.unwrap();
     p.delete("grs-conf-lock").await.unwrap();
 }
 
 #[tokio::test]
 async fn bad_token_missing_template_and_wrong_fingerprint_are_clear_errors_on_fakepve() {
-    let Some(fake) = start_fakepve("").await else { return };
+    let Some(fake) = start_fakepve("").await else {
+        return;
+    };
     let mut conn = fake.conn.clone();
     conn.token_secret = Some(SecretString::from("not-the-secret".to_owned()));
     let e = ProxmoxProvisioner::new(&conn, "linux", &pool(), "i", "grs")
@@ -181,7 +201,10 @@ async fn bad_token_missing_template_and_wrong_fingerprint_are_clear_errors_on_fa
         .validate()
         .await
         .unwrap_err();
-    assert!(matches!(e, ProvisionerError::Config(ref m) if m.contains("authentication failed")), "{e:?}");
+    assert!(
+        matches!(e, ProvisionerError::Config(ref m) if m.contains("authentication failed")),
+        "{e:?}"
+    );
     assert!(!e.to_string().contains("not-the-secret"));
 
     let mut missing = pool();
@@ -202,12 +225,17 @@ async fn bad_token_missing_template_and_wrong_fingerprint_are_clear_errors_on_fa
         .await
         .unwrap_err();
     let t = e.to_string();
-    assert!(t.contains(&fake.fingerprint) && t.contains(&["00"; 32].join(":")), "{t}");
+    assert!(
+        t.contains(&fake.fingerprint) && t.contains(&["00"; 32].join(":")),
+        "{t}"
+    );
 }
 
 #[tokio::test]
 async fn task_failures_on_fakepve_carry_the_task_log() {
-    let Some(fake) = start_fakepve("").await else { return };
+    let Some(fake) = start_fakepve("").await else {
+        return;
+    };
     let c = PveClient::new(&fake.conn).unwrap();
     // Starting a template fails on fakepve as on PVE; whichever way it
     // fails, the error must carry PVE's text.
@@ -220,5 +248,8 @@ async fn task_failures_on_fakepve_carry_the_task_log() {
     }
     let u = Upid::parse("UPID:pve1:00000001:00000007:00000000:qmstart:9000:root@pam:").unwrap();
     let e = c.wait_task(&u).await.unwrap_err();
-    assert!(e.to_string().contains("UPID") || e.status().is_some(), "{e}");
+    assert!(
+        e.to_string().contains("UPID") || e.status().is_some(),
+        "{e}"
+    );
 }

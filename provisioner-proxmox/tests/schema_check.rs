@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use grs_provisioner::conformance::spec;
 use grs_provisioner::{Bootstrap, Provisioner};
+use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::schema::{ApiSchema, ENDPOINTS_JSON};
 use grs_provisioner_proxmox::sim::{Fault, SimOptions, TaskDurations};
 use grs_provisioner_proxmox::testing::{NodeSpec, POOL, SimFixture};
-use grs_provisioner_proxmox::BootstrapMode;
 use secrecy::SecretString;
 
 fn shared_fixture() -> Option<PathBuf> {
@@ -42,9 +42,13 @@ fn the_bundled_schema_is_the_shared_fixture() {
             p.display()
         ),
         None if std::env::var_os("CI").is_some() => {
-            panic!("shared/fixtures/proxmox/endpoints.json is missing beside the repository (CI is set)")
+            panic!(
+                "shared/fixtures/proxmox/endpoints.json is missing beside the repository (CI is set)"
+            )
         }
-        None => eprintln!("SKIPPED: shared/fixtures/proxmox/endpoints.json not found beside the repository"),
+        None => eprintln!(
+            "SKIPPED: shared/fixtures/proxmox/endpoints.json not found beside the repository"
+        ),
     }
 }
 
@@ -58,7 +62,10 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
     };
     let f = SimFixture::start(
         opts,
-        &[NodeSpec::new("pve1", 64, Some(10)), NodeSpec::new("pve2", 64, Some(10))],
+        &[
+            NodeSpec::new("pve1", 64, Some(10)),
+            NodeSpec::new("pve2", 64, Some(10)),
+        ],
     )
     .await;
     let log = f.provisioner.client().record_requests();
@@ -78,7 +85,10 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
     p.validate().await.unwrap();
     let mut s = spec(POOL, "grs-conf-1", u64::MAX);
     s.bootstrap = Bootstrap::CloudInit {
-        seed_url: SecretString::from("https://gateway.example.org:8443/cloud-init/0123456789abcdef0123456789abcdef/".to_owned()),
+        seed_url: SecretString::from(
+            "https://gateway.example.org:8443/cloud-init/0123456789abcdef0123456789abcdef/"
+                .to_owned(),
+        ),
     };
     p.create(&s).await.unwrap();
     p.stop("grs-conf-1").await.unwrap();
@@ -94,7 +104,11 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
     s.bootstrap = Bootstrap::GuestAgent {
         path: "/home/runner/.jit".into(),
         content: SecretString::from("x".repeat(61440)),
-        command: vec!["/bin/sh".into(), "-c".into(), "cd /home/runner && ./run.sh --jitconfig \"$(cat .jit)\"".into()],
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "cd /home/runner && ./run.sh --jitconfig \"$(cat .jit)\"".into(),
+        ],
     };
     p.create(&s).await.unwrap();
     // A failing task makes the client read the task log.
@@ -119,7 +133,11 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
             Err(v) => bad.push(v.to_string()),
         }
     }
-    assert!(bad.is_empty(), "requests PVE would refuse:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "requests PVE would refuse:\n{}",
+        bad.join("\n")
+    );
     // Every endpoint the client has a call for was exercised.
     for ep in [
         "GET /version",
@@ -146,9 +164,27 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
         .flat_map(|r| r.params.iter().map(|(k, _)| k.as_str()))
         .collect();
     for k in [
-        "newid", "name", "full", "target", "pool", "storage", "description", "tags", "smbios1",
-        "cores", "memory", "net0", "agent", "purge", "destroy-unreferenced-disks", "file",
-        "content", "command", "type", "start", "limit",
+        "newid",
+        "name",
+        "full",
+        "target",
+        "pool",
+        "storage",
+        "description",
+        "tags",
+        "smbios1",
+        "cores",
+        "memory",
+        "net0",
+        "agent",
+        "purge",
+        "destroy-unreferenced-disks",
+        "file",
+        "content",
+        "command",
+        "type",
+        "start",
+        "limit",
     ] {
         assert!(keys.contains(k), "parameter {k} never sent; sent: {keys:?}");
     }
@@ -162,12 +198,54 @@ fn the_checker_really_refuses_what_pve_refuses() {
     let path = "/nodes/pve1/qemu/100/config";
     assert!(schema.check("PUT", path, &p("memory", "8")).is_err());
     assert!(schema.check("PUT", path, &p("cores", "0")).is_err());
-    assert!(schema.check("PUT", path, &p("net0", "virtio,bridge=vmbr0,tag=0")).is_err());
-    assert!(schema.check("PUT", path, &p("description", &"d".repeat(8193))).is_err());
+    assert!(
+        schema
+            .check("PUT", path, &p("net0", "virtio,bridge=vmbr0,tag=0"))
+            .is_err()
+    );
+    assert!(
+        schema
+            .check("PUT", path, &p("description", &"d".repeat(8193)))
+            .is_err()
+    );
     assert!(schema.check("PUT", path, &p("tags", "a;b c;Ü")).is_err());
     assert!(schema.check("PUT", path, &p("smbos1", "x")).is_err());
-    assert!(schema.check("POST", "/nodes/pve1/qemu/100/clone", &p("newid", "1000000000")).is_err());
-    assert!(schema.check("POST", "/nodes/pve1/qemu/100/clone", &[("newid".into(), "101".into()), ("target".into(), "pve_2".into())]).is_err());
-    assert!(schema.check("DELETE", "/nodes/pve1/qemu/100", &p("purge", "maybe")).is_err());
-    assert!(schema.check("POST", "/nodes/pve1/qemu/100/agent/file-write", &[("file".into(), "/x".into()), ("content".into(), "x".repeat(61441))]).is_err());
+    assert!(
+        schema
+            .check(
+                "POST",
+                "/nodes/pve1/qemu/100/clone",
+                &p("newid", "1000000000")
+            )
+            .is_err()
+    );
+    assert!(
+        schema
+            .check(
+                "POST",
+                "/nodes/pve1/qemu/100/clone",
+                &[
+                    ("newid".into(), "101".into()),
+                    ("target".into(), "pve_2".into())
+                ]
+            )
+            .is_err()
+    );
+    assert!(
+        schema
+            .check("DELETE", "/nodes/pve1/qemu/100", &p("purge", "maybe"))
+            .is_err()
+    );
+    assert!(
+        schema
+            .check(
+                "POST",
+                "/nodes/pve1/qemu/100/agent/file-write",
+                &[
+                    ("file".into(), "/x".into()),
+                    ("content".into(), "x".repeat(61441))
+                ]
+            )
+            .is_err()
+    );
 }

@@ -8,7 +8,7 @@ use base64::Engine;
 use grs_provisioner::conformance::{self, spec};
 use grs_provisioner::{Bootstrap, InstanceState, Provisioner, ProvisionerError};
 use grs_provisioner_proxmox::sim::{Fault, PveSim, SimOptions, TaskDurations};
-use grs_provisioner_proxmox::testing::{self, NodeSpec, SimFixture, POOL, TEMPLATE_VMID};
+use grs_provisioner_proxmox::testing::{self, NodeSpec, POOL, SimFixture, TEMPLATE_VMID};
 use grs_provisioner_proxmox::{BootstrapMode, ProxmoxPoolConfig, ProxmoxProvisioner, PveClient};
 use secrecy::SecretString;
 
@@ -56,7 +56,10 @@ async fn a_created_vm_is_a_linked_clone_marked_and_bootstrapped_for_cloud_init()
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(serial)
         .unwrap();
-    assert_eq!(String::from_utf8(decoded).unwrap(), format!("ds=nocloud;s={seed}"));
+    assert_eq!(
+        String::from_utf8(decoded).unwrap(),
+        format!("ds=nocloud;s={seed}")
+    );
     assert!(vm.config["scsi0"].contains(&format!("vm-{}-disk", vm.vmid)));
     assert_eq!(f.sim.task_count("qmclone"), 1);
     f.provisioner.delete("grs-conf-7").await.unwrap();
@@ -97,14 +100,21 @@ async fn guest_agent_mode_writes_the_runner_config_and_starts_the_runner_once_th
     s.bootstrap = Bootstrap::GuestAgent {
         path: "/opt/runner/.jitconfig".into(),
         content: SecretString::from("JIT-CONFIG-SECRET".to_owned()),
-        command: vec!["/opt/runner/run.sh".into(), "--jitconfig-file".into(), "/opt/runner/.jitconfig".into()],
+        command: vec![
+            "/opt/runner/run.sh".into(),
+            "--jitconfig-file".into(),
+            "/opt/runner/.jitconfig".into(),
+        ],
     };
     p.create(&s).await.unwrap();
     let vm = &f.sim.vms_named("grs-conf-9")[0];
     assert_eq!(vm.config["agent"], "enabled=1");
     assert_eq!(
         vm.agent_files,
-        vec![("/opt/runner/.jitconfig".to_string(), "JIT-CONFIG-SECRET".to_string())]
+        vec![(
+            "/opt/runner/.jitconfig".to_string(),
+            "JIT-CONFIG-SECRET".to_string()
+        )]
     );
     assert_eq!(vm.agent_execs.len(), 1);
     assert_eq!(vm.agent_execs[0][0], "/opt/runner/run.sh");
@@ -115,7 +125,10 @@ async fn guest_agent_mode_writes_the_runner_config_and_starts_the_runner_once_th
     s.bootstrap = Bootstrap::CloudInit {
         seed_url: SecretString::from("https://gw/x/".to_owned()),
     };
-    assert!(matches!(p.create(&s).await, Err(ProvisionerError::InvalidSpec(_))));
+    assert!(matches!(
+        p.create(&s).await,
+        Err(ProvisionerError::InvalidSpec(_))
+    ));
     assert!(f.sim.vms_named("grs-conf-10").is_empty());
     assert_no_violations(&f);
 }
@@ -128,11 +141,18 @@ async fn a_failed_start_removes_the_clone_and_reports_the_task_log() {
         times: 1,
         message: "start failed: QEMU exited with code 1".into(),
     });
-    let e = f.provisioner.create(&spec(POOL, "grs-conf-11", 11)).await.unwrap_err();
+    let e = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-11", 11))
+        .await
+        .unwrap_err();
     let text = e.to_string();
     assert!(text.contains("QEMU exited with code 1"), "{text}");
     assert!(text.contains("task log"), "{text}");
-    assert!(f.sim.vms_named("grs-conf-11").is_empty(), "the failed VM was left behind");
+    assert!(
+        f.sim.vms_named("grs-conf-11").is_empty(),
+        "the failed VM was left behind"
+    );
     assert_eq!(f.sim.vms().len(), 1, "only the template remains");
 }
 
@@ -144,8 +164,15 @@ async fn a_failed_clone_leaves_nothing_and_is_not_retried_as_transient() {
         times: 1,
         message: "storage 'local-lvm' is full".into(),
     });
-    let e = f.provisioner.create(&spec(POOL, "grs-conf-12", 12)).await.unwrap_err();
-    assert!(matches!(e, ProvisionerError::Permanent(ref m) if m.contains("is full")), "{e:?}");
+    let e = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-12", 12))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ProvisionerError::Permanent(ref m) if m.contains("is full")),
+        "{e:?}"
+    );
     assert!(f.sim.vms_named("grs-conf-12").is_empty());
 }
 
@@ -161,7 +188,10 @@ async fn lock_timeouts_dropped_connections_and_invisible_tasks_are_retried() {
         message: "service unavailable".into(),
         times: 1,
     });
-    f.provisioner.create(&spec(POOL, "grs-conf-13", 13)).await.unwrap();
+    f.provisioner
+        .create(&spec(POOL, "grs-conf-13", 13))
+        .await
+        .unwrap();
     f.sim.inject(Fault::DropConnections { times: 2 });
     f.provisioner.delete("grs-conf-13").await.unwrap();
     assert!(f.sim.vms_named("grs-conf-13").is_empty());
@@ -200,8 +230,15 @@ async fn permanent_errors_are_not_retried() {
         times: 5,
     });
     f.sim.reset_request_count();
-    let e = f.provisioner.create(&spec(POOL, "grs-conf-15", 15)).await.unwrap_err();
-    assert!(matches!(e, ProvisionerError::Config(ref m) if m.contains("Permission check failed")), "{e:?}");
+    let e = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-15", 15))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ProvisionerError::Config(ref m) if m.contains("Permission check failed")),
+        "{e:?}"
+    );
     let clones = f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"];
     assert_eq!(clones, 1, "a 403 was retried");
 }
@@ -210,7 +247,8 @@ async fn permanent_errors_are_not_retried() {
 async fn a_vm_with_copied_tags_but_no_marker_is_refused() {
     let f = SimFixture::single_node().await;
     f.sim.add_vm("pve1", 4000, "grs-conf-16", false);
-    f.sim.set_vm_config(4000, "tags", "grs;grs-i-grs-test;grs-p-linux;grs-j-16");
+    f.sim
+        .set_vm_config(4000, "tags", "grs;grs-i-grs-test;grs-p-linux;grs-j-16");
     // Tags alone make it show in list/get...
     assert!(f.provisioner.get("grs-conf-16").await.unwrap().is_some());
     // ...but destructive calls read the description, and refuse.
@@ -255,7 +293,10 @@ async fn a_cancelled_create_leaves_a_marked_vm_that_list_finds_and_delete_remove
     create.abort();
     let _ = create.await;
     let listed = f.provisioner.list().await.unwrap();
-    let inst = listed.iter().find(|i| i.name == "grs-conf-18").expect("list shows the half-made VM");
+    let inst = listed
+        .iter()
+        .find(|i| i.name == "grs-conf-18")
+        .expect("list shows the half-made VM");
     assert_eq!(inst.state, InstanceState::Creating);
     assert_eq!(inst.job_id, Some(18));
     // Delete waits out the clone lock (retries) and removes it.
@@ -294,17 +335,26 @@ async fn placement_spreads_over_nodes_skips_a_down_node_and_honours_maximums() {
     assert_eq!(peak.get("pve2"), Some(&3), "{peak:?}");
     assert_eq!(peak.get("pve3"), None, "{peak:?}");
     // Full everywhere that is up: a retryable NoCapacity naming each node.
-    let e = f.provisioner.create(&spec(POOL, "grs-conf-p9", 9)).await.unwrap_err();
+    let e = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-p9", 9))
+        .await
+        .unwrap_err();
     assert!(e.is_retryable());
     let text = e.to_string();
-    assert!(text.contains("pve1: 3/3") && text.contains("pve3: unknown") || text.contains("pve3: offline"), "{text}");
+    assert!(
+        text.contains("pve1: 3/3") && text.contains("pve3: unknown")
+            || text.contains("pve3: offline"),
+        "{text}"
+    );
     for n in &names {
         f.provisioner.delete(n).await.unwrap();
     }
 }
 
 #[tokio::test]
-async fn validate_accepts_a_template_and_names_node_and_vmid_when_it_is_missing_or_not_a_template() {
+async fn validate_accepts_a_template_and_names_node_and_vmid_when_it_is_missing_or_not_a_template()
+{
     let f = SimFixture::single_node().await;
     f.provisioner.validate().await.unwrap();
     let mut pool = f.pool.clone();
@@ -317,13 +367,21 @@ async fn validate_accepts_a_template_and_names_node_and_vmid_when_it_is_missing_
     pool.template_vmid = 9001;
     let e = f.provisioner_with(&pool).validate().await.unwrap_err();
     let t = e.to_string();
-    assert!(t.contains("9001") && t.contains("pve1") && t.contains("not a template"), "{t}");
+    assert!(
+        t.contains("9001") && t.contains("pve1") && t.contains("not a template"),
+        "{t}"
+    );
     // A full clone of a plain VM is fine.
     pool.full_clone = true;
     f.provisioner_with(&pool).validate().await.unwrap();
     let mut pool = f.pool.clone();
     pool.node = "pve7".into();
-    let t = f.provisioner_with(&pool).validate().await.unwrap_err().to_string();
+    let t = f
+        .provisioner_with(&pool)
+        .validate()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(t.contains("pve7"), "{t}");
     assert_eq!(f.sim.vms().len(), 2, "validation made nothing");
 }
@@ -349,11 +407,19 @@ async fn an_unreachable_pve_is_an_error_naming_the_url() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let mut conn = grs_provisioner_proxmox::ProxmoxConfig::new(format!("https://{addr}"), "root@pam!grs");
+    let mut conn =
+        grs_provisioner_proxmox::ProxmoxConfig::new(format!("https://{addr}"), "root@pam!grs");
     conn.token_secret = Some(SecretString::from("s".to_owned()));
     conn.retry_attempts = 2;
     conn.retry_base_delay = Duration::from_millis(10);
-    let p = ProxmoxProvisioner::new(&conn, POOL, &ProxmoxPoolConfig::new("pve1", 9000), "x", "grs").unwrap();
+    let p = ProxmoxProvisioner::new(
+        &conn,
+        POOL,
+        &ProxmoxPoolConfig::new("pve1", 9000),
+        "x",
+        "grs",
+    )
+    .unwrap();
     let e = p.validate().await.unwrap_err();
     assert!(e.to_string().contains(&addr.to_string()), "{e}");
     assert!(e.is_retryable());
@@ -388,7 +454,10 @@ async fn a_ca_file_verifies_the_certificate_and_system_roots_do_not() {
     conn.ca_file = None;
     conn.retry_attempts = 1;
     let e = PveClient::new(&conn).unwrap().version().await.unwrap_err();
-    assert!(matches!(e, grs_provisioner_proxmox::PveError::Tls { .. }), "{e:?}");
+    assert!(
+        matches!(e, grs_provisioner_proxmox::PveError::Tls { .. }),
+        "{e:?}"
+    );
     conn.insecure_skip_verify = true;
     PveClient::new(&conn).unwrap().version().await.unwrap();
 }
@@ -409,13 +478,22 @@ async fn secrets_never_appear_in_errors() {
         seed_url: SecretString::from("https://gw/cloud-init/TOPSECRETTOKEN/".to_owned()),
     };
     let e = f.provisioner.create(&s).await.unwrap_err();
-    let b64 = base64::engine::general_purpose::STANDARD.encode("ds=nocloud;s=https://gw/cloud-init/TOPSECRETTOKEN/");
-    for text in [e.to_string(), format!("{e:?}"), format!("{:?}", f.provisioner), format!("{:?}", f.conn)] {
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode("ds=nocloud;s=https://gw/cloud-init/TOPSECRETTOKEN/");
+    for text in [
+        e.to_string(),
+        format!("{e:?}"),
+        format!("{:?}", f.provisioner),
+        format!("{:?}", f.conn),
+    ] {
         assert!(!text.contains("TOPSECRETTOKEN"), "{text}");
         assert!(!text.contains(&b64), "{text}");
         assert!(!text.contains(f.sim.token_secret()), "{text}");
     }
-    assert!(f.sim.vms_named("grs-conf-19").is_empty(), "a failed create left its VM");
+    assert!(
+        f.sim.vms_named("grs-conf-19").is_empty(),
+        "a failed create left its VM"
+    );
 }
 
 #[tokio::test]
@@ -431,7 +509,10 @@ async fn a_create_and_delete_cycle_costs_at_most_15_api_calls_with_default_durat
     conn.task_poll_min = defaults.task_poll_min;
     conn.task_poll_max = defaults.task_poll_max;
     conn.retry_base_delay = defaults.retry_base_delay;
-    let p = Arc::new(ProxmoxProvisioner::new(&conn, POOL, &f.pool, testing::INSTALLATION, testing::PREFIX).unwrap());
+    let p = Arc::new(
+        ProxmoxProvisioner::new(&conn, POOL, &f.pool, testing::INSTALLATION, testing::PREFIX)
+            .unwrap(),
+    );
     let mut last = 0;
     for i in 0..4 {
         f.sim.reset_request_count();
@@ -441,7 +522,10 @@ async fn a_create_and_delete_cycle_costs_at_most_15_api_calls_with_default_durat
         last = f.sim.request_count();
         eprintln!("cycle {i}: {last} calls {:?}", f.sim.requests_by_endpoint());
     }
-    assert!(last <= 15, "a warmed-up create+delete cycle took {last} calls");
+    assert!(
+        last <= 15,
+        "a warmed-up create+delete cycle took {last} calls"
+    );
 }
 
 #[tokio::test]
@@ -461,10 +545,20 @@ async fn the_simulator_refuses_requests_outside_the_schema_with_pve_wording() {
         .await
         .unwrap_err();
     let t = e.to_string();
-    assert!(t.contains("HTTP 400") && t.contains("Parameter verification failed.") && t.contains("enumeration"), "{t}");
+    assert!(
+        t.contains("HTTP 400")
+            && t.contains("Parameter verification failed.")
+            && t.contains("enumeration"),
+        "{t}"
+    );
     assert_eq!(sim.schema_violations().len(), 1);
     let e = c
-        .call(reqwest::Method::GET, "/nodes/pve1/bogus", &[], Idempotency::Idempotent)
+        .call(
+            reqwest::Method::GET,
+            "/nodes/pve1/bogus",
+            &[],
+            Idempotency::Idempotent,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.status(), Some(501));
