@@ -601,13 +601,17 @@ impl ProxmoxProvisioner {
         spec: &InstanceSpec,
         target: &str,
         marker: &Marker,
-    ) -> Result<u32, ProvisionerError> {
+    ) -> Result<u32, CloneFailure> {
         let client = self.client_ref();
         let src_node = &self.pool.node;
         let src = self.pool.template_vmid;
         let mut lock_waits = 0u32;
         for _ in 0..20 {
-            let lease = self.backend.lease_vmid().await?;
+            let lease = self
+                .backend
+                .lease_vmid()
+                .await
+                .map_err(CloneFailure::from)?;
             let vmid = lease.vmid;
             let params = self.clone_params(vmid, &spec.name, target, marker);
             let upid = match client.clone_vm(src_node, src, &params).await {
@@ -628,7 +632,7 @@ impl ProxmoxProvisioner {
                     maybe_sent: true, ..
                 }) => {
                     // The clone may have started. Adopt it if it is ours.
-                    match self.adopt_clone(target, vmid).await? {
+                    match self.adopt_clone(vmid).await.map_err(CloneFailure::Other)? {
                         Some(()) => return Ok(vmid),
                         None => continue,
                     }
@@ -649,19 +653,29 @@ impl ProxmoxProvisioner {
                 }
             }
         }
-        Err(ProvisionerError::Transient(format!(
+        Err(CloneFailure::Other(ProvisionerError::Transient(format!(
             "could not clone template {src} on node {src_node} for {}: VM ids or locks kept being taken",
             spec.name
-        )))
+        ))))
     }
 
     /// After an unclear clone request: if VM `vmid` is ours, wait for its
-    /// clone lock to go and keep it (`Some`); if it does not exist, `None`.
-    async fn adopt_clone(&self, node: &str, vmid: u32) -> Result<Option<()>, ProvisionerError> {
+    /// clone lock to go and keep it (`Some`); if it does not exist or is not
+    /// ours, `None`. The VM is looked up cluster-wide: with a target node,
+    /// PVE keeps it on the source node until the clone ends.
+    async fn adopt_clone(&self, vmid: u32) -> Result<Option<()>, ProvisionerError> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
-            match self.client_ref().vm_config(node, vmid).await {
-                Err(e) if e.is_vm_missing() => return Ok(None),
+            let all = self.client_ref().resources(Some("vm")).await?;
+            let Some(node) = all
+                .iter()
+                .find(|r| r.vmid == Some(vmid))
+                .and_then(|r| r.node.clone())
+            else {
+                return Ok(None);
+            };
+            match self.client_ref().vm_config(&node, vmid).await {
+                Err(e) if e.is_vm_missing() => {}
                 Err(e) => return Err(e.into()),
                 Ok(cfg) => {
                     let marker = cfg
@@ -744,6 +758,25 @@ impl ProxmoxProvisioner {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Why a clone did not happen.
+enum CloneFailure {
+    /// The target node cannot be reached (HTTP 595, not online).
+    NodeDown(PveError),
+    /// Anything else.
+    Other(ProvisionerError),
+}
+
+impl From<PveError> for CloneFailure {
+    fn from(e: PveError) -> Self {
+        let t = e.pve_text();
+        if e.status() == Some(595) || t.contains("not online") || t.contains("No route to host") {
+            CloneFailure::NodeDown(e)
+        } else {
+            CloneFailure::Other(e.into())
+        }
     }
 }
 
@@ -875,25 +908,7 @@ impl Provisioner for ProxmoxProvisioner {
             .map(|m| m << 20)
             .unwrap_or(template_mem);
         let candidates = self.candidates();
-        let exclude = HashSet::new();
-        let reservation = self
-            .backend
-            .placement
-            .reserve(
-                &placement::Request {
-                    name: &spec.name,
-                    candidates: &candidates,
-                    mem,
-                    installation_tag: &self.tag_installation,
-                    exclude: &exclude,
-                },
-                &snapshot,
-                &self.nodes,
-            )
-            .map_err(|why| {
-                ProvisionerError::NoCapacity(format!("no node has room for {}: {why}", spec.name))
-            })?;
-        let node = reservation.node.clone();
+        let mut exclude = HashSet::new();
         let marker = Marker {
             installation: self.installation_id.clone(),
             pool: self.pool_name.clone(),
@@ -901,12 +916,46 @@ impl Provisioner for ProxmoxProvisioner {
             created: now_secs(),
         };
         let started = Instant::now();
-        let vmid = self.clone_fresh(spec, &node, &marker).await?;
-        if let Err(e) = self.finish_create(spec, &node, vmid, &marker).await {
-            self.cleanup(&spec.name, &node, vmid).await;
-            return Err(e);
-        }
-        drop(reservation);
+        let (node, vmid) = loop {
+            let reservation = self
+                .backend
+                .placement
+                .reserve(
+                    &placement::Request {
+                        name: &spec.name,
+                        candidates: &candidates,
+                        mem,
+                        installation_tag: &self.tag_installation,
+                        exclude: &exclude,
+                    },
+                    &snapshot,
+                    &self.nodes,
+                )
+                .map_err(|why| {
+                    ProvisionerError::NoCapacity(format!(
+                        "no node has room for {}: {why}",
+                        spec.name
+                    ))
+                })?;
+            let node = reservation.node.clone();
+            match self.clone_fresh(spec, &node, &marker).await {
+                Ok(vmid) => {
+                    if let Err(e) = self.finish_create(spec, &node, vmid, &marker).await {
+                        self.cleanup(&spec.name, &node, vmid).await;
+                        return Err(e);
+                    }
+                    break (node, vmid);
+                }
+                // A target node that went down since the snapshot: try the
+                // others (the template's node itself cannot be replaced).
+                Err(CloneFailure::NodeDown(e)) if node != self.pool.node => {
+                    tracing::warn!(instance = %spec.name, node = %node, error = %e, "target node unreachable; placing elsewhere");
+                    exclude.insert(node);
+                }
+                Err(CloneFailure::NodeDown(e)) => return Err(e.into()),
+                Err(CloneFailure::Other(e)) => return Err(e),
+            }
+        };
         tracing::info!(instance = %spec.name, pool = %self.pool_name, node = %node, vmid, elapsed = ?started.elapsed(), "instance created");
         Ok(Instance {
             name: spec.name.clone(),

@@ -173,6 +173,11 @@ pub enum Fault {
         /// How many per task.
         times: u32,
     },
+    /// Every answer comes this much later (a slow or hung API).
+    Latency {
+        /// Added delay.
+        extra: Duration,
+    },
 }
 
 /// A simulated node.
@@ -267,6 +272,7 @@ struct Faults {
     http: Vec<(String, Option<String>, u16, String, u32)>,
     drops: u32,
     invisible: u32,
+    latency: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -519,6 +525,7 @@ impl PveSim {
             } => f.http.push((path_contains, method, status, message, times)),
             Fault::DropConnections { times } => f.drops += times,
             Fault::TaskNotYetVisible { times } => f.invisible = times,
+            Fault::Latency { extra } => f.latency = extra,
         }
     }
 
@@ -766,6 +773,10 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         }
     };
 
+    let latency = sh.state.lock().unwrap().faults.latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let template = sh
         .schema
         .find(method.as_str(), &path)

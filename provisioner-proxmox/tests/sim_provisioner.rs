@@ -564,3 +564,118 @@ async fn the_simulator_refuses_requests_outside_the_schema_with_pve_wording() {
     assert_eq!(e.status(), Some(501));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_grs_processes_racing_on_nextid_both_get_their_vms() {
+    let f = SimFixture::single_node().await;
+    // A second "process": same PVE, its own client and id bookkeeping.
+    let mut other_conn = f.conn.clone();
+    other_conn.retry_attempts += 1;
+    let other = Arc::new(
+        ProxmoxProvisioner::new(
+            &other_conn,
+            POOL,
+            &f.pool,
+            testing::INSTALLATION,
+            testing::PREFIX,
+        )
+        .unwrap(),
+    );
+    let mut jobs = Vec::new();
+    for i in 0..4u64 {
+        for (k, p) in [&f.provisioner, &other].into_iter().enumerate() {
+            let p = p.clone();
+            let name = format!("grs-conf-r{k}{i}");
+            jobs.push(tokio::spawn(async move {
+                p.create(&spec(POOL, &name, i)).await
+            }));
+        }
+    }
+    for j in jobs {
+        j.await.unwrap().unwrap();
+    }
+    let vms: Vec<_> = f.sim.vms().into_iter().filter(|v| !v.template).collect();
+    assert_eq!(vms.len(), 8);
+}
+
+#[tokio::test]
+async fn a_vm_id_taken_between_nextid_and_clone_is_replaced_by_another() {
+    let f = SimFixture::single_node().await;
+    f.sim.inject(Fault::HttpError {
+        path_contains: "/clone".into(),
+        method: Some("POST".into()),
+        status: 500,
+        message: "unable to create VM 100: config file already exists".into(),
+        times: 2,
+    });
+    f.provisioner
+        .create(&spec(POOL, "grs-conf-20", 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"],
+        3
+    );
+    assert_eq!(f.sim.requests_by_endpoint()["GET /cluster/nextid"], 3);
+}
+
+#[tokio::test]
+async fn a_target_node_that_fails_at_clone_time_is_skipped_for_another() {
+    let opts = SimOptions {
+        durations: TaskDurations::fast(),
+        ..SimOptions::default()
+    };
+    let f = SimFixture::start(
+        opts,
+        &[
+            NodeSpec::new("pve1", 32, None),
+            NodeSpec::new("pve2", 256, None),
+        ],
+    )
+    .await;
+    f.sim.inject(Fault::HttpError {
+        path_contains: "/clone".into(),
+        method: Some("POST".into()),
+        status: 500,
+        message: "target node 'pve2' is not online".into(),
+        times: 1,
+    });
+    let inst = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-21", 21))
+        .await
+        .unwrap();
+    assert_eq!(inst.location.as_deref(), Some("pve1"));
+    // Without the fault, the roomier node is chosen.
+    let inst = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-22", 22))
+        .await
+        .unwrap();
+    assert_eq!(inst.location.as_deref(), Some("pve2"));
+}
+
+#[tokio::test]
+async fn every_call_has_a_timeout_and_a_hung_pve_is_reported_with_its_url() {
+    let f = SimFixture::single_node().await;
+    let mut conn = f.conn.clone();
+    conn.request_timeout = Duration::from_millis(150);
+    conn.retry_attempts = 2;
+    let c = PveClient::new(&conn).unwrap();
+    f.sim.inject(Fault::Latency {
+        extra: Duration::from_secs(2),
+    });
+    let t = std::time::Instant::now();
+    let e = c.version().await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(e, grs_provisioner_proxmox::PveError::Timeout { .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&f.sim.url()), "{e}");
+    assert!(e.is_transient());
+}
