@@ -6,6 +6,28 @@
 //! name the offending key. Secrets are never part of the serialized form: the
 //! token secret comes from `token_secret_file` or `GRS_PROXMOX_TOKEN_SECRET`
 //! (or, in code only, [`ProxmoxConfig::token_secret`]).
+//!
+//! ```toml
+//! [proxmox]
+//! url = "https://pve1.example.org:8006"
+//! token_id = "grs@pve!scaler"
+//! token_secret_file = "/etc/grs/pve-token"   # or GRS_PROXMOX_TOKEN_SECRET
+//! fingerprint = "AA:BB:...:FF"               # or ca_file = "/etc/grs/pve-root-ca.pem"
+//! request_timeout = "30s"
+//! nodes = [
+//!   { name = "pve1", max_instances = 8 },
+//!   { name = "pve2", max_instances = 8, reserved_memory_mib = 4096 },
+//! ]
+//!
+//! [pools.linux.proxmox]
+//! node = "pve1"            # where the template lives
+//! template_vmid = 9000
+//! cores = 4
+//! memory_mib = 8192
+//! bridge = "vmbr0"
+//! vlan = 20
+//! bootstrap = "cloud-init" # or "guest-agent", "none"
+//! ```
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -524,6 +546,50 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.nodes[0].max_instances, Some(4));
         assert_eq!(c.nodes[0].reserved_memory_mib, 1024);
+    }
+
+    #[test]
+    fn the_documented_toml_example_parses_and_validates() {
+        // The example in this module's docs, as the lead embeds it.
+        let doc = include_str!("config.rs");
+        let toml_text: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| {
+                l.trim_start_matches("//!")
+                    .strip_prefix(' ')
+                    .unwrap_or("")
+                    .to_owned()
+                    + "\n"
+            })
+            .collect();
+        #[derive(Deserialize)]
+        struct Pools {
+            linux: PoolWrap,
+        }
+        #[derive(Deserialize)]
+        struct PoolWrap {
+            proxmox: ProxmoxPoolConfig,
+        }
+        #[derive(Deserialize)]
+        struct Root {
+            proxmox: ProxmoxConfig,
+            pools: Pools,
+        }
+        let text = toml_text.replace("AA:BB:...:FF", &["AB"; 32].join(":"));
+        let root: Root = toml::from_str(&text).unwrap();
+        let mut c = root.proxmox;
+        assert_eq!(c.nodes.len(), 2);
+        assert_eq!(c.nodes[1].reserved_memory_mib, 4096);
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        c.token_secret = Some(SecretString::from("x"));
+        c.validate().unwrap();
+        let p = root.pools.linux.proxmox;
+        assert_eq!(p.bootstrap, BootstrapMode::CloudInit);
+        assert_eq!(p.vlan, Some(20));
+        p.validate("linux").unwrap();
     }
 
     #[test]
