@@ -339,8 +339,16 @@ impl ProxmoxProvisioner {
         }
     }
 
+    /// Whether `name` has this installation's instance prefix. GRS touches
+    /// a VM only if its name has the prefix AND it carries the marker.
+    fn has_prefix(&self, name: &str) -> bool {
+        name.strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with('-') && rest.len() > 1)
+    }
+
     /// Splits the VMs named `name` in `snapshot` into ours and foreign ones.
-    /// Ours by tags, or (unmarked, prefixed) by description.
+    /// Ours by tags, or (unmarked, prefixed) by description; a name without
+    /// our prefix is never ours.
     async fn classify(
         &self,
         name: &str,
@@ -348,6 +356,13 @@ impl ProxmoxProvisioner {
     ) -> Result<(Vec<Found>, usize), PveError> {
         let mut ours = Vec::new();
         let mut foreign = 0;
+        if !self.has_prefix(name) {
+            let n = snapshot
+                .iter()
+                .filter(|r| r.is_vm() && r.name.as_deref() == Some(name))
+                .count();
+            return Ok((ours, n));
+        }
         for r in snapshot
             .iter()
             .filter(|r| r.is_vm() && r.name.as_deref() == Some(name))
@@ -551,6 +566,13 @@ impl ProxmoxProvisioner {
 
     fn check_spec(&self, spec: &InstanceSpec) -> Result<(), ProvisionerError> {
         validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
+        if !self.has_prefix(&spec.name) {
+            return Err(ProvisionerError::InvalidSpec(format!(
+                "instance name {} does not start with this installation's prefix {:?}",
+                spec.name,
+                format!("{}-", self.prefix)
+            )));
+        }
         if spec.pool != self.pool_name {
             return Err(ProvisionerError::InvalidSpec(format!(
                 "instance {} is for pool {:?}, this provisioner serves {:?}",
@@ -743,11 +765,24 @@ impl ProxmoxProvisioner {
         vmid: u32,
         marker: &Marker,
     ) -> Result<(), ProvisionerError> {
-        let client = self.client_ref();
         let params = self.config_params(spec, marker)?;
-        client.set_config(node, vmid, &params).await?;
-        let upid = client.vm_action(node, vmid, "start").await?;
-        self.run_task(upid).await?;
+        self.client_ref().set_config(node, vmid, &params).await?;
+        self.start_and_bootstrap(spec, node, vmid).await
+    }
+
+    /// Starts the VM (already running is fine) and, in guest-agent mode,
+    /// hands the runner its config.
+    async fn start_and_bootstrap(
+        &self,
+        spec: &InstanceSpec,
+        node: &str,
+        vmid: u32,
+    ) -> Result<(), ProvisionerError> {
+        let upid = self.client_ref().vm_action(node, vmid, "start").await?;
+        match self.run_task(upid).await {
+            Err(e) if e.pve_text().contains("already running") => {}
+            other => other?,
+        }
         if let Bootstrap::GuestAgent {
             path,
             content,
@@ -883,8 +918,16 @@ impl Provisioner for ProxmoxProvisioner {
                         spec.name, f.vmid, f.node
                     )));
                 }
-                // A create that stopped half-way: its bootstrap may be
-                // incomplete, so start over.
+                // Configured (tags and bootstrap are set in one call) but
+                // stopped: start it rather than make a second VM.
+                InstanceState::Stopped => {
+                    self.start_and_bootstrap(spec, &f.node, f.vmid).await?;
+                    return Ok(Instance {
+                        state: InstanceState::Running,
+                        ..inst
+                    });
+                }
+                // A create that stopped before its configuration: start over.
                 _ => {
                     tracing::info!(instance = %spec.name, vmid = f.vmid, "replacing a half-made instance");
                     let running = f.res.status.as_deref() != Some("stopped");
@@ -989,7 +1032,9 @@ impl Provisioner for ProxmoxProvisioner {
     async fn list(&self) -> Result<Vec<Instance>, ProvisionerError> {
         let snapshot = self.client_ref().resources(Some("vm")).await?;
         let mut out = Vec::new();
-        for r in snapshot.iter().filter(|r| r.is_vm() && !r.template) {
+        for r in snapshot.iter().filter(|r| {
+            r.is_vm() && !r.template && r.name.as_deref().is_some_and(|n| self.has_prefix(n))
+        }) {
             let (Some(node), Some(vmid)) = (r.node.clone(), r.vmid) else {
                 continue;
             };

@@ -241,6 +241,35 @@ async fn permanent_errors_are_not_retried() {
     );
     let clones = f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"];
     assert_eq!(clones, 1, "a 403 was retried");
+    for (status, message) in [
+        (400, "Parameter verification failed."),
+        (401, "authentication failure"),
+        (501, "Method not implemented"),
+    ] {
+        f.sim.clear_faults();
+        f.sim.inject(Fault::HttpError {
+            path_contains: "/version".into(),
+            method: None,
+            status,
+            message: message.into(),
+            times: 5,
+        });
+        f.sim.reset_request_count();
+        f.provisioner.client().version().await.unwrap_err();
+        assert_eq!(f.sim.request_count(), 1, "HTTP {status} was retried");
+    }
+    // A 500 lock timeout, by contrast, is retried.
+    f.sim.clear_faults();
+    f.sim.inject(Fault::HttpError {
+        path_contains: "/version".into(),
+        method: None,
+        status: 500,
+        message: "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout".into(),
+        times: 2,
+    });
+    f.sim.reset_request_count();
+    f.provisioner.client().version().await.unwrap();
+    assert_eq!(f.sim.request_count(), 3);
 }
 
 #[tokio::test]
@@ -678,4 +707,88 @@ async fn every_call_has_a_timeout_and_a_hung_pve_is_reported_with_its_url() {
     );
     assert!(e.to_string().contains(&f.sim.url()), "{e}");
     assert!(e.is_transient());
+}
+
+#[tokio::test]
+async fn names_without_the_installation_prefix_are_never_made_nor_touched() {
+    let f = SimFixture::single_node().await;
+    let e = f
+        .provisioner
+        .create(&spec(POOL, "other-1", 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ProvisionerError::InvalidSpec(ref m) if m.contains("prefix")),
+        "{e:?}"
+    );
+    // Even a VM carrying our marker is off limits when its name lacks the prefix.
+    f.provisioner
+        .create(&spec(POOL, "grs-conf-23", 23))
+        .await
+        .unwrap();
+    let vmid = f.sim.vms_named("grs-conf-23")[0].vmid;
+    f.sim.set_vm_config(vmid, "name", "renamed-23");
+    assert!(matches!(
+        f.provisioner.delete("renamed-23").await,
+        Err(ProvisionerError::NotOwned { .. })
+    ));
+    assert!(
+        !f.provisioner
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.name == "renamed-23")
+    );
+    f.provisioner.delete("other-absent").await.unwrap();
+}
+
+#[tokio::test]
+async fn creating_a_stopped_instance_again_starts_it_instead_of_making_another() {
+    let f = SimFixture::single_node().await;
+    let a = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-24", 24))
+        .await
+        .unwrap();
+    f.provisioner.stop("grs-conf-24").await.unwrap();
+    let b = f
+        .provisioner
+        .create(&spec(POOL, "grs-conf-24", 24))
+        .await
+        .unwrap();
+    assert_eq!(a.provider_id, b.provider_id);
+    assert_eq!(b.state, InstanceState::Running);
+    assert!(f.sim.vms_named("grs-conf-24")[0].running);
+    assert_eq!(f.sim.task_count("qmclone"), 1);
+}
+
+#[tokio::test]
+async fn concurrent_creates_under_lock_contention_all_succeed_within_node_maximums() {
+    let opts = SimOptions {
+        durations: TaskDurations::fast(),
+        clone_parallelism: 3,
+        ..SimOptions::default()
+    };
+    let nodes = [
+        NodeSpec::new("pve1", 64, Some(4)),
+        NodeSpec::new("pve2", 64, Some(4)),
+        NodeSpec::new("pve3", 64, Some(4)),
+    ];
+    let f = SimFixture::start(opts, &nodes).await;
+    f.sim
+        .inject(Fault::CloneLockContention { probability: 0.3 });
+    let results = futures::future::join_all((0..12).map(|i| {
+        let p = f.provisioner.clone();
+        async move { p.create(&spec(POOL, &format!("grs-conf-k{i}"), i)).await }
+    }))
+    .await;
+    for r in results {
+        r.unwrap();
+    }
+    for (node, peak) in f.sim.peak_vms_per_node() {
+        assert!(peak <= 4, "{node} held {peak} VMs");
+    }
+    assert!(f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"] >= 12);
+    assert_no_violations(&f);
 }
