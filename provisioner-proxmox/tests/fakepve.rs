@@ -185,8 +185,16 @@ async fn lock_timeouts_on_clone_are_retried_on_fakepve() {
     };
     let p =
         ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap();
+    let log = p.client().record_requests();
     p.create(&spec("linux", "grs-conf-lock", 5)).await.unwrap();
     p.delete("grs-conf-lock").await.unwrap();
+    let clones = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.ends_with("/clone"))
+        .count();
+    assert_eq!(clones, 3, "two lock timeouts, then the clone");
 }
 
 #[tokio::test]
