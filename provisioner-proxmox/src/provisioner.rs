@@ -94,9 +94,13 @@ impl Marker {
     }
 }
 
-/// Makes `s` usable inside a PVE tag (`[a-z0-9_][a-z0-9_\-+.]*`).
+/// Makes `s` usable inside a PVE tag (`[a-z0-9_][a-z0-9_\-+.]*`). When that
+/// changes `s` (case, other characters), a short digest of the original is
+/// appended, so `Prod` and `prod` get different tags.
 fn tag_safe(s: &str) -> String {
-    s.chars()
+    use sha2::Digest;
+    let safe: String = s
+        .chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '+' | '.') {
@@ -105,7 +109,13 @@ fn tag_safe(s: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    if safe == s {
+        safe
+    } else {
+        let digest = hex::encode(sha2::Sha256::digest(s.as_bytes()));
+        format!("{safe}-{}", &digest[..8])
+    }
 }
 
 /// What one PVE connection shares between the pools using it: the client,
@@ -1111,7 +1121,10 @@ mod tests {
 
     #[test]
     fn tags_are_made_safe_for_pve() {
-        assert_eq!(tag_safe("Prod/EU 1"), "prod_eu_1");
+        assert_eq!(tag_safe("prod-eu-1"), "prod-eu-1");
+        assert!(tag_safe("Prod/EU 1").starts_with("prod_eu_1-"));
+        assert_ne!(tag_safe("Prod"), tag_safe("prod"));
+        assert_ne!(tag_safe("a/b"), tag_safe("a_b"));
     }
 
     #[test]

@@ -792,3 +792,34 @@ async fn concurrent_creates_under_lock_contention_all_succeed_within_node_maximu
     assert!(f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"] >= 12);
     assert_no_violations(&f);
 }
+
+#[tokio::test]
+async fn another_installations_or_pools_instance_is_foreign() {
+    let f = SimFixture::single_node().await;
+    let theirs =
+        ProxmoxProvisioner::new(&f.conn, POOL, &f.pool, "Other-Install", testing::PREFIX).unwrap();
+    theirs.create(&spec(POOL, "grs-conf-30", 30)).await.unwrap();
+    let other_pool = ProxmoxProvisioner::new(
+        &f.conn,
+        "windows",
+        &f.pool,
+        testing::INSTALLATION,
+        testing::PREFIX,
+    )
+    .unwrap();
+    let mut s = spec("windows", "grs-conf-31", 31);
+    s.pool = "windows".into();
+    other_pool.create(&s).await.unwrap();
+    for name in ["grs-conf-30", "grs-conf-31"] {
+        assert!(f.provisioner.get(name).await.unwrap().is_none(), "{name}");
+        assert!(matches!(
+            f.provisioner.delete(name).await,
+            Err(ProvisionerError::NotOwned { .. })
+        ));
+    }
+    assert!(f.provisioner.list().await.unwrap().is_empty());
+    assert_eq!(theirs.list().await.unwrap().len(), 1);
+    assert_eq!(other_pool.list().await.unwrap().len(), 1);
+    theirs.delete("grs-conf-30").await.unwrap();
+    other_pool.delete("grs-conf-31").await.unwrap();
+}
