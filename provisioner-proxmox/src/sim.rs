@@ -173,6 +173,23 @@ pub enum Fault {
         /// How many per task.
         times: u32,
     },
+    /// The next `times` requests whose path contains `path_contains` are
+    /// answered by closing the connection before anything is done.
+    DropRequests {
+        /// Substring of the path.
+        path_contains: String,
+        /// How many.
+        times: u32,
+    },
+    /// The next `times` requests whose path contains `path_contains` are
+    /// carried out, but their answer is lost (the connection closes): the
+    /// client cannot know whether PVE acted.
+    LoseAnswers {
+        /// Substring of the path.
+        path_contains: String,
+        /// How many.
+        times: u32,
+    },
     /// Every answer comes this much later (a slow or hung API).
     Latency {
         /// Added delay.
@@ -273,6 +290,8 @@ struct Faults {
     drops: u32,
     invisible: u32,
     latency: Duration,
+    lost_answers: Vec<(String, u32)>,
+    dropped_requests: Vec<(String, u32)>,
 }
 
 #[derive(Debug, Default)]
@@ -526,6 +545,14 @@ impl PveSim {
             Fault::DropConnections { times } => f.drops += times,
             Fault::TaskNotYetVisible { times } => f.invisible = times,
             Fault::Latency { extra } => f.latency = extra,
+            Fault::DropRequests {
+                path_contains,
+                times,
+            } => f.dropped_requests.push((path_contains, times)),
+            Fault::LoseAnswers {
+                path_contains,
+                times,
+            } => f.lost_answers.push((path_contains, times)),
         }
     }
 
@@ -638,12 +665,16 @@ async fn serve(
                         let app = app.clone();
                         let shared = shared.clone();
                         async move {
-                            if take_drop(&shared) {
+                            if take_drop(&shared) || take_dropped_request(&shared, req.uri().path()) {
                                 // An error from the service makes hyper close
                                 // the connection without an answer.
                                 return Err(std::io::Error::other("fault: dropped connection"));
                             }
+                            let path = req.uri().path().to_owned();
                             let resp = app.oneshot(req.map(Body::new)).await;
+                            if take_lost_answer(&shared, &path) {
+                                return Err(std::io::Error::other("fault: answer lost"));
+                            }
                             match resp {
                                 Ok(r) => Ok(r),
                                 Err(e) => match e {},
@@ -680,6 +711,29 @@ fn take_drop(shared: &Shared) -> bool {
     } else {
         false
     }
+}
+
+fn take_dropped_request(shared: &Shared, path: &str) -> bool {
+    let mut s = shared.state.lock().unwrap();
+    for f in s.faults.dropped_requests.iter_mut() {
+        if f.1 > 0 && path.contains(&f.0) {
+            f.1 -= 1;
+            s.requests += 1;
+            return true;
+        }
+    }
+    false
+}
+
+fn take_lost_answer(shared: &Shared, path: &str) -> bool {
+    let mut s = shared.state.lock().unwrap();
+    for f in s.faults.lost_answers.iter_mut() {
+        if f.1 > 0 && path.contains(&f.0) {
+            f.1 -= 1;
+            return true;
+        }
+    }
+    false
 }
 
 /// PVE's error answer: status, `{"data":null,"message":"...\n"}`.

@@ -199,24 +199,41 @@ async fn lock_timeouts_dropped_connections_and_invisible_tasks_are_retried() {
 }
 
 #[tokio::test]
-async fn a_dropped_clone_answer_adopts_the_clone_instead_of_making_a_second() {
+async fn a_lost_clone_answer_adopts_the_clone_instead_of_making_a_second() {
     let f = SimFixture::single_node().await;
-    // resources, nextid, then the clone's answer is lost... but the sim
-    // drops before acting, so the provisioner must find no VM and clone again.
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/nonexistent".into(),
-        method: None,
-        status: 500,
-        message: "x".into(),
-        times: 0,
+    // PVE clones, but the answer never arrives.
+    f.sim.inject(Fault::LoseAnswers {
+        path_contains: "/clone".into(),
+        times: 1,
     });
-    let p = f.provisioner.clone();
-    let h = tokio::spawn(async move { p.create(&spec(POOL, "grs-conf-14", 14)).await });
-    // Drop the next request, whatever it is; every step must cope.
-    f.sim.inject(Fault::DropConnections { times: 1 });
-    h.await.unwrap().unwrap();
+    f.provisioner
+        .create(&spec(POOL, "grs-conf-14", 14))
+        .await
+        .unwrap();
     assert_eq!(f.sim.vms_named("grs-conf-14").len(), 1);
+    assert_eq!(f.sim.task_count("qmclone"), 1, "a second clone was made");
     f.provisioner.delete("grs-conf-14").await.unwrap();
+    assert!(f.sim.vms_named("grs-conf-14").is_empty());
+}
+
+#[tokio::test]
+async fn a_clone_request_dropped_before_pve_acted_is_sent_again() {
+    let f = SimFixture::single_node().await;
+    f.sim.inject(Fault::DropRequests {
+        path_contains: "/clone".into(),
+        times: 1,
+    });
+    f.provisioner
+        .create(&spec(POOL, "grs-conf-25", 25))
+        .await
+        .unwrap();
+    assert_eq!(f.sim.vms_named("grs-conf-25").len(), 1);
+    assert_eq!(f.sim.task_count("qmclone"), 1);
+    assert_eq!(
+        f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"],
+        1,
+        "the dropped one is not counted by endpoint"
+    );
 }
 
 #[tokio::test]
