@@ -31,7 +31,7 @@ struct Args {
     /// A node, NAME:MEMORY_GIB (repeatable).
     #[arg(long = "node", default_value = "pve1:64")]
     nodes: Vec<String>,
-    /// A template, NODE:VMID[:NAME] (repeatable).
+    /// A template, `NODE:VMID[:NAME]` (repeatable).
     #[arg(long = "template", default_value = "pve1:9000")]
     templates: Vec<String>,
     /// Scale every task duration (1.0 = realistic defaults, 0.05 = fast).
