@@ -673,6 +673,24 @@ impl PveClient {
         })
     }
 
+    /// Whether PVE resource pool `poolid` exists (`GET /pools?poolid=`,
+    /// which, unlike `/pools/{poolid}`, also takes nested pool ids).
+    pub async fn resource_pool_exists(&self, poolid: &str) -> Result<bool, PveError> {
+        match self
+            .call(
+                Method::GET,
+                "/pools",
+                &[Param::new("poolid", poolid)],
+                Idempotency::Idempotent,
+            )
+            .await
+        {
+            Ok(v) => Ok(v.as_array().is_some_and(|a| !a.is_empty())),
+            Err(e) if e.pve_text().contains("does not exist") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET .../qemu/{vmid}/config`.
     pub async fn vm_config(
         &self,

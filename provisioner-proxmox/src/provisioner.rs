@@ -882,6 +882,15 @@ impl Provisioner for ProxmoxProvisioner {
                 )));
             }
         }
+        if let Some(rp) = &self.pool.resource_pool
+            && !client.resource_pool_exists(rp).await?
+        {
+            return Err(ProvisionerError::Config(format!(
+                "pools.{}.proxmox.resource_pool: PVE resource pool {rp:?} does not exist at {}",
+                self.pool_name,
+                client.url()
+            )));
+        }
         let (node, vmid) = (&self.pool.node, self.pool.template_vmid);
         // `/cluster/resources` knows every guest of the cluster and whether
         // it is a template, wherever it lives.

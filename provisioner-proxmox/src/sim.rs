@@ -305,6 +305,7 @@ struct SimState {
     violations: Vec<String>,
     pid: u32,
     peak_per_node: BTreeMap<String, usize>,
+    resource_pools: std::collections::BTreeSet<String>,
 }
 
 impl SimState {
@@ -456,6 +457,11 @@ impl PveSim {
                 online: true,
             },
         );
+    }
+
+    /// Adds a PVE resource pool (clones may be put into it).
+    pub fn add_resource_pool(&self, poolid: &str) {
+        self.lock().resource_pools.insert(poolid.to_owned());
     }
 
     /// Takes a node off or on line (its API answers 595 while off).
@@ -942,6 +948,7 @@ async fn dispatch(
         ("GET", "/nodes") => Ok(nodes_list(sh)),
         ("GET", "/cluster/resources") => Ok(resources(sh, one(p, "type"))),
         ("GET", "/cluster/nextid") => nextid(sh, p),
+        ("GET", "/pools") => resource_pools(sh, one(p, "poolid")),
         ("GET", "/nodes/{node}/status") => node_status(sh, &node),
         ("GET", "/nodes/{node}/qemu") => Ok(qemu_list(sh, &node)),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => vm_config(sh, &node, vmid_of(p)),
@@ -1048,6 +1055,26 @@ fn node_status(sh: &Shared, node: &str) -> HResult {
         .ok_or_else(|| Fail::e500("no such node"))?;
     let st = node_stats(&s, n);
     Ok(json!({"memory": {"total": st["maxmem"], "used": st["mem"]}, "cpu": 0.05, "uptime": 3600}))
+}
+
+fn resource_pools(sh: &Shared, poolid: Option<&str>) -> HResult {
+    let s = sh.state.lock().unwrap();
+    let entry = |id: &String| {
+        let members: Vec<Value> = s
+            .vms
+            .values()
+            .filter(|v| v.config.get("pool") == Some(id))
+            .map(|v| json!({"id": format!("qemu/{}", v.vmid), "node": v.node, "type": "qemu", "vmid": v.vmid}))
+            .collect();
+        json!({"poolid": id, "members": members})
+    };
+    match poolid {
+        Some(id) if !s.resource_pools.contains(id) => {
+            Err(Fail::e500(format!("pool '{id}' does not exist")))
+        }
+        Some(id) => Ok(json!([entry(&id.to_owned())])),
+        None => Ok(Value::Array(s.resource_pools.iter().map(entry).collect())),
+    }
 }
 
 fn nextid(sh: &Shared, p: &HashMap<String, Vec<String>>) -> HResult {
@@ -1245,6 +1272,11 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
             return Err(Fail::e500(format!(
                 "can't lock file '/var/lock/qemu-server/lock-{src}.conf' - got timeout"
             )));
+        }
+        if let Some(pool) = one(p, "pool")
+            && !s.resource_pools.contains(pool)
+        {
+            return Err(Fail::e500(format!("pool '{pool}' does not exist")));
         }
         if let Some(t) = &target {
             match s.nodes.get(t) {

@@ -225,6 +225,16 @@ async fn bad_token_missing_template_and_wrong_fingerprint_are_clear_errors_on_fa
     let t = e.to_string();
     assert!(t.contains("9876") && t.contains("pve1"), "{t}");
 
+    let mut no_pool = pool();
+    no_pool.resource_pool = Some("nope".into());
+    let e = ProxmoxProvisioner::new(&fake.conn, "linux", &no_pool, "i", "grs")
+        .unwrap()
+        .validate()
+        .await
+        .unwrap_err();
+    let t = e.to_string();
+    assert!(t.contains("resource_pool") && t.contains("nope"), "{t}");
+
     let mut conn = fake.conn.clone();
     conn.fingerprint = Some(["00"; 32].join(":"));
     let e = ProxmoxProvisioner::new(&conn, "linux", &pool(), "i", "grs")

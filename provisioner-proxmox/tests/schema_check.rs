@@ -81,6 +81,7 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
     full.bridge = Some("vmbr0".into());
     full.vlan = Some(4094);
     full.net_model = "e1000e".into();
+    f.sim.add_resource_pool("ci/linux");
     let p = f.provisioner_with(&full);
     p.validate().await.unwrap();
     let mut s = spec(POOL, "grs-conf-1", u64::MAX);
@@ -144,6 +145,7 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
         "GET /nodes",
         "GET /cluster/resources",
         "GET /cluster/nextid",
+        "GET /pools",
         "GET /nodes/{node}/qemu/{vmid}/config",
         "PUT /nodes/{node}/qemu/{vmid}/config",
         "POST /nodes/{node}/qemu/{vmid}/clone",

@@ -75,6 +75,7 @@ async fn pool_overrides_and_full_clone_options_reach_pve() {
     pool.full_clone = true;
     pool.storage = Some("local-lvm".into());
     pool.resource_pool = Some("ci-runners".into());
+    f.sim.add_resource_pool("ci-runners");
     pool.cores = Some(4);
     pool.memory_mib = Some(4096);
     pool.bridge = Some("vmbr1".into());
@@ -420,6 +421,15 @@ async fn validate_accepts_a_template_and_names_node_and_vmid_when_it_is_missing_
     // A full clone of a plain VM is fine.
     pool.full_clone = true;
     f.provisioner_with(&pool).validate().await.unwrap();
+    let mut pool = f.pool.clone();
+    pool.resource_pool = Some("nope".into());
+    let t = f
+        .provisioner_with(&pool)
+        .validate()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(t.contains("resource_pool") && t.contains("nope"), "{t}");
     let mut pool = f.pool.clone();
     pool.node = "pve7".into();
     let t = f
