@@ -214,6 +214,15 @@ pub struct TaskStatus {
     pub exitstatus: Option<String>,
 }
 
+/// The learned duration of a task type.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    /// When to poll first.
+    duration: Duration,
+    /// First polls in a row that found the task done.
+    hits: u32,
+}
+
 /// What a request-counting hook sees.
 type Recorder = Arc<Mutex<Vec<RecordedRequest>>>;
 
@@ -235,7 +244,7 @@ pub struct PveClient {
     poll_min: Duration,
     poll_max: Duration,
     /// Learned task durations by task type, for adaptive polling.
-    estimates: Mutex<HashMap<String, Duration>>,
+    estimates: Mutex<HashMap<String, Estimate>>,
     /// Requests sent (attempts, retries included).
     sent: AtomicU64,
     recorder: Mutex<Option<Recorder>>,
@@ -513,14 +522,22 @@ impl PveClient {
     /// [`PveError::Task`] with the end of the task log.
     ///
     /// Polling adapts: the first poll comes when tasks of this type usually
-    /// end (learned per type), later ones back off from `task_poll_min` to
-    /// `task_poll_max`. A UPID PVE does not know yet is polled again.
+    /// end (learned per type, see `learn`; 1 s for a type not seen yet),
+    /// later ones back off from `task_poll_min` by x1.5 to `task_poll_max`.
+    /// A UPID PVE does not know yet is polled again.
     pub async fn wait_task(&self, upid: &Upid) -> Result<(), PveError> {
         let started = Instant::now();
         let deadline = started + self.task_timeout;
-        let estimate = self.estimates.lock().unwrap().get(&upid.kind).copied();
+        let estimate = self
+            .estimates
+            .lock()
+            .unwrap()
+            .get(&upid.kind)
+            .map(|e| e.duration);
+        // A task type never seen: first look after the 1 s most PVE clients
+        // poll at (or `task_poll_max`, if shorter); then learn.
         let mut delay = estimate
-            .unwrap_or(self.poll_min)
+            .unwrap_or(Duration::from_secs(1).min(self.poll_max))
             .clamp(self.poll_min, Duration::from_secs(30));
         let mut step = self.poll_min;
         let mut last_running = Duration::ZERO;
@@ -557,7 +574,7 @@ impl PveClient {
                 step = (step.mul_f32(1.5)).min(self.poll_max);
                 continue;
             }
-            self.learn(&upid.kind, estimate, polls, last_running, started.elapsed());
+            self.learn(&upid.kind, polls, last_running, started.elapsed());
             let exit = st.exitstatus.unwrap_or_default();
             if exit == "OK" || exit.starts_with("WARNINGS") {
                 return Ok(());
@@ -571,26 +588,35 @@ impl PveClient {
         }
     }
 
-    fn learn(
-        &self,
-        kind: &str,
-        estimate: Option<Duration>,
-        polls: u32,
-        last_running: Duration,
-        done_by: Duration,
-    ) {
-        let mut est = self.estimates.lock().unwrap();
-        let new = match estimate {
-            // Finished by the first poll: the task may be shorter than we
-            // think; probe downwards slowly.
-            Some(e) if polls == 1 => e.mul_f32(0.97),
-            Some(e) => {
-                let seen = (last_running + done_by) / 2 + self.poll_min / 2;
-                (e + seen) / 2
-            }
-            None => (last_running + done_by) / 2 + self.poll_min / 2,
+    /// Updates the duration estimate of a task type.
+    ///
+    /// A task seen running and then done brackets its duration: the
+    /// estimate becomes the middle of that bracket (plus `task_poll_min`, to err
+    /// late rather than early). A task done by the first poll only proves
+    /// the estimate was long enough: it shrinks, the faster the more first
+    /// polls in a row hit (0.98, 0.96, 0.92, ... down to x0.27), so an
+    /// estimate far too long converges in a few tasks while a good one
+    /// costs a miss only now and then.
+    fn learn(&self, kind: &str, polls: u32, last_running: Duration, done_by: Duration) {
+        let mut all = self.estimates.lock().unwrap();
+        let bracket = (last_running + done_by) / 2 + self.poll_min;
+        let next = match all.get(kind) {
+            Some(e) if polls == 1 => Estimate {
+                duration: e.duration.mul_f64(0.98f64.powi(1 << e.hits.min(3))),
+                hits: e.hits + 1,
+            },
+            // First of its kind and done by the first poll: it took at most
+            // that long.
+            None if polls == 1 => Estimate {
+                duration: done_by.mul_f64(0.9),
+                hits: 1,
+            },
+            _ => Estimate {
+                duration: bracket,
+                hits: 0,
+            },
         };
-        est.insert(kind.to_owned(), new);
+        all.insert(kind.to_owned(), next);
     }
 
     /// The last `n` lines of a task's log.

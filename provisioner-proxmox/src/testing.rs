@@ -70,7 +70,7 @@ pub fn conn_config(sim: &PveSim) -> ProxmoxConfig {
     c.retry_base_delay = Duration::from_millis(20);
     c.retry_max_delay = Duration::from_millis(400);
     c.task_poll_min = Duration::from_millis(10);
-    c.task_poll_max = Duration::from_millis(200);
+    c.task_poll_max = Duration::from_millis(50);
     c
 }
 

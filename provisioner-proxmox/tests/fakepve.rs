@@ -66,7 +66,7 @@ async fn start_fakepve(faults: &str) -> Option<FakePve> {
     conn.retry_base_delay = Duration::from_millis(50);
     conn.retry_max_delay = Duration::from_millis(500);
     conn.task_poll_min = Duration::from_millis(20);
-    conn.task_poll_max = Duration::from_millis(300);
+    conn.task_poll_max = Duration::from_millis(100);
     conn.task_timeout = Duration::from_secs(60);
     Some(FakePve {
         _child: child,
