@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use grs_config::ConfigError;
+use grs_provisioner_proxmox::{ProxmoxConfig, ProxmoxPoolConfig};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// `[pools.<name>]`
     pub pools: BTreeMap<String, PoolConfig>,
+    /// `[proxmox]`: the PVE connection, needed by pools of `type = "proxmox"`.
+    pub proxmox: Option<ProxmoxConfig>,
 }
 
 /// Where the durable state lives.
@@ -186,6 +189,9 @@ impl Default for PoolConfig {
 pub enum ProvisionerConfig {
     /// In-memory fake (demo, tests): `type = "fake"`.
     Fake(FakeProvisionerConfig),
+    /// Proxmox VE: `type = "proxmox"`, settings as in
+    /// [`ProxmoxPoolConfig`]; the connection is `[proxmox]`.
+    Proxmox(ProxmoxPoolConfig),
 }
 
 impl Default for ProvisionerConfig {
@@ -199,6 +205,7 @@ impl ProvisionerConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Fake(_) => "fake",
+            Self::Proxmox(_) => "proxmox",
         }
     }
 }
@@ -326,6 +333,21 @@ impl Config {
             if pool.labels.iter().any(|l| l.trim().is_empty()) {
                 return Err(ConfigError::key(key("labels"), "labels must not be empty"));
             }
+            if let ProvisionerConfig::Proxmox(p) = &pool.provisioner {
+                let conn = self.proxmox.as_ref().ok_or_else(|| {
+                    ConfigError::key(
+                        "proxmox",
+                        format!(
+                            "pool {name} has type = \"proxmox\" but there is no [proxmox] section"
+                        ),
+                    )
+                })?;
+                conn.validate()
+                    .map_err(|e| ConfigError::key(e.key, e.message))?;
+                p.validate(name).map_err(|e| {
+                    ConfigError::key(e.key.replace(".proxmox.", ".provisioner."), e.message)
+                })?;
+            }
             if pool.min_idle > pool.max_instances {
                 return Err(ConfigError::key(
                     key("min_idle"),
@@ -362,6 +384,71 @@ mod tests {
     }
 
     #[test]
+    fn a_proxmox_pool_reads_its_settings_and_the_connection() {
+        let c = load(
+            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\n\
+             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlan=20\nbridge='vmbr0'\n",
+        );
+        // No token secret anywhere: the error says where to put one.
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.contains("proxmox.token_id") || e.contains("token secret"),
+            "{e}"
+        );
+        let e = load(
+            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\ntoken_secret_file='/etc/hostname'\n\
+             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlna=20\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pools.linux.provisioner") && e.contains("vlna"),
+            "{e}"
+        );
+        let c = load(
+            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\ntoken_secret_file='/etc/hostname'\n\
+             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlan=20\nbridge='vmbr0'\n",
+        )
+        .unwrap();
+        match &c.pools["linux"].provisioner {
+            ProvisionerConfig::Proxmox(p) => {
+                assert_eq!((p.template_vmid, p.vlan), (9000, Some(20)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_examples_commented_proxmox_pool_is_valid_once_uncommented() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grs.toml"))
+                .unwrap();
+        let tail = &text[text
+            .find("# [proxmox]")
+            .expect("a commented [proxmox] section")..];
+        let uncommented: String = tail
+            .lines()
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .or_else(|| l.strip_prefix('#'))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("AA:BB:...:FF", &["AB"; 32].join(":"))
+            .replace(
+                "token_id = \"grs@pve!scaler\"",
+                "token_id = \"grs@pve!scaler\"\ntoken_secret_file = \"/etc/hostname\"",
+            );
+        let c = load(&uncommented).unwrap();
+        assert!(matches!(
+            c.pools["proxmox-linux"].provisioner,
+            ProvisionerConfig::Proxmox(_)
+        ));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let e = load("[pools.linux]\nlabels=['a']\nmin_idle=5\nmax_instances=2\n")
             .unwrap_err()
@@ -382,6 +469,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("control_plane.claim_timeout"), "{e}");
+        let e = load("[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\n").unwrap_err().to_string();
+        assert!(e.contains("[proxmox]"), "{e}");
         let e = load("").unwrap_err().to_string();
         assert!(e.contains("pools"), "{e}");
     }

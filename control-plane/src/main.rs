@@ -12,6 +12,7 @@ use grs_control_plane::config::{Config, StoreKind};
 use grs_control_plane::pools::Pools;
 use grs_control_plane::server::{self, ControlPlane};
 use grs_control_plane::store::{MemoryStore, RedisStore, RedisStoreOptions, Store};
+use grs_provisioner::ProvisionerError;
 
 /// The GRS control plane: gRPC API, durable job queues, dispatcher and
 /// teardown workers.
@@ -27,16 +28,17 @@ struct Args {
     check_config: bool,
 }
 
-fn load(args: &Args) -> Result<Config, ConfigError> {
+fn load(args: &Args) -> Result<(Config, Pools), ConfigError> {
     let mut config: Config = grs_config::load(args.config.as_deref())?;
     config.validate()?;
-    Ok(config)
+    let pools = Pools::from_config(&config)?;
+    Ok((config, pools))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     grs_config::process::init_logging();
-    let config = match load(&args) {
+    let (config, pools) = match load(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("grs-control-plane: invalid configuration: {e}");
@@ -54,8 +56,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, pools)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<ProvisionerError>()
+                .is_some_and(|e| matches!(e, ProvisionerError::Config(_))) =>
+        {
+            eprintln!("grs-control-plane: invalid configuration: {e:#}");
+            ExitCode::from(EX_USAGE as u8)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "control plane failed");
             ExitCode::FAILURE
@@ -63,7 +72,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, pools: Pools) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = match config.control_plane.store {
         StoreKind::Memory => {
             tracing::warn!("using the in-memory store: nothing survives this process");
@@ -86,15 +95,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Arc::new(store)
         }
     };
-    let pools = Pools::from_config(&config.pools);
+    // Check every backend against reality: a missing template or a bad
+    // token is the operator's to fix (exit 64); a hypervisor that does not
+    // answer yet is not fatal (creates retry until it does).
     for pool in pools.iter() {
-        pool.provisioner.validate().await.with_context(|| {
-            format!(
-                "pool {}: provisioner {} failed validation",
-                pool.name,
-                pool.provisioner.kind()
-            )
-        })?;
+        match pool.provisioner.validate().await {
+            Ok(()) => {}
+            Err(e @ ProvisionerError::Config(_)) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("pools.{}.provisioner", pool.name))
+                );
+            }
+            Err(e) => {
+                tracing::warn!(pool = %pool.name, error = %e, "provisioner not reachable yet; continuing")
+            }
+        }
     }
     let listener = tokio::net::TcpListener::bind(config.control_plane.listen)
         .await

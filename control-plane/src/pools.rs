@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use grs_provisioner::{FakeProvisioner, Provisioner};
 
-use crate::config::{PoolConfig, ProvisionerConfig};
+use grs_config::ConfigError;
+use grs_provisioner_proxmox::ProxmoxProvisioner;
+
+use crate::config::{Config, PoolConfig, ProvisionerConfig};
 use crate::store::PoolLimits;
 
 /// One configured pool with its backend.
@@ -71,18 +74,41 @@ impl Pools {
         }
     }
 
-    /// Builds each configured pool's backend from its `type`.
-    pub fn from_config(pools: &BTreeMap<String, PoolConfig>) -> Self {
-        Self::new(pools.iter().map(|(name, cfg)| {
+    /// Builds each configured pool's backend from its `type`. Errors name
+    /// the pool's key; no request is made (see `Provisioner::validate`).
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let cp = &config.control_plane;
+        let mut pools = Vec::new();
+        for (name, cfg) in &config.pools {
             let provisioner: Arc<dyn Provisioner> = match &cfg.provisioner {
                 ProvisionerConfig::Fake(f) => {
                     let p = FakeProvisioner::new(name.clone());
                     p.set_create_delay(f.create_delay);
                     Arc::new(p)
                 }
+                ProvisionerConfig::Proxmox(p) => {
+                    let conn = config.proxmox.as_ref().ok_or_else(|| {
+                        ConfigError::key(
+                            "proxmox",
+                            format!("pool {name} needs a [proxmox] section"),
+                        )
+                    })?;
+                    let made = ProxmoxProvisioner::new(
+                        conn,
+                        name,
+                        p,
+                        &cp.installation_id,
+                        &cp.instance_prefix,
+                    )
+                    .map_err(|e| {
+                        ConfigError::key(format!("pools.{name}.provisioner"), e.to_string())
+                    })?;
+                    Arc::new(made)
+                }
             };
-            Pool::new(name.clone(), cfg.clone(), provisioner)
-        }))
+            pools.push(Pool::new(name.clone(), cfg.clone(), provisioner));
+        }
+        Ok(Self::new(pools))
     }
 
     /// The pool for a job's labels: every label of the job among the pool's

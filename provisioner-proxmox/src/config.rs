@@ -19,7 +19,8 @@
 //!   { name = "pve2", max_instances = 8, reserved_memory_mib = 4096 },
 //! ]
 //!
-//! [pools.linux.proxmox]
+//! [pools.linux.provisioner]
+//! type = "proxmox"
 //! node = "pve1"            # where the template lives
 //! template_vmid = 9000
 //! cores = 4
@@ -69,9 +70,10 @@ pub struct ProxmoxConfig {
     /// comes from `GRS_PROXMOX_TOKEN_SECRET`.
     #[serde(default)]
     pub token_secret_file: Option<PathBuf>,
-    /// The secret itself, for code that builds a config (tests, the demo).
-    /// Never read from or written to a file.
-    #[serde(skip)]
+    /// The secret itself: set by `GRS_PROXMOX_TOKEN_SECRET` through the
+    /// shared config loader, or by code (tests, the demo). Never serialized,
+    /// so never written anywhere.
+    #[serde(default, skip_serializing)]
     pub token_secret: Option<SecretString>,
     /// PEM file of the CA that signed PVE's certificate (e.g. the cluster's
     /// `/etc/pve/pve-root-ca.pem`). Default: the system's roots.
@@ -337,7 +339,7 @@ pub enum BootstrapMode {
     None,
 }
 
-/// Per-pool Proxmox settings (`[pools.<name>.proxmox]`).
+/// Per-pool Proxmox settings (`[pools.<name>.provisioner]`, `type = "proxmox"`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxmoxPoolConfig {
@@ -571,14 +573,18 @@ mod tests {
         }
         #[derive(Deserialize)]
         struct PoolWrap {
-            proxmox: ProxmoxPoolConfig,
+            provisioner: ProxmoxPoolConfig,
         }
         #[derive(Deserialize)]
         struct Root {
             proxmox: ProxmoxConfig,
             pools: Pools,
         }
-        let text = toml_text.replace("AA:BB:...:FF", &["AB"; 32].join(":"));
+        // The `type` tag selects the backend; the control plane's config
+        // consumes it before these settings are read.
+        let text = toml_text
+            .replace("AA:BB:...:FF", &["AB"; 32].join(":"))
+            .replace("type = \"proxmox\"\n", "");
         let root: Root = toml::from_str(&text).unwrap();
         let mut c = root.proxmox;
         assert_eq!(c.nodes.len(), 2);
@@ -586,7 +592,7 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_secs(30));
         c.token_secret = Some(SecretString::from("x"));
         c.validate().unwrap();
-        let p = root.pools.linux.proxmox;
+        let p = root.pools.linux.provisioner;
         assert_eq!(p.bootstrap, BootstrapMode::CloudInit);
         assert_eq!(p.vlan, Some(20));
         p.validate("linux").unwrap();

@@ -2,7 +2,7 @@
 //!
 //! Modules:
 //! - [`config`]: [`ProxmoxConfig`] (`[proxmox]`: address, token, TLS,
-//!   timeouts, nodes) and [`ProxmoxPoolConfig`] (`[pools.<name>.proxmox]`).
+//!   timeouts, nodes) and [`ProxmoxPoolConfig`] (`[pools.<name>.provisioner]`, `type = "proxmox"`).
 //! - [`client`]: [`PveClient`], the async API client: token auth, timeouts,
 //!   retries with backoff, task (UPID) waiting with adaptive polling.
 //! - [`tls`]: system roots, CA file, pinned SHA-256 fingerprint, insecure.
