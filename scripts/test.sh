@@ -51,4 +51,4 @@ if ! command -v grpcurl >/dev/null 2>&1; then
 fi
 
 say "running the workspace tests"
-cargo test --workspace --all-targets "$@"
+cargo test --workspace "$@"

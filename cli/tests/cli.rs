@@ -79,7 +79,7 @@ async fn start(setup: Setup) -> Server {
     config.validate().expect("valid test configuration");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let pools = Pools::from_config(&config.pools);
+    let pools = Pools::from_config(&config).expect("test pools are valid");
     let tls = config.control_plane.tls_cert_file.is_some();
     let cp = ControlPlane {
         config,
