@@ -14,6 +14,9 @@
 //! is reported as the key (and the variable that set it) the operator has to
 //! fix. Binaries exit with [`EX_USAGE`] (64) on any [`ConfigError`].
 //!
+//! [`process`] holds the other conventions every binary follows: logging
+//! setup and the shutdown signal.
+//!
 //! Start at [`load`].
 
 use std::collections::BTreeMap;
@@ -23,6 +26,8 @@ use secrecy::SecretString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
+
+pub mod process;
 
 /// The exit code for bad configuration (`EX_USAGE` of sysexits.h).
 pub const EX_USAGE: i32 = 64;
@@ -125,29 +130,50 @@ where
     if let Some(file) = file {
         merge(&mut tree, file);
     }
-    let mut origins = BTreeMap::new();
     let mut vars: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX))
         .collect();
     vars.sort();
-    for (var, value) in vars {
-        if let Some(key) = apply_env(&mut tree, &var[ENV_PREFIX.len()..], &value) {
-            origins.insert(key, var);
+    // An environment value is typed after the key it replaces (so `8080`
+    // stays an integer where one is expected). When that guess is wrong (a
+    // key whose file value has the wrong type, or a key with no default),
+    // the value is retried with the other reading before giving up.
+    let mut flipped = std::collections::HashSet::new();
+    loop {
+        let mut tree = tree.clone();
+        let mut origins = BTreeMap::new();
+        for (var, value) in &vars {
+            if let Some(key) = apply_env(
+                &mut tree,
+                &var[ENV_PREFIX.len()..],
+                value,
+                flipped.contains(var),
+            ) {
+                origins.insert(key, var.clone());
+            }
+        }
+        match serde_path_to_error::deserialize(Value::Table(tree)) {
+            Ok(config) => return Ok(config),
+            Err(e) => {
+                let key = e.path().to_string();
+                if let Some(var) = origins.get(&key)
+                    && flipped.insert(var.clone())
+                {
+                    continue;
+                }
+                let origin = origins
+                    .get(&key)
+                    .map(|v| format!(" (set by {v})"))
+                    .unwrap_or_default();
+                return Err(ConfigError::Key {
+                    key,
+                    origin,
+                    message: e.into_inner().to_string(),
+                });
+            }
         }
     }
-    serde_path_to_error::deserialize(Value::Table(tree)).map_err(|e| {
-        let key = e.path().to_string();
-        let origin = origins
-            .get(&key)
-            .map(|v| format!(" (set by {v})"))
-            .unwrap_or_default();
-        ConfigError::Key {
-            key,
-            origin,
-            message: e.into_inner().to_string(),
-        }
-    })
 }
 
 /// Deep-merges `over` into `base`: tables merge key by key, anything else is
@@ -173,7 +199,7 @@ fn merge(base: &mut Table, over: Table) {
 /// key of the deepest table reached (optional keys and secrets have no
 /// default to match), except at the top level, where it would be a section
 /// no one asked for.
-fn apply_env(tree: &mut Table, name: &str, raw: &str) -> Option<String> {
+fn apply_env(tree: &mut Table, name: &str, raw: &str, flip: bool) -> Option<String> {
     let mut path: Vec<String> = Vec::new();
     let mut table = tree;
     let mut rest = name;
@@ -188,8 +214,7 @@ fn apply_env(tree: &mut Table, name: &str, raw: &str) -> Option<String> {
             .cloned();
         match found {
             Some(k) if rest.len() == k.len() => {
-                let old = table.get(&k);
-                let v = typed_like(old, raw);
+                let v = typed(table.get(&k), raw, flip);
                 table.insert(k.clone(), v);
                 path.push(k);
                 return Some(path.join("."));
@@ -206,11 +231,20 @@ fn apply_env(tree: &mut Table, name: &str, raw: &str) -> Option<String> {
             None if path.is_empty() => return None,
             None => {
                 let k = rest.to_ascii_lowercase();
-                table.insert(k.clone(), typed_like(None, raw));
+                table.insert(k.clone(), typed(None, raw, flip));
                 path.push(k);
                 return Some(path.join("."));
             }
         }
+    }
+}
+
+/// [`typed_like`], or with `flip` the other reading (string ↔ literal).
+fn typed(old: Option<&Value>, raw: &str, flip: bool) -> Value {
+    match (typed_like(old, raw), flip) {
+        (v, false) => v,
+        (Value::String(_), true) => typed_like(Some(&Value::Integer(0)), raw),
+        (_, true) => Value::String(raw.to_owned()),
     }
 }
 
@@ -389,6 +423,27 @@ mod tests {
             .to_string();
         assert!(e.contains("`grpc.port`"), "{e}");
         assert!(e.contains("GRS_GRPC_PORT"), "{e}");
+    }
+
+    #[test]
+    fn the_environment_fixes_a_file_value_of_the_wrong_type() {
+        let f = file("[pools.linux]\nmax_instances = 'four'\n");
+        let c: Top = load_from(
+            Some(f.clone()),
+            env(&[("GRS_POOLS_LINUX_MAX_INSTANCES", "4")]),
+        )
+        .unwrap();
+        assert_eq!(c.pools["linux"].max_instances, 4);
+        // A string key set to digits stays a string.
+        let c: Top = load_from(None, env(&[("GRS_REDIS_KEY_PREFIX", "2024")])).unwrap();
+        assert_eq!(c.redis.key_prefix, "2024");
+        let e = load_from::<Top, _>(Some(f), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pools.linux.max_instances") && !e.contains("set by"),
+            "{e}"
+        );
     }
 
     #[test]

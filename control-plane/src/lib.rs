@@ -1,1 +1,33 @@
-//! control plane
+//! The GRS control plane: it accepts GitHub job events, keeps jobs and
+//! instances in a durable store, and drives provisioners to give every job
+//! its own short-lived VM.
+//!
+//! Modules, in the order a job meets them:
+//! - [`service`]: the `grs.v1.ControlPlane` gRPC API (validation, error codes).
+//! - [`pools`]: configured pools, their provisioners, label routing.
+//! - [`model`]: jobs, instances, events, and the rules events follow.
+//! - [`store`]: the [`Store`](store::Store) trait, on Redis (production) and
+//!   in memory (demo, tests), with its conformance suite.
+//! - [`dispatcher`]: provision queue → instance (capacity, retries, failure).
+//! - [`teardown`]: teardown queue → instance gone, capacity freed.
+//! - [`worker`]: what the two share (claiming, heartbeats, the
+//!   [`RunnerRegistrar`](worker::RunnerRegistrar) view of GitHub).
+//! - [`bootstrap`], [`cloud_init`]: tokens and documents a booting VM uses.
+//! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
+//! - [`server`]: assembles it all: [`server::run`] is the entry point.
+//! - [`testing`]: helpers for tests that need a real Redis.
+//!
+//! Start reading at [`server::run`], then [`store`]'s docs.
+
+pub mod bootstrap;
+pub mod cloud_init;
+pub mod config;
+pub mod dispatcher;
+pub mod model;
+pub mod pools;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod teardown;
+pub mod testing;
+pub mod worker;

@@ -1,1 +1,36 @@
-//! Proxmox VE backend for GRS (to be built: issue 3).
+//! Proxmox VE backend for GRS. All Proxmox knowledge of GRS lives here.
+//!
+//! Modules:
+//! - [`config`]: [`ProxmoxConfig`] (`[proxmox]`: address, token, TLS,
+//!   timeouts, nodes) and [`ProxmoxPoolConfig`] (`[pools.<name>.provisioner]`, `type = "proxmox"`).
+//! - [`client`]: [`PveClient`], the async API client: token auth, timeouts,
+//!   retries with backoff, task (UPID) waiting with adaptive polling.
+//! - [`tls`]: system roots, CA file, pinned SHA-256 fingerprint, insecure.
+//! - [`error`]: [`PveError`], PVE's status and text, transient or not.
+//! - [`schema`]: the official PVE 9.1 schema of the endpoints GRS uses and a
+//!   validator for requests against it.
+//! - [`placement`]: which node gets the next VM (room, per-node caps).
+//! - [`provisioner`]: [`ProxmoxProvisioner`], the `Provisioner` trait over
+//!   PVE: clone, mark, configure, bootstrap, start; stop and destroy.
+//! - [`sim`]: [`sim::PveSim`], a PVE simulator over real HTTP(S) for tests,
+//!   the demo and the benchmark (binary `grs-pve-sim`).
+//! - [`testing`]: [`testing::SimFixture`], a simulator with nodes, a template
+//!   and a provisioner, implementing the conformance `Harness`.
+//!
+//! Start reading at [`ProxmoxProvisioner`]; the PVE facts it honours are in
+//! `shared/docs/proxmox-api.md`.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod placement;
+pub mod provisioner;
+pub mod schema;
+pub mod sim;
+pub mod testing;
+pub mod tls;
+
+pub use client::PveClient;
+pub use config::{BootstrapMode, ConfigError, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
+pub use error::PveError;
+pub use provisioner::ProxmoxProvisioner;

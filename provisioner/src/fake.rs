@@ -177,35 +177,42 @@ impl Provisioner for FakeProvisioner {
         validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
         {
             let mut s = self.state.lock().unwrap();
-            if let Some(vm) = Self::owned_mut(&mut s, &spec.name)? {
+            match Self::owned_mut(&mut s, &spec.name)? {
                 // Idempotent: the instance exists already (a repeated call).
-                return Ok(vm.instance.clone());
+                Some(vm) if vm.instance.state != InstanceState::Creating => {
+                    return Ok(vm.instance.clone());
+                }
+                // A creation that was interrupted: finish booting it below.
+                Some(_) => {}
+                None => {
+                    if let Some(f) = s.create_failures.pop_front() {
+                        return Err(f.to_error(&spec.name));
+                    }
+                    // Reserve the name at once, as a real hypervisor's clone
+                    // would: a crash or cancellation during "boot" leaves it
+                    // findable.
+                    s.next_id += 1;
+                    let instance = Instance {
+                        name: spec.name.clone(),
+                        provider_id: format!("fake/{}", s.next_id),
+                        pool: spec.pool.clone(),
+                        job_id: Some(spec.job_id),
+                        state: InstanceState::Creating,
+                        location: Some("fake".into()),
+                        created_at: Some(SystemTime::now()),
+                    };
+                    s.vms.insert(
+                        spec.name.clone(),
+                        FakeVm {
+                            instance,
+                            owned: true,
+                        },
+                    );
+                    s.creates += 1;
+                    let live = s.vms.values().filter(|v| v.owned).count();
+                    s.peak_live = s.peak_live.max(live);
+                }
             }
-            if let Some(f) = s.create_failures.pop_front() {
-                return Err(f.to_error(&spec.name));
-            }
-            // Reserve the name at once, as a real hypervisor's clone would:
-            // a crash or cancellation during "boot" leaves it findable.
-            s.next_id += 1;
-            let instance = Instance {
-                name: spec.name.clone(),
-                provider_id: format!("fake/{}", s.next_id),
-                pool: spec.pool.clone(),
-                job_id: Some(spec.job_id),
-                state: InstanceState::Creating,
-                location: Some("fake".into()),
-                created_at: Some(SystemTime::now()),
-            };
-            s.vms.insert(
-                spec.name.clone(),
-                FakeVm {
-                    instance,
-                    owned: true,
-                },
-            );
-            s.creates += 1;
-            let live = s.vms.values().filter(|v| v.owned).count();
-            s.peak_live = s.peak_live.max(live);
         }
         let delay = *self.create_delay.lock().unwrap();
         if !delay.is_zero() {

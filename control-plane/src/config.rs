@@ -1,0 +1,477 @@
+//! The control plane's configuration: its sections of the shared TOML file.
+//!
+//! Loaded by [`grs_config::load`] (file, then `GRS_*` overrides) and checked
+//! by [`Config::validate`], whose errors name the key to fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use grs_config::ConfigError;
+use grs_provisioner_proxmox::{ProxmoxConfig, ProxmoxPoolConfig};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Everything `grs-control-plane` reads. Sections of other binaries in the
+/// same file are ignored.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// `[control_plane]`
+    pub control_plane: ControlPlaneConfig,
+    /// `[redis]`
+    pub redis: RedisConfig,
+    /// `[pools.<name>]`
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// `[proxmox]`: the PVE connection, needed by pools of `type = "proxmox"`.
+    pub proxmox: Option<ProxmoxConfig>,
+}
+
+/// Where the durable state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// Redis (production; survives restarts with AOF persistence on).
+    #[default]
+    Redis,
+    /// Process memory (demo and tests; nothing survives the process).
+    Memory,
+}
+
+/// `[control_plane]`
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Names this GRS installation in the ownership marker of every VM it
+    /// makes. Two installations sharing a hypervisor must differ.
+    pub installation_id: String,
+    /// Instance names are `<instance_prefix>-<job id>`; also the runner name
+    /// prefix on GitHub. A DNS label of at most 42 characters.
+    pub instance_prefix: String,
+    /// `redis` or `memory`.
+    pub store: StoreKind,
+    /// Bearer token every RPC but health and reflection must carry
+    /// (`authorization: Bearer <token>`). Unset: no auth (loopback only!).
+    #[serde(skip_serializing)]
+    pub auth_token: Option<SecretString>,
+    /// File holding the bearer token.
+    pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS; with `tls_key_file`. Unset: plaintext.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for TLS.
+    pub tls_key_file: Option<PathBuf>,
+    /// Dispatcher workers per pool in this replica (concurrent creates).
+    pub dispatchers_per_pool: usize,
+    /// Teardown workers in this replica (concurrent deletes).
+    pub teardown_workers: usize,
+    /// A queue entry held this long without a heartbeat is given to another
+    /// worker (its worker is presumed dead).
+    #[serde(with = "humantime_serde")]
+    pub claim_timeout: Duration,
+    /// Create attempts per job before it fails for good.
+    pub max_attempts: u32,
+    /// First retry delay after a transient provisioner error; doubles.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// On SIGTERM, work in flight gets this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Public base URL of the webhook gateway, as VMs reach it; the seed URL
+    /// `<gateway_url>/cloud-init/<token>/` is built from it. Unset: no
+    /// bootstrap (the template registers its runner itself).
+    pub gateway_url: Option<String>,
+    /// How long a bootstrap token stays valid.
+    #[serde(with = "humantime_serde")]
+    pub bootstrap_ttl: Duration,
+    /// How long a deleted instance's record is kept for inspection.
+    #[serde(with = "humantime_serde")]
+    pub instance_retention: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 50051).into(),
+            installation_id: "grs".into(),
+            instance_prefix: "grs".into(),
+            store: StoreKind::Redis,
+            auth_token: None,
+            auth_token_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            dispatchers_per_pool: 4,
+            teardown_workers: 4,
+            claim_timeout: Duration::from_secs(60),
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(2),
+            retry_backoff_max: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            gateway_url: None,
+            bootstrap_ttl: Duration::from_secs(30 * 60),
+            instance_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]` or `rediss://` for TLS.
+    /// Production Redis must persist (AOF) or accepted jobs die with it.
+    pub url: String,
+    /// Every key GRS writes starts with `<key_prefix>:`.
+    pub key_prefix: String,
+    /// How long a webhook delivery id is remembered for de-duplication.
+    #[serde(with = "humantime_serde")]
+    pub dedup_ttl: Duration,
+    /// How long an ended job's record is kept.
+    #[serde(with = "humantime_serde")]
+    pub job_retention: Duration,
+    /// Approximate number of events kept for `WatchEvents`.
+    pub events_max: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "grs".into(),
+            dedup_ttl: Duration::from_secs(4 * 24 * 3600),
+            job_retention: Duration::from_secs(7 * 24 * 3600),
+            events_max: 10_000,
+        }
+    }
+}
+
+/// `[pools.<name>]`: a set of labels served by one provisioner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The labels its runners register with. A job goes to a pool that has
+    /// all its labels (case-insensitive); of several, the one with the fewest
+    /// labels (the least specialised), then by name.
+    pub labels: Vec<String>,
+    /// Most live instances at once.
+    pub max_instances: u32,
+    /// Idle instances to keep ready (warm pool; used by the reconciler).
+    pub min_idle: u32,
+    /// Start paused: jobs queue, no instance starts until resumed.
+    pub paused: bool,
+    /// GitHub runner group id the runners join.
+    pub runner_group_id: u64,
+    /// The backend making its instances.
+    pub provisioner: ProvisionerConfig,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            labels: Vec::new(),
+            max_instances: 4,
+            min_idle: 0,
+            paused: false,
+            runner_group_id: 1,
+            provisioner: ProvisionerConfig::default(),
+        }
+    }
+}
+
+/// `[pools.<name>.provisioner]`, selected by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProvisionerConfig {
+    /// In-memory fake (demo, tests): `type = "fake"`.
+    Fake(FakeProvisionerConfig),
+    /// Proxmox VE: `type = "proxmox"`, settings as in
+    /// [`ProxmoxPoolConfig`]; the connection is `[proxmox]`.
+    Proxmox(ProxmoxPoolConfig),
+}
+
+impl Default for ProvisionerConfig {
+    fn default() -> Self {
+        Self::Fake(FakeProvisionerConfig::default())
+    }
+}
+
+impl ProvisionerConfig {
+    /// The `type` tag.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Fake(_) => "fake",
+            Self::Proxmox(_) => "proxmox",
+        }
+    }
+}
+
+/// Settings of the fake provisioner.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FakeProvisionerConfig {
+    /// Simulated boot time of each instance.
+    #[serde(with = "humantime_serde")]
+    pub create_delay: Duration,
+}
+
+impl Config {
+    /// Resolves secrets from files and checks every value; errors name the
+    /// key.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let cp = &mut self.control_plane;
+        cp.auth_token = grs_config::secret(
+            "control_plane.auth_token",
+            cp.auth_token.as_ref(),
+            cp.auth_token_file.as_deref(),
+        )?;
+        if cp.tls_cert_file.is_some() != cp.tls_key_file.is_some() {
+            return Err(ConfigError::key(
+                "control_plane.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together",
+            ));
+        }
+        if cp.installation_id.is_empty()
+            || cp.installation_id.len() > 64
+            || !cp
+                .installation_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::key(
+                "control_plane.installation_id",
+                format!(
+                    "{:?} must be 1 to 64 letters, digits, '-' or '_'",
+                    cp.installation_id
+                ),
+            ));
+        }
+        // 42 + '-' + 20 digits of a u64 = 63, a DNS label's limit.
+        if cp.instance_prefix.len() > 42 {
+            return Err(ConfigError::key(
+                "control_plane.instance_prefix",
+                "must be at most 42 characters (names are <prefix>-<job id>, at most 63)",
+            ));
+        }
+        grs_provisioner::validate_instance_name(&cp.instance_prefix)
+            .map_err(|e| ConfigError::key("control_plane.instance_prefix", e))?;
+        if cp.dispatchers_per_pool == 0 {
+            return Err(ConfigError::key(
+                "control_plane.dispatchers_per_pool",
+                "must be at least 1",
+            ));
+        }
+        if cp.teardown_workers == 0 {
+            return Err(ConfigError::key(
+                "control_plane.teardown_workers",
+                "must be at least 1",
+            ));
+        }
+        if cp.max_attempts == 0 {
+            return Err(ConfigError::key(
+                "control_plane.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if cp.claim_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::key(
+                "control_plane.claim_timeout",
+                "must be at least 1s",
+            ));
+        }
+        if let Some(url) = &cp.gateway_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::key(
+                "control_plane.gateway_url",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        if !(self.redis.url.starts_with("redis://")
+            || self.redis.url.starts_with("rediss://")
+            || self.redis.url.starts_with("unix://"))
+        {
+            return Err(ConfigError::key(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::key(
+                "redis.key_prefix",
+                "must be non-empty without spaces",
+            ));
+        }
+        if self.pools.is_empty() {
+            return Err(ConfigError::key(
+                "pools",
+                "at least one pool must be configured ([pools.<name>])",
+            ));
+        }
+        for (name, pool) in &self.pools {
+            let key = |k: &str| format!("pools.{name}.{k}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::key(
+                    format!("pools.{name}"),
+                    "pool names are letters, digits, '-' and '_'",
+                ));
+            }
+            if pool.labels.is_empty() {
+                return Err(ConfigError::key(
+                    key("labels"),
+                    "a pool needs at least one label",
+                ));
+            }
+            if pool.labels.iter().any(|l| l.trim().is_empty()) {
+                return Err(ConfigError::key(key("labels"), "labels must not be empty"));
+            }
+            if let ProvisionerConfig::Proxmox(p) = &pool.provisioner {
+                let conn = self.proxmox.as_ref().ok_or_else(|| {
+                    ConfigError::key(
+                        "proxmox",
+                        format!(
+                            "pool {name} has type = \"proxmox\" but there is no [proxmox] section"
+                        ),
+                    )
+                })?;
+                conn.validate()
+                    .map_err(|e| ConfigError::key(e.key, e.message))?;
+                p.validate(name).map_err(|e| {
+                    ConfigError::key(e.key.replace(".proxmox.", ".provisioner."), e.message)
+                })?;
+            }
+            if pool.min_idle > pool.max_instances {
+                return Err(ConfigError::key(
+                    key("min_idle"),
+                    format!(
+                        "{} exceeds max_instances ({})",
+                        pool.min_idle, pool.max_instances
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let t = grs_config::parse_file(std::path::Path::new("grs.toml"), text)?;
+        let mut c: Config = grs_config::load_from(Some(t), Vec::<(String, String)>::new())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn the_example_configuration_is_valid() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grs.toml"))
+                .unwrap();
+        let c = load(&text).unwrap();
+        assert_eq!(c.control_plane.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.pools["linux"].labels, vec!["self-hosted", "linux", "x64"]);
+    }
+
+    #[test]
+    fn a_proxmox_pool_reads_its_settings_and_the_connection() {
+        let c = load(
+            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\n\
+             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlan=20\nbridge='vmbr0'\n",
+        );
+        // No token secret anywhere: the error says where to put one.
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.contains("proxmox.token_id") || e.contains("token secret"),
+            "{e}"
+        );
+        let e = load(
+            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\ntoken_secret_file='/etc/hostname'\n\
+             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlna=20\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pools.linux.provisioner") && e.contains("vlna"),
+            "{e}"
+        );
+        let c = load(
+            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\ntoken_secret_file='/etc/hostname'\n\
+             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlan=20\nbridge='vmbr0'\n",
+        )
+        .unwrap();
+        match &c.pools["linux"].provisioner {
+            ProvisionerConfig::Proxmox(p) => {
+                assert_eq!((p.template_vmid, p.vlan), (9000, Some(20)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_examples_commented_proxmox_pool_is_valid_once_uncommented() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grs.toml"))
+                .unwrap();
+        let tail = &text[text
+            .find("# [proxmox]")
+            .expect("a commented [proxmox] section")..];
+        let uncommented: String = tail
+            .lines()
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .or_else(|| l.strip_prefix('#'))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("AA:BB:...:FF", &["AB"; 32].join(":"))
+            .replace(
+                "token_id = \"grs@pve!scaler\"",
+                "token_id = \"grs@pve!scaler\"\ntoken_secret_file = \"/etc/hostname\"",
+            );
+        let c = load(&uncommented).unwrap();
+        assert!(matches!(
+            c.pools["proxmox-linux"].provisioner,
+            ProvisionerConfig::Proxmox(_)
+        ));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load("[pools.linux]\nlabels=['a']\nmin_idle=5\nmax_instances=2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pools.linux.min_idle"), "{e}");
+        let e = load("[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control_plane.instance_prefix"), "{e}");
+        let e = load("[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='vmware'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pools.l.provisioner") && e.contains("vmware"),
+            "{e}"
+        );
+        let e = load("[control_plane]\nclaim_timeout='soon'\n[pools.l]\nlabels=['a']\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control_plane.claim_timeout"), "{e}");
+        let e = load("[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\n").unwrap_err().to_string();
+        assert!(e.contains("[proxmox]"), "{e}");
+        let e = load("").unwrap_err().to_string();
+        assert!(e.contains("pools"), "{e}");
+    }
+}

@@ -1,0 +1,171 @@
+//! The dispatcher: turns a queued job into a running instance.
+//!
+//! # Expected flow
+//! 1. Take the next entry of the pool's provision queue (or one a dead worker
+//!    left behind).
+//! 2. [`begin_provision`](crate::store::Store::begin_provision): the job must
+//!    still want an instance, the pool must be neither paused nor full; the
+//!    capacity slot and the instance record `<prefix>-<job id>` are taken in
+//!    the same atomic step. A paused or full pool keeps the entry (and its
+//!    place) and the worker waits.
+//! 3. Issue a bootstrap token, ask the provisioner to create the instance,
+//!    heartbeat the entry while it works.
+//! 4. [`finish_provision`](crate::store::Store::finish_provision), then
+//!    acknowledge the entry.
+//!
+//! # Guarantees
+//! - **At least once, idempotent.** A worker that dies anywhere leaves its
+//!   entry pending; another claims it after the claim timeout and repeats
+//!   from step 2, which takes no second slot, and the provisioner's create is
+//!   idempotent by name.
+//! - **Bounded.** Capacity is only ever taken in step 2, atomically.
+//! - **Failure is recorded.** A permanent provisioner error, or
+//!   `max_attempts` attempts (transient errors and lost workers alike), fail
+//!   the job with the reason and queue the instance's cleanup, which frees
+//!   its slot.
+//! - **Cancellation.** Every `.await` is a cancellation point. Shutdown stops
+//!   the wait for capacity at once (the entry stays pending); a create in
+//!   flight gets the shutdown grace period, then is dropped: its entry is
+//!   redone elsewhere.
+
+use grs_provisioner::{Bootstrap, InstanceSpec, ProvisionerError};
+
+use crate::bootstrap;
+use crate::model::now_ms;
+use crate::store::{BeginProvision, Delivery, Queue, QueueItem, StoreResult};
+use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
+
+/// How long a worker waits before asking again for room in a full or paused
+/// pool.
+const CAPACITY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs one dispatcher worker for `pool` until shutdown.
+pub async fn run(ctx: WorkerContext, pool: String, consumer: String) {
+    run_queue_worker(
+        ctx,
+        Queue::Provision(pool.clone()),
+        consumer.clone(),
+        move |ctx, d| {
+            let (pool, consumer) = (pool.clone(), consumer.clone());
+            async move { handle(&ctx, &pool, &consumer, d).await }
+        },
+    )
+    .await
+}
+
+async fn handle(
+    ctx: &WorkerContext,
+    pool_name: &str,
+    consumer: &str,
+    d: Delivery,
+) -> StoreResult<Handled> {
+    let queue = Queue::Provision(pool_name.to_owned());
+    let QueueItem::Provision { job_id } = d.item else {
+        tracing::error!(%queue, entry = %d.id, item = ?d.item, "not a provision entry; dropped");
+        return Ok(Handled::Done);
+    };
+    let Some(pool) = ctx.pools.get(pool_name) else {
+        // The pool was removed from the configuration: its jobs cannot run.
+        let reason = format!("pool {pool_name} is no longer configured");
+        ctx.store
+            .fail_provision(
+                job_id,
+                &grs_provisioner::instance_name(&ctx.settings.instance_prefix, job_id),
+                &reason,
+                now_ms(),
+            )
+            .await?;
+        return Ok(Handled::Done);
+    };
+    let name = grs_provisioner::instance_name(&ctx.settings.instance_prefix, job_id);
+    let mut last_error = String::from("worker lost while creating (crash or restart)");
+    loop {
+        let attempts = match ctx
+            .store
+            .begin_provision(job_id, &name, &pool.limits(), now_ms())
+            .await?
+        {
+            BeginProvision::Skip(reason) => {
+                tracing::info!(job_id, pool = pool_name, reason, "nothing to provision");
+                return Ok(Handled::Done);
+            }
+            BeginProvision::Paused | BeginProvision::NoCapacity => {
+                if !wait_holding(ctx, &queue, consumer, &d.id, CAPACITY_POLL).await {
+                    return Ok(Handled::Released);
+                }
+                continue;
+            }
+            BeginProvision::Proceed { attempts, .. } => attempts,
+        };
+        if attempts > ctx.settings.max_attempts {
+            let reason = format!(
+                "gave up after {} attempts: {last_error}",
+                ctx.settings.max_attempts
+            );
+            tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
+            ctx.store
+                .fail_provision(job_id, &name, &reason, now_ms())
+                .await?;
+            return Ok(Handled::Done);
+        }
+        ctx.store.mark_creating(&name, now_ms()).await?;
+        let bootstrap = match &ctx.settings.gateway_url {
+            Some(url) => Bootstrap::CloudInit {
+                seed_url: bootstrap::issue(&*ctx.store, url, &name, ctx.settings.bootstrap_ttl)
+                    .await?,
+            },
+            None => Bootstrap::None,
+        };
+        let spec = InstanceSpec {
+            name: name.clone(),
+            pool: pool_name.to_owned(),
+            job_id,
+            labels: pool.config.labels.clone(),
+            bootstrap,
+        };
+        tracing::info!(job_id, instance = %name, pool = pool_name, attempt = attempts, "creating instance");
+        let started = std::time::Instant::now();
+        let created =
+            with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec)).await;
+        match created {
+            Ok(made) => {
+                let torn = ctx
+                    .store
+                    .finish_provision(
+                        job_id,
+                        &name,
+                        &made.provider_id,
+                        made.location.as_deref().unwrap_or(""),
+                        now_ms(),
+                    )
+                    .await?;
+                tracing::info!(job_id, instance = %name, provider_id = %made.provider_id, took_ms = started.elapsed().as_millis() as u64, "instance running");
+                if torn {
+                    tracing::info!(job_id, instance = %name, "job completed meanwhile; instance queued for teardown");
+                }
+                return Ok(Handled::Done);
+            }
+            Err(e) if e.is_retryable() && attempts < ctx.settings.max_attempts => {
+                let delay = ctx.settings.backoff(attempts - 1);
+                tracing::warn!(job_id, instance = %name, attempt = attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "create failed; retrying");
+                last_error = e.to_string();
+                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                    return Ok(Handled::Released);
+                }
+            }
+            Err(e) => {
+                let reason = match &e {
+                    ProvisionerError::Transient(_) | ProvisionerError::NoCapacity(_) => {
+                        format!("gave up after {attempts} attempts: {e}")
+                    }
+                    _ => e.to_string(),
+                };
+                tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
+                ctx.store
+                    .fail_provision(job_id, &name, &reason, now_ms())
+                    .await?;
+                return Ok(Handled::Done);
+            }
+        }
+    }
+}

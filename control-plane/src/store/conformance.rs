@@ -1,0 +1,1004 @@
+//! The behaviour every [`Store`] must show.
+//!
+//! Each check takes a fresh, empty store. The memory store runs them in its
+//! unit tests; the Redis store runs them against a real Redis server (each
+//! check under a key prefix of its own), in `tests/store_redis.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::{BeginProvision, PoolLimits, Queue, QueueItem, Store};
+use crate::model::{
+    Event, InstanceState, JobAction, JobEvent, JobState, PoolOverrides, SubmitOutcome,
+};
+
+/// A `workflow_job` event for tests.
+pub fn event(delivery: &str, action: JobAction, job_id: u64) -> JobEvent {
+    JobEvent {
+        delivery_id: delivery.to_owned(),
+        action,
+        job_id,
+        run_id: 77,
+        run_attempt: 1,
+        labels: vec!["self-hosted".into(), "Linux".into()],
+        runner_id: 0,
+        runner_name: String::new(),
+        repository: "octo-org/app".into(),
+        organization: "octo-org".into(),
+        installation_id: 0,
+        conclusion: String::new(),
+        job_name: "build".into(),
+        workflow_name: "CI".into(),
+    }
+}
+
+const LIMITS: PoolLimits = PoolLimits {
+    max_instances: 2,
+    paused: false,
+};
+const BLOCK: Duration = Duration::from_millis(200);
+const KEEP: Duration = Duration::from_secs(3600);
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {
+        /// Every check's name, for the test harnesses.
+        pub const ALL: &[&str] = &[$(stringify!($name)),*];
+
+        /// Runs the check called `name` on `store`.
+        pub async fn run(name: &str, store: Arc<dyn Store>) {
+            match name {
+                $(stringify!($name) => $name(store).await,)*
+                other => panic!("no store conformance check {other}"),
+            }
+        }
+    };
+}
+
+checks!(
+    a_routed_queued_job_is_recorded_and_queued_once,
+    redelivery_is_a_duplicate_and_changes_nothing,
+    unrouted_jobs_are_recorded_and_not_queued,
+    completed_before_queued_never_provisions,
+    provision_then_completion_tears_down_exactly_once,
+    capacity_is_never_exceeded_and_released_on_teardown,
+    concurrent_begin_provision_never_exceeds_capacity,
+    a_redelivered_provision_entry_takes_no_second_slot,
+    a_job_completed_during_creation_is_torn_down_after_it,
+    a_job_taken_by_another_runner_is_recorded_on_that_instance,
+    failure_fails_the_job_and_queues_cleanup,
+    unacked_entries_are_claimed_by_another_worker,
+    touched_entries_are_not_claimed,
+    acked_entries_leave_the_queue,
+    paused_pools_hold_their_jobs,
+    pool_overrides_persist_and_merge,
+    bootstrap_tokens_resolve_until_revoked,
+    list_jobs_filters_and_pages_newest_first,
+    watch_streams_transitions,
+);
+
+async fn queue_one(store: &dyn Store, job: u64) {
+    let r = store
+        .submit_event(
+            &event(&format!("d-q-{job}"), JobAction::Queued, job),
+            Some("linux"),
+            1000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, SubmitOutcome::Accepted);
+}
+
+/// Takes the next provision entry of pool `linux`, or panics.
+async fn take(store: &dyn Store, consumer: &str) -> (String, u64) {
+    let d = store
+        .read(&Queue::Provision("linux".into()), consumer, BLOCK)
+        .await
+        .unwrap()
+        .expect("a provision entry");
+    match d.item {
+        QueueItem::Provision { job_id } => (d.id, job_id),
+        other => panic!("provision queue held {other:?}"),
+    }
+}
+
+async fn provision(store: &dyn Store, job: u64) -> String {
+    let name = format!("grs-{job}");
+    match store
+        .begin_provision(job, &name, &LIMITS, 2000)
+        .await
+        .unwrap()
+    {
+        BeginProvision::Proceed { .. } => {}
+        other => panic!("begin_provision({job}) = {other:?}"),
+    }
+    store.mark_creating(&name, 2001).await.unwrap();
+    assert!(
+        !store
+            .finish_provision(job, &name, "fake/1", "node1", 2002)
+            .await
+            .unwrap()
+    );
+    name
+}
+
+async fn a_routed_queued_job_is_recorded_and_queued_once(store: Arc<dyn Store>) {
+    let ev = event("d1", JobAction::Queued, 5_000_000_001);
+    let r = store.submit_event(&ev, Some("linux"), 1000).await.unwrap();
+    assert_eq!(r.outcome, SubmitOutcome::Accepted);
+    let job = store
+        .get_job(5_000_000_001)
+        .await
+        .unwrap()
+        .expect("job recorded");
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.pool, "linux");
+    assert_eq!(job.labels, vec!["self-hosted", "Linux"]);
+    assert_eq!(
+        (job.run_id, job.repository.as_str(), job.recorded_at),
+        (77, "octo-org/app", 1000)
+    );
+    let (_, id) = take(&*store, "w1").await;
+    assert_eq!(id, 5_000_000_001);
+    assert!(
+        store
+            .read(&Queue::Provision("linux".into()), "w1", BLOCK)
+            .await
+            .unwrap()
+            .is_none(),
+        "queued once"
+    );
+    // Queued twice under a new delivery id: stale, not queued again.
+    let r = store
+        .submit_event(
+            &event("d2", JobAction::Queued, 5_000_000_001),
+            Some("linux"),
+            1001,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, SubmitOutcome::Stale);
+    assert!(
+        store
+            .read(&Queue::Provision("linux".into()), "w1", BLOCK)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn redelivery_is_a_duplicate_and_changes_nothing(store: Arc<dyn Store>) {
+    let ev = event("same", JobAction::Queued, 1);
+    store.submit_event(&ev, Some("linux"), 1000).await.unwrap();
+    let mut done = event("same", JobAction::Completed, 1);
+    done.conclusion = "success".into();
+    let r = store
+        .submit_event(&done, Some("linux"), 1001)
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, SubmitOutcome::DuplicateDelivery);
+    assert_eq!(r.job.map(|j| j.state), Some(JobState::Queued));
+    assert_eq!(
+        store
+            .queue_depth(&Queue::Provision("linux".into()))
+            .await
+            .unwrap()
+            .depth,
+        1
+    );
+}
+
+async fn unrouted_jobs_are_recorded_and_not_queued(store: Arc<dyn Store>) {
+    let r = store
+        .submit_event(&event("d", JobAction::Queued, 2), None, 1000)
+        .await
+        .unwrap();
+    let job = r.job.unwrap();
+    assert_eq!(job.state, JobState::Unrouted);
+    assert!(
+        job.reason.contains("self-hosted") && job.reason.contains("Linux"),
+        "{}",
+        job.reason
+    );
+    assert_eq!(
+        store.get_job(2).await.unwrap().unwrap().state,
+        JobState::Unrouted
+    );
+    assert_eq!(
+        store
+            .queue_depth(&Queue::Provision("linux".into()))
+            .await
+            .unwrap()
+            .depth,
+        0
+    );
+    assert_eq!(
+        store
+            .queue_depth(&Queue::Provision(String::new()))
+            .await
+            .unwrap()
+            .depth,
+        0
+    );
+}
+
+async fn completed_before_queued_never_provisions(store: Arc<dyn Store>) {
+    let mut done = event("c", JobAction::Completed, 3);
+    done.conclusion = "cancelled".into();
+    store
+        .submit_event(&done, Some("linux"), 1000)
+        .await
+        .unwrap();
+    let r = store
+        .submit_event(&event("q", JobAction::Queued, 3), Some("linux"), 1001)
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, SubmitOutcome::Stale);
+    let job = store.get_job(3).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.conclusion.as_str()),
+        (JobState::Completed, "cancelled")
+    );
+    assert!(!job.reason.is_empty());
+    assert_eq!(
+        store
+            .queue_depth(&Queue::Provision("linux".into()))
+            .await
+            .unwrap()
+            .depth,
+        0
+    );
+    // Queued, then completed before any dispatcher took it: the entry is
+    // skipped when it is taken.
+    queue_one(&*store, 4).await;
+    store
+        .submit_event(&event("c4", JobAction::Completed, 4), Some("linux"), 1002)
+        .await
+        .unwrap();
+    let (_, id) = take(&*store, "w").await;
+    assert!(matches!(
+        store
+            .begin_provision(id, "grs-4", &LIMITS, 1003)
+            .await
+            .unwrap(),
+        BeginProvision::Skip(_)
+    ));
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 0);
+}
+
+async fn provision_then_completion_tears_down_exactly_once(store: Arc<dyn Store>) {
+    queue_one(&*store, 10).await;
+    take(&*store, "w").await;
+    let name = provision(&*store, 10).await;
+    assert_eq!(
+        store.get_job(10).await.unwrap().unwrap().state,
+        JobState::Provisioned
+    );
+    let inst = store.get_instance(&name).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            inst.state,
+            inst.provider_id.as_str(),
+            inst.location.as_str()
+        ),
+        (InstanceState::Running, "fake/1", "node1")
+    );
+    let mut started = event("p", JobAction::InProgress, 10);
+    started.runner_name = name.clone();
+    started.runner_id = 31;
+    store
+        .submit_event(&started, Some("linux"), 3000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_instance(&name)
+            .await
+            .unwrap()
+            .unwrap()
+            .assigned_job_id,
+        10
+    );
+    let mut done = event("c", JobAction::Completed, 10);
+    done.runner_name = name.clone();
+    done.conclusion = "success".into();
+    let r = store
+        .submit_event(&done, Some("linux"), 4000)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some(name.as_str()));
+    let mut again = done.clone();
+    again.delivery_id = "c-again".into();
+    let r = store
+        .submit_event(&again, Some("linux"), 4001)
+        .await
+        .unwrap();
+    assert_eq!((r.outcome, r.teardown), (SubmitOutcome::Stale, None));
+    assert_eq!(
+        store
+            .enqueue_teardown(&name, "operator", 4002)
+            .await
+            .unwrap(),
+        Some(false),
+        "already queued"
+    );
+    let d = store
+        .read(&Queue::Teardown, "t", BLOCK)
+        .await
+        .unwrap()
+        .expect("one teardown");
+    assert_eq!(
+        d.item,
+        QueueItem::Teardown {
+            instance: name.clone()
+        }
+    );
+    assert!(
+        store
+            .read(&Queue::Teardown, "t", BLOCK)
+            .await
+            .unwrap()
+            .is_none(),
+        "exactly one teardown"
+    );
+    assert_eq!(
+        store
+            .begin_teardown(&name, 4003)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        InstanceState::Deleting
+    );
+    store
+        .finish_teardown(&name, "job done", KEEP, 4004)
+        .await
+        .unwrap();
+    store.ack(&Queue::Teardown, &d.id).await.unwrap();
+    assert_eq!(
+        store.get_instance(&name).await.unwrap().unwrap().state,
+        InstanceState::Deleted
+    );
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 0);
+    assert!(
+        store.begin_teardown(&name, 4005).await.unwrap().is_none(),
+        "a deleted instance needs no teardown"
+    );
+    assert!(
+        store
+            .list_instances(Some("linux"), false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list_instances(Some("linux"), true)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        store.enqueue_teardown("grs-unknown", "x", 1).await.unwrap(),
+        None
+    );
+}
+
+async fn capacity_is_never_exceeded_and_released_on_teardown(store: Arc<dyn Store>) {
+    for job in [20, 21, 22] {
+        queue_one(&*store, job).await;
+    }
+    provision(&*store, 20).await;
+    provision(&*store, 21).await;
+    assert_eq!(
+        store
+            .begin_provision(22, "grs-22", &LIMITS, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::NoCapacity
+    );
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 2);
+    // The operator raises the maximum: room at once.
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                max_instances: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .begin_provision(22, "grs-22", &LIMITS, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::Proceed { .. }
+    ));
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                max_instances: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    queue_one(&*store, 23).await;
+    assert_eq!(
+        store
+            .begin_provision(23, "grs-23", &LIMITS, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::NoCapacity
+    );
+    store
+        .enqueue_teardown("grs-20", "test", 2100)
+        .await
+        .unwrap();
+    store
+        .enqueue_teardown("grs-21", "test", 2100)
+        .await
+        .unwrap();
+    store.begin_teardown("grs-20", 2101).await.unwrap();
+    store
+        .finish_teardown("grs-20", "test", KEEP, 2102)
+        .await
+        .unwrap();
+    store
+        .finish_teardown("grs-20", "test", KEEP, 2103)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pool_in_use("linux").await.unwrap(),
+        2,
+        "a repeated finish releases nothing twice"
+    );
+    store
+        .finish_teardown("grs-21", "test", KEEP, 2104)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .begin_provision(23, "grs-23", &LIMITS, 2200)
+            .await
+            .unwrap(),
+        BeginProvision::Proceed { .. }
+    ));
+}
+
+async fn concurrent_begin_provision_never_exceeds_capacity(store: Arc<dyn Store>) {
+    let jobs: Vec<u64> = (100..140).collect();
+    for &j in &jobs {
+        queue_one(&*store, j).await;
+    }
+    let tasks = jobs.iter().map(|&j| {
+        let s = store.clone();
+        tokio::spawn(async move {
+            s.begin_provision(j, &format!("grs-{j}"), &LIMITS, 2000)
+                .await
+                .unwrap()
+        })
+    });
+    let results = futures::future::join_all(tasks).await;
+    let proceeded = results
+        .iter()
+        .filter(|r| matches!(r.as_ref().unwrap(), BeginProvision::Proceed { .. }))
+        .count();
+    assert_eq!(proceeded, 2, "exactly the pool's maximum proceeds");
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 2);
+}
+
+async fn a_redelivered_provision_entry_takes_no_second_slot(store: Arc<dyn Store>) {
+    queue_one(&*store, 30).await;
+    let first = store
+        .begin_provision(30, "grs-30", &LIMITS, 2000)
+        .await
+        .unwrap();
+    let again = store
+        .begin_provision(30, "grs-30", &LIMITS, 2001)
+        .await
+        .unwrap();
+    match (first, again) {
+        (
+            BeginProvision::Proceed { attempts: 1, .. },
+            BeginProvision::Proceed {
+                attempts: 2,
+                instance,
+            },
+        ) => {
+            assert_eq!(instance.name, "grs-30")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 1);
+    store
+        .finish_provision(30, "grs-30", "fake/9", "n", 2002)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store
+                .begin_provision(30, "grs-30", &LIMITS, 2003)
+                .await
+                .unwrap(),
+            BeginProvision::Skip(_)
+        ),
+        "done once is done"
+    );
+}
+
+async fn a_job_completed_during_creation_is_torn_down_after_it(store: Arc<dyn Store>) {
+    queue_one(&*store, 40).await;
+    store
+        .begin_provision(40, "grs-40", &LIMITS, 2000)
+        .await
+        .unwrap();
+    store.mark_creating("grs-40", 2001).await.unwrap();
+    let r = store
+        .submit_event(&event("c40", JobAction::Completed, 40), Some("linux"), 2002)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown, None, "no teardown races the creation");
+    assert!(
+        store
+            .finish_provision(40, "grs-40", "fake/40", "n", 2003)
+            .await
+            .unwrap(),
+        "teardown once created"
+    );
+    assert_eq!(
+        store.get_instance("grs-40").await.unwrap().unwrap().state,
+        InstanceState::PendingDelete
+    );
+    // And a creation whose worker died, for a job completed meanwhile: the
+    // redelivered entry queues the cleanup.
+    queue_one(&*store, 41).await;
+    store
+        .begin_provision(41, "grs-41", &LIMITS, 2000)
+        .await
+        .unwrap();
+    store
+        .submit_event(&event("c41", JobAction::Completed, 41), Some("linux"), 2002)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .begin_provision(41, "grs-41", &LIMITS, 2004)
+            .await
+            .unwrap(),
+        BeginProvision::Skip(_)
+    ));
+    assert_eq!(
+        store.get_instance("grs-41").await.unwrap().unwrap().state,
+        InstanceState::PendingDelete
+    );
+}
+
+async fn a_job_taken_by_another_runner_is_recorded_on_that_instance(store: Arc<dyn Store>) {
+    queue_one(&*store, 50).await;
+    queue_one(&*store, 51).await;
+    let a = provision(&*store, 50).await;
+    let b = provision(&*store, 51).await;
+    // GitHub gives job 51 to the runner made for job 50.
+    let mut started = event("p51", JobAction::InProgress, 51);
+    started.runner_name = a.clone();
+    store
+        .submit_event(&started, Some("linux"), 3000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_instance(&a)
+            .await
+            .unwrap()
+            .unwrap()
+            .assigned_job_id,
+        51
+    );
+    // Job 50 is cancelled with no runner: its own instance is now busy with
+    // job 51, so nothing is torn down.
+    let r = store
+        .submit_event(&event("c50", JobAction::Completed, 50), Some("linux"), 3001)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown, None);
+    // Job 51 completes on instance a: a goes; b stays for another job.
+    let mut done = event("c51", JobAction::Completed, 51);
+    done.runner_name = a.clone();
+    let r = store
+        .submit_event(&done, Some("linux"), 3002)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some(a.as_str()));
+    assert_eq!(
+        store.get_instance(&b).await.unwrap().unwrap().state,
+        InstanceState::Running
+    );
+}
+
+async fn failure_fails_the_job_and_queues_cleanup(store: Arc<dyn Store>) {
+    queue_one(&*store, 60).await;
+    store
+        .begin_provision(60, "grs-60", &LIMITS, 2000)
+        .await
+        .unwrap();
+    store
+        .fail_provision(60, "grs-60", "clone failed 3 times: no space", 2001)
+        .await
+        .unwrap();
+    let job = store.get_job(60).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.reason.as_str()),
+        (JobState::Failed, "clone failed 3 times: no space")
+    );
+    assert_eq!(
+        store.get_instance("grs-60").await.unwrap().unwrap().state,
+        InstanceState::PendingDelete
+    );
+    assert_eq!(
+        store.pool_in_use("linux").await.unwrap(),
+        1,
+        "the slot is held until the leftover is gone"
+    );
+    let d = store
+        .read(&Queue::Teardown, "t", BLOCK)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d.item,
+        QueueItem::Teardown {
+            instance: "grs-60".into()
+        }
+    );
+}
+
+async fn unacked_entries_are_claimed_by_another_worker(store: Arc<dyn Store>) {
+    queue_one(&*store, 70).await;
+    let (id, _) = take(&*store, "dead-worker").await;
+    assert!(
+        store
+            .claim_stale(
+                &Queue::Provision("linux".into()),
+                "w2",
+                Duration::from_secs(60),
+                10
+            )
+            .await
+            .unwrap()
+            .is_empty(),
+        "not idle long enough yet"
+    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let claimed = store
+        .claim_stale(
+            &Queue::Provision("linux".into()),
+            "w2",
+            Duration::from_millis(50),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        (claimed[0].id.as_str(), &claimed[0].item),
+        (id.as_str(), &QueueItem::Provision { job_id: 70 })
+    );
+    let depth = store
+        .queue_depth(&Queue::Provision("linux".into()))
+        .await
+        .unwrap();
+    assert_eq!((depth.depth, depth.pending), (1, 1));
+}
+
+async fn touched_entries_are_not_claimed(store: Arc<dyn Store>) {
+    queue_one(&*store, 71).await;
+    let (id, _) = take(&*store, "busy").await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    store
+        .touch(&Queue::Provision("linux".into()), "busy", &id)
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_stale(
+            &Queue::Provision("linux".into()),
+            "w2",
+            Duration::from_millis(50),
+            10,
+        )
+        .await
+        .unwrap();
+    assert!(claimed.is_empty(), "a touched entry stays with its worker");
+}
+
+async fn acked_entries_leave_the_queue(store: Arc<dyn Store>) {
+    queue_one(&*store, 72).await;
+    queue_one(&*store, 73).await;
+    let (id, job) = take(&*store, "w").await;
+    assert_eq!(job, 72, "in order");
+    store
+        .ack(&Queue::Provision("linux".into()), &id)
+        .await
+        .unwrap();
+    store
+        .ack(&Queue::Provision("linux".into()), &id)
+        .await
+        .unwrap();
+    let depth = store
+        .queue_depth(&Queue::Provision("linux".into()))
+        .await
+        .unwrap();
+    assert_eq!((depth.depth, depth.pending), (1, 0));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(
+        store
+            .claim_stale(
+                &Queue::Provision("linux".into()),
+                "w2",
+                Duration::from_millis(1),
+                10
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(take(&*store, "w").await.1, 73);
+}
+
+async fn paused_pools_hold_their_jobs(store: Arc<dyn Store>) {
+    queue_one(&*store, 80).await;
+    let paused = PoolLimits {
+        paused: true,
+        ..LIMITS
+    };
+    assert_eq!(
+        store
+            .begin_provision(80, "grs-80", &paused, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::Paused
+    );
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                paused: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store
+                .begin_provision(80, "grs-80", &paused, 2001)
+                .await
+                .unwrap(),
+            BeginProvision::Proceed { .. }
+        ),
+        "the operator's resume wins over the config"
+    );
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                paused: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    queue_one(&*store, 81).await;
+    assert_eq!(
+        store
+            .begin_provision(81, "grs-81", &LIMITS, 2002)
+            .await
+            .unwrap(),
+        BeginProvision::Paused
+    );
+    assert_eq!(
+        store.get_job(81).await.unwrap().unwrap().state,
+        JobState::Queued,
+        "still queued"
+    );
+}
+
+async fn pool_overrides_persist_and_merge(store: Arc<dyn Store>) {
+    assert_eq!(
+        store.pool_overrides("linux").await.unwrap(),
+        PoolOverrides::default()
+    );
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                paused: Some(true),
+                min_idle: Some(2),
+                max_instances: None,
+            },
+        )
+        .await
+        .unwrap();
+    let o = store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                max_instances: Some(9),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        PoolOverrides {
+            paused: Some(true),
+            min_idle: Some(2),
+            max_instances: Some(9)
+        }
+    );
+    assert_eq!(store.pool_overrides("linux").await.unwrap(), o);
+    assert_eq!(
+        store.pool_overrides("other").await.unwrap(),
+        PoolOverrides::default()
+    );
+}
+
+async fn bootstrap_tokens_resolve_until_revoked(store: Arc<dyn Store>) {
+    queue_one(&*store, 90).await;
+    let name = provision(&*store, 90).await;
+    store
+        .put_bootstrap_token("h1", &name, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lookup_bootstrap_token("h1").await.unwrap().as_deref(),
+        Some(name.as_str())
+    );
+    assert_eq!(store.lookup_bootstrap_token("h2").await.unwrap(), None);
+    // A new token replaces the old one.
+    store
+        .put_bootstrap_token("h2", &name, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(store.lookup_bootstrap_token("h1").await.unwrap(), None);
+    // The runner took a job: the token is used up.
+    let mut started = event("p90", JobAction::InProgress, 90);
+    started.runner_name = name.clone();
+    store
+        .submit_event(&started, Some("linux"), 3000)
+        .await
+        .unwrap();
+    assert_eq!(store.lookup_bootstrap_token("h2").await.unwrap(), None);
+    store
+        .put_bootstrap_token("h3", &name, Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.revoke_bootstrap_token(&name).await.unwrap();
+    assert_eq!(store.lookup_bootstrap_token("h3").await.unwrap(), None);
+    // Expiry.
+    store
+        .put_bootstrap_token("h4", &name, Duration::from_secs(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        store.lookup_bootstrap_token("h4").await.unwrap(),
+        None,
+        "expired"
+    );
+}
+
+async fn list_jobs_filters_and_pages_newest_first(store: Arc<dyn Store>) {
+    for j in 1..=5u64 {
+        store
+            .submit_event(
+                &event(&format!("l{j}"), JobAction::Queued, 200 + j),
+                Some("linux"),
+                1000 + j as i64,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .submit_event(&event("lo", JobAction::Queued, 300), Some("other"), 2000)
+        .await
+        .unwrap();
+    store
+        .submit_event(&event("lc", JobAction::Completed, 203), Some("linux"), 3000)
+        .await
+        .unwrap();
+    let (all, next) = store.list_jobs(None, None, 0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+        vec![300, 205, 204, 203, 202, 201]
+    );
+    assert_eq!(next, None);
+    let (p1, next) = store.list_jobs(Some("linux"), None, 0, 2).await.unwrap();
+    assert_eq!(
+        p1.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+        vec![205, 204]
+    );
+    let (p2, next) = store
+        .list_jobs(Some("linux"), None, next.expect("more pages"), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        p2.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+        vec![203, 202]
+    );
+    let (p3, next) = store
+        .list_jobs(Some("linux"), None, next.expect("more pages"), 2)
+        .await
+        .unwrap();
+    assert_eq!(p3.iter().map(|j| j.job_id).collect::<Vec<_>>(), vec![201]);
+    assert_eq!(next, None);
+    let (done, _) = store
+        .list_jobs(None, Some(JobState::Completed), 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(done.iter().map(|j| j.job_id).collect::<Vec<_>>(), vec![203]);
+}
+
+async fn watch_streams_transitions(store: Arc<dyn Store>) {
+    let mut all = store.watch(None).await.unwrap();
+    let mut other = store.watch(Some("other".into())).await.unwrap();
+    queue_one(&*store, 400).await;
+    store
+        .submit_event(&event("o", JobAction::Queued, 401), Some("other"), 1000)
+        .await
+        .unwrap();
+    store
+        .begin_provision(400, "grs-400", &LIMITS, 2000)
+        .await
+        .unwrap();
+    async fn next(s: &mut futures::stream::BoxStream<'static, super::StoreResult<Event>>) -> Event {
+        tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .unwrap()
+    }
+    match next(&mut all).await {
+        Event::Job {
+            job_id: 400,
+            from: None,
+            to: JobState::Queued,
+            ..
+        } => {}
+        e => panic!("first event {e:?}"),
+    }
+    match next(&mut all).await {
+        Event::Job { job_id: 401, .. } => {}
+        e => panic!("second event {e:?}"),
+    }
+    let mut rest = vec![next(&mut all).await, next(&mut all).await];
+    rest.sort_by_key(|e| matches!(e, Event::Job { .. }));
+    assert!(
+        matches!(&rest[0], Event::Instance { name, to: InstanceState::PendingCreate, .. } if name == "grs-400"),
+        "{rest:?}"
+    );
+    assert!(
+        matches!(
+            &rest[1],
+            Event::Job {
+                job_id: 400,
+                from: Some(JobState::Queued),
+                to: JobState::Provisioning,
+                ..
+            }
+        ),
+        "{rest:?}"
+    );
+    match next(&mut other).await {
+        Event::Job {
+            job_id: 401, pool, ..
+        } => assert_eq!(pool, "other"),
+        e => panic!("filtered watcher saw {e:?}"),
+    }
+}

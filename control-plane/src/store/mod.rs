@@ -1,0 +1,331 @@
+//! Durable state and work queues: the [`Store`] trait and its two
+//! implementations.
+//!
+//! - [`RedisStore`]: production. Jobs and instances are hashes, queues are
+//!   Redis streams read through consumer groups, every multi-key change is one
+//!   Lua script (atomic). Needs persistence (AOF, `appendfsync everysec` or
+//!   `always`) to keep accepted jobs across a Redis restart.
+//! - [`MemoryStore`]: the same behaviour in process memory, for `grs demo` and
+//!   fast tests. Nothing survives the process.
+//! - [`conformance`]: the suite both must pass; the Redis run uses a real
+//!   Redis server.
+//!
+//! # Queues
+//! Two kinds: one provision queue per pool (so a full pool does not hold up
+//! the others) and one teardown queue. Workers [`read`](Store::read) an entry,
+//! do its work, and [`ack`](Store::ack) it only then; the entry is deleted on
+//! acknowledgement, so a queue's length is its backlog. An entry a worker
+//! holds for longer than the claim timeout without [`touch`](Store::touch)ing
+//! it is handed to another worker by [`claim_stale`](Store::claim_stale): a
+//! worker that died mid-job has its job redone. Delivery is therefore at
+//! least once, and every step a worker takes is idempotent.
+//!
+//! # Capacity
+//! A pool's capacity is the set of its live instance names: a slot is taken
+//! by adding the name (only while the set is smaller than the pool's
+//! maximum) and released by removing it, in the same atomic step as the
+//! instance's state change. Set semantics make both idempotent, and atomicity
+//! means any number of control-plane replicas never exceed a pool's maximum.
+
+pub mod conformance;
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisStore, RedisStoreOptions};
+use crate::model::{
+    Event, InstanceRecord, Job, JobEvent, JobState, Millis, PoolOverrides, SubmitOutcome,
+};
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing store cannot be reached or answered with an error; the
+    /// call may be retried. Maps to gRPC UNAVAILABLE.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be understood (a bug or a foreign writer under
+    /// our key prefix).
+    #[error("corrupt record {key}: {message}")]
+    Corrupt {
+        /// The Redis key (or memory record) at fault.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result of store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A work queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Queue {
+    /// Jobs of one pool waiting for an instance.
+    Provision(String),
+    /// Instances to destroy.
+    Teardown,
+}
+
+impl std::fmt::Display for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Provision(pool) => write!(f, "provision:{pool}"),
+            Self::Teardown => f.write_str("teardown"),
+        }
+    }
+}
+
+/// One queue entry handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The entry's id in its queue (a Redis stream id).
+    pub id: String,
+    /// What to do.
+    pub item: QueueItem,
+}
+
+/// The work a queue entry stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueItem {
+    /// Make an instance for this job.
+    Provision {
+        /// The job.
+        job_id: u64,
+    },
+    /// Destroy this instance.
+    Teardown {
+        /// The instance.
+        instance: String,
+    },
+}
+
+/// What [`Store::submit_event`] did.
+#[derive(Debug, Clone)]
+pub struct SubmitResult {
+    /// Accepted, duplicate or stale.
+    pub outcome: SubmitOutcome,
+    /// The job as recorded afterwards (for a duplicate: as recorded now, if
+    /// at all).
+    pub job: Option<Job>,
+    /// The instance queued for teardown by this event, if any.
+    pub teardown: Option<String>,
+}
+
+/// What [`Store::begin_provision`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BeginProvision {
+    /// Go ahead: make (or finish making) this instance. The capacity slot is
+    /// taken; the job is provisioning; `attempts` counts this one.
+    Proceed {
+        /// The instance record (pending_create or creating).
+        instance: InstanceRecord,
+        /// Creation attempts so far, this one included.
+        attempts: u32,
+    },
+    /// Nothing to do (job unknown, finished, or already provisioned); ack.
+    Skip(String),
+    /// The pool is full: keep the entry and try again later.
+    NoCapacity,
+    /// The pool is paused: keep the entry and try again later.
+    Paused,
+}
+
+/// Configured facts about a pool the store needs to decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Configured capacity (before overrides).
+    pub max_instances: u32,
+    /// Whether configuration starts it paused.
+    pub paused: bool,
+}
+
+/// Queue depths for `GetStats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Entries not yet acknowledged.
+    pub depth: u64,
+    /// Of those, held by a worker.
+    pub pending: u64,
+}
+
+/// The durable state of GRS. All methods are safe to call concurrently from
+/// any number of tasks and replicas.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Whether the store answers (health checks).
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Records a job event atomically: de-duplicates by delivery id, applies
+    /// [`apply_event`](crate::model::apply_event), appends a routed queued
+    /// job to its pool's provision queue, queues the teardown a completion
+    /// calls for (the named runner's instance, or the job's own idle
+    /// instance when no runner took it), and emits the events.
+    ///
+    /// `routed_pool` is the pool routing picked for the event's labels; a
+    /// job keeps the pool it was first recorded with. Idempotent: repeating a
+    /// call with the same delivery id changes nothing.
+    async fn submit_event(
+        &self,
+        event: &JobEvent,
+        routed_pool: Option<&str>,
+        now: Millis,
+    ) -> StoreResult<SubmitResult>;
+
+    /// One job.
+    async fn get_job(&self, job_id: u64) -> StoreResult<Option<Job>>;
+
+    /// Jobs newest first, filtered, at most `limit` from `cursor` (0: the
+    /// newest). Returns the page and the cursor of the next page, if any.
+    /// Cursors are positions in the store's job index: opaque to callers,
+    /// stable while paging except that new jobs shift them (a page may then
+    /// repeat a job, never skip one).
+    async fn list_jobs(
+        &self,
+        pool: Option<&str>,
+        state: Option<JobState>,
+        cursor: u64,
+        limit: usize,
+    ) -> StoreResult<(Vec<Job>, Option<u64>)>;
+
+    /// One instance.
+    async fn get_instance(&self, name: &str) -> StoreResult<Option<InstanceRecord>>;
+
+    /// Instances (of a pool, or all), live ones unless `include_deleted`.
+    async fn list_instances(
+        &self,
+        pool: Option<&str>,
+        include_deleted: bool,
+    ) -> StoreResult<Vec<InstanceRecord>>;
+
+    /// Takes a provision entry's job into work: checks it is still wanted and
+    /// the pool is neither paused nor full, takes the capacity slot, records
+    /// the instance `instance_name` and moves the job to provisioning.
+    /// Idempotent for a redelivered entry (no second slot is taken).
+    async fn begin_provision(
+        &self,
+        job_id: u64,
+        instance_name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginProvision>;
+
+    /// Moves an instance to creating (the provisioner was called).
+    async fn mark_creating(&self, name: &str, now: Millis) -> StoreResult<()>;
+
+    /// The instance runs: records it, moves its job to provisioned, and, if
+    /// the job completed meanwhile and no runner took the instance, queues it
+    /// for teardown (returns true then).
+    async fn finish_provision(
+        &self,
+        job_id: u64,
+        name: &str,
+        provider_id: &str,
+        location: &str,
+        now: Millis,
+    ) -> StoreResult<bool>;
+
+    /// Provisioning failed for good: the job fails with `reason` and the
+    /// instance is queued for teardown (which releases its slot once any
+    /// leftover is gone).
+    async fn fail_provision(
+        &self,
+        job_id: u64,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<()>;
+
+    /// Queues an instance for teardown. Idempotent: false if it was already
+    /// queued, being deleted or deleted; `None` if unknown.
+    async fn enqueue_teardown(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<bool>>;
+
+    /// Takes a teardown entry's instance into work (state deleting). `None`
+    /// if there is nothing to delete (unknown or already deleted).
+    async fn begin_teardown(&self, name: &str, now: Millis) -> StoreResult<Option<InstanceRecord>>;
+
+    /// The instance is gone: state deleted, capacity slot released, record
+    /// kept for `retention`. Idempotent.
+    async fn finish_teardown(
+        &self,
+        name: &str,
+        reason: &str,
+        retention: Duration,
+        now: Millis,
+    ) -> StoreResult<()>;
+
+    /// Records a teardown problem on the instance (it stays queued).
+    async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()>;
+
+    /// Next entry of `queue` for `consumer`, waiting up to `block`.
+    async fn read(
+        &self,
+        queue: &Queue,
+        consumer: &str,
+        block: Duration,
+    ) -> StoreResult<Option<Delivery>>;
+
+    /// Entries of `queue` held longer than `min_idle` by any consumer,
+    /// reassigned to `consumer` (at most `count`).
+    async fn claim_stale(
+        &self,
+        queue: &Queue,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> StoreResult<Vec<Delivery>>;
+
+    /// Tells the store `consumer` still works on `id` (resets its idle time).
+    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<()>;
+
+    /// Acknowledges and removes a finished entry. Idempotent.
+    async fn ack(&self, queue: &Queue, id: &str) -> StoreResult<()>;
+
+    /// Backlog of a queue.
+    async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth>;
+
+    /// Live instances of a pool (capacity in use).
+    async fn pool_in_use(&self, pool: &str) -> StoreResult<u32>;
+
+    /// Operator overrides of a pool's settings.
+    async fn pool_overrides(&self, pool: &str) -> StoreResult<PoolOverrides>;
+
+    /// Sets the given overrides (fields left `None` are kept).
+    async fn update_pool_overrides(
+        &self,
+        pool: &str,
+        update: &PoolOverrides,
+    ) -> StoreResult<PoolOverrides>;
+
+    /// Stores a bootstrap token's hash, bound to `instance`, for `ttl`.
+    async fn put_bootstrap_token(
+        &self,
+        token_hash: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+
+    /// The instance a bootstrap token's hash is bound to, if still valid.
+    async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>>;
+
+    /// Revokes an instance's bootstrap token (the runner registered, or the
+    /// instance is gone). Idempotent.
+    async fn revoke_bootstrap_token(&self, instance: &str) -> StoreResult<()>;
+
+    /// Events from now on (pool-filtered), as they are emitted by any
+    /// replica. The stream ends when the store goes away; errors end it too.
+    async fn watch(
+        &self,
+        pool: Option<String>,
+    ) -> StoreResult<BoxStream<'static, StoreResult<Event>>>;
+}

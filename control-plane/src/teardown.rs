@@ -1,0 +1,96 @@
+//! Teardown workers: destroy instances whose job is done (or that an
+//! operator deleted, or whose creation failed) and free their capacity.
+//!
+//! # Expected flow
+//! 1. Take the next entry of the teardown queue.
+//! 2. [`begin_teardown`](crate::store::Store::begin_teardown) moves the
+//!    instance to deleting (nothing to do if it is already deleted).
+//! 3. The pool's provisioner stops and deletes the VM (absent is success).
+//! 4. Any runner registration left behind on GitHub is removed (best effort:
+//!    GitHub drops ephemeral runners itself once they ran their job).
+//! 5. [`finish_teardown`](crate::store::Store::finish_teardown) records the
+//!    instance deleted and frees its slot in the same atomic step; then the
+//!    entry is acknowledged.
+//!
+//! # Guarantees
+//! - **Nothing leaked.** The entry is acknowledged only once the backend
+//!   says the VM is gone; failures are retried with backoff for as long as it
+//!   takes, and recorded on the instance for operators to see.
+//! - **Nothing foreign touched.** The provisioner refuses VMs without this
+//!   installation's marker; such a refusal ends the teardown (the slot is
+//!   freed, the VM left alone, the reason recorded).
+//! - **Idempotent.** Redoing any step after a crash is harmless.
+
+use grs_provisioner::ProvisionerError;
+
+use crate::model::now_ms;
+use crate::store::{Delivery, Queue, QueueItem, StoreResult};
+use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
+
+/// Runs one teardown worker until shutdown.
+pub async fn run(ctx: WorkerContext, consumer: String) {
+    run_queue_worker(ctx, Queue::Teardown, consumer.clone(), move |ctx, d| {
+        let consumer = consumer.clone();
+        async move { handle(&ctx, &consumer, d).await }
+    })
+    .await
+}
+
+async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult<Handled> {
+    let queue = Queue::Teardown;
+    let QueueItem::Teardown { instance: name } = d.item else {
+        tracing::error!(entry = %d.id, item = ?d.item, "not a teardown entry; dropped");
+        return Ok(Handled::Done);
+    };
+    let mut attempt = 0u32;
+    loop {
+        let Some(instance) = ctx.store.begin_teardown(&name, now_ms()).await? else {
+            tracing::debug!(instance = %name, "already deleted");
+            return Ok(Handled::Done);
+        };
+        let outcome = match ctx.pools.get(&instance.pool) {
+            Some(pool) => {
+                with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.delete(&name)).await
+            }
+            None => Err(ProvisionerError::Config(format!(
+                "pool {} is not configured; cannot reach its provisioner",
+                instance.pool
+            ))),
+        };
+        match outcome {
+            Ok(()) => {
+                if let Some(registrar) = &ctx.registrar
+                    && let Err(e) = registrar.remove_runner(&name).await
+                {
+                    tracing::warn!(instance = %name, error = e, "could not remove the runner registration; the reconciler will retry");
+                }
+                ctx.store
+                    .finish_teardown(&name, "", ctx.settings.instance_retention, now_ms())
+                    .await?;
+                tracing::info!(instance = %name, pool = %instance.pool, "instance deleted");
+                return Ok(Handled::Done);
+            }
+            Err(e @ ProvisionerError::NotOwned { .. }) => {
+                // Ours by name only: someone else's VM. Leave it; free the slot.
+                let reason = format!("not deleted: {e}");
+                tracing::error!(instance = %name, reason, "refusing to delete a foreign VM");
+                ctx.store
+                    .finish_teardown(&name, &reason, ctx.settings.instance_retention, now_ms())
+                    .await?;
+                return Ok(Handled::Done);
+            }
+            Err(e) => {
+                let delay = ctx.settings.backoff(attempt);
+                attempt += 1;
+                let reason = format!("delete failed (attempt {attempt}): {e}");
+                tracing::warn!(instance = %name, error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "delete failed; retrying");
+                ctx.store
+                    .note_instance_error(&name, &reason, now_ms())
+                    .await?;
+                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                    return Ok(Handled::Released);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Helpers for tests of this crate and of the crates above it (CLI, gateway,
+//! end-to-end): a real control plane on a loopback port, Redis stores under
+//! private key prefixes, event builders.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grs_proto::v1 as pb;
+use grs_proto::v1::control_plane_client::ControlPlaneClient;
+use grs_provisioner::FakeProvisioner;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::{Config, PoolConfig, StoreKind};
+use crate::pools::{Pool, Pools};
+use crate::server::{self, ControlPlane, ServerError};
+use crate::store::{RedisStore, RedisStoreOptions, Store};
+
+/// The Redis URL tests use: `GRS_REDIS_URL`, else `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var("GRS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A fresh key prefix for one test, so tests share a Redis without meeting.
+pub fn unique_prefix(test: &str) -> String {
+    format!("grs-test:{test}:{:x}", rand::random::<u64>())
+}
+
+/// A Redis store on `url` under `prefix`.
+pub fn redis_store_at(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::new(
+        url,
+        RedisStoreOptions {
+            prefix: prefix.to_owned(),
+            ..Default::default()
+        },
+    )
+    .expect("valid Redis URL")
+}
+
+/// A Redis store under a key prefix of its own, or `None` when no Redis
+/// answers and `CI` is unset (the caller then skips, loudly). Under `CI` a
+/// missing Redis is a failure: CI must never report a skipped check as passed.
+pub async fn redis_store(test: &str) -> Option<RedisStore> {
+    let store = redis_store_at(&redis_url(), &unique_prefix(test));
+    match tokio::time::timeout(Duration::from_secs(3), store.ping()).await {
+        Ok(Ok(())) => Some(store),
+        other => {
+            let why = format!("no Redis at {} ({other:?})", redis_url());
+            if std::env::var_os("CI").is_some() {
+                panic!("{why}: CI is set, so this test fails instead of skipping");
+            }
+            eprintln!("SKIPPED {test}: {why}; set GRS_REDIS_URL or run scripts/test.sh");
+            None
+        }
+    }
+}
+
+/// A configuration for tests: memory store, one pool `linux` (labels
+/// `self-hosted`, `linux`, `x64`, at most 3 instances, fake provisioner), and
+/// short timeouts so recovery paths run in seconds.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.control_plane.listen = ([127, 0, 0, 1], 0).into();
+    config.control_plane.store = StoreKind::Memory;
+    config.control_plane.claim_timeout = Duration::from_secs(1);
+    config.control_plane.retry_backoff = Duration::from_millis(20);
+    config.control_plane.retry_backoff_max = Duration::from_millis(200);
+    config.control_plane.shutdown_grace = Duration::from_secs(2);
+    config.control_plane.dispatchers_per_pool = 4;
+    config.control_plane.teardown_workers = 2;
+    config.pools = BTreeMap::from([(
+        "linux".to_owned(),
+        PoolConfig {
+            labels: vec!["self-hosted".into(), "linux".into(), "x64".into()],
+            max_instances: 3,
+            ..PoolConfig::default()
+        },
+    )]);
+    config
+}
+
+/// Pools of `config` all served by `fake` (shared, so tests can inspect it
+/// and several replicas can share one "hypervisor").
+pub fn fake_pools(config: &Config, fake: &Arc<FakeProvisioner>) -> Pools {
+    Pools::new(
+        config
+            .pools
+            .iter()
+            .map(|(name, cfg)| Pool::new(name.clone(), cfg.clone(), fake.clone())),
+    )
+}
+
+/// A control plane serving on a loopback port.
+#[derive(Debug)]
+pub struct RunningControlPlane {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningControlPlane {
+    /// Starts `cp` on `127.0.0.1:0`.
+    pub async fn start(cp: ControlPlane) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local addr");
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(server::run(cp, listener, stop.clone().cancelled_owned()));
+        Self { addr, stop, handle }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A gRPC client connected to it.
+    pub async fn client(&self) -> ControlPlaneClient<Channel> {
+        for _ in 0..50 {
+            if let Ok(c) = ControlPlaneClient::connect(self.url()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "control plane at {} does not accept connections",
+            self.url()
+        )
+    }
+
+    /// Graceful shutdown (as on SIGTERM); returns how `run` ended.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.stop.cancel();
+        self.handle.await.expect("control plane task")
+    }
+
+    /// A crash: every task is dropped mid-flight, nothing is acknowledged or
+    /// released (as `kill -9`).
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+/// A `JobEvent` with the labels of the test pool.
+pub fn job_event(delivery: &str, action: pb::JobAction, job_id: u64) -> pb::JobEvent {
+    pb::JobEvent {
+        delivery_id: delivery.to_owned(),
+        action: action as i32,
+        job_id,
+        run_id: 900,
+        run_attempt: 1,
+        labels: vec!["self-hosted".into(), "linux".into()],
+        repository: "octo-org/app".into(),
+        organization: "octo-org".into(),
+        job_name: "build".into(),
+        workflow_name: "CI".into(),
+        ..Default::default()
+    }
+}
+
+/// Submits an event, panicking on an RPC error.
+pub async fn submit(
+    client: &mut ControlPlaneClient<Channel>,
+    event: pb::JobEvent,
+) -> pb::SubmitJobEventResponse {
+    client
+        .submit_job_event(pb::SubmitJobEventRequest { event: Some(event) })
+        .await
+        .expect("SubmitJobEvent")
+        .into_inner()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after
+/// `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The store behind `Arc<dyn Store>`, for tests building a [`ControlPlane`].
+pub fn control_plane(config: Config, store: Arc<dyn Store>, pools: Pools) -> ControlPlane {
+    ControlPlane {
+        config,
+        store,
+        pools,
+        registrar: None,
+    }
+}

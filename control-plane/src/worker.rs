@@ -1,0 +1,237 @@
+//! What dispatcher and teardown workers share: their context, how they take
+//! an entry from a queue, and how they keep it while they work on it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ControlPlaneConfig;
+use crate::model::backoff;
+use crate::pools::Pools;
+use crate::store::{Delivery, Queue, Store, StoreResult};
+
+/// The control plane's view of GitHub's runner registrations. Implemented
+/// over `grs-github`'s REST client (or its simulator) by the binaries.
+#[async_trait]
+pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
+    /// Mints a just-in-time runner config for a runner named `name` (the
+    /// instance name) with `labels`, in `runner_group_id`. The config is a
+    /// secret.
+    async fn jit_config(
+        &self,
+        name: &str,
+        labels: &[String],
+        runner_group_id: u64,
+    ) -> Result<SecretString, String>;
+
+    /// Removes the runner registration named `name`, if any is left behind
+    /// (a runner that never ran its job). Absent is success.
+    async fn remove_runner(&self, name: &str) -> Result<(), String>;
+}
+
+/// Worker settings, taken from `[control_plane]`.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Instance names are `<instance_prefix>-<job id>`.
+    pub instance_prefix: String,
+    /// Held entries without a heartbeat for this long go to other workers.
+    pub claim_timeout: Duration,
+    /// Create attempts per job.
+    pub max_attempts: u32,
+    /// First retry delay.
+    pub retry_backoff: Duration,
+    /// Longest retry delay.
+    pub retry_backoff_max: Duration,
+    /// Gateway base URL for seed URLs; `None`: no bootstrap.
+    pub gateway_url: Option<String>,
+    /// Bootstrap token lifetime.
+    pub bootstrap_ttl: Duration,
+    /// Deleted instance records are kept this long.
+    pub instance_retention: Duration,
+    /// Longest wait of one blocking queue read.
+    pub read_block: Duration,
+}
+
+impl WorkerSettings {
+    /// From the configuration.
+    pub fn from_config(c: &ControlPlaneConfig) -> Self {
+        Self {
+            instance_prefix: c.instance_prefix.clone(),
+            claim_timeout: c.claim_timeout,
+            max_attempts: c.max_attempts,
+            retry_backoff: c.retry_backoff,
+            retry_backoff_max: c.retry_backoff_max,
+            gateway_url: c.gateway_url.clone(),
+            bootstrap_ttl: c.bootstrap_ttl,
+            instance_retention: c.instance_retention,
+            read_block: Duration::from_secs(2),
+        }
+    }
+
+    /// How often a worker tells the store it still holds its entry: well
+    /// within the claim timeout.
+    pub fn heartbeat(&self) -> Duration {
+        (self.claim_timeout / 3).max(Duration::from_millis(100))
+    }
+
+    /// Delay before retry number `attempt` (0-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        backoff(self.retry_backoff, self.retry_backoff_max, attempt)
+    }
+}
+
+/// Everything a worker needs.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    /// Durable state and queues.
+    pub store: Arc<dyn Store>,
+    /// Pools and their backends.
+    pub pools: Pools,
+    /// Tunables.
+    pub settings: WorkerSettings,
+    /// GitHub runner registrations, when GitHub is configured.
+    pub registrar: Option<Arc<dyn RunnerRegistrar>>,
+    /// Cancelled on shutdown: stop taking work.
+    pub shutdown: CancellationToken,
+}
+
+/// How a worker left an entry.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// Work done (or nothing to do): acknowledge.
+    Done,
+    /// Shutting down before the work could be done: leave it pending; another
+    /// worker claims it after the claim timeout.
+    Released,
+}
+
+/// The next entry for `consumer`: first any entry a dead worker left behind,
+/// else a new one (waiting up to the read block).
+pub(crate) async fn next_delivery(
+    ctx: &WorkerContext,
+    queue: &Queue,
+    consumer: &str,
+) -> StoreResult<Option<Delivery>> {
+    let mut stale = ctx
+        .store
+        .claim_stale(queue, consumer, ctx.settings.claim_timeout, 1)
+        .await?;
+    if let Some(d) = stale.pop() {
+        tracing::info!(%queue, entry = %d.id, "reclaimed an entry a worker left unfinished");
+        return Ok(Some(d));
+    }
+    ctx.store
+        .read(queue, consumer, ctx.settings.read_block)
+        .await
+}
+
+/// Runs `work` while telling the store, every heartbeat, that `consumer`
+/// still holds entry `id`, so a long create or delete is not mistaken for a
+/// dead worker. Heartbeat failures are logged, not fatal: at worst the entry
+/// is redone, which every step tolerates.
+pub(crate) async fn with_heartbeat<T>(
+    ctx: &WorkerContext,
+    queue: &Queue,
+    consumer: &str,
+    id: &str,
+    work: impl Future<Output = T>,
+) -> T {
+    let mut tick = tokio::time::interval(ctx.settings.heartbeat());
+    tick.tick().await;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tick.tick() => {
+                if let Err(e) = ctx.store.touch(queue, consumer, id).await {
+                    tracing::warn!(%queue, entry = id, error = %e, "heartbeat failed");
+                }
+            }
+        }
+    }
+}
+
+/// Waits `delay` holding entry `id`; false if shutdown came first.
+pub(crate) async fn wait_holding(
+    ctx: &WorkerContext,
+    queue: &Queue,
+    consumer: &str,
+    id: &str,
+    delay: Duration,
+) -> bool {
+    let shutdown = ctx.shutdown.clone();
+    with_heartbeat(ctx, queue, consumer, id, async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    })
+    .await
+}
+
+/// Sleeps `delay` unless shutdown comes first; false then.
+pub(crate) async fn pause(ctx: &WorkerContext, delay: Duration) -> bool {
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// The shared loop of a queue worker: take an entry, hand it to `handle`,
+/// acknowledge it when handled. Store failures (Redis down) back off and
+/// retry; nothing is acknowledged that was not done.
+pub(crate) async fn run_queue_worker<F, Fut>(
+    ctx: WorkerContext,
+    queue: Queue,
+    consumer: String,
+    handle: F,
+) where
+    F: Fn(WorkerContext, Delivery) -> Fut,
+    Fut: Future<Output = StoreResult<Handled>>,
+{
+    let mut failures = 0u32;
+    tracing::debug!(%queue, consumer, "worker started");
+    while !ctx.shutdown.is_cancelled() {
+        let next = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            r = next_delivery(&ctx, &queue, &consumer) => r,
+        };
+        let delivery = match next {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(%queue, error = %e, "cannot read the queue; retrying");
+                if !pause(&ctx, ctx.settings.backoff(failures.min(6))).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let id = delivery.id.clone();
+        match handle(ctx.clone(), delivery).await {
+            Ok(Handled::Done) => {
+                failures = 0;
+                if let Err(e) = ctx.store.ack(&queue, &id).await {
+                    // The work is done; redoing it is harmless.
+                    tracing::warn!(%queue, entry = %id, error = %e, "cannot acknowledge; the entry will be redone");
+                }
+            }
+            Ok(Handled::Released) => {
+                tracing::info!(%queue, entry = %id, "released an entry at shutdown")
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(%queue, entry = %id, error = %e, "store error while working; the entry will be redone");
+                if !pause(&ctx, ctx.settings.backoff(failures.min(6))).await {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!(%queue, consumer, "worker stopped");
+}

@@ -1,0 +1,444 @@
+//! The gRPC API over real sockets: validation, error codes, auth, health,
+//! the job flow end to end on the fake provisioner, events, pools.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use grs_control_plane::store::{MemoryStore, Store};
+use grs_control_plane::testing::{
+    RunningControlPlane, control_plane, eventually, fake_pools, job_event, submit, test_config,
+};
+use grs_proto::v1::{self as pb, JobAction};
+use grs_provisioner::FakeProvisioner;
+use secrecy::SecretString;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+async fn start() -> (RunningControlPlane, Arc<FakeProvisioner>) {
+    let config = test_config();
+    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let pools = fake_pools(&config, &fake);
+    (
+        RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
+            .await,
+        fake,
+    )
+}
+
+#[tokio::test]
+async fn bad_events_are_refused_with_invalid_argument_naming_the_field() {
+    let (cp, _) = start().await;
+    let mut c = cp.client().await;
+    let cases = [
+        (
+            pb::SubmitJobEventRequest { event: None },
+            "event is required",
+        ),
+        (
+            pb::SubmitJobEventRequest {
+                event: Some(job_event("d", JobAction::Queued, 0)),
+            },
+            "event.job_id",
+        ),
+        (
+            pb::SubmitJobEventRequest {
+                event: Some(job_event("", JobAction::Queued, 1)),
+            },
+            "event.delivery_id",
+        ),
+        (
+            pb::SubmitJobEventRequest {
+                event: Some(job_event("d", JobAction::Unspecified, 1)),
+            },
+            "event.action",
+        ),
+        (
+            pb::SubmitJobEventRequest {
+                event: Some(pb::JobEvent {
+                    action: 42,
+                    ..job_event("d", JobAction::Queued, 1)
+                }),
+            },
+            "event.action 42",
+        ),
+        (
+            pb::SubmitJobEventRequest {
+                event: Some(pb::JobEvent {
+                    labels: vec!["x".into(); 101],
+                    ..job_event("d", JobAction::Queued, 1)
+                }),
+            },
+            "event.labels",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = c.submit_job_event(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(field),
+            "{:?} does not name {field}",
+            e.message()
+        );
+    }
+    // Nothing was recorded.
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(jobs.jobs.is_empty());
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_jobs_instances_and_pools_are_not_found_by_name() {
+    let (cp, _) = start().await;
+    let mut c = cp.client().await;
+    let e = c
+        .get_job(pb::GetJobRequest { job_id: 123 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().contains("123")),
+        (Code::NotFound, true),
+        "{e:?}"
+    );
+    let e = c
+        .get_instance(pb::GetInstanceRequest {
+            name: "grs-9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().contains("grs-9")),
+        (Code::NotFound, true),
+        "{e:?}"
+    );
+    let e = c
+        .delete_instance(pb::DeleteInstanceRequest {
+            name: "grs-9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .get_pool(pb::GetPoolRequest { name: "gpu".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().contains("gpu")),
+        (Code::NotFound, true),
+        "{e:?}"
+    );
+    let e = c
+        .update_pool(pb::UpdatePoolRequest {
+            name: "gpu".into(),
+            paused: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .list_jobs(pb::ListJobsRequest {
+            pool: "gpu".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .list_jobs(pb::ListJobsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().contains("page_token")),
+        (Code::InvalidArgument, true)
+    );
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_gets_an_instance_which_is_deleted_when_the_job_completes() {
+    let (cp, fake) = start().await;
+    let mut c = cp.client().await;
+    let r = submit(&mut c, job_event("d1", JobAction::Queued, 7_000_000_001)).await;
+    assert_eq!(r.outcome(), pb::SubmitOutcome::Accepted);
+    assert_eq!(r.job.as_ref().unwrap().pool, "linux");
+    let inst = eventually("the instance to run", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            c.get_instance(pb::GetInstanceRequest {
+                name: "grs-7000000001".into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+            .filter(|i| i.state() == pb::InstanceState::Running)
+        }
+    })
+    .await;
+    assert_eq!(inst.job_id, 7_000_000_001);
+    assert_eq!(
+        c.get_job(pb::GetJobRequest {
+            job_id: 7_000_000_001
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state(),
+        pb::JobState::Provisioned
+    );
+    let mut started = job_event("d2", JobAction::InProgress, 7_000_000_001);
+    started.runner_name = "grs-7000000001".into();
+    started.runner_id = 55;
+    submit(&mut c, started).await;
+    let mut done = job_event("d3", JobAction::Completed, 7_000_000_001);
+    done.runner_name = "grs-7000000001".into();
+    done.conclusion = "success".into();
+    submit(&mut c, done).await;
+    eventually("the instance to be deleted", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            let i = c
+                .get_instance(pb::GetInstanceRequest {
+                    name: "grs-7000000001".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (i.state() == pb::InstanceState::Deleted).then_some(())
+        }
+    })
+    .await;
+    assert_eq!((fake.creates(), fake.deletes(), fake.live()), (1, 1, 0));
+    let job = c
+        .get_job(pb::GetJobRequest {
+            job_id: 7_000_000_001,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            job.state(),
+            job.conclusion.as_str(),
+            job.runner_name.as_str()
+        ),
+        (pb::JobState::Completed, "success", "grs-7000000001")
+    );
+    let stats = c
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.pools[0].instances_in_use, 0);
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_paused_pool_queues_jobs_and_resuming_provisions_them() {
+    let (cp, fake) = start().await;
+    let mut c = cp.client().await;
+    let pool = c
+        .update_pool(pb::UpdatePoolRequest {
+            name: "linux".into(),
+            paused: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pool.paused);
+    for j in 1..=2 {
+        submit(&mut c, job_event(&format!("d{j}"), JobAction::Queued, j)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(fake.creates(), 0, "a paused pool starts nothing");
+    let stats = c
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.provision_queue_depth, 2);
+    assert_eq!(stats.pools[0].jobs_queued, 2);
+    let e = c
+        .update_pool(pb::UpdatePoolRequest {
+            name: "linux".into(),
+            min_idle: Some(9),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::InvalidArgument,
+        "min_idle above max_instances"
+    );
+    c.update_pool(pb::UpdatePoolRequest {
+        name: "linux".into(),
+        paused: Some(false),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually("both jobs provisioned", Duration::from_secs(5), || {
+        let fake = fake.clone();
+        async move { (fake.live() == 2).then_some(()) }
+    })
+    .await;
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_events_streams_transitions_over_the_wire() {
+    let (cp, _) = start().await;
+    let mut c = cp.client().await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest {
+            pool: "linux".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    submit(&mut c, job_event("d1", JobAction::Queued, 42)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("events in time")
+            .expect("stream open")
+            .unwrap();
+        seen.push(e.kind.expect("a kind"));
+    }
+    use pb::event::Kind;
+    assert!(
+        matches!(&seen[0], Kind::Job(t) if t.job_id == 42 && t.to() == pb::JobState::Queued),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|k| matches!(k, Kind::Instance(t) if t.name == "grs-42" && t.to() == pb::InstanceState::Running)),
+        "{seen:?}"
+    );
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_a_token_every_rpc_but_health_and_reflection_needs_it() {
+    let mut config = test_config();
+    config.control_plane.auth_token = Some(SecretString::from("s3cret-token".to_owned()));
+    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let pools = fake_pools(&config, &fake);
+    let cp = RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
+        .await;
+    let mut c = cp.client().await;
+    let e = c.list_pools(pb::ListPoolsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("missing bearer token"), "{e:?}");
+    let mut req = tonic::Request::new(pb::ListPoolsRequest {});
+    req.metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    let e = c.list_pools(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(
+        !e.message().contains("s3cret"),
+        "the error must not echo the token"
+    );
+    let mut req = tonic::Request::new(pb::ListPoolsRequest {});
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret-token".parse().unwrap());
+    assert_eq!(c.list_pools(req).await.unwrap().into_inner().pools.len(), 1);
+    let mut health = HealthClient::new(
+        tonic::transport::Channel::from_shared(cp.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let h = health
+        .check(HealthCheckRequest {
+            service: "grs.v1.ControlPlane".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.status(), ServingStatus::Serving);
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_answers_unavailable_and_health_not_serving() {
+    // Nothing listens on port 1.
+    let store = grs_control_plane::testing::redis_store_at("redis://127.0.0.1:1", "grs-test:down");
+    let config = test_config();
+    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let pools = fake_pools(&config, &fake);
+    let cp = RunningControlPlane::start(control_plane(
+        config,
+        Arc::new(store) as Arc<dyn Store>,
+        pools,
+    ))
+    .await;
+    let mut c = cp.client().await;
+    let e = c
+        .submit_job_event(pb::SubmitJobEventRequest {
+            event: Some(job_event("d", JobAction::Queued, 1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let e = c
+        .get_job(pb::GetJobRequest { job_id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    let mut health = HealthClient::new(
+        tonic::transport::Channel::from_shared(cp.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let status = eventually("health to settle", Duration::from_secs(5), || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status())
+        }
+    })
+    .await;
+    assert_eq!(status, ServingStatus::NotServing);
+    let _ = &mut health;
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_event_streams_instead_of_hanging() {
+    let (cp, _) = start().await;
+    let mut c = cp.client().await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), cp.shutdown()).await;
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "graceful shutdown with a watcher open: {stopped:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.as_ref().is_none_or(|r| r.is_err()), "{end:?}");
+}

