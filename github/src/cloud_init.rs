@@ -10,6 +10,12 @@
 //! runner's shell reads the file and deletes it before `exec`, so the
 //! credential does not outlive the runner's start on disk.
 //!
+//! What the default template assumes of the VM template: the runner is
+//! unpacked in `runner_dir` and owned by `runner_user` (whose primary group
+//! has the same name), systemd is PID 1, and cloud-init supports
+//! `write_files` `defer` (the 21.x series on; Debian 12 ships 22.4). A pool
+//! whose image differs sets its own template.
+//!
 //! Templates are per pool. Placeholders are `{{ name }}` with:
 //! `instance_name`, `runner_user`, `runner_dir`, `jit_config`,
 //! `jit_config_path`. Every value is checked against a strict character set
