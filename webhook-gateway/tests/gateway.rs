@@ -607,3 +607,45 @@ async fn a_stalled_upload_is_cut_off_at_the_request_timeout() {
     gw.stop().await;
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn the_control_plane_can_be_reached_over_tls_with_a_ca_file() {
+    let cert = rcgen::generate_simple_self_signed(vec!["grs-control-plane".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let cp = FakeControlPlane::default()
+        .serve_tls(&cert_pem, &key_pem)
+        .await;
+    let url = format!("https://{}", cp.addr);
+    let body = fixture("octokit-webhooks/workflow_job/queued.payload.json");
+
+    let ca = cert_pem.clone().into_bytes();
+    let gw = Gateway::start(&url, |c, s| {
+        c.tls_domain = Some("grs-control-plane".into());
+        s.tls_ca_pem = Some(ca);
+    })
+    .await;
+    assert_eq!(
+        post(&gw, Delivery::signed("workflow_job", "tls-1", body.clone()))
+            .await
+            .0,
+        202
+    );
+    gw.stop().await;
+
+    // A certificate for another name is refused: the gateway answers 503.
+    let ca = cert_pem.into_bytes();
+    let gw = Gateway::start(&url, |c, s| {
+        c.tls_domain = Some("someone-else".into());
+        s.tls_ca_pem = Some(ca);
+    })
+    .await;
+    assert_eq!(
+        post(&gw, Delivery::signed("workflow_job", "tls-2", body))
+            .await
+            .0,
+        503
+    );
+    gw.stop().await;
+    assert_eq!(cp.fake.accepted().len(), 1);
+    cp.stop().await;
+}

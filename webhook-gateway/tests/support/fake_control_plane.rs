@@ -96,7 +96,23 @@ impl FakeControlPlane {
         self.serve_on(listener).await
     }
 
+    /// Serves over TLS with the given certificate and key (PEM).
+    pub async fn serve_tls(self, cert_pem: &str, key_pem: &str) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        self.serve_with(listener, Some(tls)).await
+    }
+
     pub async fn serve_on(self, listener: tokio::net::TcpListener) -> Running {
+        self.serve_with(listener, None).await
+    }
+
+    async fn serve_with(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Running {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let svc = ControlPlaneServer::new(self.clone());
@@ -111,7 +127,11 @@ impl FakeControlPlane {
             },
         );
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = tls {
+                builder = builder.tls_config(tls).unwrap();
+            }
+            let _ = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
