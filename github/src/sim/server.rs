@@ -1,0 +1,318 @@
+//! The simulator's REST endpoints. Paths may carry a GHES-style prefix
+//! (`/api/v3`); both organisation and repository scopes are served.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Fault, GitHubSim, SimRunner};
+
+pub(super) fn router(sim: GitHubSim) -> Router {
+    Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let sim = sim.clone();
+            async move { handle(&sim, method, uri, headers, body).await }
+        },
+    )
+}
+
+fn err(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(
+            json!({ "message": message, "documentation_url": "https://docs.github.com/rest" }),
+        ),
+    )
+        .into_response()
+}
+
+async fn handle(
+    sim: &GitHubSim,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().strip_prefix("/api/v3").unwrap_or(uri.path());
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let query: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+
+    // A VM's runner process, out of process: `POST /_sim/boot` with the
+    // encoded JIT config as the body.
+    if method == Method::POST && segs == ["_sim", "boot"] {
+        let jit = String::from_utf8_lossy(&body).into_owned();
+        return match sim.boot_runner(&jit).await {
+            Ok(r) => (StatusCode::OK, axum::Json(runner_json(&r))).into_response(),
+            Err(e) => err(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        };
+    }
+
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("token "))
+        })
+        .unwrap_or("")
+        .to_owned();
+
+    if method == Method::POST
+        && segs.len() == 4
+        && segs[0] == "app"
+        && segs[1] == "installations"
+        && segs[3] == "access_tokens"
+    {
+        return access_token(sim, &bearer, segs[2]);
+    }
+
+    // Every other endpoint takes an installation token or the PAT.
+    {
+        let st = sim.lock();
+        let now = SystemTime::now();
+        let ok = st.tokens.get(&bearer).is_some_and(|exp| *exp > now)
+            || st.cfg.pat.as_deref().is_some_and(|p| p == bearer);
+        if !ok {
+            return err(StatusCode::UNAUTHORIZED, "Bad credentials");
+        }
+    }
+    if let Some(fault) = sim.lock().faults.pop_front() {
+        return fault_response(fault);
+    }
+
+    // Scope prefix: orgs/{org}/actions/runners... or repos/{o}/{r}/actions/...
+    let (rest, repo) = match segs.as_slice() {
+        ["orgs", _org, rest @ ..] => (rest, None),
+        ["repos", o, r, rest @ ..] => (rest, Some(format!("{o}/{r}"))),
+        _ => return err(StatusCode::NOT_FOUND, "Not Found"),
+    };
+    match (method.clone(), rest) {
+        (Method::POST, ["actions", "runners", "generate-jitconfig"]) => generate_jit(sim, &body),
+        (Method::POST, ["actions", "runners", "registration-token"]) => {
+            let expires = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+            (
+                StatusCode::CREATED,
+                axum::Json(json!({
+                    "token": format!("AREG{:028X}", rand::random::<u128>()),
+                    "expires_at": expires.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                })),
+            )
+                .into_response()
+        }
+        (Method::GET, ["actions", "runners"]) => list_runners(sim, &query),
+        (Method::DELETE, ["actions", "runners", id]) => {
+            let Ok(id) = id.parse::<u64>() else {
+                return err(StatusCode::NOT_FOUND, "Not Found");
+            };
+            let mut st = sim.lock();
+            match st.runners.get(&id) {
+                None => err(StatusCode::NOT_FOUND, "Not Found"),
+                Some(r) if r.busy => err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Bad request - Runner is still running a job",
+                ),
+                Some(_) => {
+                    st.runners.remove(&id);
+                    st.jit_nonces.remove(&id);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+            }
+        }
+        (Method::GET, ["actions", "jobs", id]) if repo.is_some() => {
+            let Some(job) = id.parse::<u64>().ok().and_then(|id| sim.job(id)) else {
+                return err(StatusCode::NOT_FOUND, "Not Found");
+            };
+            axum::Json(json!({
+                "id": job.id,
+                "run_id": job.run_id,
+                "status": job.status,
+                "conclusion": job.conclusion,
+                "labels": job.labels,
+                "runner_id": job.runner_id,
+                "runner_name": job.runner_name,
+                "name": job.name,
+            }))
+            .into_response()
+        }
+        _ => err(StatusCode::NOT_FOUND, "Not Found"),
+    }
+}
+
+fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
+    #[derive(Deserialize)]
+    struct Claims {
+        iss: serde_json::Value,
+        exp: u64,
+        iat: u64,
+    }
+    let mut st = sim.lock();
+    if installation.parse::<u64>().ok() != Some(st.cfg.installation_id) {
+        return err(StatusCode::NOT_FOUND, "Not Found");
+    }
+    let claims: Option<Claims> = match &st.cfg.app_public_key_pem {
+        Some(pem) => jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes())
+            .ok()
+            .and_then(|key| {
+                let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+                v.validate_exp = true;
+                v.required_spec_claims = ["exp", "iat", "iss"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                jsonwebtoken::decode::<Claims>(jwt, &key, &v)
+                    .ok()
+                    .map(|d| d.claims)
+            }),
+        None => {
+            let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+            v.insecure_disable_signature_validation();
+            v.validate_exp = false;
+            jsonwebtoken::decode::<Claims>(jwt, &jsonwebtoken::DecodingKey::from_secret(&[]), &v)
+                .ok()
+                .map(|d| d.claims)
+        }
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let Some(c) = claims else {
+        return err(
+            StatusCode::UNAUTHORIZED,
+            "A JSON web token could not be decoded",
+        );
+    };
+    let iss = match &c.iss {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    // GitHub's rules: issued in the past, at most ten minutes of life.
+    if iss != st.cfg.app_id || c.iat > now + 5 || c.exp > c.iat + 600 + 60 || c.exp <= now {
+        return err(
+            StatusCode::UNAUTHORIZED,
+            "'Expiration time' claim ('exp') is too far in the future",
+        );
+    }
+    let token = format!("ghs_{:036x}", rand::random::<u128>());
+    let expires = SystemTime::now() + st.cfg.token_ttl;
+    st.tokens.insert(token.clone(), expires);
+    st.token_mints += 1;
+    let expires_at = time::OffsetDateTime::from(expires)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({ "token": token, "expires_at": expires_at })),
+    )
+        .into_response()
+}
+
+fn generate_jit(sim: &GitHubSim, body: &[u8]) -> Response {
+    #[derive(Deserialize)]
+    struct Req {
+        name: String,
+        runner_group_id: u64,
+        labels: Vec<String>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        work_folder: Option<String>,
+    }
+    let Ok(req) = serde_json::from_slice::<Req>(body) else {
+        return err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request");
+    };
+    if req.labels.is_empty() || req.labels.len() > 100 || req.name.is_empty() {
+        return err(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed");
+    }
+    match sim.register_jit(&req.name, req.labels, req.runner_group_id) {
+        Ok((runner, encoded)) => (
+            StatusCode::CREATED,
+            axum::Json(json!({ "runner": runner_json(&runner), "encoded_jit_config": encoded })),
+        )
+            .into_response(),
+        Err(()) => err(
+            StatusCode::CONFLICT,
+            "Already exists - A runner with the same name already exists",
+        ),
+    }
+}
+
+fn list_runners(sim: &GitHubSim, query: &[(String, String)]) -> Response {
+    let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let per_page = q("per_page")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(30)
+        .clamp(1, 100);
+    let page = q("page")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let all: Vec<SimRunner> = sim
+        .runners()
+        .into_iter()
+        .filter(|r| q("name").is_none_or(|n| r.name == n))
+        .collect();
+    let items: Vec<_> = all
+        .iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(runner_json)
+        .collect();
+    axum::Json(json!({ "total_count": all.len(), "runners": items })).into_response()
+}
+
+fn runner_json(r: &SimRunner) -> serde_json::Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "os": "Linux",
+        "status": if r.online { "online" } else { "offline" },
+        "busy": r.busy,
+        "ephemeral": true,
+        "runner_group_id": r.runner_group_id,
+        "labels": r.labels.iter().map(|l| json!({ "name": l, "type": "custom" })).collect::<Vec<_>>(),
+    })
+}
+
+fn fault_response(f: Fault) -> Response {
+    match f {
+        Fault::RateLimit {
+            status,
+            retry_after,
+            reset_in,
+        } => {
+            let mut resp = err(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.",
+            );
+            let h = resp.headers_mut();
+            if let Some(s) = retry_after {
+                h.insert("retry-after", s.into());
+            }
+            if let Some(s) = reset_in {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                h.insert("x-ratelimit-remaining", 0u64.into());
+                h.insert("x-ratelimit-reset", (now + s).into());
+            }
+            resp
+        }
+        Fault::Status(s) => err(
+            StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "Server Error",
+        ),
+    }
+}
