@@ -471,6 +471,19 @@ impl GitHubClient {
         }
     }
 
+    /// Removes every registration named `name` (a runner that never ran its
+    /// job, left behind by a deleted instance). Absent is success; returns
+    /// how many were removed.
+    pub async fn remove_runner_by_name(&self, name: &str) -> Result<usize, GitHubError> {
+        let found = self.list_runners(Some(name)).await?;
+        let mut removed = 0;
+        for r in found.iter().filter(|r| r.name == name) {
+            self.delete_runner(r.id).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// One workflow job of `repository` (`owner/name`).
     pub async fn get_job(&self, repository: &str, job_id: u64) -> Result<Job, GitHubError> {
         let path = format!("/repos/{repository}/actions/jobs/{job_id}");

@@ -147,6 +147,9 @@ async fn runners_are_listed_across_pages_and_deleted_idempotently() {
     gh.delete_runner(one[0].id).await.unwrap();
     gh.delete_runner(one[0].id).await.unwrap(); // absent: still success
     assert_eq!(gh.list_runners(None).await.unwrap().len(), 204);
+    assert_eq!(gh.remove_runner_by_name("grs-8").await.unwrap(), 1);
+    assert_eq!(gh.remove_runner_by_name("grs-8").await.unwrap(), 0);
+    assert_eq!(gh.list_runners(None).await.unwrap().len(), 203);
     sim.shutdown().await;
 }
 

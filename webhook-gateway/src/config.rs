@@ -27,13 +27,43 @@ use serde::{Deserialize, Serialize};
 /// The variable the webhook secret is read from when the config names none.
 pub const WEBHOOK_SECRET_ENV: &str = "GRS_WEBHOOK_SECRET";
 
-/// The file the gateway binary reads: only `[gateway]` matters to it, every
-/// other section (the control plane's) is ignored.
+/// The file the gateway binary reads: `[gateway]`, plus the control
+/// plane's bearer token from `[control_plane]` (the same file configures
+/// both ends, so the token is written once). Every other key is ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ConfigFile {
     /// `[gateway]`.
     pub gateway: GatewayConfig,
+    /// The token keys of `[control_plane]`.
+    pub control_plane: ControlPlaneSection,
+}
+
+impl ConfigFile {
+    /// The gateway's section, with the control plane's bearer token
+    /// (`control_plane.auth_token`, `GRS_CONTROL_PLANE_AUTH_TOKEN`, or
+    /// `control_plane.auth_token_file`) filled in when `[gateway]` names
+    /// none of its own.
+    pub fn into_gateway(self) -> GatewayConfig {
+        let mut g = self.gateway;
+        if g.auth_token.is_none() && g.auth_token_file.is_none() {
+            g.auth_token = self.control_plane.auth_token;
+            g.auth_token_file = self.control_plane.auth_token_file;
+        }
+        g
+    }
+}
+
+/// What the gateway reads of `[control_plane]` (other keys are the control
+/// plane's business and are ignored here).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlPlaneSection {
+    /// The bearer token the control plane requires.
+    #[serde(default, skip_serializing)]
+    pub auth_token: Option<SecretString>,
+    /// File holding it.
+    pub auth_token_file: Option<PathBuf>,
 }
 
 /// The `[gateway]` section.
@@ -44,7 +74,8 @@ pub struct GatewayConfig {
     pub listen: String,
     /// The control plane's gRPC endpoint (`http://` or `https://`).
     pub control_plane_url: String,
-    /// Bearer token sent to the control plane (if it requires one).
+    /// Bearer token sent to the control plane (if it requires one);
+    /// default: the `[control_plane]` token of the same file.
     #[serde(default, skip_serializing)]
     pub auth_token: Option<SecretString>,
     /// File holding that token.
@@ -222,6 +253,38 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:9999");
         assert_eq!(c.control_plane_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_control_plane_token_of_the_shared_file_is_used_unless_the_gateway_has_its_own() {
+        let text = "[control_plane]\nlisten = '127.0.0.1:50051'\ninstallation_id = 'x'\nauth_token_file = '/etc/grs/cp.token'\n";
+        let file = grs_config::parse_file(std::path::Path::new("grs.toml"), text).unwrap();
+        let c: ConfigFile = grs_config::load_from(Some(file), Vec::new()).unwrap();
+        assert_eq!(
+            c.into_gateway().auth_token_file,
+            Some(PathBuf::from("/etc/grs/cp.token"))
+        );
+
+        let file = grs_config::parse_file(std::path::Path::new("grs.toml"), "").unwrap();
+        let c: ConfigFile = grs_config::load_from(
+            Some(file),
+            [(
+                "GRS_CONTROL_PLANE_AUTH_TOKEN".to_string(),
+                "t0k".to_string(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.into_gateway().auth_token.unwrap().expose_secret(), "t0k");
+
+        let file = grs_config::parse_file(std::path::Path::new("grs.toml"), text).unwrap();
+        let c: ConfigFile = grs_config::load_from(
+            Some(file),
+            [("GRS_GATEWAY_AUTH_TOKEN".to_string(), "own".to_string())],
+        )
+        .unwrap();
+        let g = c.into_gateway();
+        assert_eq!(g.auth_token.unwrap().expose_secret(), "own");
+        assert_eq!(g.auth_token_file, None);
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
-    let config = file.gateway;
+    let config = file.into_gateway();
     // Validate (and read secret files) before anything starts, so a bad
     // config exits 64 naming the key.
     let secrets = match config.resolve(|k| std::env::var(k).ok()) {
