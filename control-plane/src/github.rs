@@ -38,17 +38,13 @@ impl RunnerRegistrar for GitHubRegistrar {
     }
 
     async fn remove_runner(&self, name: &str) -> Result<(), String> {
-        let runners = self
+        let removed = self
             .client
-            .list_runners(Some(name))
+            .remove_runner_by_name(name)
             .await
-            .map_err(|e| format!("cannot list runners named {name}: {e}"))?;
-        for r in runners.iter().filter(|r| r.name == name) {
-            self.client
-                .delete_runner(r.id)
-                .await
-                .map_err(|e| format!("cannot remove runner {name} (id {}): {e}", r.id))?;
-            tracing::info!(runner = %name, id = r.id, "removed a runner registration left behind");
+            .map_err(|e| format!("cannot remove the runner registration {name}: {e}"))?;
+        if removed > 0 {
+            tracing::info!(runner = %name, removed, "removed a runner registration left behind");
         }
         Ok(())
     }
