@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use grs_github::cloud_init::{DEFAULT_USER_DATA_TEMPLATE, RunnerBootstrap, render_user_data};
 use grs_proto::v1::BootstrapDocument;
 
 use crate::model::InstanceRecord;
@@ -49,18 +50,30 @@ impl Documents {
                 Ok((NETWORK_CONFIG.as_bytes().to_vec(), "text/yaml"))
             }
             BootstrapDocument::UserData => {
-                let registrar = self
-                    .registrar
-                    .as_ref()
-                    .ok_or("GitHub is not configured: no runner registration can be minted")?;
-                let _jit = registrar
+                let registrar = self.registrar.as_ref().ok_or(
+                    "GitHub is not configured ([github]): no runner registration can be minted",
+                )?;
+                let jit = registrar
                     .jit_config(
                         &instance.name,
                         &pool.config.labels,
                         pool.config.runner_group_id,
                     )
                     .await?;
-                Err("user-data rendering is not available yet".into())
+                let bootstrap = RunnerBootstrap {
+                    instance_name: instance.name.clone(),
+                    encoded_jit_config: jit,
+                    runner_user: pool.config.runner_user.clone(),
+                    runner_dir: pool.config.runner_dir.clone(),
+                    jit_config_path: None,
+                };
+                let template = pool
+                    .config
+                    .user_data_template
+                    .as_deref()
+                    .unwrap_or(DEFAULT_USER_DATA_TEMPLATE);
+                let text = render_user_data(template, &bootstrap).map_err(|e| e.to_string())?;
+                Ok((text.into_bytes(), "text/cloud-config"))
             }
             BootstrapDocument::Unspecified => Err("no document requested".into()),
         }

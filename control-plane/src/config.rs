@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use grs_config::ConfigError;
+use grs_github::GitHubConfig;
 use grs_provisioner_proxmox::{ProxmoxConfig, ProxmoxPoolConfig};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,10 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     /// `[proxmox]`: the PVE connection, needed by pools of `type = "proxmox"`.
     pub proxmox: Option<ProxmoxConfig>,
+    /// `[github]`: where runners are registered. Without it, instances get
+    /// no runner registration from GRS (their template must bring one) and
+    /// `user-data` cannot be served.
+    pub github: Option<GitHubConfig>,
 }
 
 /// Where the durable state lives.
@@ -166,6 +171,19 @@ pub struct PoolConfig {
     pub paused: bool,
     /// GitHub runner group id the runners join.
     pub runner_group_id: u64,
+    /// The unprivileged user the runner runs as inside the VM.
+    pub runner_user: String,
+    /// Where the template has the runner unpacked.
+    pub runner_dir: String,
+    /// A cloud-config template for the instances' user-data (placeholders:
+    /// `{{ instance_name }}`, `{{ runner_user }}`, `{{ runner_dir }}`,
+    /// `{{ jit_config }}`, `{{ jit_config_path }}`). Default: GRS's own,
+    /// which writes the JIT config readable only by the runner user and
+    /// starts `run.sh --jitconfig` as that user.
+    pub user_data_template_file: Option<PathBuf>,
+    /// The template's text, read from `user_data_template_file` at start-up.
+    #[serde(skip)]
+    pub user_data_template: Option<String>,
     /// The backend making its instances.
     pub provisioner: ProvisionerConfig,
 }
@@ -178,6 +196,10 @@ impl Default for PoolConfig {
             min_idle: 0,
             paused: false,
             runner_group_id: 1,
+            runner_user: "runner".into(),
+            runner_dir: "/home/runner/actions-runner".into(),
+            user_data_template_file: None,
+            user_data_template: None,
             provisioner: ProvisionerConfig::default(),
         }
     }
@@ -311,6 +333,41 @@ impl Config {
                 "pools",
                 "at least one pool must be configured ([pools.<name>])",
             ));
+        }
+        if let Some(gh) = &self.github {
+            // Builds the client once to check scope, auth and key (no request).
+            grs_github::GitHubClient::new(gh)
+                .map_err(|e| ConfigError::key("github", e.to_string()))?;
+        }
+        for (name, pool) in &mut self.pools {
+            if let Some(path) = &pool.user_data_template_file {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::key(
+                        format!("pools.{name}.user_data_template_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                pool.user_data_template = Some(text);
+            }
+            let sample = grs_github::cloud_init::RunnerBootstrap {
+                instance_name: format!("{}-1", self.control_plane.instance_prefix),
+                encoded_jit_config: SecretString::from("c2FtcGxl".to_owned()),
+                runner_user: pool.runner_user.clone(),
+                runner_dir: pool.runner_dir.clone(),
+                jit_config_path: None,
+            };
+            let template = pool
+                .user_data_template
+                .as_deref()
+                .unwrap_or(grs_github::cloud_init::DEFAULT_USER_DATA_TEMPLATE);
+            grs_github::cloud_init::render_user_data(template, &sample).map_err(|e| {
+                let key = if pool.user_data_template_file.is_some() {
+                    "user_data_template_file"
+                } else {
+                    "runner_user"
+                };
+                ConfigError::key(format!("pools.{name}.{key}"), e.to_string())
+            })?;
         }
         for (name, pool) in &self.pools {
             let key = |k: &str| format!("pools.{name}.{k}");

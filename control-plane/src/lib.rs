@@ -13,6 +13,8 @@
 //! - [`worker`]: what the two share (claiming, heartbeats, the
 //!   [`RunnerRegistrar`](worker::RunnerRegistrar) view of GitHub).
 //! - [`bootstrap`], [`cloud_init`]: tokens and documents a booting VM uses.
+//! - [`github`]: the [`RunnerRegistrar`](worker::RunnerRegistrar) over
+//!   GitHub's REST API.
 //! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
 //! - [`server`]: assembles it all: [`server::run`] is the entry point.
 //! - [`testing`]: helpers for tests that need a real Redis.
@@ -23,6 +25,7 @@ pub mod bootstrap;
 pub mod cloud_init;
 pub mod config;
 pub mod dispatcher;
+pub mod github;
 pub mod model;
 pub mod pools;
 pub mod server;

@@ -9,9 +9,12 @@ use anyhow::Context;
 use clap::Parser;
 use grs_config::{ConfigError, EX_USAGE};
 use grs_control_plane::config::{Config, StoreKind};
+use grs_control_plane::github::GitHubRegistrar;
 use grs_control_plane::pools::Pools;
 use grs_control_plane::server::{self, ControlPlane};
 use grs_control_plane::store::{MemoryStore, RedisStore, RedisStoreOptions, Store};
+use grs_control_plane::worker::RunnerRegistrar;
+use grs_github::GitHubClient;
 use grs_provisioner::ProvisionerError;
 
 /// The GRS control plane: gRPC API, durable job queues, dispatcher and
@@ -119,11 +122,22 @@ async fn serve(config: Config, pools: Pools) -> anyhow::Result<()> {
                 config.control_plane.listen
             )
         })?;
+    let registrar: Option<Arc<dyn RunnerRegistrar>> = match &config.github {
+        Some(gh) => {
+            let client = GitHubClient::new(gh).context("[github]")?;
+            tracing::info!(client = ?client, "runner registrations through GitHub");
+            Some(Arc::new(GitHubRegistrar::new(client)))
+        }
+        None => {
+            tracing::warn!("no [github] section: instances get no runner registration from GRS");
+            None
+        }
+    };
     let cp = ControlPlane {
         config,
         store,
         pools,
-        registrar: None,
+        registrar,
     };
     server::run(cp, listener, grs_config::process::shutdown_signal()).await?;
     Ok(())

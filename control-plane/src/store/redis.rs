@@ -292,6 +292,20 @@ fn as_string(v: &Value) -> Option<String> {
     }
 }
 
+/// The entries of the first stream in an `XREAD`/`XREADGROUP` reply:
+/// `[[key, [[id, [f, v, ...]], ...]]]` (RESP2) or a map (RESP3).
+fn first_stream_entries(reply: Value) -> Vec<Value> {
+    match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .next()
+            .map(|s| items(s).into_iter().nth(1).map(items).unwrap_or_default()),
+        Value::Map(m) => m.into_iter().next().map(|(_, e)| items(e)),
+        _ => None,
+    }
+    .unwrap_or_default()
+}
+
 fn pairs(fields: &[Value]) -> HashMap<String, String> {
     fields
         .chunks(2)
@@ -1082,15 +1096,7 @@ impl Store for RedisStore {
                 match r {
                     Ok(Value::Nil) => return Ok(None),
                     Ok(v) => {
-                        // [[key, [[id, [f, v, ...]], ...]]] (RESP2) or a map (RESP3).
-                        let entries = match v {
-                            Value::Array(streams) => streams.into_iter().next().map(|s| {
-                                items(s).into_iter().nth(1).map(items).unwrap_or_default()
-                            }),
-                            Value::Map(m) => m.into_iter().next().map(|(_, e)| items(e)),
-                            _ => None,
-                        }
-                        .unwrap_or_default();
+                        let entries = first_stream_entries(v);
                         return Ok(self.parse_deliveries(queue, &entries).into_iter().next());
                     }
                     Err(e) if e.code() == Some("NOGROUP") => {
@@ -1339,15 +1345,7 @@ impl Store for RedisStore {
                         return;
                     }
                 };
-                let entries = match v {
-                    Value::Array(streams) => streams
-                        .into_iter()
-                        .next()
-                        .map(|s| items(s).into_iter().nth(1).map(items).unwrap_or_default()),
-                    Value::Map(m) => m.into_iter().next().map(|(_, e)| items(e)),
-                    _ => None,
-                }
-                .unwrap_or_default();
+                let entries = first_stream_entries(v);
                 for e in entries {
                     let parts = items(e);
                     let Some(id) = parts.first().and_then(as_string) else {

@@ -1,0 +1,199 @@
+//! The mission, end to end: GitHub queues a job; the signed webhook reaches
+//! the gateway; the control plane clones a VM on Proxmox with a cloud-init
+//! seed; the "VM" fetches its user-data through the gateway and boots a
+//! one-job runner from the JIT config in it; GitHub runs the job on it and
+//! says so; the VM is destroyed. Everything over real sockets: GitHub and
+//! Proxmox are the simulators GRS ships.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use grs_control_plane::config::ProvisionerConfig;
+use grs_control_plane::pools::Pools;
+use grs_control_plane::store::MemoryStore;
+use grs_control_plane::testing::{RunningControlPlane, eventually, test_config};
+use grs_github::GitHubConfig;
+use grs_github::sim::{GitHubSim, NewJob, SimConfig, SimJobStatus};
+use grs_proto::v1 as pb;
+use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
+use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+/// The seed URL in a simulated VM's SMBIOS serial.
+fn seed_url(smbios1: &str) -> String {
+    let serial = smbios1
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("serial="))
+        .expect("an SMBIOS serial");
+    let decoded = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(serial)
+            .unwrap(),
+    )
+    .unwrap();
+    decoded
+        .strip_prefix("ds=nocloud;s=")
+        .expect("a NoCloud seed")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
+    // GitHub.
+    let github = GitHubSim::start(SimConfig {
+        job_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    // Proxmox.
+    let pve = SimFixture::single_node().await;
+    // Gateway listener first: the control plane hands VMs its URL.
+    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_url = format!("http://{}", gw_listener.local_addr().unwrap());
+
+    let mut config = test_config();
+    config.control_plane.installation_id = "grs-e2e".into();
+    config.control_plane.gateway_url = Some(gw_url.clone());
+    config.proxmox = Some(pve.conn.clone());
+    config.github = Some(GitHubConfig {
+        api_url: github.url(),
+        organization: Some("grs-sim".into()),
+        token: Some(SecretString::from(
+            "ghp_simulated_personal_access_token".to_owned(),
+        )),
+        ..GitHubConfig::default()
+    });
+    config.pools.get_mut("linux").unwrap().provisioner =
+        ProvisionerConfig::Proxmox(pve.pool.clone());
+    config.validate().unwrap();
+    let pools = Pools::from_config(&config).unwrap();
+    let registrar = grs_control_plane::github::GitHubRegistrar::new(
+        grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap(),
+    );
+    let cp = RunningControlPlane::start(grs_control_plane::server::ControlPlane {
+        config,
+        store: Arc::new(MemoryStore::new()),
+        pools,
+        registrar: Some(Arc::new(registrar)),
+    })
+    .await;
+
+    let gw_config = GatewayConfig {
+        control_plane_url: cp.url(),
+        ..GatewayConfig::default()
+    };
+    let secrets = ResolvedSecrets {
+        webhook_secret: SecretString::from(github.webhook_secret()),
+        auth_token: None,
+        tls_ca_pem: None,
+    };
+    let gw_stop = CancellationToken::new();
+    let gw = tokio::spawn(grs_webhook_gateway::run_with(
+        gw_config,
+        secrets,
+        gw_listener,
+        gw_stop.clone().cancelled_owned(),
+    ));
+    github.set_webhook_url(format!("{gw_url}/webhook"));
+
+    // GitHub queues a job: its webhook flows to a clone on Proxmox.
+    let job = github
+        .queue_job(NewJob::labels(["self-hosted", "linux"]))
+        .await;
+    let name = format!("grs-{}", job.id);
+    let vm = eventually("the VM to run on Proxmox", Duration::from_secs(20), || {
+        let vms = pve.sim.vms_named(&name);
+        async move { vms.into_iter().find(|v| v.running) }
+    })
+    .await;
+    assert_ne!(vm.vmid, TEMPLATE_VMID);
+
+    // The VM boots: cloud-init fetches its documents from the seed URL.
+    let seed = seed_url(vm.config.get("smbios1").expect("smbios1"));
+    assert!(seed.starts_with(&format!("{gw_url}/cloud-init/")), "{seed}");
+    let http = reqwest::Client::new();
+    let meta = http.get(format!("{seed}meta-data")).send().await.unwrap();
+    assert_eq!(meta.status(), 200);
+    assert!(
+        meta.text()
+            .await
+            .unwrap()
+            .contains(&format!("instance-id: {name}"))
+    );
+    let user_data = http.get(format!("{seed}user-data")).send().await.unwrap();
+    assert_eq!(user_data.status(), 200);
+    let user_data = user_data.text().await.unwrap();
+    assert!(user_data.starts_with("#cloud-config"), "{user_data}");
+    assert!(
+        user_data.contains("permissions: \"0600\"") && user_data.contains("--jitconfig"),
+        "{user_data}"
+    );
+    let jit = grs_github::cloud_init::jit_config_from_user_data(&user_data)
+        .expect("a JIT config in the user-data");
+
+    // The runner starts; GitHub gives it the job, runs it, completes it.
+    let runner = github
+        .boot_runner(&jit)
+        .await
+        .expect("the JIT config boots a runner");
+    assert_eq!(runner.name, name, "the runner is named after the instance");
+    assert!(
+        github
+            .wait_until(Duration::from_secs(10), |g| g
+                .job(job.id)
+                .is_some_and(|j| j.status == SimJobStatus::Completed))
+            .await,
+        "job completed on GitHub"
+    );
+
+    // Completed → the VM is destroyed, the slot freed, the template untouched.
+    eventually("the VM destroyed", Duration::from_secs(20), || {
+        let gone = pve.sim.vms_named(&name).is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    assert!(pve.sim.vm(TEMPLATE_VMID).is_some());
+    let mut c = cp.client().await;
+    let recorded = c
+        .get_job(pb::GetJobRequest { job_id: job.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recorded.state(), pb::JobState::Completed);
+    assert_eq!(recorded.runner_name, name);
+    eventually("the slot released", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            (c.get_stats(pb::GetStatsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .pools[0]
+                .instances_in_use
+                == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    // The bootstrap token is used up: the seed URL answers 404 now.
+    assert_eq!(
+        http.get(format!("{seed}user-data"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert!(
+        pve.sim.schema_violations().is_empty(),
+        "{:?}",
+        pve.sim.schema_violations()
+    );
+
+    gw_stop.cancel();
+    gw.await.unwrap().unwrap();
+    cp.shutdown().await.unwrap();
+}
