@@ -8,6 +8,7 @@
 //! # auth_token_file = "/etc/grs/control-plane-token"  # bearer token for the control plane
 //! # tls_ca_file = "/etc/grs/ca.pem"                   # control plane over TLS
 //! max_body_bytes = 1048576
+//! control_plane_connections = 4
 //! control_plane_timeout = "5s"
 //! request_timeout = "9s"
 //! shutdown_grace = "10s"
@@ -92,6 +93,8 @@ pub struct GatewayConfig {
     /// Larger request bodies are refused with 413 (workflow_job payloads
     /// are about 10 KB; GitHub caps payloads at 25 MB).
     pub max_body_bytes: usize,
+    /// HTTP/2 connections to the control plane, used in turn.
+    pub control_plane_connections: usize,
     /// Deadline of each control-plane call; keeps every answer well inside
     /// GitHub's 10 s.
     #[serde(with = "humantime_serde")]
@@ -121,6 +124,7 @@ impl Default for GatewayConfig {
             webhook_secret: None,
             webhook_secret_file: None,
             max_body_bytes: 1024 * 1024,
+            control_plane_connections: 4,
             control_plane_timeout: Duration::from_secs(5),
             public_url: None,
             request_timeout: Duration::from_secs(9),
@@ -149,6 +153,12 @@ impl GatewayConfig {
             return Err(ConfigError::key(
                 "gateway.control_plane_timeout",
                 "must be between 1ms and 9s (GitHub waits 10s for an answer)",
+            ));
+        }
+        if !(1..=64).contains(&self.control_plane_connections) {
+            return Err(ConfigError::key(
+                "gateway.control_plane_connections",
+                "must be between 1 and 64",
             ));
         }
         if self.request_timeout <= self.control_plane_timeout
@@ -331,6 +341,11 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("gateway.control_plane_url"), "{e}");
+        let e = with_secret(GatewayConfig {
+            control_plane_connections: 0,
+            ..Default::default()
+        });
+        assert!(e.contains("gateway.control_plane_connections"), "{e}");
         let e = with_secret(GatewayConfig {
             request_timeout: Duration::from_secs(3),
             ..Default::default()

@@ -1,8 +1,14 @@
-//! The gateway's gRPC client to the control plane: one lazily connected
-//! channel (reconnects by itself), an optional bearer token on every call,
-//! optional TLS, and a deadline per call so no webhook answer can take
-//! longer than GitHub waits.
+//! The gateway's gRPC client to the control plane: a few lazily connected
+//! HTTP/2 connections (each reconnects by itself) used in turn, an optional
+//! bearer token on every call, optional TLS, and a deadline per call so no
+//! webhook answer can take longer than GitHub waits.
+//!
+//! Why several connections: a server handles one HTTP/2 connection's frames
+//! on one task, so a single connection caps what a multi-core control plane
+//! can take from one gateway.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use grs_proto::v1 as pb;
@@ -16,7 +22,8 @@ use crate::config::{GatewayConfig, ResolvedSecrets};
 /// A cheap-to-clone handle on the control plane.
 #[derive(Clone)]
 pub struct ControlPlane {
-    client: ControlPlaneClient<Channel>,
+    clients: Arc<[ControlPlaneClient<Channel>]>,
+    next: Arc<AtomicUsize>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     timeout: Duration,
 }
@@ -73,10 +80,18 @@ impl ControlPlane {
             None => None,
         };
         Ok(Self {
-            client: ControlPlaneClient::new(ep.connect_lazy()),
+            clients: (0..config.control_plane_connections.max(1))
+                .map(|_| ControlPlaneClient::new(ep.connect_lazy()))
+                .collect(),
+            next: Arc::new(AtomicUsize::new(0)),
             auth,
             timeout: config.control_plane_timeout,
         })
+    }
+
+    fn client(&self) -> ControlPlaneClient<Channel> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -94,7 +109,7 @@ impl ControlPlane {
         event: pb::JobEvent,
     ) -> Result<pb::SubmitJobEventResponse, tonic::Status> {
         let req = self.request(pb::SubmitJobEventRequest { event: Some(event) });
-        let mut client = self.client.clone();
+        let mut client = self.client();
         tokio::time::timeout(self.timeout, client.submit_job_event(req))
             .await
             .unwrap_or_else(|_| {
@@ -115,7 +130,7 @@ impl ControlPlane {
             token,
             document: document as i32,
         });
-        let mut client = self.client.clone();
+        let mut client = self.client();
         tokio::time::timeout(self.timeout, client.get_bootstrap_document(req))
             .await
             .unwrap_or_else(|_| {
