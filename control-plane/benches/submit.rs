@@ -28,6 +28,38 @@ use tonic::transport::Channel;
 const CHANNELS: usize = 4;
 const IN_FLIGHT: usize = 64;
 
+/// User + system CPU seconds of a process, from /proc (clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Redis's own CPU seconds (`INFO cpu`).
+async fn redis_cpu_seconds(url: &str) -> f64 {
+    let Ok(client) = redis::Client::open(url) else {
+        return 0.0;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return 0.0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -102,6 +134,10 @@ async fn main() {
 
     // 1. Throughput, closed loop.
     let accepted = Arc::new(AtomicU64::new(0));
+    let (cp_cpu0, redis_cpu0) = (
+        cpu_seconds(child.id()),
+        redis_cpu_seconds(&redis_url()).await,
+    );
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -126,7 +162,12 @@ async fn main() {
         t.await.unwrap();
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let rate = accepted.load(Ordering::Relaxed) as f64 / elapsed;
+    let n = accepted.load(Ordering::Relaxed) as f64;
+    let rate = n / elapsed;
+    // CPU per event: steadier than the rate on a machine shared with the
+    // load generator (and anything else).
+    let cp_us = (cpu_seconds(child.id()) - cp_cpu0) * 1e6 / n;
+    let redis_us = (redis_cpu_seconds(&redis_url()).await - redis_cpu0) * 1e6 / n;
 
     // 2. Latency at a fixed 1,000 events/s, open loop: requests are sent on
     // schedule whether or not earlier ones were answered.
@@ -181,6 +222,7 @@ async fn main() {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| accepted events/s, sustained {seconds} s | {rate:.0} |");
+    println!("| CPU per accepted event: control plane / Redis | {cp_us:.0} / {redis_us:.0} µs |");
     println!("| open-loop rate offered / achieved | 1000 / {achieved:.0} events/s |");
     println!(
         "| latency at 1000/s: p50 / p99 / max | {:.2} / {:.2} / {:.2} ms |",

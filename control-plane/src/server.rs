@@ -210,15 +210,24 @@ pub async fn run(
         pools = pools.iter().count(),
         "control plane serving"
     );
+    // No Nagle: answers are small, and Nagle with delayed ACKs stalls some
+    // of them by ~40 ms (seen as the gateway's p99.9 in its benchmark).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            })
+        },
+    );
     let served = builder
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(api)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stop.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned())
         .await;
 
     // Drain: workers stop taking entries at once; work in flight gets the

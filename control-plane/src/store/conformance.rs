@@ -76,6 +76,7 @@ checks!(
     bootstrap_tokens_resolve_until_revoked,
     list_jobs_filters_and_pages_newest_first,
     watch_streams_transitions,
+    the_job_returned_is_the_job_recorded,
 );
 
 async fn queue_one(store: &dyn Store, job: u64) {
@@ -1001,4 +1002,31 @@ async fn watch_streams_transitions(store: Arc<dyn Store>) {
         } => assert_eq!(pool, "other"),
         e => panic!("filtered watcher saw {e:?}"),
     }
+}
+
+async fn the_job_returned_is_the_job_recorded(store: Arc<dyn Store>) {
+    let mut started = event("s", JobAction::InProgress, 501);
+    started.runner_name = "someone-elses-runner".into();
+    started.runner_id = 9;
+    let mut done = event("c", JobAction::Completed, 502);
+    done.conclusion = "cancelled".into();
+    let cases = [
+        (event("q", JobAction::Queued, 500), Some("linux")),
+        (started, Some("linux")),
+        (done, None),
+        (event("w", JobAction::Waiting, 503), None),
+        (event("w2", JobAction::Waiting, 504), Some("linux")),
+    ];
+    for (ev, routed) in cases {
+        let r = store.submit_event(&ev, routed, 1234).await.unwrap();
+        let recorded = store.get_job(ev.job_id).await.unwrap();
+        assert_eq!(r.job, recorded, "a new record of {:?}", ev.action);
+    }
+    // And after a change to an existing record.
+    let r = store
+        .submit_event(&event("q2", JobAction::Queued, 504), Some("linux"), 2000)
+        .await
+        .unwrap();
+    assert_eq!(r.job, store.get_job(504).await.unwrap());
+    assert_eq!(r.job.map(|j| j.state), Some(JobState::Queued));
 }

@@ -48,7 +48,7 @@ use super::{
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobEvent, JobState, Millis, PoolOverrides,
-    REASON_COMPLETED_UNSEEN, SubmitOutcome, unrouted_reason,
+    REASON_COMPLETED_UNSEEN, SubmitOutcome, apply_event, unrouted_reason,
 };
 
 /// Tunables of the Redis store.
@@ -501,26 +501,32 @@ local function with_runner()
   if runner ~= '' then redis.call('HSET', jk, 'runner_name', runner) end
   if runner_id ~= '0' then redis.call('HSET', jk, 'runner_id', runner_id) end
 end
+local created = false
+local qpool = routed
 if not st then
+  -- A new record: every field is known from the event, so it is written in
+  -- one HSET and not read back (the caller derives it the same way).
+  created = true
   local state
   if action == 'queued' then state = (routed ~= '') and 'queued' or 'unrouted'
   elseif action == 'waiting' then state = (routed ~= '') and 'waiting' or 'unrouted'
   elseif action == 'in_progress' then state = 'in_progress'
   else state = 'completed' end
+  local reason = (routed == '') and ARGV[21] or ''
+  local concl = ''
+  if action == 'completed' then reason = ARGV[22]; concl = conclusion end
   redis.call('HSET', jk, 'job_id', id, 'run_id', ARGV[13], 'run_attempt', ARGV[14], 'repository', ARGV[15],
     'organization', ARGV[16], 'installation_id', ARGV[17], 'labels', ARGV[18], 'state', state, 'pool', routed,
-    'instance_name', '', 'runner_name', '', 'runner_id', '0', 'conclusion', '', 'reason', (routed == '') and ARGV[21] or '',
+    'instance_name', '', 'runner_name', runner, 'runner_id', runner_id, 'conclusion', concl, 'reason', reason,
     'attempts', '0', 'job_name', ARGV[19], 'workflow_name', ARGV[20], 'recorded_at', NOW, 'updated_at', NOW)
   redis.call('ZADD', k('jobs'), NOW, id)
   if routed ~= '' then redis.call('ZADD', k('pool', routed, 'jobs'), NOW, id) end
-  with_runner()
-  if action == 'completed' then redis.call('HSET', jk, 'conclusion', conclusion, 'reason', ARGV[22]) end
   if state == 'completed' or state == 'unrouted' then redis.call('EXPIRE', jk, RETAIN) end
-  emit('job', id, routed, '', state, redis.call('HGET', jk, 'reason'))
+  emit('job', id, routed, '', state, reason)
   enqueue = (state == 'queued')
 elseif action == 'queued' and st == 'waiting' then
-  local pool = redis.call('HGET', jk, 'pool')
-  if pool == '' then set_job(jk, id, 'unrouted', '') else set_job(jk, id, 'queued', ''); enqueue = true end
+  qpool = redis.call('HGET', jk, 'pool')
+  if qpool == '' then set_job(jk, id, 'unrouted', '') else set_job(jk, id, 'queued', ''); enqueue = true end
 elseif action == 'in_progress' and st ~= 'completed' and st ~= 'failed' and st ~= 'in_progress' then
   with_runner()
   set_job(jk, id, 'in_progress', '')
@@ -535,7 +541,7 @@ else
   return {'stale', redis.call('HGETALL', jk), ''}
 end
 if enqueue then
-  redis.call('XADD', k('queue', 'provision', redis.call('HGET', jk, 'pool')), '*', 'job_id', id)
+  redis.call('XADD', k('queue', 'provision', qpool), '*', 'job_id', id)
 end
 local torn = ''
 if action == 'in_progress' and runner ~= '' then
@@ -556,6 +562,7 @@ elseif action == 'completed' then
     if teardown(target, 'job ' .. id .. ' completed') == 1 then torn = target end
   end
 end
+if created then return {'created', {}, torn} end
 return {'accepted', redis.call('HGETALL', jk), torn}
 "#;
 
@@ -781,7 +788,23 @@ impl Store for RedisStore {
             )
             .await?;
         let mut it = items(r).into_iter();
-        let outcome = match it.next().as_ref().and_then(as_string).as_deref() {
+        let answer = it.next().as_ref().and_then(as_string);
+        if answer.as_deref() == Some("created") {
+            // The script wrote exactly what the shared rules derive for a
+            // new record; derive it here rather than read it back.
+            let job = apply_event(None, ev, routed_pool, now).job;
+            let teardown = it
+                .nth(1)
+                .as_ref()
+                .and_then(as_string)
+                .filter(|s| !s.is_empty());
+            return Ok(SubmitResult {
+                outcome: SubmitOutcome::Accepted,
+                job: Some(job),
+                teardown,
+            });
+        }
+        let outcome = match answer.as_deref() {
             Some("accepted") => SubmitOutcome::Accepted,
             Some("duplicate_delivery") => SubmitOutcome::DuplicateDelivery,
             Some("stale") => SubmitOutcome::Stale,
