@@ -66,7 +66,7 @@ mod tests {
     fn githubs_published_test_vector_verifies() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/github/webhook-signature-test-vector.json"
+            "/../fixtures/github/webhook-signature-test-vector.json"
         );
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
             .unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -10,7 +10,7 @@ fn fixtures() -> PathBuf {
     std::env::var_os("GRS_GITHUB_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/github/payloads")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/github/payloads")
         })
 }
 

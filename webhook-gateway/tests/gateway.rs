@@ -56,7 +56,7 @@ impl Gateway {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/github/payloads")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/github/payloads")
 }
 
 fn fixture(rel: &str) -> Vec<u8> {
