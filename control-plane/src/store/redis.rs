@@ -760,7 +760,12 @@ impl Store for RedisStore {
         now: Millis,
     ) -> StoreResult<SubmitResult> {
         let labels = serde_json::to_string(&ev.labels).unwrap_or_else(|_| "[]".into());
-        let unrouted = unrouted_reason(&ev.labels);
+        // Only an unrouted job records why.
+        let unrouted = if routed_pool.is_none() {
+            unrouted_reason(&ev.labels)
+        } else {
+            String::new()
+        };
         let r = self
             .run(
                 &self.scripts.submit,
