@@ -14,7 +14,7 @@ CONNS=${CONNS:-64}
 RATE=${RATE:-500}
 ROUNDS=${ROUNDS:-2}
 export GRS_WEBHOOK_SECRET=${GRS_WEBHOOK_SECRET:-bench-secret}
-BODY=${BODY:-../shared/fixtures/github/payloads/octokit-webhooks/workflow_job/waiting.payload.json}
+BODY=${BODY:-fixtures/github/payloads/octokit-webhooks/workflow_job/waiting.payload.json}
 OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 
