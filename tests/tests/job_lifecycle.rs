@@ -21,6 +21,39 @@ use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
+/// Everything every component logs, at every level, kept for inspection.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn install() -> Self {
+        let capture = Self::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "trace,h2=info,hyper=info,hyper_util=info,tower=info,reqwest=info,rustls=info",
+            ))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        capture
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 /// The seed URL in a simulated VM's SMBIOS serial.
 fn seed_url(smbios1: &str) -> String {
     let serial = smbios1
@@ -41,6 +74,7 @@ fn seed_url(smbios1: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
+    let logs = LogCapture::install();
     // GitHub.
     let github = GitHubSim::start(SimConfig {
         job_duration: Duration::from_millis(300),
@@ -196,4 +230,29 @@ async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
     gw_stop.cancel();
     gw.await.unwrap().unwrap();
     cp.shutdown().await.unwrap();
+
+    // No secret in any log line, at any level, of any component.
+    let logs = logs.text();
+    assert!(
+        logs.contains(&name),
+        "the capture works (the instance is logged)"
+    );
+    let token = seed
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    for (what, secret) in [
+        ("webhook secret", github.webhook_secret()),
+        (
+            "GitHub token",
+            "ghp_simulated_personal_access_token".to_owned(),
+        ),
+        ("PVE token secret", pve.sim.token_secret().to_owned()),
+        ("bootstrap token", token),
+        ("JIT runner config", jit.clone()),
+    ] {
+        assert!(!logs.contains(&secret), "the {what} appears in the logs");
+    }
 }
