@@ -36,6 +36,7 @@ async fn a_job_held_by_a_killed_control_plane_is_redone_by_another() {
     let Some(store) = redis_store("killed_replica").await else {
         return;
     };
+    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let prefix = store.prefix().to_owned();
     let fake = Arc::new(FakeProvisioner::new("linux"));
     // Creation takes long enough to kill the replica in the middle of it.
@@ -110,6 +111,7 @@ async fn a_job_held_by_a_killed_control_plane_is_redone_by_another() {
         "acknowledged, one slot"
     );
     b.shutdown().await.unwrap();
+    cleanup.flush_prefix().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,6 +119,7 @@ async fn two_replicas_never_exceed_a_pools_capacity_and_serve_every_job() {
     let Some(store) = redis_store("two_replicas").await else {
         return;
     };
+    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let prefix = store.prefix().to_owned();
     let fake = Arc::new(FakeProvisioner::new("linux"));
     fake.set_create_delay(Duration::from_millis(50));
@@ -192,6 +195,7 @@ async fn two_replicas_never_exceed_a_pools_capacity_and_serve_every_job() {
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+    cleanup.flush_prefix().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,6 +203,7 @@ async fn duplicate_and_out_of_order_events_make_one_instance_and_one_teardown() 
     let Some(store) = redis_store("disorder").await else {
         return;
     };
+    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let fake = Arc::new(FakeProvisioner::new("linux"));
     let cp = RunningControlPlane::start(control_plane(
         redis_config(),
@@ -266,6 +271,7 @@ async fn duplicate_and_out_of_order_events_make_one_instance_and_one_teardown() 
     );
     assert_eq!(job_state(&mut c, 602).await, Some(pb::JobState::Completed));
     cp.shutdown().await.unwrap();
+    cleanup.flush_prefix().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,6 +279,7 @@ async fn a_job_that_keeps_failing_ends_failed_with_its_reason_and_frees_capacity
     let Some(store) = redis_store("keeps_failing").await else {
         return;
     };
+    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let fake = Arc::new(FakeProvisioner::new("linux"));
     fake.fail_next_creates(3, grs_provisioner::fake::InjectedFailure::Transient);
     let cp = RunningControlPlane::start(control_plane(
@@ -343,6 +350,7 @@ async fn a_job_that_keeps_failing_ends_failed_with_its_reason_and_frees_capacity
         job.reason
     );
     cp.shutdown().await.unwrap();
+    cleanup.flush_prefix().await.unwrap();
 }
 
 /// A private redis-server with AOF persistence (`appendfsync always`), so a
