@@ -196,7 +196,8 @@ where
     }
 }
 
-/// The store behind `Arc<dyn Store>`, for tests building a [`ControlPlane`].
+/// A [`ControlPlane`] of `config`, `store` and `pools` with no GitHub
+/// registrar.
 pub fn control_plane(config: Config, store: Arc<dyn Store>, pools: Pools) -> ControlPlane {
     ControlPlane {
         config,

@@ -203,8 +203,8 @@ impl RedisStore {
         inv.invoke_async(&mut conn).await.map_err(unavailable)
     }
 
-    /// Deletes the entries of the events-free test prefix; for tests that
-    /// share one Redis.
+    /// Deletes every key under this store's prefix (tests and benchmarks
+    /// clean up after themselves with it; never used by the control plane).
     pub async fn flush_prefix(&self) -> StoreResult<()> {
         let mut conn = self.conn().await?;
         let pattern = format!("{}:*", self.opts.prefix);
