@@ -51,4 +51,6 @@ if ! command -v grpcurl >/dev/null 2>&1; then
 fi
 
 say "running the workspace tests"
-cargo test --workspace "$@"
+# A hung test fails the run after 20 minutes instead of holding CI for its
+# whole budget (the suite takes about 2 minutes after the build).
+timeout --signal=KILL "${GRS_TEST_TIMEOUT:-1200}" cargo test --workspace "$@"
