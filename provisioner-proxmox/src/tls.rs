@@ -59,7 +59,10 @@ pub fn client_config(conn: &ProxmoxConfig) -> Result<ClientConfig, ConfigError> 
         })?;
         return Ok(builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pin, algs }))
+            .with_custom_certificate_verifier(Arc::new(FixedVerifier {
+                accept: Accept::Pinned(pin),
+                algs,
+            }))
             .with_no_client_auth());
     }
     if conn.insecure_skip_verify {
@@ -70,7 +73,10 @@ pub fn client_config(conn: &ProxmoxConfig) -> Result<ClientConfig, ConfigError> 
         );
         return Ok(builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerifier { algs }))
+            .with_custom_certificate_verifier(Arc::new(FixedVerifier {
+                accept: Accept::Any,
+                algs,
+            }))
             .with_no_client_auth());
     }
     let mut roots = rustls::RootCertStore::empty();
@@ -116,14 +122,24 @@ pub fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Strin
     Ok(certs)
 }
 
-/// Accepts exactly the certificate whose SHA-256 digest is `pin`.
+/// Which certificates [`FixedVerifier`] accepts.
 #[derive(Debug)]
-struct PinnedVerifier {
-    pin: [u8; 32],
+enum Accept {
+    /// Exactly the certificate whose SHA-256 digest is this.
+    Pinned([u8; 32]),
+    /// Any certificate (insecure mode).
+    Any,
+}
+
+/// Certificate checks that do not use a chain of trust (pinning, insecure);
+/// handshake signatures are still verified.
+#[derive(Debug)]
+struct FixedVerifier {
+    accept: Accept,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinnedVerifier {
+impl ServerCertVerifier for FixedVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -132,57 +148,19 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Accept::Pinned(pin) = &self.accept else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.pin {
+        if got == *pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
                 "certificate fingerprint mismatch: expected {}, server presented {}",
-                format_fingerprint(&self.pin),
+                format_fingerprint(pin),
                 format_fingerprint(&got)
             )))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// Accepts any certificate (insecure mode).
-#[derive(Debug)]
-struct NoVerifier {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for NoVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
