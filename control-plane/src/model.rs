@@ -33,12 +33,6 @@ pub fn to_timestamp(ms: Millis) -> Option<prost_types::Timestamp> {
     })
 }
 
-/// A protobuf timestamp as [`Millis`]; 0 for `None`.
-pub fn from_timestamp(t: Option<&prost_types::Timestamp>) -> Millis {
-    t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-        .unwrap_or(0)
-}
-
 /// Where a job is in its life (same names as `grs.v1.JobState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
@@ -147,12 +141,6 @@ pub fn instance_state_to_proto(s: InstanceState) -> grs_proto::v1::InstanceState
         InstanceState::Deleting => P::Deleting,
         InstanceState::Deleted => P::Deleted,
     }
-}
-
-/// Whether an instance in state `s` still holds a capacity slot and a VM (or
-/// the promise of one).
-pub fn instance_is_live(s: InstanceState) -> bool {
-    s != InstanceState::Deleted
 }
 
 /// Whether the VM of an instance in state `s` has been made (so a teardown

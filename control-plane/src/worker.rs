@@ -109,23 +109,35 @@ pub(crate) enum Handled {
     Released,
 }
 
-/// The next entry for `consumer`: first any entry a dead worker left behind,
-/// else a new one (waiting up to the read block).
+/// The next entry for `consumer`: first any entry a dead worker left behind
+/// (looked for at most once per heartbeat, not before every read: the
+/// reclaim delay stays within the claim timeout plus one heartbeat, and the
+/// busy path costs one store call per entry), else a new one (waiting up to
+/// the read block).
 pub(crate) async fn next_delivery(
     ctx: &WorkerContext,
     queue: &Queue,
     consumer: &str,
+    last_claim: &mut Option<tokio::time::Instant>,
 ) -> StoreResult<Option<Delivery>> {
-    let mut stale = ctx
-        .store
-        .claim_stale(queue, consumer, ctx.settings.claim_timeout, 1)
-        .await?;
-    if let Some(d) = stale.pop() {
-        tracing::info!(%queue, entry = %d.id, "reclaimed an entry a worker left unfinished");
-        return Ok(Some(d));
+    if last_claim.is_none_or(|t| t.elapsed() >= ctx.settings.heartbeat()) {
+        let mut stale = ctx
+            .store
+            .claim_stale(queue, consumer, ctx.settings.claim_timeout, 1)
+            .await?;
+        if let Some(d) = stale.pop() {
+            // More may be waiting: look again next time.
+            tracing::info!(%queue, entry = %d.id, "reclaimed an entry a worker left unfinished");
+            return Ok(Some(d));
+        }
+        *last_claim = Some(tokio::time::Instant::now());
     }
     ctx.store
-        .read(queue, consumer, ctx.settings.read_block)
+        .read(
+            queue,
+            consumer,
+            ctx.settings.read_block.min(ctx.settings.heartbeat()),
+        )
         .await
 }
 
@@ -194,11 +206,12 @@ pub(crate) async fn run_queue_worker<F, Fut>(
     Fut: Future<Output = StoreResult<Handled>>,
 {
     let mut failures = 0u32;
+    let mut last_claim = None;
     tracing::debug!(%queue, consumer, "worker started");
     while !ctx.shutdown.is_cancelled() {
         let next = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            r = next_delivery(&ctx, &queue, &consumer) => r,
+            r = next_delivery(&ctx, &queue, &consumer, &mut last_claim) => r,
         };
         let delivery = match next {
             Ok(Some(d)) => d,

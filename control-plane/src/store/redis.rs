@@ -172,6 +172,16 @@ impl RedisStore {
         }
     }
 
+    /// A hash's fields (empty when the key does not exist).
+    async fn hgetall(&self, key: &str) -> StoreResult<HashMap<String, String>> {
+        let mut conn = self.conn().await?;
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     fn key(&self, parts: &[&str]) -> String {
         let mut k = self.opts.prefix.clone();
         for p in parts {
@@ -836,13 +846,7 @@ impl Store for RedisStore {
 
     async fn get_job(&self, job_id: u64) -> StoreResult<Option<Job>> {
         let key = self.key(&["job", &job_id.to_string()]);
-        let mut conn = self.conn().await?;
-        let h: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        job_from_hash(&h, &key)
+        job_from_hash(&self.hgetall(&key).await?, &key)
     }
 
     async fn list_jobs(
@@ -914,13 +918,7 @@ impl Store for RedisStore {
 
     async fn get_instance(&self, name: &str) -> StoreResult<Option<InstanceRecord>> {
         let key = self.key(&["instance", name]);
-        let mut conn = self.conn().await?;
-        let h: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        instance_from_hash(&h, &key)
+        instance_from_hash(&self.hgetall(&key).await?, &key)
     }
 
     async fn list_instances(
@@ -1266,12 +1264,7 @@ impl Store for RedisStore {
     }
 
     async fn pool_overrides(&self, pool: &str) -> StoreResult<PoolOverrides> {
-        let mut conn = self.conn().await?;
-        let h: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.key(&["pool", pool, "settings"]))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let h = self.hgetall(&self.key(&["pool", pool, "settings"])).await?;
         Ok(overrides_from_hash(&h))
     }
 
