@@ -206,3 +206,42 @@ pub fn control_plane(config: Config, store: Arc<dyn Store>, pools: Pools) -> Con
         registrar: None,
     }
 }
+
+/// Waits until job `job_id` is in `state` and returns it, or panics after
+/// `timeout`.
+pub async fn wait_for_job(
+    client: &ControlPlaneClient<Channel>,
+    job_id: u64,
+    state: pb::JobState,
+    timeout: Duration,
+) -> pb::Job {
+    eventually(&format!("job {job_id} to be {state:?}"), timeout, || {
+        let mut c = client.clone();
+        async move {
+            let job = c
+                .get_job(pb::GetJobRequest { job_id })
+                .await
+                .ok()?
+                .into_inner();
+            (job.state() == state).then_some(job)
+        }
+    })
+    .await
+}
+
+/// Waits until no pool has an instance (every capacity slot released), or
+/// panics after `timeout`.
+pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, timeout: Duration) {
+    eventually("every capacity slot released", timeout, || {
+        let mut c = client.clone();
+        async move {
+            let stats = c.get_stats(pb::GetStatsRequest {}).await.ok()?.into_inner();
+            stats
+                .pools
+                .iter()
+                .all(|p| p.instances_in_use == 0)
+                .then_some(())
+        }
+    })
+    .await
+}

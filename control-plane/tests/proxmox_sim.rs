@@ -12,6 +12,7 @@ use grs_control_plane::pools::Pools;
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, job_event, submit, test_config,
+    wait_for_no_instances_in_use,
 };
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
@@ -96,19 +97,6 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
         fx.sim.vm(TEMPLATE_VMID).is_some(),
         "the template is never touched"
     );
-    eventually("the slot released", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move {
-            (c.get_stats(pb::GetStatsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .pools[0]
-                .instances_in_use
-                == 0)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_for_no_instances_in_use(&c, Duration::from_secs(5)).await;
     cp.shutdown().await.unwrap();
 }

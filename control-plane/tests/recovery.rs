@@ -9,7 +9,7 @@ use std::time::Duration;
 use grs_control_plane::store::{RedisStore, Store};
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, fake_pools, job_event, redis_store,
-    redis_store_at, submit, test_config,
+    redis_store_at, submit, test_config, wait_for_job,
 };
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner::FakeProvisioner;
@@ -70,17 +70,7 @@ async fn a_job_held_by_a_killed_control_plane_is_redone_by_another() {
     ))
     .await;
     let mut cb = b.client().await;
-    eventually(
-        "replica B to finish the job",
-        Duration::from_secs(15),
-        || {
-            let mut cb = cb.clone();
-            async move {
-                (job_state(&mut cb, 501).await == Some(pb::JobState::Provisioned)).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_job(&cb, 501, pb::JobState::Provisioned, Duration::from_secs(15)).await;
     assert_eq!(
         fake.creates(),
         1,
@@ -227,11 +217,7 @@ async fn duplicate_and_out_of_order_events_make_one_instance_and_one_teardown() 
             .outcome(),
         pb::SubmitOutcome::Stale
     );
-    eventually("job 601 provisioned", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move { (job_state(&mut c, 601).await == Some(pb::JobState::Provisioned)).then_some(()) }
-    })
-    .await;
+    wait_for_job(&c, 601, pb::JobState::Provisioned, Duration::from_secs(5)).await;
     // Completed arrives before in_progress, then twice more.
     let mut done = job_event("c", JobAction::Completed, 601);
     done.runner_name = "grs-601".into();
@@ -290,17 +276,7 @@ async fn a_job_that_keeps_failing_ends_failed_with_its_reason_and_frees_capacity
     .await;
     let mut c = cp.client().await;
     submit(&mut c, job_event("a", JobAction::Queued, 701)).await;
-    let job = eventually("job 701 failed", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            c.get_job(pb::GetJobRequest { job_id: 701 })
-                .await
-                .ok()
-                .map(|j| j.into_inner())
-                .filter(|j| j.state() == pb::JobState::Failed)
-        }
-    })
-    .await;
+    let job = wait_for_job(&c, 701, pb::JobState::Failed, Duration::from_secs(10)).await;
     assert!(
         job.reason.contains("gave up after 3 attempts")
             && job.reason.contains("injected transient failure"),
@@ -318,31 +294,11 @@ async fn a_job_that_keeps_failing_ends_failed_with_its_reason_and_frees_capacity
     // A transient failure short of the limit is retried and succeeds.
     fake.fail_next_creates(1, grs_provisioner::fake::InjectedFailure::Transient);
     submit(&mut c, job_event("b", JobAction::Queued, 702)).await;
-    eventually(
-        "job 702 provisioned after a retry",
-        Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move {
-                (job_state(&mut c, 702).await == Some(pb::JobState::Provisioned)).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_job(&c, 702, pb::JobState::Provisioned, Duration::from_secs(10)).await;
     // A permanent failure fails at once.
     fake.fail_next_creates(1, grs_provisioner::fake::InjectedFailure::Permanent);
     submit(&mut c, job_event("c", JobAction::Queued, 703)).await;
-    let job = eventually("job 703 failed", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            c.get_job(pb::GetJobRequest { job_id: 703 })
-                .await
-                .ok()
-                .map(|j| j.into_inner())
-                .filter(|j| j.state() == pb::JobState::Failed)
-        }
-    })
-    .await;
+    let job = wait_for_job(&c, 703, pb::JobState::Failed, Duration::from_secs(10)).await;
     assert_eq!(job.attempts, 1);
     assert!(
         job.reason.contains("injected permanent failure"),

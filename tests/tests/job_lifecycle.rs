@@ -12,7 +12,9 @@ use base64::Engine;
 use grs_control_plane::config::ProvisionerConfig;
 use grs_control_plane::pools::Pools;
 use grs_control_plane::store::MemoryStore;
-use grs_control_plane::testing::{RunningControlPlane, eventually, test_config};
+use grs_control_plane::testing::{
+    RunningControlPlane, eventually, test_config, wait_for_no_instances_in_use,
+};
 use grs_github::GitHubConfig;
 use grs_github::sim::{GitHubSim, NewJob, SimConfig, SimJobStatus};
 use grs_proto::v1 as pb;
@@ -198,20 +200,7 @@ async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
         .into_inner();
     assert_eq!(recorded.state(), pb::JobState::Completed);
     assert_eq!(recorded.runner_name, name);
-    eventually("the slot released", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move {
-            (c.get_stats(pb::GetStatsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .pools[0]
-                .instances_in_use
-                == 0)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_for_no_instances_in_use(&c, Duration::from_secs(5)).await;
     // The bootstrap token is used up: the seed URL answers 404 now.
     assert_eq!(
         http.get(format!("{seed}user-data"))
