@@ -369,6 +369,11 @@ async fn with_a_token_every_rpc_but_health_and_reflection_needs_it() {
         .unwrap()
         .into_inner();
     assert_eq!(h.status(), ServingStatus::Serving);
+    let names = reflection_v1_services(cp.url()).await;
+    assert!(
+        names.iter().any(|n| n == "grs.v1.ControlPlane"),
+        "reflection without a token: {names:?}"
+    );
     cp.shutdown().await.unwrap();
 }
 
@@ -441,4 +446,44 @@ async fn shutdown_ends_open_event_streams_instead_of_hanging() {
         .await
         .expect("the stream ends");
     assert!(end.as_ref().is_none_or(|r| r.is_err()), "{end:?}");
+}
+
+/// The services grpc.reflection.v1 lists at `url` (no credentials sent).
+async fn reflection_v1_services(url: String) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.next().await.expect("an answer").unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}")
+    };
+    list.service.into_iter().map(|s| s.name).collect()
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_the_api_too() {
+    let (cp, _) = start().await;
+    let names = reflection_v1_services(cp.url()).await;
+    assert!(
+        names.iter().any(|n| n == "grs.v1.ControlPlane")
+            && names.iter().any(|n| n == "grpc.health.v1.Health"),
+        "{names:?}"
+    );
+    cp.shutdown().await.unwrap();
 }
