@@ -712,7 +712,7 @@ impl Store for MemoryStore {
 }
 
 /// Why a provision entry for `job` needs no work, if it needs none.
-pub(crate) fn provision_skip_reason(job: &Job) -> Option<String> {
+fn provision_skip_reason(job: &Job) -> Option<String> {
     match job.state {
         JobState::Queued | JobState::Provisioning => None,
         // A runner of the pool took the job before its own instance was
