@@ -16,11 +16,13 @@ use tonic::{Request, Response, Status};
 use crate::bootstrap;
 use crate::model::{JobAction, JobEvent, JobState, PoolOverrides, SubmitOutcome, now_ms};
 use crate::pools::Pools;
-use crate::store::{Queue, Store, StoreError};
+use crate::store::{Queue, Store, StoreError, SubmitResult};
 use crate::worker::RunnerRegistrar;
 
 /// Most labels a job may carry (GitHub allows 100 per runner).
 pub const MAX_LABELS: usize = 100;
+/// Most events one `SubmitJobEvents` call may carry.
+pub const MAX_BATCH: usize = 256;
 /// Longest label, delivery id, name or other string accepted.
 pub const MAX_FIELD_LEN: usize = 256;
 
@@ -68,6 +70,26 @@ fn check_len(field: &str, value: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// The answer to one recorded event (and its log line).
+fn submit_response(ev: &JobEvent, r: SubmitResult) -> pb::SubmitJobEventResponse {
+    let outcome = match r.outcome {
+        SubmitOutcome::Accepted => pb::SubmitOutcome::Accepted,
+        SubmitOutcome::DuplicateDelivery => pb::SubmitOutcome::DuplicateDelivery,
+        SubmitOutcome::Stale => pb::SubmitOutcome::Stale,
+    };
+    if let Some(job) = &r.job {
+        tracing::info!(
+            delivery = %ev.delivery_id, job_id = ev.job_id, action = ev.action.as_str(),
+            outcome = ?r.outcome, state = %job.state, pool = %job.pool, teardown = ?r.teardown,
+            "job event"
+        );
+    }
+    pb::SubmitJobEventResponse {
+        outcome: outcome as i32,
+        job: r.job.map(|j| j.to_proto()),
+    }
 }
 
 /// Validates a submitted event; errors name the field.
@@ -189,22 +211,56 @@ impl ControlPlane for ControlPlaneService {
             .submit_event(&ev, routed, now_ms())
             .await
             .map_err(store_status)?;
-        let outcome = match r.outcome {
-            SubmitOutcome::Accepted => pb::SubmitOutcome::Accepted,
-            SubmitOutcome::DuplicateDelivery => pb::SubmitOutcome::DuplicateDelivery,
-            SubmitOutcome::Stale => pb::SubmitOutcome::Stale,
-        };
-        if let Some(job) = &r.job {
-            tracing::info!(
-                delivery = %ev.delivery_id, job_id = ev.job_id, action = ev.action.as_str(),
-                outcome = ?r.outcome, state = %job.state, pool = %job.pool, teardown = ?r.teardown,
-                "job event"
-            );
+        Ok(Response::new(submit_response(&ev, r)))
+    }
+
+    async fn submit_job_events(
+        &self,
+        req: Request<pb::SubmitJobEventsRequest>,
+    ) -> Result<Response<pb::SubmitJobEventsResponse>, Status> {
+        let events = req.into_inner().events;
+        if events.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "events has {} events; at most {MAX_BATCH} are allowed per call",
+                events.len()
+            )));
         }
-        Ok(Response::new(pb::SubmitJobEventResponse {
-            outcome: outcome as i32,
-            job: r.job.map(|j| j.to_proto()),
-        }))
+        // Invalid events are answered on their own; the valid ones go to the
+        // store as one batch.
+        let checked: Vec<Result<JobEvent, Status>> = events
+            .into_iter()
+            .map(|e| validate_event(Some(e)))
+            .collect();
+        let batch: Vec<(&JobEvent, Option<&str>)> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok())
+            .map(|ev| (ev, self.pools.route(&ev.labels).map(|p| p.name.as_str())))
+            .collect();
+        let mut recorded = self
+            .store
+            .submit_events(&batch, now_ms())
+            .await
+            .map_err(store_status)?
+            .into_iter();
+        let mut results = Vec::with_capacity(checked.len());
+        for c in checked {
+            let result = match c {
+                Ok(ev) => {
+                    let r = recorded.next().ok_or_else(|| {
+                        Status::internal("the store answered fewer results than events")
+                    })?;
+                    pb::submit_job_event_result::Result::Response(submit_response(&ev, r))
+                }
+                Err(status) => pb::submit_job_event_result::Result::Error(pb::EventError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }),
+            };
+            results.push(pb::SubmitJobEventResult {
+                result: Some(result),
+            });
+        }
+        Ok(Response::new(pb::SubmitJobEventsResponse { results }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

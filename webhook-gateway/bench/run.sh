@@ -57,12 +57,18 @@ run() { # name url pids-to-charge extra-args...
   # machine this is steadier than the rate.
   local name=$1 url=$2 charge=$3; shift 3
   local before=0 after=0 p out ok
-  for p in $charge; do before=$((before + $(ticks "$p"))); done
+  declare -A per_before=()
+  for p in $charge; do per_before[$p]=$(ticks "$p"); before=$((before + per_before[$p])); done
   out=$("$EX" load --name "$name" --url "$url" --body "$BODY" --duration "$DURATION" --warmup 0s --first-job-id $id "$@")
   for p in $charge; do after=$((after + $(ticks "$p"))); done
   ok=$(sed -n 's/.*ok=\([0-9]*\).*/\1/p' <<<"$out")
   [[ "$*" == *--rate* ]] && { echo "$out"; id=$((id + 10000000)); return; }
-  echo -e "$out\tserver_cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$ok" 'BEGIN { printf "%.1fus/delivery", n ? t / hz / n * 1e6 : 0 }')"
+  local parts="" pb pa
+  for p in $charge; do
+    pb=${per_before[$p]:-0}; pa=$(ticks "$p")
+    parts+=" $(tr '\0' ' ' </proc/$p/comm 2>/dev/null | cut -c1-12)=$(awk -v t=$((pa - pb)) -v hz="$HZ" -v n="$ok" 'BEGIN { printf "%.1f", n ? t / hz / n * 1e6 : 0 }')"
+  done
+  echo -e "$out\tserver_cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$ok" 'BEGIN { printf "%.1fus/delivery", n ? t / hz / n * 1e6 : 0 }') (us:$parts)"
   id=$((id + 10000000))
 }
 for r in $(seq "$ROUNDS"); do

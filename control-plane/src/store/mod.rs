@@ -177,6 +177,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: Millis,
     ) -> StoreResult<SubmitResult>;
 
+    /// Records a batch of job events (each with its routed pool), in order,
+    /// exactly as consecutive [`submit_event`](Store::submit_event) calls
+    /// would: a later event sees what earlier ones did. One result per event,
+    /// in the batch's order. [`RedisStore`] records the whole batch in one
+    /// atomic script (one round trip, all or nothing); the default calls
+    /// `submit_event` in turn. An error means the batch may be partly
+    /// recorded (default) or not at all (Redis); either way a retry is safe,
+    /// as delivery ids de-duplicate.
+    async fn submit_events(
+        &self,
+        batch: &[(&JobEvent, Option<&str>)],
+        now: Millis,
+    ) -> StoreResult<Vec<SubmitResult>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (event, routed_pool) in batch {
+            out.push(self.submit_event(event, *routed_pool, now).await?);
+        }
+        Ok(out)
+    }
+
     /// One job.
     async fn get_job(&self, job_id: u64) -> StoreResult<Option<Job>>;
 

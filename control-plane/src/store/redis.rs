@@ -213,6 +213,51 @@ impl RedisStore {
         inv.invoke_async(&mut conn).await.map_err(unavailable)
     }
 
+    /// One event's `{outcome, job hash, torn-down instance}` from the submit
+    /// script.
+    fn submit_result(
+        &self,
+        reply: Value,
+        ev: &JobEvent,
+        routed_pool: Option<&str>,
+        now: Millis,
+    ) -> StoreResult<SubmitResult> {
+        let mut it = items(reply).into_iter();
+        let outcome = match it.next().as_ref().and_then(as_string).as_deref() {
+            Some("created") => None,
+            Some("accepted") => Some(SubmitOutcome::Accepted),
+            Some("duplicate_delivery") => Some(SubmitOutcome::DuplicateDelivery),
+            Some("stale") => Some(SubmitOutcome::Stale),
+            other => {
+                return Err(corrupt(
+                    "submit script",
+                    format!("unexpected outcome {other:?}"),
+                ));
+            }
+        };
+        let hash = it.next().unwrap_or(Value::Nil);
+        let teardown = it
+            .next()
+            .as_ref()
+            .and_then(as_string)
+            .filter(|s| !s.is_empty());
+        let Some(outcome) = outcome else {
+            // The script wrote exactly what the shared rules derive for a
+            // new record; derive it here rather than read it back.
+            return Ok(SubmitResult {
+                outcome: SubmitOutcome::Accepted,
+                job: Some(apply_event(None, ev, routed_pool, now).job),
+                teardown,
+            });
+        };
+        let key = self.key(&["job", &ev.job_id.to_string()]);
+        Ok(SubmitResult {
+            outcome,
+            job: job_from_hash(&hash_of(&hash), &key)?,
+            teardown,
+        })
+    }
+
     /// Deletes every key under this store's prefix (tests and benchmarks
     /// clean up after themselves with it; never used by the control plane).
     pub async fn flush_prefix(&self) -> StoreResult<()> {
@@ -494,87 +539,99 @@ end
 local function is_created(st) return st == 'running' or st == 'stopped' or st == 'error' end
 "#;
 
-/// `submit_event`. ARGV[5..]: delivery id, dedup ttl (s), action, job id,
-/// routed pool ('' = none), runner name, runner id, conclusion, run id, run
-/// attempt, repository, organization, installation id, labels (JSON), job
-/// name, workflow name, unrouted reason, completed-unseen reason.
+/// `submit_events`: a batch of events, applied in order. ARGV[5..7]: dedup
+/// ttl (s), completed-unseen reason, number of events; then
+/// [`SUBMIT_ARGS_PER_EVENT`] arguments per event: delivery id, action, job
+/// id, routed pool ('' = none), runner name, runner id, conclusion, run id,
+/// run attempt, repository, organization, installation id, labels (JSON),
+/// job name, workflow name, unrouted reason. Returns one
+/// `{outcome, job hash (empty when created), torn-down instance}` per event.
 const LUA_SUBMIT: &str = r#"
-local delivery, ttl, action, id, routed = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local runner, runner_id, conclusion = ARGV[10], ARGV[11], ARGV[12]
-local jk = k('job', id)
-if not redis.call('SET', k('delivery', delivery), NOW, 'NX', 'EX', ttl) then
-  return {'duplicate_delivery', redis.call('HGETALL', jk), ''}
-end
-local st = redis.call('HGET', jk, 'state')
-local enqueue = false
-local function with_runner()
-  if runner ~= '' then redis.call('HSET', jk, 'runner_name', runner) end
-  if runner_id ~= '0' then redis.call('HSET', jk, 'runner_id', runner_id) end
-end
-local created = false
-local qpool = routed
-if not st then
-  -- A new record: every field is known from the event, so it is written in
-  -- one HSET and not read back (the caller derives it the same way).
-  created = true
-  local state
-  if action == 'queued' then state = (routed ~= '') and 'queued' or 'unrouted'
-  elseif action == 'waiting' then state = (routed ~= '') and 'waiting' or 'unrouted'
-  elseif action == 'in_progress' then state = 'in_progress'
-  else state = 'completed' end
-  local reason = (routed == '') and ARGV[21] or ''
-  local concl = ''
-  if action == 'completed' then reason = ARGV[22]; concl = conclusion end
-  redis.call('HSET', jk, 'job_id', id, 'run_id', ARGV[13], 'run_attempt', ARGV[14], 'repository', ARGV[15],
-    'organization', ARGV[16], 'installation_id', ARGV[17], 'labels', ARGV[18], 'state', state, 'pool', routed,
-    'instance_name', '', 'runner_name', runner, 'runner_id', runner_id, 'conclusion', concl, 'reason', reason,
-    'attempts', '0', 'job_name', ARGV[19], 'workflow_name', ARGV[20], 'recorded_at', NOW, 'updated_at', NOW)
-  redis.call('ZADD', k('jobs'), NOW, id)
-  if routed ~= '' then redis.call('ZADD', k('pool', routed, 'jobs'), NOW, id) end
-  if state == 'completed' or state == 'unrouted' then redis.call('EXPIRE', jk, RETAIN) end
-  emit('job', id, routed, '', state, reason)
-  enqueue = (state == 'queued')
-elseif action == 'queued' and st == 'waiting' then
-  qpool = redis.call('HGET', jk, 'pool')
-  if qpool == '' then set_job(jk, id, 'unrouted', '') else set_job(jk, id, 'queued', ''); enqueue = true end
-elseif action == 'in_progress' and st ~= 'completed' and st ~= 'failed' and st ~= 'in_progress' then
-  with_runner()
-  set_job(jk, id, 'in_progress', '')
-elseif action == 'completed' and st ~= 'completed' then
-  with_runner()
-  redis.call('HSET', jk, 'conclusion', conclusion)
-  if redis.call('HGET', jk, 'instance_name') == '' and redis.call('HGET', jk, 'reason') == '' then
-    redis.call('HSET', jk, 'reason', 'completed while ' .. st .. '; no instance made')
+local TTL, COMPLETED_UNSEEN = ARGV[5], ARGV[6]
+local function submit(a)
+  local delivery, action, id, routed = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local runner, runner_id, conclusion = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  local jk = k('job', id)
+  if not redis.call('SET', k('delivery', delivery), NOW, 'NX', 'EX', TTL) then
+    return {'duplicate_delivery', redis.call('HGETALL', jk), ''}
   end
-  set_job(jk, id, 'completed', '')
-else
-  return {'stale', redis.call('HGETALL', jk), ''}
-end
-if enqueue then
-  redis.call('XADD', k('queue', 'provision', qpool), '*', 'job_id', id)
-end
-local torn = ''
-if action == 'in_progress' and runner ~= '' then
-  local ik = k('instance', runner)
-  if redis.call('EXISTS', ik) == 1 then
-    redis.call('HSET', ik, 'assigned_job_id', id, 'updated_at', NOW)
-    revoke_bootstrap(ik)
+  local st = redis.call('HGET', jk, 'state')
+  local enqueue = false
+  local function with_runner()
+    if runner ~= '' then redis.call('HSET', jk, 'runner_name', runner) end
+    if runner_id ~= '0' then redis.call('HSET', jk, 'runner_id', runner_id) end
   end
-elseif action == 'completed' then
-  local target = nil
-  if runner ~= '' then
-    target = runner
+  local created = false
+  local qpool = routed
+  if not st then
+    -- A new record: every field is known from the event, so it is written in
+    -- one HSET and not read back (the caller derives it the same way).
+    created = true
+    local state
+    if action == 'queued' then state = (routed ~= '') and 'queued' or 'unrouted'
+    elseif action == 'waiting' then state = (routed ~= '') and 'waiting' or 'unrouted'
+    elseif action == 'in_progress' then state = 'in_progress'
+    else state = 'completed' end
+    local reason = (routed == '') and ARGV[a + 15] or ''
+    local concl = ''
+    if action == 'completed' then reason = COMPLETED_UNSEEN; concl = conclusion end
+    redis.call('HSET', jk, 'job_id', id, 'run_id', ARGV[a + 7], 'run_attempt', ARGV[a + 8], 'repository', ARGV[a + 9],
+      'organization', ARGV[a + 10], 'installation_id', ARGV[a + 11], 'labels', ARGV[a + 12], 'state', state, 'pool', routed,
+      'instance_name', '', 'runner_name', runner, 'runner_id', runner_id, 'conclusion', concl, 'reason', reason,
+      'attempts', '0', 'job_name', ARGV[a + 13], 'workflow_name', ARGV[a + 14], 'recorded_at', NOW, 'updated_at', NOW)
+    redis.call('ZADD', k('jobs'), NOW, id)
+    if routed ~= '' then redis.call('ZADD', k('pool', routed, 'jobs'), NOW, id) end
+    if state == 'completed' or state == 'unrouted' then redis.call('EXPIRE', jk, RETAIN) end
+    emit('job', id, routed, '', state, reason)
+    enqueue = (state == 'queued')
+  elseif action == 'queued' and st == 'waiting' then
+    qpool = redis.call('HGET', jk, 'pool')
+    if qpool == '' then set_job(jk, id, 'unrouted', '') else set_job(jk, id, 'queued', ''); enqueue = true end
+  elseif action == 'in_progress' and st ~= 'completed' and st ~= 'failed' and st ~= 'in_progress' then
+    with_runner()
+    set_job(jk, id, 'in_progress', '')
+  elseif action == 'completed' and st ~= 'completed' then
+    with_runner()
+    redis.call('HSET', jk, 'conclusion', conclusion)
+    if redis.call('HGET', jk, 'instance_name') == '' and redis.call('HGET', jk, 'reason') == '' then
+      redis.call('HSET', jk, 'reason', 'completed while ' .. st .. '; no instance made')
+    end
+    set_job(jk, id, 'completed', '')
   else
-    local own = redis.call('HGET', jk, 'instance_name')
-    if own and own ~= '' and redis.call('HGET', k('instance', own), 'assigned_job_id') == '0' then target = own end
+    return {'stale', redis.call('HGETALL', jk), ''}
   end
-  if target and is_created(redis.call('HGET', k('instance', target), 'state')) then
-    if teardown(target, 'job ' .. id .. ' completed') == 1 then torn = target end
+  if enqueue then
+    redis.call('XADD', k('queue', 'provision', qpool), '*', 'job_id', id)
   end
+  local torn = ''
+  if action == 'in_progress' and runner ~= '' then
+    local ik = k('instance', runner)
+    if redis.call('EXISTS', ik) == 1 then
+      redis.call('HSET', ik, 'assigned_job_id', id, 'updated_at', NOW)
+      revoke_bootstrap(ik)
+    end
+  elseif action == 'completed' then
+    local target = nil
+    if runner ~= '' then
+      target = runner
+    else
+      local own = redis.call('HGET', jk, 'instance_name')
+      if own and own ~= '' and redis.call('HGET', k('instance', own), 'assigned_job_id') == '0' then target = own end
+    end
+    if target and is_created(redis.call('HGET', k('instance', target), 'state')) then
+      if teardown(target, 'job ' .. id .. ' completed') == 1 then torn = target end
+    end
+  end
+  if created then return {'created', {}, torn} end
+  return {'accepted', redis.call('HGETALL', jk), torn}
 end
-if created then return {'created', {}, torn} end
-return {'accepted', redis.call('HGETALL', jk), torn}
+local out = {}
+for i = 0, tonumber(ARGV[7]) - 1 do out[i + 1] = submit(8 + i * 16) end
+return out
 "#;
+
+/// Arguments of one event in [`LUA_SUBMIT`].
+const SUBMIT_ARGS_PER_EVENT: usize = 16;
 
 /// `begin_provision`. ARGV[5..]: job id, instance name, configured max,
 /// configured paused (0/1).
@@ -769,79 +826,64 @@ impl Store for RedisStore {
         routed_pool: Option<&str>,
         now: Millis,
     ) -> StoreResult<SubmitResult> {
-        let labels = serde_json::to_string(&ev.labels).unwrap_or_else(|_| "[]".into());
-        // Only an unrouted job records why.
-        let unrouted = if routed_pool.is_none() {
-            unrouted_reason(&ev.labels)
-        } else {
-            String::new()
-        };
-        let r = self
-            .run(
-                &self.scripts.submit,
-                now,
-                &now_args!(
-                    ev.delivery_id,
-                    self.opts.dedup_ttl.as_secs().max(1),
-                    ev.action.as_str(),
-                    ev.job_id,
-                    routed_pool.unwrap_or(""),
-                    ev.runner_name,
-                    ev.runner_id,
-                    ev.conclusion,
-                    ev.run_id,
-                    ev.run_attempt,
-                    ev.repository,
-                    ev.organization,
-                    ev.installation_id,
-                    labels,
-                    ev.job_name,
-                    ev.workflow_name,
-                    unrouted,
-                    REASON_COMPLETED_UNSEEN,
-                ),
-            )
-            .await?;
-        let mut it = items(r).into_iter();
-        let answer = it.next().as_ref().and_then(as_string);
-        if answer.as_deref() == Some("created") {
-            // The script wrote exactly what the shared rules derive for a
-            // new record; derive it here rather than read it back.
-            let job = apply_event(None, ev, routed_pool, now).job;
-            let teardown = it
-                .nth(1)
-                .as_ref()
-                .and_then(as_string)
-                .filter(|s| !s.is_empty());
-            return Ok(SubmitResult {
-                outcome: SubmitOutcome::Accepted,
-                job: Some(job),
-                teardown,
-            });
+        let mut r = self.submit_events(&[(ev, routed_pool)], now).await?;
+        r.pop()
+            .ok_or_else(|| corrupt("submit script", "no result for the event"))
+    }
+
+    async fn submit_events(
+        &self,
+        batch: &[(&JobEvent, Option<&str>)],
+        now: Millis,
+    ) -> StoreResult<Vec<SubmitResult>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        let outcome = match answer.as_deref() {
-            Some("accepted") => SubmitOutcome::Accepted,
-            Some("duplicate_delivery") => SubmitOutcome::DuplicateDelivery,
-            Some("stale") => SubmitOutcome::Stale,
-            other => {
-                return Err(corrupt(
-                    "submit script",
-                    format!("unexpected outcome {other:?}"),
-                ));
-            }
-        };
-        let key = self.key(&["job", &ev.job_id.to_string()]);
-        let job = job_from_hash(&hash_of(&it.next().unwrap_or(Value::Nil)), &key)?;
-        let teardown = it
-            .next()
-            .as_ref()
-            .and_then(as_string)
-            .filter(|s| !s.is_empty());
-        Ok(SubmitResult {
-            outcome,
-            job,
-            teardown,
-        })
+        let mut args = Vec::with_capacity(3 + batch.len() * SUBMIT_ARGS_PER_EVENT);
+        args.extend(now_args!(
+            self.opts.dedup_ttl.as_secs().max(1),
+            REASON_COMPLETED_UNSEEN,
+            batch.len(),
+        ));
+        for (ev, routed_pool) in batch {
+            let labels = serde_json::to_string(&ev.labels).unwrap_or_else(|_| "[]".into());
+            // Only an unrouted job records why.
+            let unrouted = if routed_pool.is_none() {
+                unrouted_reason(&ev.labels)
+            } else {
+                String::new()
+            };
+            args.extend(now_args!(
+                ev.delivery_id,
+                ev.action.as_str(),
+                ev.job_id,
+                routed_pool.unwrap_or(""),
+                ev.runner_name,
+                ev.runner_id,
+                ev.conclusion,
+                ev.run_id,
+                ev.run_attempt,
+                ev.repository,
+                ev.organization,
+                ev.installation_id,
+                labels,
+                ev.job_name,
+                ev.workflow_name,
+                unrouted,
+            ));
+        }
+        let replies = items(self.run(&self.scripts.submit, now, &args).await?);
+        if replies.len() != batch.len() {
+            return Err(corrupt(
+                "submit script",
+                format!("{} results for {} events", replies.len(), batch.len()),
+            ));
+        }
+        replies
+            .into_iter()
+            .zip(batch)
+            .map(|(reply, (ev, routed_pool))| self.submit_result(reply, ev, *routed_pool, now))
+            .collect()
     }
 
     async fn get_job(&self, job_id: u64) -> StoreResult<Option<Job>> {
