@@ -272,7 +272,7 @@ async fn handle_webhook(
             st.metrics
                 .control_plane_errors
                 .get_or_create(&CodeLabels {
-                    rpc: "SubmitJobEvent",
+                    rpc: "SubmitJobEvents",
                     code: format!("{:?}", status.code()),
                 })
                 .inc();

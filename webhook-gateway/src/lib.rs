@@ -43,10 +43,15 @@ pub fn state(
     config: &GatewayConfig,
     secrets: &ResolvedSecrets,
 ) -> Result<Arc<http::AppState>, GatewayError> {
+    let metrics = metrics::Metrics::new();
     Ok(Arc::new(http::AppState {
         webhook_secret: secrets.webhook_secret.clone(),
-        control_plane: control_plane::ControlPlane::new(config, secrets)?,
-        metrics: metrics::Metrics::new(),
+        control_plane: control_plane::ControlPlane::new(
+            config,
+            secrets,
+            metrics.submit_batch_size.clone(),
+        )?,
+        metrics,
     }))
 }
 

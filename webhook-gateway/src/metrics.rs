@@ -20,7 +20,7 @@ pub struct DeliveryLabels {
 /// Labels of a control-plane error.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
-    /// The RPC (`SubmitJobEvent`, `GetBootstrapDocument`).
+    /// The RPC (`SubmitJobEvents`, `GetBootstrapDocument`).
     pub rpc: &'static str,
     /// The gRPC code (`Unavailable`, ...).
     pub code: String,
@@ -46,6 +46,8 @@ pub struct Metrics {
     pub control_plane_errors: Family<CodeLabels, Counter>,
     /// Cloud-init document requests.
     pub bootstrap: Family<BootstrapLabels, Counter>,
+    /// Events per `SubmitJobEvents` call.
+    pub submit_batch_size: Histogram,
     registry: Registry,
 }
 
@@ -60,6 +62,10 @@ impl Metrics {
         );
         let control_plane_errors = Family::<CodeLabels, Counter>::default();
         let bootstrap = Family::<BootstrapLabels, Counter>::default();
+        // 1 .. 256 (the most a call carries).
+        let submit_batch_size = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 9),
+        );
         let mut registry = Registry::with_prefix("grs_gateway");
         registry.register(
             "deliveries",
@@ -81,11 +87,17 @@ impl Metrics {
             "Cloud-init document requests by document and outcome",
             bootstrap.clone(),
         );
+        registry.register(
+            "submit_batch_size",
+            "Job events per SubmitJobEvents call to the control plane",
+            submit_batch_size.clone(),
+        );
         Self {
             deliveries,
             delivery_seconds,
             control_plane_errors,
             bootstrap,
+            submit_batch_size,
             registry,
         }
     }

@@ -358,7 +358,7 @@ async fn an_unreachable_control_plane_is_503_well_inside_ten_seconds() {
         .unwrap();
     assert!(
         metrics.contains(
-            r#"grs_gateway_control_plane_errors_total{rpc="SubmitJobEvent",code="Unavailable"} 1"#
+            r#"grs_gateway_control_plane_errors_total{rpc="SubmitJobEvents",code="Unavailable"} 1"#
         ),
         "{metrics}"
     );
@@ -647,5 +647,160 @@ async fn the_control_plane_can_be_reached_over_tls_with_a_ca_file() {
     );
     gw.stop().await;
     assert_eq!(cp.fake.accepted().len(), 1);
+    cp.stop().await;
+}
+
+/// The queued fixture with `workflow_job.id` set to `id`.
+fn queued_job(id: u64) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&fixture(
+        "octokit-webhooks/workflow_job/queued.payload.json",
+    ))
+    .unwrap();
+    v["workflow_job"]["id"] = id.into();
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// Posts deliveries `first..first + n` (job ids and delivery ids alike) at
+/// once; their statuses by job id.
+async fn post_many(gw: &Gateway, first: u64, n: u64) -> Vec<(u64, u16)> {
+    let posts = (first..first + n).map(|id| async move {
+        let d = id.to_string();
+        (
+            id,
+            post(gw, Delivery::signed("workflow_job", &d, queued_job(id)))
+                .await
+                .0,
+        )
+    });
+    futures::future::join_all(posts).await
+}
+
+#[tokio::test]
+async fn deliveries_arriving_while_a_call_is_in_flight_share_the_next_call() {
+    let cp = FakeControlPlane::default().serve().await;
+    // One sender, and a slow control plane: the first delivery's call is
+    // in flight while the others arrive.
+    cp.fake.set_delay(Some(Duration::from_millis(300)));
+    let gw = Gateway::start(&cp.url(), |c, _| c.control_plane_connections = 1).await;
+    let first = tokio::spawn({
+        let url = gw.url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/webhook"))
+                .header("content-type", "application/json")
+                .header("x-github-event", "workflow_job")
+                .header("x-github-delivery", "1")
+                .header(
+                    "x-hub-signature-256",
+                    sign(SECRET.as_bytes(), &queued_job(1)),
+                )
+                .body(queued_job(1))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rest = post_many(&gw, 2, 30).await;
+    assert_eq!(first.await.unwrap(), 202);
+    assert!(rest.iter().all(|(_, s)| *s == 202), "{rest:?}");
+    let mut ids: Vec<u64> = cp.fake.accepted().iter().map(|e| e.job_id).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (1..=31).collect::<Vec<_>>(),
+        "each event recorded once"
+    );
+    let batches = cp.fake.state.lock().unwrap().batches.clone();
+    assert_eq!(batches.iter().sum::<usize>(), 31, "{batches:?}");
+    assert_eq!(batches[0], 1, "the first delivery went out alone, at once");
+    assert!(
+        batches.len() <= 3,
+        "30 deliveries arriving during one call take at most two more calls: {batches:?}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", gw.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "grs_gateway_submit_batch_size_count {}",
+            batches.len()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("grs_gateway_submit_batch_size_sum 31.0"),
+        "{metrics}"
+    );
+    gw.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_refused_inside_a_batch_fails_only_its_own_delivery() {
+    let hook: fake::SubmitHook = std::sync::Arc::new(|ev: pb::JobEvent| {
+        Box::pin(async move {
+            match ev.job_id {
+                13 => Err(tonic::Status::invalid_argument("event.labels is bad")),
+                14 => Err(tonic::Status::unavailable("store unavailable")),
+                _ => Ok(()),
+            }
+        })
+    });
+    let fake = FakeControlPlane {
+        hook: Some(hook),
+        ..FakeControlPlane::default()
+    };
+    let cp = fake.serve().await;
+    cp.fake.set_delay(Some(Duration::from_millis(200)));
+    let gw = Gateway::start(&cp.url(), |c, _| c.control_plane_connections = 1).await;
+    let statuses = post_many(&gw, 10, 8).await;
+    for (id, status) in &statuses {
+        let want = match id {
+            13 => 400,
+            14 => 503,
+            _ => 202,
+        };
+        assert_eq!(*status, want, "job {id}: {statuses:?}");
+    }
+    let mut ids: Vec<u64> = cp.fake.accepted().iter().map(|e| e.job_id).collect();
+    ids.sort();
+    assert_eq!(ids, vec![10, 11, 12, 15, 16, 17]);
+    assert!(
+        cp.fake.state.lock().unwrap().batches.iter().any(|&n| n > 1),
+        "the refused events shared a call with accepted ones"
+    );
+    gw.stop().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_control_plane_without_submit_job_events_is_sent_single_calls() {
+    let fake = FakeControlPlane {
+        batch_unimplemented: true,
+        ..FakeControlPlane::default()
+    };
+    let cp = fake.serve().await;
+    let gw = Gateway::start(&cp.url(), |_, _| {}).await;
+    let statuses = post_many(&gw, 100, 12).await;
+    assert!(statuses.iter().all(|(_, s)| *s == 202), "{statuses:?}");
+    let (ids, single_calls) = {
+        let st = cp.fake.state.lock().unwrap();
+        let mut ids: Vec<u64> = st.accepted.iter().map(|e| e.job_id).collect();
+        ids.sort();
+        (ids, st.single_calls)
+    };
+    assert_eq!(
+        ids,
+        (100..112).collect::<Vec<_>>(),
+        "nothing lost in the switch"
+    );
+    assert_eq!(single_calls, 12);
+    gw.stop().await;
     cp.stop().await;
 }

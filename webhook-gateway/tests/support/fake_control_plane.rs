@@ -38,8 +38,12 @@ pub struct FakeState {
     pub seen_deliveries: HashSet<String>,
     /// Accepted events, in order.
     pub accepted: Vec<pb::JobEvent>,
-    /// Every SubmitJobEvent call, duplicates included.
+    /// Every event submitted, duplicates included.
     pub calls: usize,
+    /// `SubmitJobEvent` calls.
+    pub single_calls: usize,
+    /// The size of every `SubmitJobEvents` call, in order.
+    pub batches: Vec<usize>,
     /// The `authorization` metadata of the last call.
     pub last_authorization: Option<String>,
     /// token → (document → (content, content type)).
@@ -57,6 +61,9 @@ pub struct FakeControlPlane {
     pub hook: Option<SubmitHook>,
     /// Keep accepted events in memory (off in the benchmark).
     pub record: bool,
+    /// Answer UNIMPLEMENTED to `SubmitJobEvents`, like a control plane
+    /// from before it existed.
+    pub batch_unimplemented: bool,
 }
 
 pub struct Running {
@@ -86,6 +93,7 @@ impl Default for FakeControlPlane {
             require_token: None,
             hook: None,
             record: true,
+            batch_unimplemented: false,
         }
     }
 }
@@ -193,19 +201,9 @@ impl FakeControlPlane {
     }
 }
 
-type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Event, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl ControlPlane for FakeControlPlane {
-    async fn submit_job_event(
-        &self,
-        req: Request<pb::SubmitJobEventRequest>,
-    ) -> Result<Response<pb::SubmitJobEventResponse>, Status> {
-        self.prelude(&req).await?;
-        let ev = req
-            .into_inner()
-            .event
-            .ok_or_else(|| Status::invalid_argument("event is required"))?;
+impl FakeControlPlane {
+    /// One event, as `SubmitJobEvent` answers it.
+    async fn submit_one(&self, ev: pb::JobEvent) -> Result<pb::SubmitJobEventResponse, Status> {
         if ev.delivery_id.is_empty() || ev.job_id == 0 {
             return Err(Status::invalid_argument(
                 "delivery_id and job_id are required",
@@ -217,10 +215,10 @@ impl ControlPlane for FakeControlPlane {
             st.seen_deliveries.insert(ev.delivery_id.clone())
         };
         if !fresh {
-            return Ok(Response::new(pb::SubmitJobEventResponse {
+            return Ok(pb::SubmitJobEventResponse {
                 outcome: pb::SubmitOutcome::DuplicateDelivery as i32,
                 job: None,
-            }));
+            });
         }
         let hooked = match &self.hook {
             Some(h) => h(ev.clone()).await,
@@ -243,10 +241,56 @@ impl ControlPlane for FakeControlPlane {
         if self.record {
             self.state.lock().unwrap().accepted.push(ev);
         }
-        Ok(Response::new(pb::SubmitJobEventResponse {
+        Ok(pb::SubmitJobEventResponse {
             outcome: pb::SubmitOutcome::Accepted as i32,
             job: Some(job),
-        }))
+        })
+    }
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlPlane for FakeControlPlane {
+    async fn submit_job_event(
+        &self,
+        req: Request<pb::SubmitJobEventRequest>,
+    ) -> Result<Response<pb::SubmitJobEventResponse>, Status> {
+        self.prelude(&req).await?;
+        self.state.lock().unwrap().single_calls += 1;
+        let ev = req
+            .into_inner()
+            .event
+            .ok_or_else(|| Status::invalid_argument("event is required"))?;
+        self.submit_one(ev).await.map(Response::new)
+    }
+
+    async fn submit_job_events(
+        &self,
+        req: Request<pb::SubmitJobEventsRequest>,
+    ) -> Result<Response<pb::SubmitJobEventsResponse>, Status> {
+        if self.batch_unimplemented {
+            return Err(Status::unimplemented("SubmitJobEvents"));
+        }
+        self.prelude(&req).await?;
+        let events = req.into_inner().events;
+        self.state.lock().unwrap().batches.push(events.len());
+        // The events' hooks run together; a failed hook fails its event only
+        // (with the hook's code, which the gateway maps like a failed call).
+        let results = futures::future::join_all(events.into_iter().map(|ev| self.submit_one(ev)))
+            .await
+            .into_iter()
+            .map(|r| pb::SubmitJobEventResult {
+                result: Some(match r {
+                    Ok(r) => pb::submit_job_event_result::Result::Response(r),
+                    Err(s) => pb::submit_job_event_result::Result::Error(pb::EventError {
+                        code: s.code() as i32,
+                        message: s.message().to_owned(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::SubmitJobEventsResponse { results }))
     }
 
     async fn get_bootstrap_document(
