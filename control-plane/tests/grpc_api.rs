@@ -487,3 +487,228 @@ async fn reflection_v1_lists_the_api_too() {
     );
     cp.shutdown().await.unwrap();
 }
+
+/// `SubmitJobEvents` of `events`, panicking on an RPC error.
+async fn submit_batch(
+    c: &mut grs_proto::v1::control_plane_client::ControlPlaneClient<tonic::transport::Channel>,
+    events: Vec<pb::JobEvent>,
+) -> Vec<pb::submit_job_event_result::Result> {
+    c.submit_job_events(pb::SubmitJobEventsRequest { events })
+        .await
+        .expect("SubmitJobEvents")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.result.expect("a result"))
+        .collect()
+}
+
+/// The response to a recorded event, or a panic naming what came instead.
+fn recorded(r: &pb::submit_job_event_result::Result) -> &pb::SubmitJobEventResponse {
+    match r {
+        pb::submit_job_event_result::Result::Response(r) => r,
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
+/// A batch mixing good and bad events, with a redelivery inside it: every
+/// event answered in request order, bad ones alone refused (naming the
+/// field) and recorded nowhere, good ones recorded.
+async fn a_mixed_batch_is_answered_event_by_event(cp: RunningControlPlane) {
+    use pb::submit_job_event_result::Result as R;
+    let mut c = cp.client().await;
+    let unknown_action = pb::JobEvent {
+        action: 42,
+        ..job_event("b-reused", JobAction::Queued, 12)
+    };
+    let mut done = job_event("b-c11", JobAction::Completed, 11);
+    done.conclusion = "cancelled".into();
+    let results = submit_batch(
+        &mut c,
+        vec![
+            job_event("b-q11", JobAction::Queued, 11),
+            job_event("b-no-job", JobAction::Queued, 0),
+            unknown_action,
+            // The refused event's delivery id was not used up.
+            job_event("b-reused", JobAction::Queued, 13),
+            done,
+            // A redelivery of the first event, in the same batch.
+            job_event("b-q11", JobAction::Queued, 11),
+            job_event("", JobAction::Queued, 14),
+        ],
+    )
+    .await;
+    assert_eq!(results.len(), 7, "{results:?}");
+    let r = recorded(&results[0]);
+    assert_eq!(r.outcome(), pb::SubmitOutcome::Accepted);
+    assert_eq!(
+        r.job.as_ref().map(|j| (j.job_id, j.state())),
+        Some((11, pb::JobState::Queued))
+    );
+    for (i, field) in [
+        (1, "event.job_id"),
+        (2, "event.action 42"),
+        (6, "event.delivery_id"),
+    ] {
+        match &results[i] {
+            R::Error(e) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32, "result {i}: {e:?}");
+                assert!(
+                    e.message.contains(field),
+                    "result {i}: {:?} does not name {field}",
+                    e.message
+                );
+            }
+            other => panic!("result {i} should be refused: {other:?}"),
+        }
+    }
+    let r = recorded(&results[3]);
+    assert_eq!(
+        (r.outcome(), r.job.as_ref().map(|j| j.job_id)),
+        (pb::SubmitOutcome::Accepted, Some(13))
+    );
+    let r = recorded(&results[4]);
+    assert_eq!(
+        (r.outcome(), r.job.as_ref().map(|j| j.state())),
+        (pb::SubmitOutcome::Accepted, Some(pb::JobState::Completed))
+    );
+    let r = recorded(&results[5]);
+    assert_eq!(
+        (r.outcome(), r.job.as_ref().map(|j| j.state())),
+        (
+            pb::SubmitOutcome::DuplicateDelivery,
+            Some(pb::JobState::Completed)
+        ),
+        "the redelivery sees the completion before it"
+    );
+    let job = c
+        .get_job(pb::GetJobRequest { job_id: 11 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (job.state(), job.conclusion.as_str()),
+        (pb::JobState::Completed, "cancelled")
+    );
+    let job = c
+        .get_job(pb::GetJobRequest { job_id: 13 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.pool, "linux");
+    for refused in [12, 14] {
+        let e = c
+            .get_job(pb::GetJobRequest { job_id: refused })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "job {refused} was refused");
+    }
+
+    // The same delivery id twice in one batch: accepted once.
+    let results = submit_batch(
+        &mut c,
+        vec![
+            job_event("b-twice", JobAction::Queued, 21),
+            job_event("b-twice", JobAction::Completed, 21),
+        ],
+    )
+    .await;
+    assert_eq!(
+        results
+            .iter()
+            .map(|r| recorded(r).outcome())
+            .collect::<Vec<_>>(),
+        vec![
+            pb::SubmitOutcome::Accepted,
+            pb::SubmitOutcome::DuplicateDelivery
+        ]
+    );
+    let job = c
+        .get_job(pb::GetJobRequest { job_id: 21 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(job.state(), pb::JobState::Completed, "{job:?}");
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_mixed_batch_is_answered_event_by_event_on_the_memory_store() {
+    let (cp, _) = start().await;
+    a_mixed_batch_is_answered_event_by_event(cp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_batch_is_answered_event_by_event_on_redis() {
+    let Some(store) = grs_control_plane::testing::redis_store("grpc_batch").await else {
+        return;
+    };
+    let cleanup = grs_control_plane::testing::redis_store_at(
+        &grs_control_plane::testing::redis_url(),
+        store.prefix(),
+    );
+    let config = test_config();
+    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let pools = fake_pools(&config, &fake);
+    let cp = RunningControlPlane::start(control_plane(config, Arc::new(store), pools)).await;
+    a_mixed_batch_is_answered_event_by_event(cp).await;
+    cleanup.flush_prefix().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_over_the_limit_is_refused_whole_and_an_empty_one_answers_nothing() {
+    let (cp, _) = start().await;
+    let mut c = cp.client().await;
+    // Labels no pool serves: recorded as unrouted, nothing provisions.
+    let unrouted = |j: u64| pb::JobEvent {
+        labels: vec!["gpu".into()],
+        ..job_event(&format!("lim-{j}"), JobAction::Queued, j)
+    };
+    let e = c
+        .submit_job_events(pb::SubmitJobEventsRequest {
+            events: (1..=257).map(unrouted).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("events") && e.message().contains("256"),
+        "{:?} names the field and the limit",
+        e.message()
+    );
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        jobs.jobs.is_empty(),
+        "nothing of a refused batch is recorded"
+    );
+
+    // The limit itself is allowed.
+    let results = submit_batch(&mut c, (1..=256).map(unrouted).collect()).await;
+    assert_eq!(results.len(), 256);
+    for (i, r) in results.iter().enumerate() {
+        let r = recorded(r);
+        assert_eq!(
+            (r.outcome(), r.job.as_ref().map(|j| j.job_id)),
+            (pb::SubmitOutcome::Accepted, Some(i as u64 + 1)),
+            "in request order"
+        );
+    }
+    let job = c
+        .get_job(pb::GetJobRequest { job_id: 256 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state(), pb::JobState::Unrouted);
+
+    let empty = c
+        .submit_job_events(pb::SubmitJobEventsRequest { events: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(empty.results.is_empty(), "{empty:?}");
+    cp.shutdown().await.unwrap();
+}

@@ -116,6 +116,39 @@ async fn grpcurl_lists_describes_and_calls_the_api_through_reflection() {
     assert!(ok, "GetJob failed: {err}");
     assert!(out.contains("\"pool\": \"linux\""), "{out}");
 
+    let events = r#"{"events":[
+        {"delivery_id":"curl-2","action":"JOB_ACTION_QUEUED","job_id":"9007199254740995","labels":["self-hosted","linux"]},
+        {"delivery_id":"curl-3","action":"JOB_ACTION_COMPLETED","labels":["self-hosted","linux"]}]}"#;
+    let (ok, out, err) = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        events.into(),
+        addr.clone(),
+        "grs.v1.ControlPlane/SubmitJobEvents".into(),
+    ])
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(ok, "SubmitJobEvents failed: {err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("a JSON answer");
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{out}");
+    assert_eq!(
+        results[0]["response"]["outcome"], "SUBMIT_OUTCOME_ACCEPTED",
+        "{out}"
+    );
+    assert_eq!(
+        results[0]["response"]["job"]["jobId"], "9007199254740995",
+        "{out}"
+    );
+    assert_eq!(results[1]["error"]["code"], 3, "INVALID_ARGUMENT: {out}");
+    assert!(
+        results[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("event.job_id")),
+        "{out}"
+    );
+
     let (ok, _, err) = run(vec![
         "-plaintext".into(),
         "-d".into(),

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{BeginProvision, PoolLimits, Queue, QueueItem, Store};
+use super::{BeginProvision, PoolLimits, Queue, QueueItem, Store, SubmitResult};
 use crate::model::{
-    Event, InstanceState, JobAction, JobEvent, JobState, PoolOverrides, SubmitOutcome,
+    Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, PoolOverrides,
+    SubmitOutcome,
 };
 
 /// A `workflow_job` event for tests.
@@ -77,6 +78,10 @@ checks!(
     list_jobs_filters_and_pages_newest_first,
     watch_streams_transitions,
     the_job_returned_is_the_job_recorded,
+    a_batch_does_exactly_what_the_same_events_one_by_one_do,
+    a_batch_is_applied_in_order,
+    an_empty_batch_does_nothing,
+    a_batch_queues_each_routed_job_once_in_its_pool,
 );
 
 async fn queue_one(store: &dyn Store, job: u64) {
@@ -1029,4 +1034,605 @@ async fn the_job_returned_is_the_job_recorded(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(r.job, store.get_job(504).await.unwrap());
     assert_eq!(r.job.map(|j| j.state), Some(JobState::Queued));
+}
+
+/// Submits `batch` with [`Store::submit_events`] at `now`.
+async fn submit_batch(
+    store: &dyn Store,
+    batch: &[(JobEvent, Option<&str>)],
+    now: i64,
+) -> Vec<SubmitResult> {
+    let refs: Vec<(&JobEvent, Option<&str>)> = batch.iter().map(|(e, p)| (e, *p)).collect();
+    let r = store.submit_events(&refs, now).await.unwrap();
+    assert_eq!(r.len(), batch.len(), "one result per event");
+    r
+}
+
+/// Every entry of `queue` still to be read, in order, acknowledged.
+async fn drain(store: &dyn Store, queue: &Queue) -> Vec<QueueItem> {
+    let mut items = Vec::new();
+    while let Some(d) = store
+        .read(queue, "drain", Duration::from_millis(50))
+        .await
+        .unwrap()
+    {
+        store.ack(queue, &d.id).await.unwrap();
+        items.push(d.item);
+    }
+    items
+}
+
+/// Events of `watch` until none come for a while.
+async fn collect_events(
+    watch: &mut futures::stream::BoxStream<'static, super::StoreResult<Event>>,
+) -> Vec<Event> {
+    let mut seen = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
+        seen.push(e.unwrap());
+    }
+    seen
+}
+
+/// Job ids of the one-by-one run of [`scenario`] are `ONE + i`, of the batch
+/// run `BATCH + i`; [`Twin`] maps the second onto the first to compare them.
+const ONE: u64 = 1_000_000;
+const BATCH: u64 = 2_000_000;
+const SCENARIO_JOBS: u64 = 9;
+
+/// Rewrites the batch run's job ids (numbers, instance names, reasons) as
+/// the one-by-one run's, so both runs' records can be compared.
+trait Twin {
+    fn twin(self) -> Self;
+}
+
+fn twin_id(id: u64) -> u64 {
+    if of_run(id, BATCH) {
+        id - BATCH + ONE
+    } else {
+        id
+    }
+}
+
+impl Twin for String {
+    fn twin(self) -> Self {
+        (1..=SCENARIO_JOBS).fold(self, |s, i| {
+            s.replace(&(BATCH + i).to_string(), &(ONE + i).to_string())
+        })
+    }
+}
+
+impl Twin for Job {
+    fn twin(self) -> Self {
+        Job {
+            job_id: twin_id(self.job_id),
+            instance_name: self.instance_name.twin(),
+            runner_name: self.runner_name.twin(),
+            reason: self.reason.twin(),
+            ..self
+        }
+    }
+}
+
+impl Twin for InstanceRecord {
+    fn twin(self) -> Self {
+        InstanceRecord {
+            name: self.name.twin(),
+            job_id: twin_id(self.job_id),
+            assigned_job_id: twin_id(self.assigned_job_id),
+            reason: self.reason.twin(),
+            ..self
+        }
+    }
+}
+
+impl Twin for Event {
+    fn twin(self) -> Self {
+        match self {
+            Event::Job {
+                at,
+                job_id,
+                pool,
+                from,
+                to,
+                reason,
+            } => Event::Job {
+                at,
+                job_id: twin_id(job_id),
+                pool,
+                from,
+                to,
+                reason: reason.twin(),
+            },
+            Event::Instance {
+                at,
+                name,
+                pool,
+                from,
+                to,
+                reason,
+            } => Event::Instance {
+                at,
+                name: name.twin(),
+                pool,
+                from,
+                to,
+                reason: reason.twin(),
+            },
+        }
+    }
+}
+
+impl Twin for QueueItem {
+    fn twin(self) -> Self {
+        match self {
+            QueueItem::Provision { job_id } => QueueItem::Provision {
+                job_id: twin_id(job_id),
+            },
+            QueueItem::Teardown { instance } => QueueItem::Teardown {
+                instance: instance.twin(),
+            },
+        }
+    }
+}
+
+/// Whether job `id` belongs to the run at `base`.
+fn of_run(id: u64, base: u64) -> bool {
+    (base + 1..=base + SCENARIO_JOBS).contains(&id)
+}
+
+/// Whether instance `name` (`grs-<job id>`) belongs to the run at `base`.
+fn instance_of_run(name: &str, base: u64) -> bool {
+    name.strip_prefix("grs-")
+        .and_then(|n| n.parse().ok())
+        .is_some_and(|id| of_run(id, base))
+}
+
+/// Whether an event concerns a job (or its instance) of the run at `base`.
+fn event_of_run(e: &Event, base: u64) -> bool {
+    match e {
+        Event::Job { job_id, .. } => of_run(*job_id, base),
+        Event::Instance { name, .. } => instance_of_run(name, base),
+    }
+}
+
+/// Runs jobs `base + 5` and `base + 8` on instances `grs-<job>` (the latter
+/// with a bootstrap token), leaving the provision queue empty.
+async fn scenario_setup(store: &dyn Store, base: u64) {
+    let roomy = PoolLimits {
+        max_instances: 10,
+        paused: false,
+    };
+    for job in [base + 5, base + 8] {
+        queue_one(store, job).await;
+        let name = format!("grs-{job}");
+        assert!(matches!(
+            store
+                .begin_provision(job, &name, &roomy, 2000)
+                .await
+                .unwrap(),
+            BeginProvision::Proceed { .. }
+        ));
+        store.mark_creating(&name, 2001).await.unwrap();
+        store
+            .finish_provision(job, &name, "fake/1", "node1", 2002)
+            .await
+            .unwrap();
+    }
+    store
+        .put_bootstrap_token(&format!("tok-{base}"), &format!("grs-{}", base + 8), KEEP)
+        .await
+        .unwrap();
+}
+
+/// Events touching every rule: new jobs routed, unrouted and waiting, a
+/// waiting job queued, a runner taking a job on a known instance, a
+/// redelivery, stale repeats, a completion before queued, completions that
+/// tear down the job's own idle instance and the runner's instance.
+fn scenario(base: u64, tag: &str) -> Vec<(JobEvent, Option<&'static str>)> {
+    let d = |n: &str| format!("{tag}-{n}");
+    let mut taken = event(&d("p1"), JobAction::InProgress, base + 1);
+    taken.runner_name = format!("grs-{}", base + 8);
+    taken.runner_id = 8;
+    let mut redelivered = event(&d("q1"), JobAction::Completed, base + 1);
+    redelivered.conclusion = "success".into();
+    let mut cancelled = event(&d("c4"), JobAction::Completed, base + 4);
+    cancelled.conclusion = "cancelled".into();
+    let mut done5 = event(&d("c5"), JobAction::Completed, base + 5);
+    done5.conclusion = "cancelled".into();
+    let mut done1 = event(&d("c1"), JobAction::Completed, base + 1);
+    done1.runner_name = format!("grs-{}", base + 8);
+    done1.conclusion = "success".into();
+    let mut done1_again = done1.clone();
+    done1_again.delivery_id = d("c1-again");
+    vec![
+        (event(&d("q1"), JobAction::Queued, base + 1), Some("linux")),
+        (event(&d("w2"), JobAction::Waiting, base + 2), Some("linux")),
+        (event(&d("q2"), JobAction::Queued, base + 2), Some("linux")),
+        (event(&d("q3"), JobAction::Queued, base + 3), None),
+        (taken, Some("linux")),
+        (redelivered, Some("linux")),
+        (
+            event(&d("q1-again"), JobAction::Queued, base + 1),
+            Some("linux"),
+        ),
+        (cancelled, Some("linux")),
+        (event(&d("q4"), JobAction::Queued, base + 4), Some("linux")),
+        (done5, Some("linux")),
+        (done1, Some("linux")),
+        (done1_again, Some("linux")),
+        (event(&d("q6"), JobAction::Queued, base + 6), Some("other")),
+        (event(&d("p7"), JobAction::InProgress, base + 7), None),
+        (event(&d("w9"), JobAction::Waiting, base + 9), None),
+        (event(&d("q9"), JobAction::Queued, base + 9), None),
+    ]
+}
+
+/// Everything a run of [`scenario`] left behind, in the one-by-one run's
+/// terms.
+#[derive(Debug, PartialEq)]
+struct Footprint {
+    results: Vec<(SubmitOutcome, Option<Job>, Option<String>)>,
+    jobs: Vec<Option<Job>>,
+    instances: Vec<Option<InstanceRecord>>,
+    token: Option<String>,
+    provision_linux: Vec<QueueItem>,
+    provision_other: Vec<QueueItem>,
+    teardown: Vec<QueueItem>,
+    events: Vec<Event>,
+}
+
+async fn footprint(
+    store: &dyn Store,
+    base: u64,
+    results: Vec<SubmitResult>,
+    queues: &[(Queue, Vec<QueueItem>)],
+    events: &[Event],
+) -> Footprint {
+    let mut jobs = Vec::new();
+    for i in 1..=SCENARIO_JOBS {
+        jobs.push(store.get_job(base + i).await.unwrap().map(Twin::twin));
+    }
+    let mut instances = Vec::new();
+    for i in [5, 8] {
+        instances.push(
+            store
+                .get_instance(&format!("grs-{}", base + i))
+                .await
+                .unwrap()
+                .map(Twin::twin),
+        );
+    }
+    let items_of_run = |q: &Queue| -> Vec<QueueItem> {
+        queues
+            .iter()
+            .find(|(queue, _)| queue == q)
+            .unwrap()
+            .1
+            .iter()
+            .filter(|i| match i {
+                QueueItem::Provision { job_id } => of_run(*job_id, base),
+                QueueItem::Teardown { instance } => instance_of_run(instance, base),
+            })
+            .cloned()
+            .map(Twin::twin)
+            .collect()
+    };
+    Footprint {
+        results: results
+            .into_iter()
+            .map(|r| (r.outcome, r.job.map(Twin::twin), r.teardown.map(Twin::twin)))
+            .collect(),
+        jobs,
+        instances,
+        token: store
+            .lookup_bootstrap_token(&format!("tok-{base}"))
+            .await
+            .unwrap()
+            .map(Twin::twin),
+        provision_linux: items_of_run(&Queue::Provision("linux".into())),
+        provision_other: items_of_run(&Queue::Provision("other".into())),
+        teardown: items_of_run(&Queue::Teardown),
+        events: events
+            .iter()
+            .filter(|e| event_of_run(e, base))
+            .cloned()
+            .map(Twin::twin)
+            .collect(),
+    }
+}
+
+async fn a_batch_does_exactly_what_the_same_events_one_by_one_do(store: Arc<dyn Store>) {
+    scenario_setup(&*store, ONE).await;
+    scenario_setup(&*store, BATCH).await;
+    let linux = Queue::Provision("linux".into());
+    assert_eq!(drain(&*store, &linux).await.len(), 4, "the setup's entries");
+    let mut watch = store.watch(None).await.unwrap();
+    const NOW: i64 = 5000;
+    let mut one_by_one = Vec::new();
+    for (ev, routed) in scenario(ONE, "one") {
+        one_by_one.push(store.submit_event(&ev, routed, NOW).await.unwrap());
+    }
+    let batched = submit_batch(&*store, &scenario(BATCH, "batch"), NOW).await;
+    let events = collect_events(&mut watch).await;
+    let mut queues = Vec::new();
+    for q in [linux, Queue::Provision("other".into()), Queue::Teardown] {
+        let items = drain(&*store, &q).await;
+        queues.push((q, items));
+    }
+    let expected = footprint(&*store, ONE, one_by_one, &queues, &events).await;
+    let got = footprint(&*store, BATCH, batched, &queues, &events).await;
+
+    // The scenario does what it is meant to (so equal is not equally wrong).
+    use SubmitOutcome::{Accepted as A, DuplicateDelivery as D, Stale as S};
+    assert_eq!(
+        expected.results.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![A, A, A, A, A, D, S, A, S, A, A, S, A, A, A, S]
+    );
+    assert_eq!(
+        expected
+            .jobs
+            .iter()
+            .map(|j| j.as_ref().map(|j| j.state))
+            .collect::<Vec<_>>(),
+        [
+            JobState::Completed,
+            JobState::Queued,
+            JobState::Unrouted,
+            JobState::Completed,
+            JobState::Completed,
+            JobState::Queued,
+            JobState::InProgress,
+            JobState::Provisioned,
+            JobState::Unrouted,
+        ]
+        .map(Some)
+    );
+    assert_eq!(
+        (
+            expected.provision_linux.clone(),
+            expected.provision_other.clone(),
+            expected.teardown.clone(),
+            expected.token.clone()
+        ),
+        (
+            vec![
+                QueueItem::Provision { job_id: ONE + 1 },
+                QueueItem::Provision { job_id: ONE + 2 }
+            ],
+            vec![QueueItem::Provision { job_id: ONE + 6 }],
+            vec![
+                QueueItem::Teardown {
+                    instance: format!("grs-{}", ONE + 5)
+                },
+                QueueItem::Teardown {
+                    instance: format!("grs-{}", ONE + 8)
+                },
+            ],
+            None
+        )
+    );
+    assert!(expected.events.len() >= 12, "{:?}", expected.events);
+
+    assert_eq!(got.results, expected.results, "results");
+    assert_eq!(got.jobs, expected.jobs, "jobs");
+    assert_eq!(got.instances, expected.instances, "instances");
+    assert_eq!(got.token, expected.token, "bootstrap token");
+    assert_eq!(got.provision_linux, expected.provision_linux, "linux queue");
+    assert_eq!(got.provision_other, expected.provision_other, "other queue");
+    assert_eq!(got.teardown, expected.teardown, "teardown queue");
+    assert_eq!(got.events, expected.events, "events");
+    // The batch's delivery ids are remembered as the single calls' are.
+    let again = store
+        .submit_event(
+            &event("batch-q2", JobAction::Completed, BATCH + 2),
+            Some("linux"),
+            NOW + 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, SubmitOutcome::DuplicateDelivery);
+}
+
+async fn a_batch_is_applied_in_order(store: Arc<dyn Store>) {
+    use SubmitOutcome::{Accepted as A, DuplicateDelivery as D, Stale as S};
+    let linux = Queue::Provision("linux".into());
+    // The same delivery id twice: the second is the redelivery, whatever it
+    // says.
+    let mut done = event("dup", JobAction::Completed, 600);
+    done.conclusion = "success".into();
+    let r = submit_batch(
+        &*store,
+        &[
+            (event("dup", JobAction::Queued, 600), Some("linux")),
+            (done, Some("linux")),
+        ],
+        1000,
+    )
+    .await;
+    assert_eq!((r[0].outcome, r[1].outcome), (A, D));
+    assert_eq!(r[1].job.as_ref().map(|j| j.state), Some(JobState::Queued));
+    assert_eq!(
+        store.get_job(600).await.unwrap().map(|j| j.state),
+        Some(JobState::Queued)
+    );
+    // A job's whole life in one batch: each event sees the one before, and
+    // each result is the job as that event left it.
+    let mut started = event("p601", JobAction::InProgress, 601);
+    started.runner_name = "someone-elses-runner".into();
+    started.runner_id = 4;
+    let mut done = event("c601", JobAction::Completed, 601);
+    done.conclusion = "success".into();
+    let r = submit_batch(
+        &*store,
+        &[
+            (event("q601", JobAction::Queued, 601), Some("linux")),
+            (started, Some("linux")),
+            (done, Some("linux")),
+        ],
+        1001,
+    )
+    .await;
+    assert_eq!(
+        r.iter()
+            .map(|r| (r.outcome, r.job.as_ref().map(|j| j.state)))
+            .collect::<Vec<_>>(),
+        vec![
+            (A, Some(JobState::Queued)),
+            (A, Some(JobState::InProgress)),
+            (A, Some(JobState::Completed)),
+        ]
+    );
+    let job = store.get_job(601).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            job.state,
+            job.conclusion.as_str(),
+            job.runner_name.as_str(),
+            job.runner_id
+        ),
+        (JobState::Completed, "success", "someone-elses-runner", 4)
+    );
+    assert_eq!(r[2].job.as_ref(), Some(&job));
+    // Completed, then queued: the queued event is stale and nothing is
+    // queued for the job. The other way round both count.
+    let r = submit_batch(
+        &*store,
+        &[
+            (event("c602", JobAction::Completed, 602), Some("linux")),
+            (event("q602", JobAction::Queued, 602), Some("linux")),
+            (event("q603", JobAction::Queued, 603), Some("linux")),
+            (event("c603", JobAction::Completed, 603), Some("linux")),
+            (event("q603-again", JobAction::Queued, 603), Some("linux")),
+        ],
+        1002,
+    )
+    .await;
+    assert_eq!(
+        r.iter().map(|r| r.outcome).collect::<Vec<_>>(),
+        vec![A, S, A, A, S]
+    );
+    assert_eq!(
+        r[1].job.as_ref().map(|j| j.state),
+        Some(JobState::Completed)
+    );
+    for job in [602, 603] {
+        assert_eq!(
+            store.get_job(job).await.unwrap().map(|j| j.state),
+            Some(JobState::Completed)
+        );
+    }
+    // Queued entries: 600, 601 and 603 were queued when their queued event
+    // came (the dispatcher skips finished ones); 602 never.
+    let queued: Vec<QueueItem> = drain(&*store, &linux).await;
+    assert_eq!(
+        queued,
+        [600, 601, 603].map(|job_id| QueueItem::Provision { job_id })
+    );
+}
+
+async fn an_empty_batch_does_nothing(store: Arc<dyn Store>) {
+    let mut watch = store.watch(None).await.unwrap();
+    assert!(store.submit_events(&[], 1000).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_jobs(None, None, 0, 10)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .queue_depth(&Queue::Provision("linux".into()))
+            .await
+            .unwrap()
+            .depth,
+        0
+    );
+    // The store still works after it.
+    queue_one(&*store, 610).await;
+    match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+        Ok(Some(Ok(Event::Job { job_id: 610, .. }))) => {}
+        e => panic!("the first event is job 610's: {e:?}"),
+    }
+}
+
+async fn a_batch_queues_each_routed_job_once_in_its_pool(store: Arc<dyn Store>) {
+    let linux = Queue::Provision("linux".into());
+    let other = Queue::Provision("other".into());
+    // One routed queued job, with its redelivery and a repeat in the same
+    // batch: queued once.
+    let r = submit_batch(
+        &*store,
+        &[
+            (event("q620", JobAction::Queued, 620), Some("linux")),
+            (event("q620", JobAction::Queued, 620), Some("linux")),
+            (event("q620-again", JobAction::Queued, 620), Some("linux")),
+        ],
+        1000,
+    )
+    .await;
+    assert_eq!(
+        r.iter().map(|r| r.outcome).collect::<Vec<_>>(),
+        vec![
+            SubmitOutcome::Accepted,
+            SubmitOutcome::DuplicateDelivery,
+            SubmitOutcome::Stale
+        ]
+    );
+    assert_eq!(store.queue_depth(&linux).await.unwrap().depth, 1);
+    assert_eq!(
+        drain(&*store, &linux).await,
+        vec![QueueItem::Provision { job_id: 620 }]
+    );
+    // Routed and unrouted mixed: each routed job in its own pool's queue, in
+    // batch order; unrouted ones recorded with their reason and queued
+    // nowhere.
+    let r = submit_batch(
+        &*store,
+        &[
+            (event("u1", JobAction::Queued, 631), None),
+            (event("r1", JobAction::Queued, 632), Some("linux")),
+            (event("u2", JobAction::Queued, 633), None),
+            (event("r2", JobAction::Queued, 634), Some("other")),
+            (event("r3", JobAction::Queued, 635), Some("linux")),
+            (event("u3", JobAction::Waiting, 636), None),
+        ],
+        1001,
+    )
+    .await;
+    assert!(r.iter().all(|r| r.outcome == SubmitOutcome::Accepted));
+    for (job, state, pool) in [
+        (631, JobState::Unrouted, ""),
+        (632, JobState::Queued, "linux"),
+        (633, JobState::Unrouted, ""),
+        (634, JobState::Queued, "other"),
+        (635, JobState::Queued, "linux"),
+        (636, JobState::Unrouted, ""),
+    ] {
+        let j = store.get_job(job).await.unwrap().expect("recorded");
+        assert_eq!((j.state, j.pool.as_str()), (state, pool), "job {job}");
+        assert_eq!(
+            j.reason.contains("self-hosted"),
+            state == JobState::Unrouted,
+            "job {job}: {}",
+            j.reason
+        );
+    }
+    assert_eq!(
+        drain(&*store, &linux).await,
+        [632, 635].map(|job_id| QueueItem::Provision { job_id })
+    );
+    assert_eq!(
+        drain(&*store, &other).await,
+        vec![QueueItem::Provision { job_id: 634 }]
+    );
+    assert_eq!(
+        store
+            .queue_depth(&Queue::Provision(String::new()))
+            .await
+            .unwrap()
+            .depth,
+        0
+    );
 }
