@@ -10,7 +10,8 @@
 //! # Batching (group commit)
 //! Job events go to the control plane in `SubmitJobEvents` batches: each
 //! connection has one sender task with at most one call in flight; a sender
-//! that is free takes every event waiting (up to [`MAX_BATCH`]) and sends
+//! that is free takes every event waiting (up to [`MAX_BATCH`] events and
+//! about [`MAX_BATCH_BYTES`]) and sends
 //! them in one call. Nothing ever waits for a batch to fill: when the
 //! gateway is idle a delivery goes out alone at once, and under load the
 //! deliveries that arrive while the senders are busy share the next call,
@@ -28,6 +29,7 @@ use std::time::Duration;
 use grs_proto::v1 as pb;
 use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use prometheus_client::metrics::histogram::Histogram;
+use prost::Message as _;
 use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, oneshot};
 use tonic::metadata::MetadataValue;
@@ -37,6 +39,10 @@ use crate::config::{GatewayConfig, ResolvedSecrets};
 
 /// Most events in one `SubmitJobEvents` call (the control plane's limit).
 pub const MAX_BATCH: usize = 256;
+/// A batch stops growing once its events' encoded size reaches this: well
+/// under the 4 MiB a gRPC server accepts by default, even though one event
+/// may carry up to ~30 KB of labels and names.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Events waiting for a sender; beyond this, deliveries wait for room (and
 /// answer 503 if none comes within the deadline).
 const QUEUE_CAPACITY: usize = 8 * MAX_BATCH;
@@ -269,10 +275,14 @@ impl Sender {
             let mut batch = {
                 let mut rx = rx.lock().await;
                 let Some(first) = rx.recv().await else { return };
+                let mut bytes = first.event.encoded_len();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(p) => batch.push(p),
+                        Ok(p) => {
+                            bytes += p.event.encoded_len();
+                            batch.push(p);
+                        }
                         Err(_) => break,
                     }
                 }

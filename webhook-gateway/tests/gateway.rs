@@ -804,3 +804,50 @@ async fn a_control_plane_without_submit_job_events_is_sent_single_calls() {
     gw.stop().await;
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_stops_growing_at_about_a_mebibyte() {
+    let cp = FakeControlPlane::default().serve().await;
+    cp.fake.set_delay(Some(Duration::from_millis(300)));
+    let gw = Gateway::start(&cp.url(), |c, _| c.control_plane_connections = 1).await;
+    // Jobs with the most labels GitHub allows, each label as long as the
+    // gateway accepts: ~25 KB per event, so 60 of them (~1.5 MB) cannot go
+    // in one call.
+    let big_job = |id: u64| {
+        let mut v: serde_json::Value = serde_json::from_slice(&queued_job(id)).unwrap();
+        v["workflow_job"]["labels"] = (0..grs_github::webhook::MAX_LABELS)
+            .map(|i| {
+                format!(
+                    "{i:03}{}",
+                    "x".repeat(grs_github::webhook::MAX_LABEL_LEN - 3)
+                )
+            })
+            .collect::<Vec<_>>()
+            .into();
+        serde_json::to_vec(&v).unwrap()
+    };
+    let posts = (1..=60u64).map(|id| {
+        let body = big_job(id);
+        let gw = &gw;
+        async move {
+            if id > 1 {
+                // The first goes out alone; the rest queue behind it.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let d = id.to_string();
+            post(gw, Delivery::signed("workflow_job", &d, body)).await.0
+        }
+    });
+    let statuses = futures::future::join_all(posts).await;
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    assert_eq!(cp.fake.accepted().len(), 60);
+    let batches = cp.fake.state.lock().unwrap().batches.clone();
+    assert_eq!(batches.iter().sum::<usize>(), 60, "{batches:?}");
+    let largest = batches.iter().max().copied().unwrap_or(0);
+    assert!(
+        (2..=43).contains(&largest),
+        "59 queued events of ~25 KB split by size, not sent as one: {batches:?}"
+    );
+    gw.stop().await;
+    cp.stop().await;
+}

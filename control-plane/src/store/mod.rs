@@ -181,10 +181,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// exactly as consecutive [`submit_event`](Store::submit_event) calls
     /// would: a later event sees what earlier ones did. One result per event,
     /// in the batch's order. [`RedisStore`] records the whole batch in one
-    /// atomic script (one round trip, all or nothing); the default calls
-    /// `submit_event` in turn. An error means the batch may be partly
-    /// recorded (default) or not at all (Redis); either way a retry is safe,
-    /// as delivery ids de-duplicate.
+    /// script (one round trip; no other client's command runs in between);
+    /// the default calls `submit_event` in turn. An error may leave the
+    /// batch partly recorded (Redis does not roll back a script that fails
+    /// midway, e.g. out of memory); a retry is safe, as delivery ids
+    /// de-duplicate. Jobs of one batch share a recording time, so listing
+    /// orders them among themselves arbitrarily (as for any jobs recorded
+    /// in the same millisecond).
     async fn submit_events(
         &self,
         batch: &[(&JobEvent, Option<&str>)],
