@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# The gateway benchmark (see ../BENCH.md). Needs Redis on 127.0.0.1:6379.
+# The gateway benchmark (see ../BENCH.md). Needs redis-server on the PATH.
 #
 #   webhook-gateway/bench/run.sh              # against the fake control plane
-#   CP_URL=http://127.0.0.1:50051 webhook-gateway/bench/run.sh
-#                                             # against a control plane you started
+#   CP=real webhook-gateway/bench/run.sh      # against the real control plane
+#                                             # (release build, Redis store)
+#   CP_URL=http://127.0.0.1:50051 CP_PID=<pid> webhook-gateway/bench/run.sh
+#                                             # against one you started
+#
+# Everything talks to a private redis-server (no persistence) the script
+# starts on REDIS_PORT, so the Redis CPU charged to each delivery is this
+# benchmark's alone (the machine's shared Redis may serve other work).
 #
 # Env: DURATION (10s), CONNS (64), RATE (500), ROUNDS (2), RUST_LOG for the
-# gateway (info), CP_PID (a real control plane's pid, to charge its CPU).
+# gateway (info), REDIS_PORT (16379), CP (fake|real), CP_URL/CP_PID.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 RATE=${RATE:-500}
 ROUNDS=${ROUNDS:-2}
+REDIS_PORT=${REDIS_PORT:-16379}
+CP=${CP:-fake}
 export GRS_WEBHOOK_SECRET=${GRS_WEBHOOK_SECRET:-bench-secret}
 BODY=${BODY:-fixtures/github/payloads/octokit-webhooks/workflow_job/waiting.payload.json}
-OUT=${OUT:-target/bench}
+OUT=$(realpath -m "${OUT:-target/bench}")
 mkdir -p "$OUT"
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 
-redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
 cargo build --release -q -p grs-webhook-gateway --bin grs-webhook-gateway --example bench
+[[ "$CP" == real ]] && cargo build --release -q -p grs-control-plane --bin grs-control-plane
 BIN=target/release
 EX=target/release/examples/bench
 
@@ -27,28 +36,50 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  redis-cli --scan --pattern 'grsbench:*' | xargs -r -n 1000 redis-cli del >/dev/null || true
 }
 trap cleanup EXIT
 
-"$EX" bare --listen 127.0.0.1:18081 >"$OUT/bare.log" 2>&1 & pids+=($!); BARE_PID=$!
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  --dir "$OUT" --logfile "$OUT/redis.log" & pids+=($!); REDIS_PID=$!
+for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$REDIS_PORT" ping >/dev/null
+
+"$EX" bare --listen 127.0.0.1:18081 --redis "$REDIS_URL" >"$OUT/bare.log" 2>&1 & pids+=($!); BARE_PID=$!
 CP_PID=${CP_PID:-}
-if [[ -z "${CP_URL:-}" ]]; then
-  "$EX" fake-cp --listen 127.0.0.1:50151 >"$OUT/fake-cp.log" 2>&1 & pids+=($!); CP_PID=$!
+if [[ -n "${CP_URL:-}" ]]; then
+  CP_KIND="control plane at $CP_URL (its Redis is its own: point it at $REDIS_URL)"
+elif [[ "$CP" == real ]]; then
+  # The real control plane, Redis store, one pool serving the payload's
+  # labels, paused so every accepted job stays queued.
+  cat >"$OUT/cp-bench.toml" <<TOML
+[control_plane]
+listen = "127.0.0.1:50161"
+store = "redis"
+installation_id = "grs-bench"
+[redis]
+url = "$REDIS_URL"
+key_prefix = "grsbench-cp"
+[pools.bench]
+labels = ["self-hosted", "k8s"]
+max_instances = 4
+paused = true
+TOML
+  RUST_LOG=warn "$BIN/grs-control-plane" --config "$OUT/cp-bench.toml" >"$OUT/control-plane.log" 2>&1 & pids+=($!); CP_PID=$!
+  CP_URL=http://127.0.0.1:50161
+  CP_KIND="the real control plane (release, Redis store, paused pool)"
+else
+  "$EX" fake-cp --listen 127.0.0.1:50151 --redis "$REDIS_URL" >"$OUT/fake-cp.log" 2>&1 & pids+=($!); CP_PID=$!
   CP_URL=http://127.0.0.1:50151
   CP_KIND="fake control plane (tests/support, + pipelined SET NX + XADD to Redis)"
-else
-  CP_KIND="control plane at $CP_URL"
 fi
 GRS_GATEWAY_LISTEN=127.0.0.1:18080 GRS_GATEWAY_CONTROL_PLANE_URL="$CP_URL" RUST_LOG=${RUST_LOG:-info} \
   "$BIN/grs-webhook-gateway" >"$OUT/gateway.log" 2>&1 & pids+=($!); GW_PID=$!
-for port in 18080 18081; do
+for port in 18080 18081 ${CP_URL##*:}; do
   for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores; gateway -> $CP_KIND; body $(wc -c <"$BODY") bytes; duration $DURATION"
 id=20000000000
-REDIS_PID=$(pgrep -x redis-server | head -1 || true)
 ticks() { [[ -n "$1" && -r /proc/$1/stat ]] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
 HZ=$(getconf CLK_TCK)
 run() { # name url pids-to-charge extra-args...
@@ -79,4 +110,6 @@ for r in $(seq "$ROUNDS"); do
   run bare    http://127.0.0.1:18081/webhook "$BARE_PID $REDIS_PID" --connections 16 --rate "$RATE"
   run gateway http://127.0.0.1:18080/webhook "$GW_PID $CP_PID $REDIS_PID" --connections 16 --rate "$RATE"
 done
-echo "# redis stream length: $(redis-cli xlen grsbench:events)"
+echo "# bare receiver's stream: $(redis-cli -p "$REDIS_PORT" xlen grsbench:events) entries; Redis memory: $(redis-cli -p "$REDIS_PORT" info memory | sed -n 's/^used_memory_human:\(.*\)\r$/\1/p')"
+echo "# gateway batches (events per SubmitJobEvents call):"
+curl -s http://127.0.0.1:18080/metrics | grep -E '^grs_gateway_submit_batch_size_(sum|count)' || true
