@@ -86,6 +86,7 @@ checks!(
     an_expired_lease_goes_to_the_next_caller,
     renewing_a_lease_extends_it,
     only_the_holder_releases_a_lease,
+    an_empty_store_lists_no_instances,
 );
 
 async fn queue_one(store: &dyn Store, job: u64) {
@@ -1697,4 +1698,9 @@ async fn only_the_holder_releases_a_lease(store: Arc<dyn Store>) {
     // Released: free for the next caller at once, and releasing again is a no-op.
     assert!(!store.release_lease("reconciler", "a").await.unwrap());
     assert!(store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+}
+
+async fn an_empty_store_lists_no_instances(store: Arc<dyn Store>) {
+    assert!(store.list_instances(None, false).await.unwrap().is_empty());
+    assert!(store.list_instances(Some("linux"), true).await.unwrap().is_empty());
 }

@@ -1007,6 +1007,10 @@ impl Store for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if names.is_empty() {
+            // Redis refuses an empty pipeline ("empty command").
+            return Ok(Vec::new());
+        }
         names.sort();
         let mut pipe = redis::pipe();
         for n in &names {
