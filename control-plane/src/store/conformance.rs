@@ -1702,5 +1702,11 @@ async fn only_the_holder_releases_a_lease(store: Arc<dyn Store>) {
 
 async fn an_empty_store_lists_no_instances(store: Arc<dyn Store>) {
     assert!(store.list_instances(None, false).await.unwrap().is_empty());
-    assert!(store.list_instances(Some("linux"), true).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_instances(Some("linux"), true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
