@@ -97,6 +97,26 @@ pub struct ControlPlaneConfig {
     /// How long a deleted instance's record is kept for inspection.
     #[serde(with = "humantime_serde")]
     pub instance_retention: Duration,
+    /// Time between two passes of the reconciler. The elected replica
+    /// holds its lease for three intervals, so a crashed leader is replaced
+    /// within about that long.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// An instance whose runner has not taken a job this long after it was
+    /// recorded is torn down (the VM did not boot, its runner did not
+    /// register, or GitHub gave its job to another runner).
+    #[serde(with = "humantime_serde")]
+    pub bootstrap_timeout: Duration,
+    /// Any instance this old is torn down, busy or not. The default, 8h, is
+    /// GitHub's default job timeout (`timeout-minutes`: 360) plus room for
+    /// boot, queueing and clean-up; workflows that raise `timeout-minutes`
+    /// (self-hosted jobs may run up to 5 days) need a larger value.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// A VM carrying this installation's marker that the store does not
+    /// know (or knows as deleted) is deleted once it is this old (orphan).
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
 }
 
 impl Default for ControlPlaneConfig {
@@ -120,6 +140,10 @@ impl Default for ControlPlaneConfig {
             gateway_url: None,
             bootstrap_ttl: Duration::from_secs(30 * 60),
             instance_retention: Duration::from_secs(24 * 3600),
+            reconcile_interval: Duration::from_secs(30),
+            bootstrap_timeout: Duration::from_secs(15 * 60),
+            max_lifetime: Duration::from_secs(8 * 3600),
+            orphan_grace: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -303,6 +327,29 @@ impl Config {
             return Err(ConfigError::key(
                 "control_plane.claim_timeout",
                 "must be at least 1s",
+            ));
+        }
+        for (key, value) in [
+            ("reconcile_interval", cp.reconcile_interval),
+            ("bootstrap_timeout", cp.bootstrap_timeout),
+            ("max_lifetime", cp.max_lifetime),
+            ("orphan_grace", cp.orphan_grace),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(
+                    format!("control_plane.{key}"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+        if cp.bootstrap_timeout >= cp.max_lifetime {
+            return Err(ConfigError::key(
+                "control_plane.bootstrap_timeout",
+                format!(
+                    "{} must be shorter than max_lifetime ({})",
+                    humantime::format_duration(cp.bootstrap_timeout),
+                    humantime::format_duration(cp.max_lifetime)
+                ),
             ));
         }
         if let Some(url) = &cp.gateway_url
@@ -530,5 +577,51 @@ mod tests {
         assert!(e.contains("[proxmox]"), "{e}");
         let e = load("").unwrap_err().to_string();
         assert!(e.contains("pools"), "{e}");
+    }
+
+    #[test]
+    fn reconciler_durations_default_and_are_checked() {
+        let c = load("[pools.l]\nlabels=['a']\n").unwrap();
+        let cp = &c.control_plane;
+        assert_eq!(cp.reconcile_interval, Duration::from_secs(30));
+        assert_eq!(cp.bootstrap_timeout, Duration::from_secs(15 * 60));
+        assert_eq!(cp.max_lifetime, Duration::from_secs(8 * 3600));
+        assert_eq!(cp.orphan_grace, Duration::from_secs(10 * 60));
+        let c = load(
+            "[control_plane]\nreconcile_interval='5s'\nbootstrap_timeout='20m'\nmax_lifetime='2d'\norphan_grace='1h'\n[pools.l]\nlabels=['a']\n",
+        )
+        .unwrap();
+        assert_eq!(c.control_plane.max_lifetime, Duration::from_secs(2 * 86400));
+        for key in [
+            "reconcile_interval",
+            "bootstrap_timeout",
+            "max_lifetime",
+            "orphan_grace",
+        ] {
+            let e = load(&format!(
+                "[control_plane]\n{key}='0s'\n[pools.l]\nlabels=['a']\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("control_plane.{key}")) && e.contains("zero"),
+                "{e}"
+            );
+            let e = load(&format!(
+                "[control_plane]\n{key}='often'\n[pools.l]\nlabels=['a']\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("control_plane.{key}")), "{e}");
+        }
+        let e = load(
+            "[control_plane]\nbootstrap_timeout='2h'\nmax_lifetime='2h'\n[pools.l]\nlabels=['a']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("control_plane.bootstrap_timeout") && e.contains("max_lifetime"),
+            "{e}"
+        );
     }
 }

@@ -10,8 +10,12 @@
 //!   in memory (demo, tests), with its conformance suite.
 //! - [`dispatcher`]: provision queue → instance (capacity, retries, failure).
 //! - [`teardown`]: teardown queue → instance gone, capacity freed.
-//! - [`worker`]: what the two share (claiming, heartbeats, the
-//!   [`RunnerRegistrar`](worker::RunnerRegistrar) view of GitHub).
+//! - [`reconciler`]: the leader-elected pass that tears down what events
+//!   leave behind (runners that took no job, instances past their maximum
+//!   lifetime, orphan VMs).
+//! - [`worker`]: what the dispatcher and teardown share (claiming,
+//!   heartbeats, the [`RunnerRegistrar`](worker::RunnerRegistrar) view of
+//!   GitHub).
 //! - [`bootstrap`], [`cloud_init`]: tokens and documents a booting VM uses.
 //! - [`github`]: the [`RunnerRegistrar`](worker::RunnerRegistrar) over
 //!   GitHub's REST API.
@@ -28,6 +32,7 @@ pub mod dispatcher;
 pub mod github;
 pub mod model;
 pub mod pools;
+pub mod reconciler;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,6 +1,6 @@
 //! Assembles a running control plane: the gRPC server (API, health,
-//! reflection, auth, TLS), the dispatcher and teardown workers, and the
-//! health watch on the store.
+//! reflection, auth, TLS), the dispatcher and teardown workers, the
+//! reconciler, and the health watch on the store.
 //!
 //! [`run`] takes its listener and its shutdown signal as arguments (as
 //! mini-redis does), so tests start a control plane on `127.0.0.1:0` and stop
@@ -22,6 +22,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::pools::Pools;
+use crate::reconciler::{self, Reconciler, ReconcilerSettings};
 use crate::service::ControlPlaneService;
 use crate::store::Store;
 use crate::worker::{RunnerRegistrar, WorkerContext, WorkerSettings};
@@ -132,6 +133,18 @@ pub async fn run(
             format!("{replica}-teardown-{i}"),
         ));
     }
+
+    // Every replica runs a reconciler; the store's lease lets one work at a
+    // time.
+    workers.spawn(reconciler::run(
+        Reconciler::new(
+            store.clone(),
+            pools.clone(),
+            ReconcilerSettings::from_config(&config.control_plane),
+        ),
+        replica.clone(),
+        ctx.shutdown.clone(),
+    ));
 
     // Health follows the store.
     let (reporter, health) = tonic_health::server::health_reporter();

@@ -119,6 +119,15 @@ impl FakeProvisioner {
         );
     }
 
+    /// Sets the creation time the fake reports for `name` (`None`: unknown,
+    /// as a backend that cannot tell), so tests can age instances or hide
+    /// their age. Nothing happens if `name` does not exist.
+    pub fn set_created_at(&self, name: &str, at: Option<SystemTime>) {
+        if let Some(vm) = self.state.lock().unwrap().vms.get_mut(name) {
+            vm.instance.created_at = at;
+        }
+    }
+
     /// Whether a VM named `name` exists, ours or not.
     pub fn exists(&self, name: &str) -> bool {
         self.state.lock().unwrap().vms.contains_key(name)

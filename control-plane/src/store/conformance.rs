@@ -82,6 +82,11 @@ checks!(
     a_batch_is_applied_in_order,
     an_empty_batch_does_nothing,
     a_batch_queues_each_routed_job_once_in_its_pool,
+    a_lease_has_one_holder_at_a_time,
+    an_expired_lease_goes_to_the_next_caller,
+    renewing_a_lease_extends_it,
+    only_the_holder_releases_a_lease,
+    an_empty_store_lists_no_instances,
 );
 
 async fn queue_one(store: &dyn Store, job: u64) {
@@ -1634,5 +1639,74 @@ async fn a_batch_queues_each_routed_job_once_in_its_pool(store: Arc<dyn Store>) 
             .unwrap()
             .depth,
         0
+    );
+}
+
+async fn a_lease_has_one_holder_at_a_time(store: Arc<dyn Store>) {
+    let ttl = Duration::from_secs(30);
+    assert!(store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+    // The holder renews.
+    assert!(store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+    // Leases of other names are independent.
+    assert!(store.acquire_lease("other", "b", ttl).await.unwrap());
+    // Many callers at once: exactly one wins a free lease.
+    let wins = futures::future::join_all((0..8).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .acquire_lease("contended", &format!("c{i}"), ttl)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{wins:?}");
+}
+
+async fn an_expired_lease_goes_to_the_next_caller(store: Arc<dyn Store>) {
+    let ttl = Duration::from_millis(100);
+    assert!(store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+    // The old holder lost it: it neither renews nor releases it.
+    assert!(!store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    assert!(!store.release_lease("reconciler", "a").await.unwrap());
+    assert!(!store.acquire_lease("reconciler", "c", ttl).await.unwrap());
+}
+
+async fn renewing_a_lease_extends_it(store: Arc<dyn Store>) {
+    let ttl = Duration::from_millis(400);
+    assert!(store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // 500 ms after it was first taken: past the first ttl, within the renewed one.
+    assert!(!store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+}
+
+async fn only_the_holder_releases_a_lease(store: Arc<dyn Store>) {
+    let ttl = Duration::from_secs(30);
+    // Releasing a lease nobody holds does nothing.
+    assert!(!store.release_lease("reconciler", "a").await.unwrap());
+    assert!(store.acquire_lease("reconciler", "a", ttl).await.unwrap());
+    assert!(!store.release_lease("reconciler", "b").await.unwrap());
+    assert!(!store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+    assert!(store.release_lease("reconciler", "a").await.unwrap());
+    // Released: free for the next caller at once, and releasing again is a no-op.
+    assert!(!store.release_lease("reconciler", "a").await.unwrap());
+    assert!(store.acquire_lease("reconciler", "b", ttl).await.unwrap());
+}
+
+async fn an_empty_store_lists_no_instances(store: Arc<dyn Store>) {
+    assert!(store.list_instances(None, false).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_instances(Some("linux"), true)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

@@ -43,6 +43,8 @@ struct State {
     bootstrap: HashMap<String, (String, Instant)>,
     bootstrap_by_instance: HashMap<String, String>,
     queues: BTreeMap<Queue, MemQueue>,
+    /// lease name → (holder, expiry)
+    leases: HashMap<String, (String, Instant)>,
 }
 
 /// In-memory [`Store`].
@@ -691,6 +693,31 @@ impl Store for MemoryStore {
             s.bootstrap.remove(&h);
         }
         Ok(())
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        match s.leases.get(name) {
+            Some((h, until)) if h != holder && *until > now => Ok(false),
+            _ => {
+                s.leases
+                    .insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        match s.leases.get(name) {
+            Some((h, until)) if h == holder && *until > now => {
+                s.leases.remove(name);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn watch(

@@ -345,6 +345,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// instance is gone). Idempotent.
     async fn revoke_bootstrap_token(&self, instance: &str) -> StoreResult<()>;
 
+    /// Takes, or renews, the lease `name` for `holder` for `ttl`; true when
+    /// `holder` holds it afterwards. A lease is free when nobody holds it or
+    /// its holder let it expire; renewing one's own lease extends it to
+    /// `ttl` from now. Atomic: of any number of callers on any number of
+    /// replicas, at most one holds a lease at any time (as the store's clock
+    /// sees it: Redis server time, so replicas' clocks need not agree).
+    /// Leader election of the [reconciler](crate::reconciler) uses it.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Gives the lease `name` up if `holder` holds it (then true); a caller
+    /// that does not hold it changes nothing. Idempotent.
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool>;
+
     /// Events from now on (pool-filtered), as they are emitted by any
     /// replica. The stream ends when the store goes away; errors end it too.
     async fn watch(

@@ -14,6 +14,7 @@
 //! | `P:queue:teardown` | stream, group `teardown` | instances to destroy |
 //! | `P:events` | stream, capped | transitions, for `WatchEvents` |
 //! | `P:bootstrap:<sha256 of token>` | string, TTL | the instance a bootstrap token is bound to |
+//! | `P:lease:<name>` | string, TTL | a lease's holder (leader election) |
 //!
 //! # Atomicity
 //! Every change touching more than one key is a Lua script, so a crash of a
@@ -736,6 +737,32 @@ redis.call('EXPIRE', ik, keep)
 return 1
 "#;
 
+/// `acquire_lease`. KEYS[1]: the lease; ARGV: holder, ttl (ms). Free (absent:
+/// never taken, released, or expired by Redis itself) → taken; ours →
+/// extended; someone else's → 0.
+const LUA_ACQUIRE_LEASE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// `release_lease`. KEYS[1]: the lease; ARGV[1]: holder. Deletes it only if
+/// `holder` holds it.
+const LUA_RELEASE_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
 /// `note_instance_error`. ARGV[5..]: name, reason.
 const LUA_NOTE_ERROR: &str = r#"
 local ik = k('instance', ARGV[5])
@@ -779,6 +806,9 @@ struct Scripts {
     put_bootstrap: Script,
     revoke_bootstrap: Script,
     update_pool: Script,
+    // Leases stand alone: they name their key in KEYS and need no prelude.
+    acquire_lease: Script,
+    release_lease: Script,
 }
 
 impl Scripts {
@@ -797,6 +827,8 @@ impl Scripts {
             put_bootstrap: s(LUA_PUT_BOOTSTRAP),
             revoke_bootstrap: s(LUA_REVOKE_BOOTSTRAP),
             update_pool: s(LUA_UPDATE_POOL),
+            acquire_lease: Script::new(LUA_ACQUIRE_LEASE),
+            release_lease: Script::new(LUA_RELEASE_LEASE),
         }
     }
 }
@@ -975,6 +1007,10 @@ impl Store for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if names.is_empty() {
+            // Redis refuses an empty pipeline ("empty command").
+            return Ok(Vec::new());
+        }
         names.sort();
         let mut pipe = redis::pipe();
         for n in &names {
@@ -1363,6 +1399,34 @@ impl Store for RedisStore {
         )
         .await
         .map(drop)
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let taken: i64 = self
+            .scripts
+            .acquire_lease
+            .key(self.key(&["lease", name]))
+            .arg(holder)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(taken == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let released: i64 = self
+            .scripts
+            .release_lease
+            .key(self.key(&["lease", name]))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(released == 1)
     }
 
     async fn watch(

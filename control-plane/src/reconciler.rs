@@ -1,0 +1,665 @@
+//! The reconciler: closes the gaps job events leave (DESIGN.md, job flow
+//! step 7). Events alone tear down an instance only when its job completes;
+//! an instance whose runner never takes a job, or a VM the store lost track
+//! of, would otherwise live forever.
+//!
+//! # Expected flow
+//! Every `reconcile_interval`, each replica asks the store for the lease
+//! [`LEASE`] (held for three intervals, renewed on every pass). The replica
+//! holding it runs one pass, [`Reconciler::reconcile_once`]:
+//! 1. Every provisioner of the configured pools (each backend once)
+//!    [`list`](grs_provisioner::Provisioner::list)s the VMs carrying this
+//!    installation's marker.
+//! 2. The store's live instances are read — after the listing, see
+//!    *Guarantees*.
+//! 3. **Maximum lifetime**: a created instance (running, stopped or error)
+//!    older than `max_lifetime` is queued for teardown, busy or not.
+//! 4. **Bootstrap timeout**: a created instance whose runner has taken no
+//!    job (`assigned_job_id == 0`) `bootstrap_timeout` after it was recorded
+//!    is queued for teardown.
+//! 5. **Orphans**: a listed VM with no live record (the store never knew
+//!    it, forgot it, or records it as deleted) is deleted through its
+//!    provisioner once it is `orphan_grace` old. A VM whose backend cannot
+//!    tell its age must be seen as an orphan on consecutive passes spanning
+//!    `orphan_grace` instead.
+//!
+//! Teardowns go through the teardown queue like any other, so the VM, its
+//! capacity slot and its record are handled by the teardown workers.
+//!
+//! # Guarantees
+//! - **Idempotent; safe on two replicas by mistake.** A lease can expire
+//!   under a slow leader while another replica takes it, so two passes may
+//!   overlap. Nothing breaks: queueing a teardown twice queues it once
+//!   ([`enqueue_teardown`](crate::store::Store::enqueue_teardown)), and
+//!   deleting an absent VM succeeds. The lease saves work, it is not needed
+//!   for correctness.
+//! - **Nothing foreign touched.** Only VMs the provisioner lists are ever
+//!   deleted, and a provisioner lists only VMs with this installation's
+//!   marker (and prefix); its `delete` checks the marker again.
+//! - **No create is raced.** A dispatcher records an instance (as
+//!   pending_create) before it asks the provisioner for the VM, and the
+//!   reconciler reads the records after listing the VMs: a VM it lists has
+//!   a record it sees, unless that record is deleted or gone. Instances
+//!   still being created (pending_create, creating) are never timed out
+//!   here: their dispatcher holds a queue entry and finishes or fails them.
+//!   The grace period covers what remains (a record expired or wiped).
+//! - **Cancellation.** Every `.await` is a cancellation point; a pass
+//!   dropped half-way is simply redone by the next leader. On shutdown the
+//!   lease is released so another replica takes over at its next interval
+//!   (after a crash: once the lease expires, within three intervals).
+//!
+//! # Not yet
+//! Offline runner registrations with our prefix, queued jobs whose webhook
+//! was lost (polling GitHub), warm-pool levels and idle surplus, and
+//! re-queueing teardowns whose queue entry was lost (pending_delete or
+//! deleting with no entry; only a Redis that lost writes does that) are
+//! still to come.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use grs_provisioner::{Instance, Provisioner};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ControlPlaneConfig;
+use crate::model::{InstanceRecord, Millis, instance_is_created, now_ms, to_ms};
+use crate::pools::Pools;
+use crate::store::{Store, StoreResult};
+
+/// The store lease whose holder runs the reconciler.
+pub const LEASE: &str = "reconciler";
+
+/// How long releasing the lease may take at shutdown before it is left to
+/// expire.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reconciler settings, taken from `[control_plane]`.
+#[derive(Debug, Clone)]
+pub struct ReconcilerSettings {
+    /// Time between passes.
+    pub interval: Duration,
+    /// Idle instances older than this are torn down.
+    pub bootstrap_timeout: Duration,
+    /// Every instance older than this is torn down.
+    pub max_lifetime: Duration,
+    /// Orphan VMs younger than this are left alone.
+    pub orphan_grace: Duration,
+}
+
+impl ReconcilerSettings {
+    /// From the configuration.
+    pub fn from_config(c: &ControlPlaneConfig) -> Self {
+        Self {
+            interval: c.reconcile_interval,
+            bootstrap_timeout: c.bootstrap_timeout,
+            max_lifetime: c.max_lifetime,
+            orphan_grace: c.orphan_grace,
+        }
+    }
+
+    /// How long the leader's lease lasts: three intervals, so one slow or
+    /// failed renewal does not hand leadership over.
+    pub fn lease_ttl(&self) -> Duration {
+        self.interval.saturating_mul(3)
+    }
+}
+
+/// What one pass did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Instances queued for teardown because their runner took no job in
+    /// time.
+    pub bootstrap_timed_out: Vec<String>,
+    /// Instances queued for teardown because they reached the maximum
+    /// lifetime.
+    pub lifetime_ended: Vec<String>,
+    /// Orphan VMs deleted.
+    pub orphans_deleted: Vec<String>,
+    /// Orphan VMs seen but still within the grace period.
+    pub orphans_waiting: Vec<String>,
+    /// Provisioner failures the pass went past (the next pass retries).
+    pub failures: Vec<String>,
+}
+
+impl PassReport {
+    /// Whether the pass found nothing to do and nothing failed.
+    pub fn is_quiet(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One replica's reconciler. Holds only what the leader remembers between
+/// passes (undated orphans); everything else is read afresh each pass.
+#[derive(Debug)]
+pub struct Reconciler {
+    store: Arc<dyn Store>,
+    pools: Pools,
+    settings: ReconcilerSettings,
+    /// Orphans whose backend gives no creation time → when this replica
+    /// first saw them as orphans. Kept only across consecutive passes that
+    /// see them, so a VM that stops looking orphaned starts over.
+    undated_orphans: HashMap<String, Millis>,
+}
+
+/// `d` in milliseconds, saturating.
+fn millis(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
+
+/// Whether `since` lies at least `limit` before `now`.
+fn at_least(now: Millis, since: Millis, limit: Duration) -> bool {
+    now.saturating_sub(since) >= millis(limit)
+}
+
+fn human(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+impl Reconciler {
+    /// A reconciler over `store` and the backends of `pools`.
+    pub fn new(store: Arc<dyn Store>, pools: Pools, settings: ReconcilerSettings) -> Self {
+        Self {
+            store,
+            pools,
+            settings,
+            undated_orphans: HashMap::new(),
+        }
+    }
+
+    /// Runs one pass at time `now` (see the module docs), whether or not
+    /// this replica holds the lease: [`run`] checks that. Store errors end
+    /// the pass (the next one redoes it); provisioner errors are logged,
+    /// reported and passed over.
+    pub async fn reconcile_once(&mut self, now: Millis) -> StoreResult<PassReport> {
+        let mut report = PassReport::default();
+        // 1. VMs first, records second: see "No create is raced".
+        let vms = self.list_vms(&mut report).await;
+        let records = self.store.list_instances(None, false).await?;
+        // 2, 3. Timeouts.
+        for inst in &records {
+            self.expire(inst, now, &mut report).await?;
+        }
+        // 4. Orphans.
+        let live: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        let mut undated = HashMap::new();
+        for (provisioner, pool, vm) in vms {
+            if live.contains(vm.name.as_str()) {
+                continue;
+            }
+            let old_enough = match vm.created_at {
+                Some(t) => at_least(now, to_ms(t), self.settings.orphan_grace),
+                None => {
+                    let first = self.undated_orphans.get(&vm.name).copied();
+                    undated.insert(vm.name.clone(), first.unwrap_or(now));
+                    first.is_some_and(|f| at_least(now, f, self.settings.orphan_grace))
+                }
+            };
+            if !old_enough {
+                tracing::debug!(instance = %vm.name, pool, "possible orphan within its grace period");
+                report.orphans_waiting.push(vm.name);
+                continue;
+            }
+            tracing::warn!(
+                instance = %vm.name,
+                pool,
+                provider_id = %vm.provider_id,
+                grace = %human(self.settings.orphan_grace),
+                "deleting an orphan: a VM of this installation with no live instance record"
+            );
+            match provisioner.delete(&vm.name).await {
+                Ok(()) => {
+                    undated.remove(&vm.name);
+                    report.orphans_deleted.push(vm.name);
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %vm.name, pool, error = %e, "cannot delete an orphan; retrying next pass");
+                    report
+                        .failures
+                        .push(format!("deleting orphan {}: {e}", vm.name));
+                }
+            }
+        }
+        self.undated_orphans = undated;
+        Ok(report)
+    }
+
+    /// Every marked VM of every backend (each listed once, however many
+    /// pools share it), with the backend that lists it and its pool's name.
+    async fn list_vms(
+        &self,
+        report: &mut PassReport,
+    ) -> Vec<(Arc<dyn Provisioner>, String, Instance)> {
+        // Backends by address (a raw pointer is not Send across the awaits).
+        let mut listed: Vec<usize> = Vec::new();
+        let mut out = Vec::new();
+        for pool in self.pools.iter() {
+            let backend = Arc::as_ptr(&pool.provisioner) as *const () as usize;
+            if listed.contains(&backend) {
+                continue;
+            }
+            listed.push(backend);
+            match pool.provisioner.list().await {
+                Ok(vms) => out.extend(
+                    vms.into_iter()
+                        .map(|vm| (pool.provisioner.clone(), pool.name.clone(), vm)),
+                ),
+                Err(e) => {
+                    tracing::warn!(pool = %pool.name, error = %e, "cannot list the pool's VMs; orphans are looked for next pass");
+                    report
+                        .failures
+                        .push(format!("listing pool {}: {e}", pool.name));
+                }
+            }
+        }
+        out
+    }
+
+    /// Queues `inst` for teardown if it is past its maximum lifetime, or
+    /// idle past the bootstrap timeout.
+    async fn expire(
+        &self,
+        inst: &InstanceRecord,
+        now: Millis,
+        report: &mut PassReport,
+    ) -> StoreResult<()> {
+        if !instance_is_created(inst.state) {
+            return Ok(());
+        }
+        let s = &self.settings;
+        let (reason, list) = if at_least(now, inst.created_at, s.max_lifetime) {
+            (
+                format!(
+                    "instance reached its maximum lifetime of {}",
+                    human(s.max_lifetime)
+                ),
+                &mut report.lifetime_ended,
+            )
+        } else if inst.assigned_job_id == 0 && at_least(now, inst.created_at, s.bootstrap_timeout) {
+            (
+                format!(
+                    "runner did not take a job within {}",
+                    human(s.bootstrap_timeout)
+                ),
+                &mut report.bootstrap_timed_out,
+            )
+        } else {
+            return Ok(());
+        };
+        // false: already on its way out (another pass or an event was
+        // first); None: gone meanwhile. Either way nothing to do.
+        if self
+            .store
+            .enqueue_teardown(&inst.name, &reason, now)
+            .await?
+            == Some(true)
+        {
+            tracing::info!(instance = %inst.name, pool = %inst.pool, reason, "instance queued for teardown");
+            list.push(inst.name.clone());
+        }
+        Ok(())
+    }
+
+    /// Forgets what the leader remembered (on losing the lease: the next
+    /// leader starts from the store and the backends anyway).
+    fn forget(&mut self) {
+        self.undated_orphans.clear();
+    }
+}
+
+/// Runs `reconciler` as replica `holder` until `shutdown`: every interval,
+/// take or renew the lease and, holding it, run a pass. Releases the lease
+/// on the way out.
+pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: CancellationToken) {
+    let store = reconciler.store.clone();
+    let interval = reconciler.settings.interval;
+    let ttl = reconciler.settings.lease_ttl();
+    let mut leading = false;
+    tracing::debug!(holder, "reconciler started");
+    loop {
+        let lease = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = store.acquire_lease(LEASE, &holder, ttl) => r,
+        };
+        match lease {
+            Ok(true) => {
+                if !leading {
+                    tracing::info!(holder, "this replica now runs the reconciler");
+                    leading = true;
+                }
+                let pass = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = reconciler.reconcile_once(now_ms()) => r,
+                };
+                match pass {
+                    Ok(report) if report.is_quiet() => {
+                        tracing::debug!("reconcile pass: nothing to do")
+                    }
+                    Ok(report) => tracing::info!(?report, "reconcile pass done"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconcile pass failed; retrying next interval")
+                    }
+                }
+            }
+            Ok(false) => {
+                if leading {
+                    tracing::warn!(holder, "another replica took the reconciler lease");
+                    leading = false;
+                    reconciler.forget();
+                }
+            }
+            Err(e) => {
+                // Without the store the pass could not work anyway; the
+                // lease lapses unless a renewal gets through in time.
+                tracing::warn!(error = %e, "cannot reach the store for the reconciler lease");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    if leading {
+        match tokio::time::timeout(RELEASE_TIMEOUT, store.release_lease(LEASE, &holder)).await {
+            Ok(Ok(_)) => tracing::info!(holder, "released the reconciler lease"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot release the reconciler lease; it expires by itself")
+            }
+            Err(_) => {
+                tracing::warn!("releasing the reconciler lease timed out; it expires by itself")
+            }
+        }
+    }
+    tracing::debug!(holder, "reconciler stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use grs_provisioner::{Bootstrap, FakeProvisioner, InstanceSpec, InstanceState};
+
+    use super::*;
+    use crate::model::{JobAction, SubmitOutcome};
+    use crate::store::conformance::event;
+    use crate::store::{BeginProvision, MemoryStore};
+    use crate::testing::{eventually, fake_pools, test_config};
+    use crate::worker::{WorkerContext, WorkerSettings};
+
+    const BOOTSTRAP: Duration = Duration::from_millis(1_000);
+    const LIFETIME: Duration = Duration::from_millis(5_000);
+    const GRACE: Duration = Duration::from_millis(2_000);
+
+    struct Setup {
+        store: Arc<dyn Store>,
+        fake: Arc<FakeProvisioner>,
+        pools: Pools,
+        reconciler: Reconciler,
+    }
+
+    fn setup() -> Setup {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let fake = Arc::new(FakeProvisioner::new("linux"));
+        let pools = fake_pools(&test_config(), &fake);
+        let settings = ReconcilerSettings {
+            interval: Duration::from_millis(50),
+            bootstrap_timeout: BOOTSTRAP,
+            max_lifetime: LIFETIME,
+            orphan_grace: GRACE,
+        };
+        let reconciler = Reconciler::new(store.clone(), pools.clone(), settings);
+        Setup {
+            store,
+            fake,
+            pools,
+            reconciler,
+        }
+    }
+
+    fn spec(job: u64) -> InstanceSpec {
+        InstanceSpec {
+            name: format!("grs-{job}"),
+            pool: "linux".into(),
+            job_id: job,
+            labels: vec!["self-hosted".into()],
+            bootstrap: Bootstrap::None,
+        }
+    }
+
+    /// Job `job` queued, and its instance recorded and running, at `now`
+    /// (as the dispatcher does it).
+    async fn provisioned(s: &Setup, job: u64, now: Millis) -> String {
+        let r = s
+            .store
+            .submit_event(
+                &event(&format!("q-{job}"), JobAction::Queued, job),
+                Some("linux"),
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, SubmitOutcome::Accepted);
+        let name = format!("grs-{job}");
+        let limits = s.pools.get("linux").unwrap().limits();
+        let begun = s
+            .store
+            .begin_provision(job, &name, &limits, now)
+            .await
+            .unwrap();
+        assert!(matches!(begun, BeginProvision::Proceed { .. }), "{begun:?}");
+        s.store.mark_creating(&name, now).await.unwrap();
+        let made = s.fake.create(&spec(job)).await.unwrap();
+        s.store
+            .finish_provision(job, &name, &made.provider_id, "fake", now)
+            .await
+            .unwrap();
+        name
+    }
+
+    /// The runner of `name` took job `job` (an `in_progress` event).
+    async fn taken(s: &Setup, name: &str, job: u64, now: Millis) {
+        let mut ev = event(&format!("p-{job}"), JobAction::InProgress, job);
+        ev.runner_name = name.to_owned();
+        ev.runner_id = 7;
+        s.store.submit_event(&ev, Some("linux"), now).await.unwrap();
+        let inst = s.store.get_instance(name).await.unwrap().unwrap();
+        assert_eq!(inst.assigned_job_id, job);
+    }
+
+    async fn state(s: &Setup, name: &str) -> (InstanceState, String) {
+        let i = s.store.get_instance(name).await.unwrap().unwrap();
+        (i.state, i.reason)
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_runner_takes_no_job_is_torn_down_after_the_bootstrap_timeout() {
+        let mut s = setup();
+        let t = 1_000_000;
+        let name = provisioned(&s, 1, t).await;
+        let r = s.reconciler.reconcile_once(t + 999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        assert_eq!(state(&s, &name).await.0, InstanceState::Running);
+
+        let r = s.reconciler.reconcile_once(t + 1_000).await.unwrap();
+        assert_eq!(r.bootstrap_timed_out, vec![name.clone()]);
+        let (st, reason) = state(&s, &name).await;
+        assert_eq!(st, InstanceState::PendingDelete);
+        assert_eq!(reason, "runner did not take a job within 1s");
+        // A second pass (or a second replica) queues nothing more.
+        let r = s.reconciler.reconcile_once(t + 1_500).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+
+        // The teardown workers take it from there: the VM goes.
+        let stop = CancellationToken::new();
+        let ctx = WorkerContext {
+            store: s.store.clone(),
+            pools: s.pools.clone(),
+            settings: WorkerSettings::from_config(&test_config().control_plane),
+            registrar: None,
+            shutdown: stop.clone(),
+        };
+        let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
+        eventually("the VM deleted", Duration::from_secs(3), || async {
+            (!s.fake.exists(&name)).then_some(())
+        })
+        .await;
+        eventually("the instance deleted", Duration::from_secs(3), || async {
+            let (st, reason) = state(&s, &name).await;
+            (st == InstanceState::Deleted).then_some(reason)
+        })
+        .await;
+        assert_eq!(s.store.pool_in_use("linux").await.unwrap(), 0);
+        stop.cancel();
+        worker.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_runner_took_a_job_lives_until_its_maximum_lifetime() {
+        let mut s = setup();
+        let t = 1_000_000;
+        let name = provisioned(&s, 2, t).await;
+        taken(&s, &name, 2, t + 10).await;
+        let r = s.reconciler.reconcile_once(t + 4_999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        assert_eq!(state(&s, &name).await.0, InstanceState::Running);
+
+        let r = s.reconciler.reconcile_once(t + 5_000).await.unwrap();
+        assert_eq!(r.lifetime_ended, vec![name.clone()]);
+        assert!(r.bootstrap_timed_out.is_empty(), "{r:?}");
+        let (st, reason) = state(&s, &name).await;
+        assert_eq!(st, InstanceState::PendingDelete);
+        assert_eq!(reason, "instance reached its maximum lifetime of 5s");
+    }
+
+    #[tokio::test]
+    async fn instances_still_being_created_are_never_timed_out() {
+        let mut s = setup();
+        let t = 1_000_000;
+        s.store
+            .submit_event(&event("q-3", JobAction::Queued, 3), Some("linux"), t)
+            .await
+            .unwrap();
+        let limits = s.pools.get("linux").unwrap().limits();
+        s.store
+            .begin_provision(3, "grs-3", &limits, t)
+            .await
+            .unwrap();
+        s.store.mark_creating("grs-3", t).await.unwrap();
+        let r = s.reconciler.reconcile_once(t + 60_000).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        assert_eq!(state(&s, "grs-3").await.0, InstanceState::Creating);
+    }
+
+    #[tokio::test]
+    async fn an_orphan_vm_is_deleted_after_the_grace_period_and_a_recorded_one_is_not() {
+        let mut s = setup();
+        let t = now_ms();
+        let recorded = provisioned(&s, 4, t).await;
+        taken(&s, &recorded, 4, t).await;
+        // Made behind GRS's back (or its record was lost): ours by marker,
+        // unknown to the store.
+        s.fake.create(&spec(5)).await.unwrap();
+        // Someone else's VM with a name of ours: never listed, never touched.
+        s.fake.add_foreign("grs-6");
+
+        let r = s.reconciler.reconcile_once(t + 1_000).await.unwrap();
+        assert_eq!(r.orphans_waiting, vec!["grs-5".to_owned()]);
+        assert!(r.orphans_deleted.is_empty(), "{r:?}");
+        assert!(s.fake.exists("grs-5"));
+
+        // Slack for the fake's own clock, read a moment after `t`.
+        let r = s.reconciler.reconcile_once(t + 2_500).await.unwrap();
+        assert_eq!(r.orphans_deleted, vec!["grs-5".to_owned()]);
+        assert!(!s.fake.exists("grs-5"));
+        assert!(s.fake.exists(&recorded), "a recorded VM was deleted");
+        assert_eq!(state(&s, &recorded).await.0, InstanceState::Running);
+        assert!(s.fake.exists("grs-6"), "a foreign VM was deleted");
+    }
+
+    #[tokio::test]
+    async fn a_vm_whose_record_says_deleted_is_an_orphan() {
+        let mut s = setup();
+        let t = now_ms();
+        let name = provisioned(&s, 7, t).await;
+        // The record says deleted but the VM is still there (a create that
+        // finished after its teardown, say).
+        s.store.begin_teardown(&name, t).await.unwrap();
+        s.store
+            .finish_teardown(&name, "", Duration::from_secs(60), t)
+            .await
+            .unwrap();
+        let r = s.reconciler.reconcile_once(t + 2_500).await.unwrap();
+        assert_eq!(r.orphans_deleted, vec![name.clone()]);
+        assert!(!s.fake.exists(&name));
+    }
+
+    #[tokio::test]
+    async fn an_orphan_of_unknown_age_is_deleted_only_once_seen_for_the_grace_period() {
+        let mut s = setup();
+        s.fake.create(&spec(8)).await.unwrap();
+        s.fake.set_created_at("grs-8", None);
+        let t = 1_000_000;
+        // However late the first sighting, it is only the first.
+        let r = s.reconciler.reconcile_once(t).await.unwrap();
+        assert_eq!(r.orphans_waiting, vec!["grs-8".to_owned()]);
+        let r = s.reconciler.reconcile_once(t + 1_999).await.unwrap();
+        assert_eq!(r.orphans_waiting, vec!["grs-8".to_owned()]);
+        assert!(s.fake.exists("grs-8"));
+        let r = s.reconciler.reconcile_once(t + 2_000).await.unwrap();
+        assert_eq!(r.orphans_deleted, vec!["grs-8".to_owned()]);
+        assert!(!s.fake.exists("grs-8"));
+    }
+
+    #[tokio::test]
+    async fn a_failing_orphan_delete_is_reported_and_retried_next_pass() {
+        let mut s = setup();
+        let t = now_ms();
+        s.fake.create(&spec(9)).await.unwrap();
+        s.fake.fail_next_deletes(1);
+        let r = s.reconciler.reconcile_once(t + 2_500).await.unwrap();
+        assert_eq!(r.failures.len(), 1, "{r:?}");
+        assert!(s.fake.exists("grs-9"));
+        let r = s.reconciler.reconcile_once(t + 3_000).await.unwrap();
+        assert_eq!(r.orphans_deleted, vec!["grs-9".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn the_control_plane_runs_the_reconciler_and_its_teardowns() {
+        use crate::testing::{RunningControlPlane, control_plane, job_event, submit};
+        use grs_proto::v1 as pb;
+
+        let mut config = test_config();
+        config.control_plane.reconcile_interval = Duration::from_millis(50);
+        config.control_plane.bootstrap_timeout = Duration::from_millis(300);
+        let fake = Arc::new(FakeProvisioner::new("linux"));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pools = fake_pools(&config, &fake);
+        let cp = RunningControlPlane::start(control_plane(config, store.clone(), pools)).await;
+        let mut client = cp.client().await;
+        submit(&mut client, job_event("d-1", pb::JobAction::Queued, 11)).await;
+        // Created, then (no runner ever takes the job) torn down.
+        eventually("the instance made", Duration::from_secs(3), || async {
+            (fake.creates() == 1).then_some(())
+        })
+        .await;
+        let inst = eventually("the instance deleted", Duration::from_secs(5), || async {
+            let i = store.get_instance("grs-11").await.ok()??;
+            (i.state == InstanceState::Deleted).then_some(i)
+        })
+        .await;
+        assert_eq!(inst.reason, "runner did not take a job within 300ms");
+        assert_eq!(fake.live(), 0);
+        cp.shutdown().await.unwrap();
+        // Shutdown released the lease: another replica may take it at once.
+        assert!(
+            store
+                .acquire_lease(LEASE, "next", Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn the_lease_lasts_three_intervals() {
+        let s = ReconcilerSettings::from_config(&test_config().control_plane);
+        assert_eq!(s.lease_ttl(), Duration::from_secs(90));
+    }
+}
