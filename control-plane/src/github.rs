@@ -48,4 +48,65 @@ impl RunnerRegistrar for GitHubRegistrar {
         }
         Ok(())
     }
+
+    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+        let runners = self
+            .client
+            .list_runners(Some(name))
+            .await
+            .map_err(|e| format!("cannot look up the runner {name}: {e}"))?;
+        Ok(Some(runners.iter().any(|r| r.name == name && r.busy)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use grs_github::sim::{GitHubSim, NewJob, SimConfig};
+    use secrecy::{ExposeSecret, SecretString};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn runner_busy_is_what_github_says_of_the_runner() {
+        let sim = GitHubSim::start(SimConfig {
+            job_duration: Duration::from_secs(30),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let client = GitHubClient::new(&grs_github::GitHubConfig {
+            api_url: sim.url(),
+            organization: Some("grs-sim".into()),
+            token: Some(SecretString::from(
+                "ghp_simulated_personal_access_token".to_owned(),
+            )),
+            ..grs_github::GitHubConfig::default()
+        })
+        .unwrap();
+        let registrar = GitHubRegistrar::new(client);
+        let name = "grs-4242";
+        // Not registered: not busy.
+        assert_eq!(registrar.runner_busy(name).await, Ok(Some(false)));
+        let labels = vec!["self-hosted".to_owned(), "linux".to_owned()];
+        let jit = registrar.jit_config(name, &labels, 1).await.unwrap();
+        sim.boot_runner(jit.expose_secret()).await.unwrap();
+        // Registered, online, no job yet.
+        assert_eq!(registrar.runner_busy(name).await, Ok(Some(false)));
+        sim.queue_job(NewJob::labels(["self-hosted", "linux"]))
+            .await;
+        assert!(
+            sim.wait_until(Duration::from_secs(5), |s| s
+                .runners()
+                .iter()
+                .any(|r| r.name == name && r.busy))
+                .await,
+            "the simulator gave the runner the job"
+        );
+        assert_eq!(registrar.runner_busy(name).await, Ok(Some(true)));
+        // Another runner's name is not this one's.
+        assert_eq!(registrar.runner_busy("grs-4243").await, Ok(Some(false)));
+        sim.shutdown().await;
+    }
 }

@@ -66,6 +66,7 @@ use crate::config::ControlPlaneConfig;
 use crate::model::{InstanceRecord, Millis, instance_is_created, now_ms, to_ms};
 use crate::pools::Pools;
 use crate::store::{Store, StoreResult};
+use crate::worker::RunnerRegistrar;
 
 /// The store lease whose holder runs the reconciler.
 pub const LEASE: &str = "reconciler";
@@ -118,6 +119,9 @@ pub struct PassReport {
     pub orphans_deleted: Vec<String>,
     /// Orphan VMs seen but still within the grace period.
     pub orphans_waiting: Vec<String>,
+    /// Instances past the bootstrap timeout kept because GitHub says their
+    /// runner is busy (its `in_progress` webhook was lost).
+    pub busy_kept: Vec<String>,
     /// Provisioner failures the pass went past (the next pass retries).
     pub failures: Vec<String>,
 }
@@ -140,6 +144,9 @@ pub struct Reconciler {
     /// first saw them as orphans. Kept only across consecutive passes that
     /// see them, so a VM that stops looking orphaned starts over.
     undated_orphans: HashMap<String, Millis>,
+    /// Asked whether a runner is busy before its instance is torn down for
+    /// the bootstrap timeout.
+    registrar: Option<Arc<dyn RunnerRegistrar>>,
 }
 
 /// `d` in milliseconds, saturating.
@@ -164,7 +171,17 @@ impl Reconciler {
             pools,
             settings,
             undated_orphans: HashMap::new(),
+            registrar: None,
         }
+    }
+
+    /// Asks `registrar` (GitHub) whether an instance's runner is busy before
+    /// tearing the instance down for the bootstrap timeout: when the
+    /// `in_progress` webhook was lost, the store thinks the runner idle
+    /// while it runs a job. Without one, the store's word is taken.
+    pub fn with_registrar(mut self, registrar: Option<Arc<dyn RunnerRegistrar>>) -> Self {
+        self.registrar = registrar;
+        self
     }
 
     /// Runs one pass at time `now` (see the module docs), whether or not
@@ -276,6 +293,9 @@ impl Reconciler {
                 &mut report.lifetime_ended,
             )
         } else if inst.assigned_job_id == 0 && at_least(now, inst.created_at, s.bootstrap_timeout) {
+            if self.runner_may_be_busy(inst, report).await {
+                return Ok(());
+            }
             (
                 format!(
                     "runner did not take a job within {}",
@@ -298,6 +318,36 @@ impl Reconciler {
             list.push(inst.name.clone());
         }
         Ok(())
+    }
+
+    /// Whether the registrar says (or cannot rule out) that the runner of
+    /// `inst`, idle by the store's records, is running a job: then the
+    /// instance stays, until its maximum lifetime at the latest.
+    async fn runner_may_be_busy(&self, inst: &InstanceRecord, report: &mut PassReport) -> bool {
+        let Some(registrar) = &self.registrar else {
+            return false;
+        };
+        match registrar.runner_busy(&inst.name).await {
+            Ok(Some(true)) => {
+                tracing::warn!(
+                    instance = %inst.name,
+                    pool = %inst.pool,
+                    "runner is busy though no in_progress webhook named it (a lost delivery?); \
+                     keeping the instance until its job completes or its maximum lifetime"
+                );
+                report.busy_kept.push(inst.name.clone());
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(instance = %inst.name, pool = %inst.pool, error = %e,
+                    "cannot tell whether the runner is busy; the bootstrap timeout waits for the next pass");
+                report
+                    .failures
+                    .push(format!("asking whether {} is busy: {e}", inst.name));
+                true
+            }
+        }
     }
 
     /// Forgets what the leader remembered (on losing the lease: the next
@@ -509,6 +559,68 @@ mod tests {
         assert_eq!(s.store.pool_in_use("linux").await.unwrap(), 0);
         stop.cancel();
         worker.await.unwrap();
+    }
+
+    /// A registrar whose runners' busy flags the test sets.
+    #[derive(Debug, Default)]
+    struct Runners {
+        busy: std::sync::Mutex<HashMap<String, Result<bool, String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl RunnerRegistrar for Runners {
+        async fn jit_config(
+            &self,
+            _: &str,
+            _: &[String],
+            _: u64,
+        ) -> Result<secrecy::SecretString, String> {
+            Err("not used".into())
+        }
+        async fn remove_runner(&self, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+            match self.busy.lock().unwrap().get(name) {
+                Some(Ok(b)) => Ok(Some(*b)),
+                Some(Err(e)) => Err(e.clone()),
+                None => Ok(Some(false)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_runner_whose_in_progress_webhook_was_lost_is_not_torn_down() {
+        let mut s = setup();
+        let runners = Arc::new(Runners::default());
+        s.reconciler = Reconciler::new(
+            s.store.clone(),
+            s.pools.clone(),
+            s.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        let t = 1_000_000;
+        let busy = provisioned(&s, 11, t).await;
+        let unsure = provisioned(&s, 12, t).await;
+        let idle = provisioned(&s, 13, t).await;
+        runners.busy.lock().unwrap().insert(busy.clone(), Ok(true));
+        runners
+            .busy
+            .lock()
+            .unwrap()
+            .insert(unsure.clone(), Err("GitHub answered 502".into()));
+        let r = s.reconciler.reconcile_once(t + 1_000).await.unwrap();
+        assert_eq!(r.bootstrap_timed_out, vec![idle.clone()], "{r:?}");
+        assert_eq!(r.busy_kept, vec![busy.clone()], "{r:?}");
+        assert_eq!(r.failures.len(), 1, "{r:?}");
+        assert_eq!(state(&s, &busy).await.0, InstanceState::Running);
+        assert_eq!(state(&s, &unsure).await.0, InstanceState::Running);
+        assert_eq!(state(&s, &idle).await.0, InstanceState::PendingDelete);
+        // The maximum lifetime ends even a busy runner's instance.
+        let r = s.reconciler.reconcile_once(t + 5_000).await.unwrap();
+        let mut ended = r.lifetime_ended.clone();
+        ended.sort();
+        assert_eq!(ended, vec![busy.clone(), unsure.clone()], "{r:?}");
     }
 
     #[tokio::test]

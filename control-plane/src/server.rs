@@ -141,7 +141,8 @@ pub async fn run(
             store.clone(),
             pools.clone(),
             ReconcilerSettings::from_config(&config.control_plane),
-        ),
+        )
+        .with_registrar(ctx.registrar.clone()),
         replica.clone(),
         ctx.shutdown.clone(),
     ));

@@ -62,7 +62,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                 if let Some(registrar) = &ctx.registrar
                     && let Err(e) = registrar.remove_runner(&name).await
                 {
-                    tracing::warn!(instance = %name, error = e, "could not remove the runner registration; the reconciler will retry");
+                    tracing::warn!(instance = %name, error = e, "could not remove the runner registration; it stays listed as an offline runner until removed on GitHub (nothing retries this yet)");
                 }
                 ctx.store
                     .finish_teardown(&name, "", ctx.settings.instance_retention, now_ms())

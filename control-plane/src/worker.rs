@@ -31,6 +31,16 @@ pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
     /// Removes the runner registration named `name`, if any is left behind
     /// (a runner that never ran its job). Absent is success.
     async fn remove_runner(&self, name: &str) -> Result<(), String>;
+
+    /// Whether the runner named `name` is running a job right now:
+    /// `Some(true)` busy, `Some(false)` registered and idle or not
+    /// registered, `None` when this registrar cannot tell. The reconciler
+    /// asks before it tears down an instance whose `in_progress` webhook
+    /// never came: a lost delivery must not kill a running job.
+    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+        let _ = name;
+        Ok(None)
+    }
 }
 
 /// Worker settings, taken from `[control_plane]`.
