@@ -72,8 +72,13 @@ fn check_len(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The answer to one recorded event (and its log line).
-fn submit_response(ev: &JobEvent, r: SubmitResult) -> pb::SubmitJobEventResponse {
+/// The answer to one recorded event, with the job unless `outcome_only`
+/// (and its log line).
+fn submit_response(
+    ev: &JobEvent,
+    r: SubmitResult,
+    outcome_only: bool,
+) -> pb::SubmitJobEventResponse {
     let outcome = match r.outcome {
         SubmitOutcome::Accepted => pb::SubmitOutcome::Accepted,
         SubmitOutcome::DuplicateDelivery => pb::SubmitOutcome::DuplicateDelivery,
@@ -88,7 +93,7 @@ fn submit_response(ev: &JobEvent, r: SubmitResult) -> pb::SubmitJobEventResponse
     }
     pb::SubmitJobEventResponse {
         outcome: outcome as i32,
-        job: r.job.map(|j| j.to_proto()),
+        job: r.job.filter(|_| !outcome_only).map(|j| j.to_proto()),
     }
 }
 
@@ -211,14 +216,17 @@ impl ControlPlane for ControlPlaneService {
             .submit_event(&ev, routed, now_ms())
             .await
             .map_err(store_status)?;
-        Ok(Response::new(submit_response(&ev, r)))
+        Ok(Response::new(submit_response(&ev, r, false)))
     }
 
     async fn submit_job_events(
         &self,
         req: Request<pb::SubmitJobEventsRequest>,
     ) -> Result<Response<pb::SubmitJobEventsResponse>, Status> {
-        let events = req.into_inner().events;
+        let pb::SubmitJobEventsRequest {
+            events,
+            outcomes_only,
+        } = req.into_inner();
         if events.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
                 "events has {} events; at most {MAX_BATCH} are allowed per call",
@@ -249,7 +257,11 @@ impl ControlPlane for ControlPlaneService {
                     let r = recorded.next().ok_or_else(|| {
                         Status::internal("the store answered fewer results than events")
                     })?;
-                    pb::submit_job_event_result::Result::Response(submit_response(&ev, r))
+                    pb::submit_job_event_result::Result::Response(submit_response(
+                        &ev,
+                        r,
+                        outcomes_only,
+                    ))
                 }
                 Err(status) => pb::submit_job_event_result::Result::Error(pb::EventError {
                     code: status.code() as i32,

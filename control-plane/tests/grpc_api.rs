@@ -493,14 +493,17 @@ async fn submit_batch(
     c: &mut grs_proto::v1::control_plane_client::ControlPlaneClient<tonic::transport::Channel>,
     events: Vec<pb::JobEvent>,
 ) -> Vec<pb::submit_job_event_result::Result> {
-    c.submit_job_events(pb::SubmitJobEventsRequest { events })
-        .await
-        .expect("SubmitJobEvents")
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| r.result.expect("a result"))
-        .collect()
+    c.submit_job_events(pb::SubmitJobEventsRequest {
+        events,
+        ..Default::default()
+    })
+    .await
+    .expect("SubmitJobEvents")
+    .into_inner()
+    .results
+    .into_iter()
+    .map(|r| r.result.expect("a result"))
+    .collect()
 }
 
 /// The response to a recorded event, or a panic naming what came instead.
@@ -667,6 +670,7 @@ async fn a_batch_over_the_limit_is_refused_whole_and_an_empty_one_answers_nothin
     let e = c
         .submit_job_events(pb::SubmitJobEventsRequest {
             events: (1..=257).map(unrouted).collect(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -705,10 +709,64 @@ async fn a_batch_over_the_limit_is_refused_whole_and_an_empty_one_answers_nothin
     assert_eq!(job.state(), pb::JobState::Unrouted);
 
     let empty = c
-        .submit_job_events(pb::SubmitJobEventsRequest { events: vec![] })
+        .submit_job_events(pb::SubmitJobEventsRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert!(empty.results.is_empty(), "{empty:?}");
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_asking_for_outcomes_only_gets_no_jobs_back() {
+    let (cp, _fake) = start().await;
+    let c = cp.client().await;
+    let ev = |d: &str, job: u64| pb::JobEvent {
+        delivery_id: d.into(),
+        action: pb::JobAction::Queued as i32,
+        job_id: job,
+        labels: vec!["self-hosted".into(), "linux".into()],
+        ..Default::default()
+    };
+    let answer = |outcomes_only: bool, events: Vec<pb::JobEvent>| {
+        let mut c = c.clone();
+        async move {
+            c.submit_job_events(pb::SubmitJobEventsRequest {
+                events,
+                outcomes_only,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(pb::submit_job_event_result::Result::Response(r)) => r,
+                other => panic!("expected a response, got {other:?}"),
+            })
+            .collect::<Vec<_>>()
+        }
+    };
+    let lean = answer(true, vec![ev("o-1", 9101), ev("o-1", 9101)]).await;
+    let outcomes: Vec<i32> = lean.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            pb::SubmitOutcome::Accepted as i32,
+            pb::SubmitOutcome::DuplicateDelivery as i32
+        ]
+    );
+    assert!(lean.iter().all(|r| r.job.is_none()), "{lean:?}");
+    // Recorded all the same.
+    let job = cp
+        .client()
+        .await
+        .get_job(pb::GetJobRequest { job_id: 9101 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.job_id, 9101);
+    let full = answer(false, vec![ev("o-2", 9102)]).await;
+    assert_eq!(full[0].job.as_ref().map(|j| j.job_id), Some(9102));
     cp.shutdown().await.unwrap();
 }

@@ -308,7 +308,10 @@ impl Sender {
             let (events, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.event, p.reply)).unzip();
             let kept = (mode == MODE_UNKNOWN).then(|| events.clone());
-            let req = self.settings.request(pb::SubmitJobEventsRequest { events });
+            let req = self.settings.request(pb::SubmitJobEventsRequest {
+                events,
+                outcomes_only: true,
+            });
             let answer = with_deadline(self.settings.timeout, self.client.submit_job_events(req))
                 .await
                 .map(|r| r.results);
