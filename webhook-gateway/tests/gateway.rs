@@ -103,6 +103,16 @@ async fn post(gw: &Gateway, d: Delivery<'_>) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// The gateway's `/metrics` page.
+async fn metrics_text(gw: &Gateway) -> String {
+    reqwest::get(format!("{}/metrics", gw.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn setup() -> (Running, Gateway) {
     let cp = FakeControlPlane::default().serve().await;
     let gw = Gateway::start(&cp.url(), |_, _| {}).await;
@@ -245,12 +255,7 @@ async fn bad_input_gets_its_status_and_never_reaches_the_control_plane() {
         assert_eq!(post(&gw, d).await.0, want, "{what}");
     }
     assert_eq!(cp.fake.state.lock().unwrap().calls, 0);
-    let metrics = reqwest::get(format!("{}/metrics", gw.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     assert!(
         metrics.contains(
             r#"grs_gateway_deliveries_total{event="workflow_job",outcome="bad_request"} 6"#
@@ -350,12 +355,7 @@ async fn an_unreachable_control_plane_is_503_well_inside_ten_seconds() {
         503
     );
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
-    let metrics = reqwest::get(format!("{}/metrics", gw.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     assert!(
         metrics.contains(
             r#"grs_gateway_control_plane_errors_total{rpc="SubmitJobEvents",code="Unavailable"} 1"#
@@ -465,12 +465,7 @@ async fn healthz_and_metrics_answer() {
         ),
     )
     .await;
-    let m = reqwest::get(format!("{}/metrics", gw.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&gw).await;
     assert!(
         m.contains(r#"grs_gateway_deliveries_total{event="workflow_job",outcome="accepted"} 1"#),
         "{m}"
@@ -720,12 +715,7 @@ async fn deliveries_arriving_while_a_call_is_in_flight_share_the_next_call() {
         batches.len() <= 3,
         "30 deliveries arriving during one call take at most two more calls: {batches:?}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", gw.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     assert!(
         metrics.contains(&format!(
             "grs_gateway_submit_batch_size_count {}",

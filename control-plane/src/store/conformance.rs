@@ -190,14 +190,7 @@ async fn redelivery_is_a_duplicate_and_changes_nothing(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(r.outcome, SubmitOutcome::DuplicateDelivery);
     assert_eq!(r.job.map(|j| j.state), Some(JobState::Queued));
-    assert_eq!(
-        store
-            .queue_depth(&Queue::Provision("linux".into()))
-            .await
-            .unwrap()
-            .depth,
-        1
-    );
+    assert_eq!(depth(&*store, &Queue::Provision("linux".into())).await, 1);
 }
 
 async fn unrouted_jobs_are_recorded_and_not_queued(store: Arc<dyn Store>) {
@@ -216,22 +209,8 @@ async fn unrouted_jobs_are_recorded_and_not_queued(store: Arc<dyn Store>) {
         store.get_job(2).await.unwrap().unwrap().state,
         JobState::Unrouted
     );
-    assert_eq!(
-        store
-            .queue_depth(&Queue::Provision("linux".into()))
-            .await
-            .unwrap()
-            .depth,
-        0
-    );
-    assert_eq!(
-        store
-            .queue_depth(&Queue::Provision(String::new()))
-            .await
-            .unwrap()
-            .depth,
-        0
-    );
+    assert_eq!(depth(&*store, &Queue::Provision("linux".into())).await, 0);
+    assert_eq!(depth(&*store, &Queue::Provision(String::new())).await, 0);
 }
 
 async fn completed_before_queued_never_provisions(store: Arc<dyn Store>) {
@@ -252,14 +231,7 @@ async fn completed_before_queued_never_provisions(store: Arc<dyn Store>) {
         (JobState::Completed, "cancelled")
     );
     assert!(!job.reason.is_empty());
-    assert_eq!(
-        store
-            .queue_depth(&Queue::Provision("linux".into()))
-            .await
-            .unwrap()
-            .depth,
-        0
-    );
+    assert_eq!(depth(&*store, &Queue::Provision("linux".into())).await, 0);
     // Queued, then completed before any dispatcher took it: the entry is
     // skipped when it is taken.
     queue_one(&*store, 4).await;
@@ -1054,6 +1026,11 @@ async fn submit_batch(
 }
 
 /// Every entry of `queue` still to be read, in order, acknowledged.
+/// How many entries `queue` holds.
+async fn depth(store: &dyn Store, queue: &Queue) -> u64 {
+    store.queue_depth(queue).await.unwrap().depth
+}
+
 async fn drain(store: &dyn Store, queue: &Queue) -> Vec<QueueItem> {
     let mut items = Vec::new();
     while let Some(d) = store
@@ -1546,14 +1523,7 @@ async fn an_empty_batch_does_nothing(store: Arc<dyn Store>) {
             .0
             .is_empty()
     );
-    assert_eq!(
-        store
-            .queue_depth(&Queue::Provision("linux".into()))
-            .await
-            .unwrap()
-            .depth,
-        0
-    );
+    assert_eq!(depth(&*store, &Queue::Provision("linux".into())).await, 0);
     // The store still works after it.
     queue_one(&*store, 610).await;
     match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
@@ -1585,7 +1555,7 @@ async fn a_batch_queues_each_routed_job_once_in_its_pool(store: Arc<dyn Store>) 
             SubmitOutcome::Stale
         ]
     );
-    assert_eq!(store.queue_depth(&linux).await.unwrap().depth, 1);
+    assert_eq!(depth(&*store, &linux).await, 1);
     assert_eq!(
         drain(&*store, &linux).await,
         vec![QueueItem::Provision { job_id: 620 }]
@@ -1632,14 +1602,7 @@ async fn a_batch_queues_each_routed_job_once_in_its_pool(store: Arc<dyn Store>) 
         drain(&*store, &other).await,
         vec![QueueItem::Provision { job_id: 634 }]
     );
-    assert_eq!(
-        store
-            .queue_depth(&Queue::Provision(String::new()))
-            .await
-            .unwrap()
-            .depth,
-        0
-    );
+    assert_eq!(depth(&*store, &Queue::Provision(String::new())).await, 0);
 }
 
 async fn a_lease_has_one_holder_at_a_time(store: Arc<dyn Store>) {
