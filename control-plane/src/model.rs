@@ -152,30 +152,9 @@ pub fn instance_is_created(s: InstanceState) -> bool {
     )
 }
 
-/// The action of a `workflow_job` event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobAction {
-    /// `queued`
-    Queued,
-    /// `waiting`
-    Waiting,
-    /// `in_progress`
-    InProgress,
-    /// `completed`
-    Completed,
-}
-
-impl JobAction {
-    /// The GitHub name of the action.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Waiting => "waiting",
-            Self::InProgress => "in_progress",
-            Self::Completed => "completed",
-        }
-    }
-}
+/// The action of a `workflow_job` event: the one type the webhook parser
+/// (`grs-github`) produces, so the two crates cannot disagree on it.
+pub use grs_github::webhook::JobAction;
 
 /// A validated `workflow_job` event, as the store takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

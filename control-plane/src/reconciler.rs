@@ -247,15 +247,13 @@ impl Reconciler {
         &self,
         report: &mut PassReport,
     ) -> Vec<(Arc<dyn Provisioner>, String, Instance)> {
-        // Backends by address (a raw pointer is not Send across the awaits).
-        let mut listed: Vec<usize> = Vec::new();
+        let mut listed: Vec<&Arc<dyn Provisioner>> = Vec::new();
         let mut out = Vec::new();
         for pool in self.pools.iter() {
-            let backend = Arc::as_ptr(&pool.provisioner) as *const () as usize;
-            if listed.contains(&backend) {
+            if listed.iter().any(|p| Arc::ptr_eq(p, &pool.provisioner)) {
                 continue;
             }
-            listed.push(backend);
+            listed.push(&pool.provisioner);
             match pool.provisioner.list().await {
                 Ok(vms) => out.extend(
                     vms.into_iter()
