@@ -263,10 +263,7 @@ impl ControlPlane for ControlPlaneService {
                         outcomes_only,
                     ))
                 }
-                Err(status) => pb::submit_job_event_result::Result::Error(pb::EventError {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                }),
+                Err(status) => pb::submit_job_event_result::Result::Error((&status).into()),
             };
             results.push(pb::SubmitJobEventResult {
                 result: Some(result),

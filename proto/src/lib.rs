@@ -18,3 +18,20 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of the GRS protos, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/grs_descriptor.bin"));
+
+/// `EventError` is a `tonic::Status` carried inside a `SubmitJobEvents`
+/// result: the one conversion each way, for the server and its clients.
+impl From<&tonic::Status> for v1::EventError {
+    fn from(s: &tonic::Status) -> Self {
+        Self {
+            code: s.code() as i32,
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+impl From<v1::EventError> for tonic::Status {
+    fn from(e: v1::EventError) -> Self {
+        tonic::Status::new(tonic::Code::from_i32(e.code), e.message)
+    }
+}
