@@ -17,6 +17,18 @@ fn assert_no_violations(f: &SimFixture) {
     assert!(v.is_empty(), "requests outside the PVE schema: {v:#?}");
 }
 
+/// A fault answering `times` requests whose path contains `path` (and whose
+/// method is `method`, when given) with HTTP `status` and `message`.
+fn http_error(path: &str, method: Option<&str>, status: u16, message: &str, times: u32) -> Fault {
+    Fault::HttpError {
+        path_contains: path.into(),
+        method: method.map(Into::into),
+        status,
+        message: message.into(),
+        times,
+    }
+}
+
 #[tokio::test]
 async fn conformance_suite_passes_on_the_simulator() {
     let f = SimFixture::single_node().await;
@@ -182,13 +194,13 @@ async fn lock_timeouts_dropped_connections_and_invisible_tasks_are_retried() {
     let f = SimFixture::single_node().await;
     f.sim.inject(Fault::CloneLockTimeout { times: 3 });
     f.sim.inject(Fault::TaskNotYetVisible { times: 2 });
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/cluster/resources".into(),
-        method: None,
-        status: 503,
-        message: "service unavailable".into(),
-        times: 1,
-    });
+    f.sim.inject(http_error(
+        "/cluster/resources",
+        None,
+        503,
+        "service unavailable",
+        1,
+    ));
     f.provisioner
         .create(&spec(POOL, "grs-conf-13", 13))
         .await
@@ -240,13 +252,13 @@ async fn a_clone_request_dropped_before_pve_acted_is_sent_again() {
 #[tokio::test]
 async fn permanent_errors_are_not_retried() {
     let f = SimFixture::single_node().await;
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/clone".into(),
-        method: Some("POST".into()),
-        status: 403,
-        message: "Permission check failed (/vms/100, VM.Allocate)".into(),
-        times: 5,
-    });
+    f.sim.inject(http_error(
+        "/clone",
+        Some("POST"),
+        403,
+        "Permission check failed (/vms/100, VM.Allocate)",
+        5,
+    ));
     f.sim.reset_request_count();
     let e = f
         .provisioner
@@ -265,26 +277,21 @@ async fn permanent_errors_are_not_retried() {
         (501, "Method not implemented"),
     ] {
         f.sim.clear_faults();
-        f.sim.inject(Fault::HttpError {
-            path_contains: "/version".into(),
-            method: None,
-            status,
-            message: message.into(),
-            times: 5,
-        });
+        f.sim
+            .inject(http_error("/version", None, status, message, 5));
         f.sim.reset_request_count();
         f.provisioner.client().version().await.unwrap_err();
         assert_eq!(f.sim.request_count(), 1, "HTTP {status} was retried");
     }
     // A 500 lock timeout, by contrast, is retried.
     f.sim.clear_faults();
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/version".into(),
-        method: None,
-        status: 500,
-        message: "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout".into(),
-        times: 2,
-    });
+    f.sim.inject(http_error(
+        "/version",
+        None,
+        500,
+        "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout",
+        2,
+    ));
     f.sim.reset_request_count();
     f.provisioner.client().version().await.unwrap();
     assert_eq!(f.sim.request_count(), 3);
@@ -522,13 +529,13 @@ async fn a_ca_file_verifies_the_certificate_and_system_roots_do_not() {
 async fn secrets_never_appear_in_errors() {
     let f = SimFixture::single_node().await;
     // PVE echoing the parameter back must not leak it either.
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/config".into(),
-        method: Some("PUT".into()),
-        status: 400,
-        message: "Parameter verification failed.".into(),
-        times: 1,
-    });
+    f.sim.inject(http_error(
+        "/config",
+        Some("PUT"),
+        400,
+        "Parameter verification failed.",
+        1,
+    ));
     let mut s = spec(POOL, "grs-conf-19", 19);
     s.bootstrap = Bootstrap::CloudInit {
         seed_url: SecretString::from("https://gw/cloud-init/TOPSECRETTOKEN/".to_owned()),
@@ -665,13 +672,13 @@ async fn two_grs_processes_racing_on_nextid_both_get_their_vms() {
 #[tokio::test]
 async fn a_vm_id_taken_between_nextid_and_clone_is_replaced_by_another() {
     let f = SimFixture::single_node().await;
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/clone".into(),
-        method: Some("POST".into()),
-        status: 500,
-        message: "unable to create VM 100: config file already exists".into(),
-        times: 2,
-    });
+    f.sim.inject(http_error(
+        "/clone",
+        Some("POST"),
+        500,
+        "unable to create VM 100: config file already exists",
+        2,
+    ));
     f.provisioner
         .create(&spec(POOL, "grs-conf-20", 20))
         .await
@@ -697,13 +704,13 @@ async fn a_target_node_that_fails_at_clone_time_is_skipped_for_another() {
         ],
     )
     .await;
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/clone".into(),
-        method: Some("POST".into()),
-        status: 500,
-        message: "target node 'pve2' is not online".into(),
-        times: 1,
-    });
+    f.sim.inject(http_error(
+        "/clone",
+        Some("POST"),
+        500,
+        "target node 'pve2' is not online",
+        1,
+    ));
     let inst = f
         .provisioner
         .create(&spec(POOL, "grs-conf-21", 21))
