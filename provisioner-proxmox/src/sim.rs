@@ -1405,14 +1405,7 @@ fn start_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
             if let Some(m) = injected {
                 return Err(m);
             }
-            let vm = match s.vms.get_mut(&vmid) {
-                Some(vm) if vm.node == node2 => vm,
-                _ => {
-                    return Err(format!(
-                        "Configuration file 'nodes/{node2}/qemu-server/{vmid}.conf' does not exist"
-                    ));
-                }
-            };
+            let vm = find(s, &node2, vmid).map_err(|Fail(_, m)| m)?;
             if vm.running {
                 return Err(format!("VM {vmid} already running"));
             }
