@@ -719,27 +719,28 @@ fn take_drop(shared: &Shared) -> bool {
     }
 }
 
+/// Uses up one of the `(path fragment, times left)` faults matching `path`.
+fn take_matching(faults: &mut [(String, u32)], path: &str) -> bool {
+    match faults.iter_mut().find(|f| f.1 > 0 && path.contains(&f.0)) {
+        Some(f) => {
+            f.1 -= 1;
+            true
+        }
+        None => false,
+    }
+}
+
 fn take_dropped_request(shared: &Shared, path: &str) -> bool {
     let mut s = shared.state.lock().unwrap();
-    for f in s.faults.dropped_requests.iter_mut() {
-        if f.1 > 0 && path.contains(&f.0) {
-            f.1 -= 1;
-            s.requests += 1;
-            return true;
-        }
+    let hit = take_matching(&mut s.faults.dropped_requests, path);
+    if hit {
+        s.requests += 1;
     }
-    false
+    hit
 }
 
 fn take_lost_answer(shared: &Shared, path: &str) -> bool {
-    let mut s = shared.state.lock().unwrap();
-    for f in s.faults.lost_answers.iter_mut() {
-        if f.1 > 0 && path.contains(&f.0) {
-            f.1 -= 1;
-            return true;
-        }
-    }
-    false
+    take_matching(&mut shared.state.lock().unwrap().faults.lost_answers, path)
 }
 
 /// PVE's error answer: status, `{"data":null,"message":"...\n"}`.
@@ -837,10 +838,8 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let template = sh
-        .schema
-        .find(method.as_str(), &path)
-        .map(|(e, _)| e.path.clone());
+    let found = sh.schema.find(method.as_str(), &path);
+    let template = found.as_ref().map(|(e, _)| e.path.clone());
     {
         let mut s = sh.state.lock().unwrap();
         s.requests += 1;
@@ -883,13 +882,9 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             Some(Value::Object(errs)),
         );
     }
-    let Some(template) = template else {
+    let (Some(template), Some((_, vars))) = (template, found) else {
         return pve_error(501, &format!("Method '{method} {path}' not implemented"));
     };
-    let (_, vars) = sh
-        .schema
-        .find(method.as_str(), &path)
-        .unwrap_or_else(|| unreachable!());
     let mut p: HashMap<String, Vec<String>> = HashMap::new();
     for (k, v) in vars.into_iter().chain(params) {
         p.entry(k).or_default().push(v);
@@ -1410,14 +1405,7 @@ fn start_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
             if let Some(m) = injected {
                 return Err(m);
             }
-            let vm = match s.vms.get_mut(&vmid) {
-                Some(vm) if vm.node == node2 => vm,
-                _ => {
-                    return Err(format!(
-                        "Configuration file 'nodes/{node2}/qemu-server/{vmid}.conf' does not exist"
-                    ));
-                }
-            };
+            let vm = find(s, &node2, vmid).map_err(|Fail(_, m)| m)?;
             if vm.running {
                 return Err(format!("VM {vmid} already running"));
             }

@@ -36,6 +36,21 @@ fn clone_params(newid: u32, name: &str) -> Vec<Param> {
     ]
 }
 
+/// Clones the template into `vmid` and waits for the clone task to succeed.
+async fn clone_and_wait(c: &PveClient, vmid: u32, name: &str) {
+    let u = c
+        .clone_vm("pve1", 9000, &clone_params(vmid, name))
+        .await
+        .unwrap();
+    c.wait_task(&u).await.unwrap();
+}
+
+/// Runs `action` (`start` or `stop`) on `vmid` and waits for its task to succeed.
+async fn act_and_wait(c: &PveClient, vmid: u32, action: &str) {
+    let u = c.vm_action("pve1", vmid, action).await.unwrap();
+    c.wait_task(&u).await.unwrap();
+}
+
 #[tokio::test]
 async fn errors_come_in_pves_envelope_with_message_and_parameter_errors() {
     let (sim, _) = sim(Duration::from_millis(10)).await;
@@ -144,13 +159,8 @@ async fn a_clone_holds_lock_clone_until_its_task_ends_and_refuses_config_meanwhi
 #[tokio::test]
 async fn a_running_vm_cannot_be_destroyed_and_starting_it_twice_fails_the_task() {
     let (_sim, c) = sim(Duration::from_millis(10)).await;
-    let u = c
-        .clone_vm("pve1", 9000, &clone_params(100, "vm"))
-        .await
-        .unwrap();
-    c.wait_task(&u).await.unwrap();
-    let u = c.vm_action("pve1", 100, "start").await.unwrap();
-    c.wait_task(&u).await.unwrap();
+    clone_and_wait(&c, 100, "vm").await;
+    act_and_wait(&c, 100, "start").await;
     let e = c.destroy("pve1", 100).await.unwrap_err();
     assert_eq!(e.pve_text(), "VM 100 is running - destroy failed");
     let u = c.vm_action("pve1", 100, "start").await.unwrap();
@@ -169,8 +179,7 @@ async fn a_running_vm_cannot_be_destroyed_and_starting_it_twice_fails_the_task()
     }
     // Stopping twice is fine; then destroy works and the VM is gone.
     for _ in 0..2 {
-        let u = c.vm_action("pve1", 100, "stop").await.unwrap();
-        c.wait_task(&u).await.unwrap();
+        act_and_wait(&c, 100, "stop").await;
     }
     let u = c.destroy("pve1", 100).await.unwrap();
     c.wait_task(&u).await.unwrap();
@@ -213,15 +222,10 @@ async fn templates_cannot_be_started_and_linked_clones_need_a_template() {
 #[tokio::test]
 async fn the_guest_agent_answers_only_once_the_vm_runs_and_its_agent_is_up() {
     let (_sim, c) = sim(Duration::from_millis(10)).await;
-    let u = c
-        .clone_vm("pve1", 9000, &clone_params(100, "vm"))
-        .await
-        .unwrap();
-    c.wait_task(&u).await.unwrap();
+    clone_and_wait(&c, 100, "vm").await;
     let e = c.agent_ping("pve1", 100).await.unwrap_err();
     assert!(e.pve_text().contains("VM 100 is not running"), "{e}");
-    let u = c.vm_action("pve1", 100, "start").await.unwrap();
-    c.wait_task(&u).await.unwrap();
+    act_and_wait(&c, 100, "start").await;
     let mut up = false;
     for _ in 0..50 {
         match c.agent_ping("pve1", 100).await {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use grs_provisioner::conformance::{self, spec};
-use grs_provisioner::{Bootstrap, InstanceState, Provisioner, ProvisionerError};
+use grs_provisioner::{Bootstrap, Instance, InstanceState, Provisioner, ProvisionerError};
 use grs_provisioner_proxmox::sim::{Fault, PveSim, SimOptions, TaskDurations};
 use grs_provisioner_proxmox::testing::{self, NodeSpec, POOL, SimFixture, TEMPLATE_VMID};
 use grs_provisioner_proxmox::{BootstrapMode, ProxmoxPoolConfig, ProxmoxProvisioner, PveClient};
@@ -15,6 +15,23 @@ use secrecy::SecretString;
 fn assert_no_violations(f: &SimFixture) {
     let v = f.sim.schema_violations();
     assert!(v.is_empty(), "requests outside the PVE schema: {v:#?}");
+}
+
+/// Creates `name` for job `job` with the fixture's provisioner.
+async fn create(f: &SimFixture, name: &str, job: u64) -> Result<Instance, ProvisionerError> {
+    f.provisioner.create(&spec(POOL, name, job)).await
+}
+
+/// A fault answering `times` requests whose path contains `path` (and whose
+/// method is `method`, when given) with HTTP `status` and `message`.
+fn http_error(path: &str, method: Option<&str>, status: u16, message: &str, times: u32) -> Fault {
+    Fault::HttpError {
+        path_contains: path.into(),
+        method: method.map(Into::into),
+        status,
+        message: message.into(),
+        times,
+    }
 }
 
 #[tokio::test]
@@ -142,11 +159,7 @@ async fn a_failed_start_removes_the_clone_and_reports_the_task_log() {
         times: 1,
         message: "start failed: QEMU exited with code 1".into(),
     });
-    let e = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-11", 11))
-        .await
-        .unwrap_err();
+    let e = create(&f, "grs-conf-11", 11).await.unwrap_err();
     let text = e.to_string();
     assert!(text.contains("QEMU exited with code 1"), "{text}");
     assert!(text.contains("task log"), "{text}");
@@ -165,11 +178,7 @@ async fn a_failed_clone_leaves_nothing_and_is_not_retried_as_transient() {
         times: 1,
         message: "storage 'local-lvm' is full".into(),
     });
-    let e = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-12", 12))
-        .await
-        .unwrap_err();
+    let e = create(&f, "grs-conf-12", 12).await.unwrap_err();
     assert!(
         matches!(e, ProvisionerError::Permanent(ref m) if m.contains("is full")),
         "{e:?}"
@@ -182,17 +191,14 @@ async fn lock_timeouts_dropped_connections_and_invisible_tasks_are_retried() {
     let f = SimFixture::single_node().await;
     f.sim.inject(Fault::CloneLockTimeout { times: 3 });
     f.sim.inject(Fault::TaskNotYetVisible { times: 2 });
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/cluster/resources".into(),
-        method: None,
-        status: 503,
-        message: "service unavailable".into(),
-        times: 1,
-    });
-    f.provisioner
-        .create(&spec(POOL, "grs-conf-13", 13))
-        .await
-        .unwrap();
+    f.sim.inject(http_error(
+        "/cluster/resources",
+        None,
+        503,
+        "service unavailable",
+        1,
+    ));
+    create(&f, "grs-conf-13", 13).await.unwrap();
     f.sim.inject(Fault::DropConnections { times: 2 });
     f.provisioner.delete("grs-conf-13").await.unwrap();
     assert!(f.sim.vms_named("grs-conf-13").is_empty());
@@ -207,10 +213,7 @@ async fn a_lost_clone_answer_adopts_the_clone_instead_of_making_a_second() {
         path_contains: "/clone".into(),
         times: 1,
     });
-    f.provisioner
-        .create(&spec(POOL, "grs-conf-14", 14))
-        .await
-        .unwrap();
+    create(&f, "grs-conf-14", 14).await.unwrap();
     assert_eq!(f.sim.vms_named("grs-conf-14").len(), 1);
     assert_eq!(f.sim.task_count("qmclone"), 1, "a second clone was made");
     f.provisioner.delete("grs-conf-14").await.unwrap();
@@ -224,10 +227,7 @@ async fn a_clone_request_dropped_before_pve_acted_is_sent_again() {
         path_contains: "/clone".into(),
         times: 1,
     });
-    f.provisioner
-        .create(&spec(POOL, "grs-conf-25", 25))
-        .await
-        .unwrap();
+    create(&f, "grs-conf-25", 25).await.unwrap();
     assert_eq!(f.sim.vms_named("grs-conf-25").len(), 1);
     assert_eq!(f.sim.task_count("qmclone"), 1);
     assert_eq!(
@@ -240,19 +240,15 @@ async fn a_clone_request_dropped_before_pve_acted_is_sent_again() {
 #[tokio::test]
 async fn permanent_errors_are_not_retried() {
     let f = SimFixture::single_node().await;
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/clone".into(),
-        method: Some("POST".into()),
-        status: 403,
-        message: "Permission check failed (/vms/100, VM.Allocate)".into(),
-        times: 5,
-    });
+    f.sim.inject(http_error(
+        "/clone",
+        Some("POST"),
+        403,
+        "Permission check failed (/vms/100, VM.Allocate)",
+        5,
+    ));
     f.sim.reset_request_count();
-    let e = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-15", 15))
-        .await
-        .unwrap_err();
+    let e = create(&f, "grs-conf-15", 15).await.unwrap_err();
     assert!(
         matches!(e, ProvisionerError::Config(ref m) if m.contains("Permission check failed")),
         "{e:?}"
@@ -265,26 +261,21 @@ async fn permanent_errors_are_not_retried() {
         (501, "Method not implemented"),
     ] {
         f.sim.clear_faults();
-        f.sim.inject(Fault::HttpError {
-            path_contains: "/version".into(),
-            method: None,
-            status,
-            message: message.into(),
-            times: 5,
-        });
+        f.sim
+            .inject(http_error("/version", None, status, message, 5));
         f.sim.reset_request_count();
         f.provisioner.client().version().await.unwrap_err();
         assert_eq!(f.sim.request_count(), 1, "HTTP {status} was retried");
     }
     // A 500 lock timeout, by contrast, is retried.
     f.sim.clear_faults();
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/version".into(),
-        method: None,
-        status: 500,
-        message: "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout".into(),
-        times: 2,
-    });
+    f.sim.inject(http_error(
+        "/version",
+        None,
+        500,
+        "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout",
+        2,
+    ));
     f.sim.reset_request_count();
     f.provisioner.client().version().await.unwrap();
     assert_eq!(f.sim.request_count(), 3);
@@ -382,11 +373,7 @@ async fn placement_spreads_over_nodes_skips_a_down_node_and_honours_maximums() {
     assert_eq!(peak.get("pve2"), Some(&3), "{peak:?}");
     assert_eq!(peak.get("pve3"), None, "{peak:?}");
     // Full everywhere that is up: a retryable NoCapacity naming each node.
-    let e = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-p9", 9))
-        .await
-        .unwrap_err();
+    let e = create(&f, "grs-conf-p9", 9).await.unwrap_err();
     assert!(e.is_retryable());
     let text = e.to_string();
     assert!(
@@ -522,13 +509,13 @@ async fn a_ca_file_verifies_the_certificate_and_system_roots_do_not() {
 async fn secrets_never_appear_in_errors() {
     let f = SimFixture::single_node().await;
     // PVE echoing the parameter back must not leak it either.
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/config".into(),
-        method: Some("PUT".into()),
-        status: 400,
-        message: "Parameter verification failed.".into(),
-        times: 1,
-    });
+    f.sim.inject(http_error(
+        "/config",
+        Some("PUT"),
+        400,
+        "Parameter verification failed.",
+        1,
+    ));
     let mut s = spec(POOL, "grs-conf-19", 19);
     s.bootstrap = Bootstrap::CloudInit {
         seed_url: SecretString::from("https://gw/cloud-init/TOPSECRETTOKEN/".to_owned()),
@@ -665,17 +652,14 @@ async fn two_grs_processes_racing_on_nextid_both_get_their_vms() {
 #[tokio::test]
 async fn a_vm_id_taken_between_nextid_and_clone_is_replaced_by_another() {
     let f = SimFixture::single_node().await;
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/clone".into(),
-        method: Some("POST".into()),
-        status: 500,
-        message: "unable to create VM 100: config file already exists".into(),
-        times: 2,
-    });
-    f.provisioner
-        .create(&spec(POOL, "grs-conf-20", 20))
-        .await
-        .unwrap();
+    f.sim.inject(http_error(
+        "/clone",
+        Some("POST"),
+        500,
+        "unable to create VM 100: config file already exists",
+        2,
+    ));
+    create(&f, "grs-conf-20", 20).await.unwrap();
     assert_eq!(
         f.sim.requests_by_endpoint()["POST /nodes/{node}/qemu/{vmid}/clone"],
         3
@@ -697,25 +681,17 @@ async fn a_target_node_that_fails_at_clone_time_is_skipped_for_another() {
         ],
     )
     .await;
-    f.sim.inject(Fault::HttpError {
-        path_contains: "/clone".into(),
-        method: Some("POST".into()),
-        status: 500,
-        message: "target node 'pve2' is not online".into(),
-        times: 1,
-    });
-    let inst = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-21", 21))
-        .await
-        .unwrap();
+    f.sim.inject(http_error(
+        "/clone",
+        Some("POST"),
+        500,
+        "target node 'pve2' is not online",
+        1,
+    ));
+    let inst = create(&f, "grs-conf-21", 21).await.unwrap();
     assert_eq!(inst.location.as_deref(), Some("pve1"));
     // Without the fault, the roomier node is chosen.
-    let inst = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-22", 22))
-        .await
-        .unwrap();
+    let inst = create(&f, "grs-conf-22", 22).await.unwrap();
     assert_eq!(inst.location.as_deref(), Some("pve2"));
 }
 
@@ -747,20 +723,13 @@ async fn every_call_has_a_timeout_and_a_hung_pve_is_reported_with_its_url() {
 #[tokio::test]
 async fn names_without_the_installation_prefix_are_never_made_nor_touched() {
     let f = SimFixture::single_node().await;
-    let e = f
-        .provisioner
-        .create(&spec(POOL, "other-1", 1))
-        .await
-        .unwrap_err();
+    let e = create(&f, "other-1", 1).await.unwrap_err();
     assert!(
         matches!(e, ProvisionerError::InvalidSpec(ref m) if m.contains("prefix")),
         "{e:?}"
     );
     // Even a VM carrying our marker is off limits when its name lacks the prefix.
-    f.provisioner
-        .create(&spec(POOL, "grs-conf-23", 23))
-        .await
-        .unwrap();
+    create(&f, "grs-conf-23", 23).await.unwrap();
     let vmid = f.sim.vms_named("grs-conf-23")[0].vmid;
     f.sim.set_vm_config(vmid, "name", "renamed-23");
     assert!(matches!(
@@ -781,17 +750,9 @@ async fn names_without_the_installation_prefix_are_never_made_nor_touched() {
 #[tokio::test]
 async fn creating_a_stopped_instance_again_starts_it_instead_of_making_another() {
     let f = SimFixture::single_node().await;
-    let a = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-24", 24))
-        .await
-        .unwrap();
+    let a = create(&f, "grs-conf-24", 24).await.unwrap();
     f.provisioner.stop("grs-conf-24").await.unwrap();
-    let b = f
-        .provisioner
-        .create(&spec(POOL, "grs-conf-24", 24))
-        .await
-        .unwrap();
+    let b = create(&f, "grs-conf-24", 24).await.unwrap();
     assert_eq!(a.provider_id, b.provider_id);
     assert_eq!(b.state, InstanceState::Running);
     assert!(f.sim.vms_named("grs-conf-24")[0].running);
