@@ -377,8 +377,9 @@ async fn placement_spreads_over_nodes_skips_a_down_node_and_honours_maximums() {
     assert!(e.is_retryable());
     let text = e.to_string();
     assert!(
-        text.contains("pve1: 3/3") && text.contains("pve3: unknown")
-            || text.contains("pve3: offline"),
+        text.contains("pve1: 3/3")
+            && text.contains("pve2: 3/3")
+            && (text.contains("pve3: unknown") || text.contains("pve3: offline")),
         "{text}"
     );
     for n in &names {
