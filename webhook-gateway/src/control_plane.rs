@@ -52,8 +52,7 @@ const QUEUE_CAPACITY: usize = 8 * MAX_BATCH;
 pub struct ControlPlane {
     clients: Arc<[ControlPlaneClient<Channel>]>,
     next: Arc<AtomicUsize>,
-    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
-    timeout: Duration,
+    settings: CallSettings,
     batcher: Arc<Batcher>,
     /// Observes the size of every `SubmitJobEvents` call.
     batch_sizes: Histogram,
@@ -85,8 +84,8 @@ const MODE_SINGLES: u8 = 2;
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
-            .field("auth", &self.auth.is_some())
-            .field("timeout", &self.timeout)
+            .field("auth", &self.settings.auth.is_some())
+            .field("timeout", &self.settings.timeout)
             .finish()
     }
 }
@@ -144,8 +143,10 @@ impl ControlPlane {
                 .map(|_| ControlPlaneClient::new(ep.connect_lazy()))
                 .collect(),
             next: Arc::new(AtomicUsize::new(0)),
-            auth,
-            timeout: config.control_plane_timeout,
+            settings: CallSettings {
+                auth,
+                timeout: config.control_plane_timeout,
+            },
             batcher: Arc::new(Batcher {
                 tx,
                 rx: std::sync::Mutex::new(Some(rx)),
@@ -159,17 +160,6 @@ impl ControlPlane {
     fn client(&self) -> ControlPlaneClient<Channel> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         self.clients[i].clone()
-    }
-
-    fn settings(&self) -> CallSettings {
-        CallSettings {
-            auth: self.auth.clone(),
-            timeout: self.timeout,
-        }
-    }
-
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        self.settings().request(msg)
     }
 
     /// Records one job event; answers once the control plane has durably
@@ -194,7 +184,7 @@ impl ControlPlane {
                 ))
             })
         };
-        tokio::time::timeout(self.timeout, queued_and_answered)
+        tokio::time::timeout(self.settings.timeout, queued_and_answered)
             .await
             .unwrap_or_else(|_| {
                 Err(tonic::Status::deadline_exceeded(
@@ -213,7 +203,7 @@ impl ControlPlane {
             for client in self.clients.iter() {
                 let sender = Sender {
                     client: client.clone(),
-                    settings: self.settings(),
+                    settings: self.settings.clone(),
                     batch_sizes: self.batch_sizes.clone(),
                 };
                 // A weak handle: the senders must not keep the queue open.
@@ -228,12 +218,12 @@ impl ControlPlane {
         token: String,
         document: pb::BootstrapDocument,
     ) -> Result<pb::GetBootstrapDocumentResponse, tonic::Status> {
-        let req = self.request(pb::GetBootstrapDocumentRequest {
+        let req = self.settings.request(pb::GetBootstrapDocumentRequest {
             token,
             document: document as i32,
         });
         let mut client = self.client();
-        with_deadline(self.timeout, client.get_bootstrap_document(req)).await
+        with_deadline(self.settings.timeout, client.get_bootstrap_document(req)).await
     }
 }
 

@@ -36,7 +36,7 @@ use grs_proto::v1 as pb;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::control_plane::ControlPlane;
-use crate::metrics::{BootstrapLabels, CodeLabels, DeliveryLabels, Metrics};
+use crate::metrics::{BootstrapLabels, DeliveryLabels, Metrics};
 
 /// The longest `X-GitHub-Delivery` accepted (GitHub sends 36-byte GUIDs).
 pub const MAX_DELIVERY_ID_LEN: usize = 128;
@@ -270,12 +270,7 @@ async fn handle_webhook(
         }
         Err(status) => {
             st.metrics
-                .control_plane_errors
-                .get_or_create(&CodeLabels {
-                    rpc: "SubmitJobEvents",
-                    code: format!("{:?}", status.code()),
-                })
-                .inc();
+                .count_control_plane_error("SubmitJobEvents", &status);
             let (http, outcome) = map_status(&status);
             if http == StatusCode::BAD_REQUEST {
                 tracing::warn!(
@@ -377,12 +372,7 @@ async fn cloud_init(
         }
         Err(s) => {
             st.metrics
-                .control_plane_errors
-                .get_or_create(&CodeLabels {
-                    rpc: "GetBootstrapDocument",
-                    code: format!("{:?}", s.code()),
-                })
-                .inc();
+                .count_control_plane_error("GetBootstrapDocument", &s);
             let (http, outcome) = map_status(&s);
             count(if outcome == "unavailable" {
                 "unavailable"

@@ -102,6 +102,16 @@ impl Metrics {
         }
     }
 
+    /// Counts one failed control-plane call of `rpc`, labelled by its gRPC code.
+    pub fn count_control_plane_error(&self, rpc: &'static str, status: &tonic::Status) {
+        self.control_plane_errors
+            .get_or_create(&CodeLabels {
+                rpc,
+                code: format!("{:?}", status.code()),
+            })
+            .inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
