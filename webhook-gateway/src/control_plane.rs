@@ -61,8 +61,11 @@ pub struct ControlPlane {
 /// One delivery's event waiting for a sender, and where its answer goes.
 struct Pending {
     event: pb::JobEvent,
-    reply: oneshot::Sender<Result<pb::SubmitJobEventResponse, tonic::Status>>,
+    reply: Reply,
 }
+
+/// Where one delivery's answer goes.
+type Reply = oneshot::Sender<Result<pb::SubmitJobEventResponse, tonic::Status>>;
 
 /// The queue between webhook handlers and the sender tasks.
 struct Batcher {
@@ -317,14 +320,14 @@ impl Sender {
                     }
                 }
                 Ok(results) => {
-                    let e = tonic::Status::internal(format!(
-                        "control plane answered {} results for {} events",
-                        results.len(),
-                        replies.len()
-                    ));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+                    let n = replies.len();
+                    fail_all(
+                        replies,
+                        tonic::Status::internal(format!(
+                            "control plane answered {} results for {n} events",
+                            results.len()
+                        )),
+                    );
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
                     tracing::warn!(
@@ -344,18 +347,20 @@ impl Sender {
                                 .collect();
                             self.send_singly(batch).await;
                         }
-                        None => {
-                            for reply in replies {
-                                let _ = reply.send(Err(status.clone()));
-                            }
-                        }
+                        // The control plane changed under us after batches
+                        // worked: the events were not recorded, so the
+                        // deliveries fail as "unavailable" (503) for GitHub
+                        // to redeliver, not as a hard error.
+                        None => fail_all(
+                            replies,
+                            tonic::Status::unavailable(format!(
+                                "control plane stopped accepting SubmitJobEvents: {}",
+                                status.message()
+                            )),
+                        ),
                     }
                 }
-                Err(status) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(status.clone()));
-                    }
-                }
+                Err(status) => fail_all(replies, status),
             }
         }
     }
@@ -391,13 +396,18 @@ async fn with_deadline<T>(
         .map(tonic::Response::into_inner)
 }
 
+/// Answers every delivery of a failed call with `status`.
+fn fail_all(replies: Vec<Reply>, status: tonic::Status) {
+    for reply in replies {
+        let _ = reply.send(Err(status.clone()));
+    }
+}
+
 /// One event's result of a batch, as a single call would have answered.
 fn event_result(r: pb::SubmitJobEventResult) -> Result<pb::SubmitJobEventResponse, tonic::Status> {
     match r.result {
         Some(pb::submit_job_event_result::Result::Response(r)) => Ok(r),
-        Some(pb::submit_job_event_result::Result::Error(e)) => {
-            Err(tonic::Status::new(tonic::Code::from_i32(e.code), e.message))
-        }
+        Some(pb::submit_job_event_result::Result::Error(e)) => Err(e.into()),
         None => Err(tonic::Status::internal(
             "control plane answered an empty result for an event",
         )),

@@ -283,10 +283,7 @@ impl ControlPlane for FakeControlPlane {
             .map(|r| pb::SubmitJobEventResult {
                 result: Some(match r {
                     Ok(r) => pb::submit_job_event_result::Result::Response(r),
-                    Err(s) => pb::submit_job_event_result::Result::Error(pb::EventError {
-                        code: s.code() as i32,
-                        message: s.message().to_owned(),
-                    }),
+                    Err(s) => pb::submit_job_event_result::Result::Error((&s).into()),
                 }),
             })
             .collect();
