@@ -87,6 +87,8 @@ checks!(
     renewing_a_lease_extends_it,
     only_the_holder_releases_a_lease,
     an_empty_store_lists_no_instances,
+    a_runner_named_by_a_queued_or_waiting_event_is_not_recorded,
+    a_transition_tells_the_reason_it_recorded,
 );
 
 async fn queue_one(store: &dyn Store, job: u64) {
@@ -1671,5 +1673,81 @@ async fn an_empty_store_lists_no_instances(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// Found by the differential test (tests/store_differential.rs): the Redis
+/// store recorded the runner of a new job's `queued` event, the memory store
+/// did not, and SubmitJobEvent answered the latter while GetJob read the
+/// former.
+async fn a_runner_named_by_a_queued_or_waiting_event_is_not_recorded(store: Arc<dyn Store>) {
+    for (i, action) in [JobAction::Queued, JobAction::Waiting]
+        .into_iter()
+        .enumerate()
+    {
+        let job = 700 + i as u64;
+        let mut ev = event(&format!("d{job}"), action, job);
+        ev.runner_id = 42;
+        ev.runner_name = "grs-999".into();
+        let r = store.submit_event(&ev, Some("linux"), 1000).await.unwrap();
+        let recorded = store.get_job(job).await.unwrap();
+        assert_eq!(r.job, recorded, "{action:?}: the answer is the record");
+        let recorded = recorded.unwrap();
+        assert_eq!(
+            (recorded.runner_name.as_str(), recorded.runner_id),
+            ("", 0),
+            "{action:?}"
+        );
+    }
+}
+
+/// Found by the differential test: the memory store sent a job's standing
+/// reason with every transition (e.g. an unrouted job's with its
+/// `in_progress`), the Redis store none for transitions of recorded jobs,
+/// even when the transition recorded one.
+async fn a_transition_tells_the_reason_it_recorded(store: Arc<dyn Store>) {
+    let mut watch = store.watch(None).await.unwrap();
+    queue_one(&*store, 710).await;
+    store
+        .submit_event(
+            &event("c710", JobAction::Completed, 710),
+            Some("linux"),
+            1001,
+        )
+        .await
+        .unwrap();
+    store
+        .submit_event(&event("q711", JobAction::Queued, 711), None, 1002)
+        .await
+        .unwrap();
+    store
+        .submit_event(&event("p711", JobAction::InProgress, 711), None, 1003)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(Ok(Event::Job {
+                job_id, to, reason, ..
+            }))) => seen.push((job_id, to, reason)),
+            other => panic!("{other:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (710, JobState::Queued, String::new()),
+            (
+                710,
+                JobState::Completed,
+                "completed while queued; no instance made".to_owned()
+            ),
+            (
+                711,
+                JobState::Unrouted,
+                "no pool serves all of the labels [self-hosted, Linux]".to_owned()
+            ),
+            (711, JobState::InProgress, String::new()),
+        ]
     );
 }

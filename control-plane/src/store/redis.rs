@@ -4,24 +4,33 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:delivery:<delivery id>` | string, TTL | de-duplication of webhook deliveries |
-//! | `P:job:<job id>` | hash | a [`Job`]; expires `job_retention` after it ends |
+//! | `P:job:<job id>` | hash | a [`Job`], and `rev` (bumped on every write); expires `job_retention` after it ends |
 //! | `P:jobs`, `P:pool:<pool>:jobs` | sorted set | job ids by recording time (listing) |
-//! | `P:instance:<name>` | hash | an [`InstanceRecord`]; expires after deletion |
+//! | `P:instance:<name>` | hash | an [`InstanceRecord`], `bootstrap` (its token's hash, or empty) and `rev`; expires after deletion |
 //! | `P:instances` | set | instance names (listing) |
 //! | `P:pool:<pool>:live` | set | live instance names: the pool's capacity in use |
-//! | `P:pool:<pool>:settings` | hash | operator overrides (`paused`, `min_idle`, `max_instances`) |
-//! | `P:queue:provision:<pool>` | stream, group `dispatchers` | jobs waiting for an instance |
-//! | `P:queue:teardown` | stream, group `teardown` | instances to destroy |
-//! | `P:events` | stream, capped | transitions, for `WatchEvents` |
+//! | `P:pool:<pool>:settings` | hash | operator overrides (`paused`, `min_idle`, `max_instances`) and `rev` |
+//! | `P:queue:provision:<pool>` | stream, group `dispatchers` | jobs waiting for an instance (field `job_id`) |
+//! | `P:queue:teardown` | stream, group `teardown` | instances to destroy (field `instance`) |
+//! | `P:events` | stream, capped | transitions, for `WatchEvents` (`kind`, `at`, `id`, `pool`, `from`, `to`, `reason`) |
 //! | `P:bootstrap:<sha256 of token>` | string, TTL | the instance a bootstrap token is bound to |
 //! | `P:lease:<name>` | string, TTL | a lease's holder (leader election) |
 //!
-//! # Atomicity
-//! Every change touching more than one key is a Lua script, so a crash of a
-//! control plane never leaves half a transition, and two replicas never both
-//! take the last capacity slot. The scripts name keys they derive from the
-//! prefix rather than receiving them all in `KEYS`: fine for a standalone or
-//! Sentinel-managed Redis, not for Redis Cluster.
+//! # Atomicity, and where the rules are
+//! No rule lives here. Every change to jobs, instances, capacity, tokens and
+//! overrides is decided in Rust by [`rules`](super::rules) on records read
+//! from Redis, then written by one generic script (`redis/apply.lua`) that
+//! first checks that every record the decision read is unchanged (its
+//! `rev`, a key's existence, the live set's size) and writes nothing of a
+//! group whose check fails; the decision is then redone on fresh records
+//! (see [`tx`]). So a crash of a control plane never leaves half a
+//! transition, and two replicas never both take the last capacity slot.
+//! Every replica must run this version: an older one writes without
+//! bumping `rev`, which the checks cannot see.
+//!
+//! The script names keys it derives from the prefix rather than receiving
+//! them in `KEYS`: fine for a standalone or Sentinel-managed Redis, not for
+//! Redis Cluster.
 //!
 //! # Durability
 //! Redis must persist (AOF; `appendfsync everysec` loses at most a second of
@@ -43,14 +52,17 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 use tokio::sync::OnceCell;
 
+use super::rules::{self, Key};
 use super::{
     BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
     StoreResult, SubmitResult,
 };
 use crate::model::{
-    Event, InstanceRecord, InstanceState, Job, JobEvent, JobState, Millis, PoolOverrides,
-    REASON_COMPLETED_UNSEEN, SubmitOutcome, apply_event, unrouted_reason,
+    Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
+    PoolOverrides, now_ms,
 };
+
+mod tx;
 
 /// Tunables of the Redis store.
 #[derive(Debug, Clone)]
@@ -103,11 +115,6 @@ impl std::fmt::Debug for RedisStore {
             .field("prefix", &self.opts.prefix)
             .finish_non_exhaustive()
     }
-}
-
-/// Script arguments as strings (how Redis receives them anyway).
-macro_rules! now_args {
-    ($($a:expr),* $(,)?) => { [$($a.to_string()),*] };
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -197,66 +204,6 @@ impl RedisStore {
             Queue::Provision(pool) => (self.key(&["queue", "provision", pool]), PROVISION_GROUP),
             Queue::Teardown => (self.key(&["queue", "teardown"]), TEARDOWN_GROUP),
         }
-    }
-
-    /// Runs a script with the common arguments (prefix, now, events cap,
-    /// retention) followed by `args`.
-    async fn run(&self, script: &Script, now: Millis, args: &[String]) -> StoreResult<Value> {
-        let mut conn = self.conn().await?;
-        let mut inv = script.prepare_invoke();
-        inv.arg(&self.opts.prefix)
-            .arg(now)
-            .arg(self.opts.events_max)
-            .arg(self.opts.job_retention.as_secs());
-        for a in args {
-            inv.arg(a);
-        }
-        inv.invoke_async(&mut conn).await.map_err(unavailable)
-    }
-
-    /// One event's `{outcome, job hash, torn-down instance}` from the submit
-    /// script.
-    fn submit_result(
-        &self,
-        reply: Value,
-        ev: &JobEvent,
-        routed_pool: Option<&str>,
-        now: Millis,
-    ) -> StoreResult<SubmitResult> {
-        let mut it = items(reply).into_iter();
-        let outcome = match it.next().as_ref().and_then(as_string).as_deref() {
-            Some("created") => None,
-            Some("accepted") => Some(SubmitOutcome::Accepted),
-            Some("duplicate_delivery") => Some(SubmitOutcome::DuplicateDelivery),
-            Some("stale") => Some(SubmitOutcome::Stale),
-            other => {
-                return Err(corrupt(
-                    "submit script",
-                    format!("unexpected outcome {other:?}"),
-                ));
-            }
-        };
-        let hash = it.next().unwrap_or(Value::Nil);
-        let teardown = it
-            .next()
-            .as_ref()
-            .and_then(as_string)
-            .filter(|s| !s.is_empty());
-        let Some(outcome) = outcome else {
-            // The script wrote exactly what the shared rules derive for a
-            // new record; derive it here rather than read it back.
-            return Ok(SubmitResult {
-                outcome: SubmitOutcome::Accepted,
-                job: Some(apply_event(None, ev, routed_pool, now).job),
-                teardown,
-            });
-        };
-        let key = self.key(&["job", &ev.job_id.to_string()]);
-        Ok(SubmitResult {
-            outcome,
-            job: job_from_hash(&hash_of(&hash), &key)?,
-            teardown,
-        })
     }
 
     /// Deletes every key under this store's prefix (tests and benchmarks
@@ -496,247 +443,6 @@ fn event_from_fields(f: &HashMap<String, String>) -> Option<Event> {
     }
 }
 
-/// Lua shared by every script. ARGV[1..4]: prefix, now (ms), events cap, job
-/// retention (s); script arguments start at ARGV[5].
-const LUA_PRELUDE: &str = r#"
-local P, NOW, EVMAX, RETAIN = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local function k(...) return P .. ':' .. table.concat({...}, ':') end
-local function emit(kind, id, pool, from, to, reason)
-  redis.call('XADD', k('events'), 'MAXLEN', '~', EVMAX, '*',
-    'kind', kind, 'at', NOW, 'id', id, 'pool', pool or '', 'from', from or '', 'to', to, 'reason', reason or '')
-end
-local function set_job(jk, id, to, reason)
-  local from = redis.call('HGET', jk, 'state')
-  local pool = redis.call('HGET', jk, 'pool')
-  redis.call('HSET', jk, 'state', to, 'updated_at', NOW)
-  if reason ~= nil and reason ~= '' then redis.call('HSET', jk, 'reason', reason) end
-  if to == 'completed' or to == 'failed' or to == 'unrouted' then redis.call('EXPIRE', jk, RETAIN) end
-  emit('job', id, pool, from, to, reason)
-end
-local function set_inst(ik, name, to, reason)
-  local from = redis.call('HGET', ik, 'state')
-  local pool = redis.call('HGET', ik, 'pool')
-  redis.call('HSET', ik, 'state', to, 'updated_at', NOW)
-  if reason ~= nil and reason ~= '' then redis.call('HSET', ik, 'reason', reason) end
-  emit('instance', name, pool, from, to, reason)
-end
-local function revoke_bootstrap(ik)
-  local h = redis.call('HGET', ik, 'bootstrap')
-  if h and h ~= '' then
-    redis.call('DEL', k('bootstrap', h))
-    redis.call('HSET', ik, 'bootstrap', '')
-  end
-end
--- Queues an instance for teardown: 1 queued, 0 already on its way out, -1 unknown.
-local function teardown(name, reason)
-  local ik = k('instance', name)
-  local st = redis.call('HGET', ik, 'state')
-  if not st then return -1 end
-  if st == 'pending_delete' or st == 'deleting' or st == 'deleted' then return 0 end
-  set_inst(ik, name, 'pending_delete', reason)
-  redis.call('XADD', k('queue', 'teardown'), '*', 'instance', name)
-  return 1
-end
-local function is_created(st) return st == 'running' or st == 'stopped' or st == 'error' end
-"#;
-
-/// `submit_events`: a batch of events, applied in order. ARGV[5..7]: dedup
-/// ttl (s), completed-unseen reason, number of events; then
-/// [`SUBMIT_ARGS_PER_EVENT`] arguments per event: delivery id, action, job
-/// id, routed pool ('' = none), runner name, runner id, conclusion, run id,
-/// run attempt, repository, organization, installation id, labels (JSON),
-/// job name, workflow name, unrouted reason. Returns one
-/// `{outcome, job hash (empty when created), torn-down instance}` per event.
-const LUA_SUBMIT: &str = r#"
-local TTL, COMPLETED_UNSEEN = ARGV[5], ARGV[6]
-local function submit(a)
-  local delivery, action, id, routed = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local runner, runner_id, conclusion = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-  local jk = k('job', id)
-  if not redis.call('SET', k('delivery', delivery), NOW, 'NX', 'EX', TTL) then
-    return {'duplicate_delivery', redis.call('HGETALL', jk), ''}
-  end
-  local st = redis.call('HGET', jk, 'state')
-  local enqueue = false
-  local function with_runner()
-    if runner ~= '' then redis.call('HSET', jk, 'runner_name', runner) end
-    if runner_id ~= '0' then redis.call('HSET', jk, 'runner_id', runner_id) end
-  end
-  local created = false
-  local qpool = routed
-  if not st then
-    -- A new record: every field is known from the event, so it is written in
-    -- one HSET and not read back (the caller derives it the same way).
-    created = true
-    local state
-    if action == 'queued' then state = (routed ~= '') and 'queued' or 'unrouted'
-    elseif action == 'waiting' then state = (routed ~= '') and 'waiting' or 'unrouted'
-    elseif action == 'in_progress' then state = 'in_progress'
-    else state = 'completed' end
-    local reason = (routed == '') and ARGV[a + 15] or ''
-    local concl = ''
-    if action == 'completed' then reason = COMPLETED_UNSEEN; concl = conclusion end
-    redis.call('HSET', jk, 'job_id', id, 'run_id', ARGV[a + 7], 'run_attempt', ARGV[a + 8], 'repository', ARGV[a + 9],
-      'organization', ARGV[a + 10], 'installation_id', ARGV[a + 11], 'labels', ARGV[a + 12], 'state', state, 'pool', routed,
-      'instance_name', '', 'runner_name', runner, 'runner_id', runner_id, 'conclusion', concl, 'reason', reason,
-      'attempts', '0', 'job_name', ARGV[a + 13], 'workflow_name', ARGV[a + 14], 'recorded_at', NOW, 'updated_at', NOW)
-    redis.call('ZADD', k('jobs'), NOW, id)
-    if routed ~= '' then redis.call('ZADD', k('pool', routed, 'jobs'), NOW, id) end
-    if state == 'completed' or state == 'unrouted' then redis.call('EXPIRE', jk, RETAIN) end
-    emit('job', id, routed, '', state, reason)
-    enqueue = (state == 'queued')
-  elseif action == 'queued' and st == 'waiting' then
-    qpool = redis.call('HGET', jk, 'pool')
-    if qpool == '' then set_job(jk, id, 'unrouted', '') else set_job(jk, id, 'queued', ''); enqueue = true end
-  elseif action == 'in_progress' and st ~= 'completed' and st ~= 'failed' and st ~= 'in_progress' then
-    with_runner()
-    set_job(jk, id, 'in_progress', '')
-  elseif action == 'completed' and st ~= 'completed' then
-    with_runner()
-    redis.call('HSET', jk, 'conclusion', conclusion)
-    if redis.call('HGET', jk, 'instance_name') == '' and redis.call('HGET', jk, 'reason') == '' then
-      redis.call('HSET', jk, 'reason', 'completed while ' .. st .. '; no instance made')
-    end
-    set_job(jk, id, 'completed', '')
-  else
-    return {'stale', redis.call('HGETALL', jk), ''}
-  end
-  if enqueue then
-    redis.call('XADD', k('queue', 'provision', qpool), '*', 'job_id', id)
-  end
-  local torn = ''
-  if action == 'in_progress' and runner ~= '' then
-    local ik = k('instance', runner)
-    if redis.call('EXISTS', ik) == 1 then
-      redis.call('HSET', ik, 'assigned_job_id', id, 'updated_at', NOW)
-      revoke_bootstrap(ik)
-    end
-  elseif action == 'completed' then
-    local target = nil
-    if runner ~= '' then
-      target = runner
-    else
-      local own = redis.call('HGET', jk, 'instance_name')
-      if own and own ~= '' and redis.call('HGET', k('instance', own), 'assigned_job_id') == '0' then target = own end
-    end
-    if target and is_created(redis.call('HGET', k('instance', target), 'state')) then
-      if teardown(target, 'job ' .. id .. ' completed') == 1 then torn = target end
-    end
-  end
-  if created then return {'created', {}, torn} end
-  return {'accepted', redis.call('HGETALL', jk), torn}
-end
-local out = {}
-for i = 0, tonumber(ARGV[7]) - 1 do out[i + 1] = submit(8 + i * 16) end
-return out
-"#;
-
-/// Arguments of one event in [`LUA_SUBMIT`].
-const SUBMIT_ARGS_PER_EVENT: usize = 16;
-
-/// `begin_provision`. ARGV[5..]: job id, instance name, configured max,
-/// configured paused (0/1).
-const LUA_BEGIN_PROVISION: &str = r#"
-local id, name, cfg_max, cfg_paused = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local jk, ik = k('job', id), k('instance', name)
-local st = redis.call('HGET', jk, 'state')
-if not st then return {'skip', 'job ' .. id .. ' is not recorded'} end
-local ist = redis.call('HGET', ik, 'state')
-if ist then
-  if ist ~= 'pending_create' and ist ~= 'creating' then return {'skip', 'instance ' .. name .. ' is ' .. ist} end
-  if st == 'completed' or st == 'failed' then
-    local r = 'job ' .. id .. ' is ' .. st
-    teardown(name, r)
-    return {'skip', r}
-  end
-  local a = redis.call('HINCRBY', jk, 'attempts', 1)
-  return {'proceed', redis.call('HGETALL', ik), a}
-end
-local own = redis.call('HGET', jk, 'instance_name') or ''
-if not (st == 'queued' or st == 'provisioning' or (st == 'in_progress' and own == '')) then
-  return {'skip', 'job ' .. id .. ' is ' .. st}
-end
-local pool = redis.call('HGET', jk, 'pool')
-local sk = k('pool', pool, 'settings')
-local paused = redis.call('HGET', sk, 'paused') or cfg_paused
-if paused == '1' then return {'paused'} end
-local max = tonumber(redis.call('HGET', sk, 'max_instances') or cfg_max)
-local lk = k('pool', pool, 'live')
-if redis.call('SCARD', lk) >= max then return {'no_capacity'} end
-redis.call('SADD', lk, name)
-redis.call('SADD', k('instances'), name)
-redis.call('HSET', ik, 'name', name, 'pool', pool, 'job_id', id, 'assigned_job_id', '0', 'state', 'pending_create',
-  'provider_id', '', 'location', '', 'reason', '', 'bootstrap', '', 'created_at', NOW, 'updated_at', NOW)
-emit('instance', name, pool, '', 'pending_create', '')
-local a = redis.call('HINCRBY', jk, 'attempts', 1)
-redis.call('HSET', jk, 'instance_name', name)
-if st == 'queued' then set_job(jk, id, 'provisioning', '') end
-return {'proceed', redis.call('HGETALL', ik), a}
-"#;
-
-/// `mark_creating`. ARGV[5]: instance name.
-const LUA_MARK_CREATING: &str = r#"
-local ik = k('instance', ARGV[5])
-if redis.call('HGET', ik, 'state') == 'pending_create' then set_inst(ik, ARGV[5], 'creating', '') end
-return 0
-"#;
-
-/// `finish_provision`. ARGV[5..]: job id, name, provider id, location.
-/// Returns 1 when the instance was queued for teardown at once.
-const LUA_FINISH_PROVISION: &str = r#"
-local id, name = ARGV[5], ARGV[6]
-local jk, ik = k('job', id), k('instance', name)
-local ist = redis.call('HGET', ik, 'state')
-if ist ~= 'pending_create' and ist ~= 'creating' then return 0 end
-redis.call('HSET', ik, 'provider_id', ARGV[7], 'location', ARGV[8])
-set_inst(ik, name, 'running', '')
-local st = redis.call('HGET', jk, 'state')
-if st == 'provisioning' then
-  set_job(jk, id, 'provisioned', '')
-elseif st == 'completed' and redis.call('HGET', ik, 'assigned_job_id') == '0' then
-  if teardown(name, 'job ' .. id .. ' completed while its instance was created') == 1 then return 1 end
-end
-return 0
-"#;
-
-/// `fail_provision`. ARGV[5..]: job id, name, reason.
-const LUA_FAIL_PROVISION: &str = r#"
-local id, name, reason = ARGV[5], ARGV[6], ARGV[7]
-local jk = k('job', id)
-local st = redis.call('HGET', jk, 'state')
-if st and st ~= 'completed' and st ~= 'failed' then set_job(jk, id, 'failed', reason) end
-teardown(name, reason)
-return 0
-"#;
-
-/// `enqueue_teardown`. ARGV[5..]: name, reason.
-const LUA_ENQUEUE_TEARDOWN: &str = r#"
-return teardown(ARGV[5], ARGV[6])
-"#;
-
-/// `begin_teardown`. ARGV[5]: name. Returns the instance hash or {}.
-const LUA_BEGIN_TEARDOWN: &str = r#"
-local name = ARGV[5]
-local ik = k('instance', name)
-local st = redis.call('HGET', ik, 'state')
-if not st or st == 'deleted' then return {} end
-if st ~= 'deleting' then set_inst(ik, name, 'deleting', '') end
-return redis.call('HGETALL', ik)
-"#;
-
-/// `finish_teardown`. ARGV[5..]: name, reason, retention (s).
-const LUA_FINISH_TEARDOWN: &str = r#"
-local name, reason, keep = ARGV[5], ARGV[6], ARGV[7]
-local ik = k('instance', name)
-local st = redis.call('HGET', ik, 'state')
-if not st or st == 'deleted' then return 0 end
-set_inst(ik, name, 'deleted', reason)
-redis.call('SREM', k('pool', redis.call('HGET', ik, 'pool'), 'live'), name)
-revoke_bootstrap(ik)
-redis.call('EXPIRE', ik, keep)
-return 1
-"#;
-
 /// `acquire_lease`. KEYS[1]: the lease; ARGV: holder, ttl (ms). Free (absent:
 /// never taken, released, or expired by Redis itself) → taken; ours →
 /// extended; someone else's → 0.
@@ -763,70 +469,19 @@ end
 return 0
 "#;
 
-/// `note_instance_error`. ARGV[5..]: name, reason.
-const LUA_NOTE_ERROR: &str = r#"
-local ik = k('instance', ARGV[5])
-if redis.call('EXISTS', ik) == 1 then redis.call('HSET', ik, 'reason', ARGV[6], 'updated_at', NOW) end
-return 0
-"#;
-
-/// `put_bootstrap_token`. ARGV[5..]: token hash, instance, ttl (s).
-const LUA_PUT_BOOTSTRAP: &str = r#"
-local h, name, ttl = ARGV[5], ARGV[6], ARGV[7]
-local ik = k('instance', name)
-revoke_bootstrap(ik)
-redis.call('SET', k('bootstrap', h), name, 'EX', ttl)
-redis.call('HSET', ik, 'bootstrap', h)
-return 0
-"#;
-
-/// `revoke_bootstrap_token`. ARGV[5]: instance.
-const LUA_REVOKE_BOOTSTRAP: &str = r#"
-revoke_bootstrap(k('instance', ARGV[5]))
-return 0
-"#;
-
-/// `update_pool_overrides`. ARGV[5..]: pool, then field/value pairs.
-const LUA_UPDATE_POOL: &str = r#"
-local sk = k('pool', ARGV[5], 'settings')
-for i = 6, #ARGV, 2 do redis.call('HSET', sk, ARGV[i], ARGV[i + 1]) end
-return redis.call('HGETALL', sk)
-"#;
-
 struct Scripts {
-    submit: Script,
-    begin_provision: Script,
-    mark_creating: Script,
-    finish_provision: Script,
-    fail_provision: Script,
-    enqueue_teardown: Script,
-    begin_teardown: Script,
-    finish_teardown: Script,
-    note_error: Script,
-    put_bootstrap: Script,
-    revoke_bootstrap: Script,
-    update_pool: Script,
-    // Leases stand alone: they name their key in KEYS and need no prelude.
+    /// `redis/apply.lua`: every change to jobs, instances, capacity,
+    /// tokens and overrides.
+    apply: Script,
+    // Leases stand alone: they name their key in KEYS.
     acquire_lease: Script,
     release_lease: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
-        let s = |body: &str| Script::new(&format!("{LUA_PRELUDE}\n{body}"));
         Self {
-            submit: s(LUA_SUBMIT),
-            begin_provision: s(LUA_BEGIN_PROVISION),
-            mark_creating: s(LUA_MARK_CREATING),
-            finish_provision: s(LUA_FINISH_PROVISION),
-            fail_provision: s(LUA_FAIL_PROVISION),
-            enqueue_teardown: s(LUA_ENQUEUE_TEARDOWN),
-            begin_teardown: s(LUA_BEGIN_TEARDOWN),
-            finish_teardown: s(LUA_FINISH_TEARDOWN),
-            note_error: s(LUA_NOTE_ERROR),
-            put_bootstrap: s(LUA_PUT_BOOTSTRAP),
-            revoke_bootstrap: s(LUA_REVOKE_BOOTSTRAP),
-            update_pool: s(LUA_UPDATE_POOL),
+            apply: Script::new(include_str!("redis/apply.lua")),
             acquire_lease: Script::new(LUA_ACQUIRE_LEASE),
             release_lease: Script::new(LUA_RELEASE_LEASE),
         }
@@ -871,51 +526,21 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut args = Vec::with_capacity(3 + batch.len() * SUBMIT_ARGS_PER_EVENT);
-        args.extend(now_args!(
-            self.opts.dedup_ttl.as_secs().max(1),
-            REASON_COMPLETED_UNSEEN,
-            batch.len(),
-        ));
-        for (ev, routed_pool) in batch {
-            let labels = serde_json::to_string(&ev.labels).unwrap_or_else(|_| "[]".into());
-            // Only an unrouted job records why.
-            let unrouted = if routed_pool.is_none() {
-                unrouted_reason(&ev.labels)
-            } else {
-                String::new()
-            };
-            args.extend(now_args!(
-                ev.delivery_id,
-                ev.action.as_str(),
-                ev.job_id,
-                routed_pool.unwrap_or(""),
-                ev.runner_name,
-                ev.runner_id,
-                ev.conclusion,
-                ev.run_id,
-                ev.run_attempt,
-                ev.repository,
-                ev.organization,
-                ev.installation_id,
-                labels,
-                ev.job_name,
-                ev.workflow_name,
-                unrouted,
-            ));
+        let mut prefetch = Vec::with_capacity(batch.len() * 2);
+        for (ev, _) in batch {
+            prefetch.push(Key::Delivery(ev.delivery_id.clone()));
+            prefetch.push(Key::Job(ev.job_id));
+            if !ev.runner_name.is_empty()
+                && matches!(ev.action, JobAction::InProgress | JobAction::Completed)
+            {
+                prefetch.push(Key::Instance(ev.runner_name.clone()));
+            }
         }
-        let replies = items(self.run(&self.scripts.submit, now, &args).await?);
-        if replies.len() != batch.len() {
-            return Err(corrupt(
-                "submit script",
-                format!("{} results for {} events", replies.len(), batch.len()),
-            ));
-        }
-        replies
-            .into_iter()
-            .zip(batch)
-            .map(|(reply, (ev, routed_pool))| self.submit_result(reply, ev, *routed_pool, now))
-            .collect()
+        self.transact(batch.len(), prefetch, now, |tx, i| {
+            let (ev, routed_pool) = batch[i];
+            rules::submit(tx, ev, routed_pool, now)
+        })
+        .await
     }
 
     async fn get_job(&self, job_id: u64) -> StoreResult<Option<Job>> {
@@ -1050,45 +675,19 @@ impl Store for RedisStore {
         limits: &PoolLimits,
         now: Millis,
     ) -> StoreResult<BeginProvision> {
-        let paused = if limits.paused { "1" } else { "0" };
-        let r = self
-            .run(
-                &self.scripts.begin_provision,
-                now,
-                &now_args!(job_id, name, limits.max_instances, paused),
-            )
-            .await?;
-        let mut it = items(r).into_iter();
-        match it.next().as_ref().and_then(as_string).as_deref() {
-            Some("proceed") => {
-                let key = self.key(&["instance", name]);
-                let instance =
-                    instance_from_hash(&hash_of(&it.next().unwrap_or(Value::Nil)), &key)?
-                        .ok_or_else(|| corrupt(&key, "begin_provision returned no instance"))?;
-                let attempts = it
-                    .next()
-                    .as_ref()
-                    .and_then(as_string)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(1);
-                Ok(BeginProvision::Proceed { instance, attempts })
-            }
-            Some("skip") => Ok(BeginProvision::Skip(
-                it.next().as_ref().and_then(as_string).unwrap_or_default(),
-            )),
-            Some("paused") => Ok(BeginProvision::Paused),
-            Some("no_capacity") => Ok(BeginProvision::NoCapacity),
-            other => Err(corrupt(
-                "begin_provision script",
-                format!("unexpected answer {other:?}"),
-            )),
-        }
+        self.transact_one(
+            vec![Key::Job(job_id), Key::Instance(name.to_owned())],
+            now,
+            |tx| rules::begin_provision(tx, job_id, name, limits, now),
+        )
+        .await
     }
 
     async fn mark_creating(&self, name: &str, now: Millis) -> StoreResult<()> {
-        self.run(&self.scripts.mark_creating, now, &now_args!(name))
-            .await
-            .map(drop)
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::mark_creating(tx, name, now)
+        })
+        .await
     }
 
     async fn finish_provision(
@@ -1099,14 +698,12 @@ impl Store for RedisStore {
         location: &str,
         now: Millis,
     ) -> StoreResult<bool> {
-        let r = self
-            .run(
-                &self.scripts.finish_provision,
-                now,
-                &now_args!(job_id, name, provider_id, location),
-            )
-            .await?;
-        Ok(matches!(r, Value::Int(1)))
+        self.transact_one(
+            vec![Key::Job(job_id), Key::Instance(name.to_owned())],
+            now,
+            |tx| rules::finish_provision(tx, job_id, name, provider_id, location, now),
+        )
+        .await
     }
 
     async fn fail_provision(
@@ -1116,13 +713,12 @@ impl Store for RedisStore {
         reason: &str,
         now: Millis,
     ) -> StoreResult<()> {
-        self.run(
-            &self.scripts.fail_provision,
+        self.transact_one(
+            vec![Key::Job(job_id), Key::Instance(name.to_owned())],
             now,
-            &now_args!(job_id, name, reason),
+            |tx| rules::fail_provision(tx, job_id, name, reason, now),
         )
         .await
-        .map(drop)
     }
 
     async fn enqueue_teardown(
@@ -1131,25 +727,17 @@ impl Store for RedisStore {
         reason: &str,
         now: Millis,
     ) -> StoreResult<Option<bool>> {
-        let r = self
-            .run(
-                &self.scripts.enqueue_teardown,
-                now,
-                &now_args!(name, reason),
-            )
-            .await?;
-        Ok(match r {
-            Value::Int(1) => Some(true),
-            Value::Int(0) => Some(false),
-            _ => None,
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::teardown(tx, name, reason, now)
         })
+        .await
     }
 
     async fn begin_teardown(&self, name: &str, now: Millis) -> StoreResult<Option<InstanceRecord>> {
-        let r = self
-            .run(&self.scripts.begin_teardown, now, &now_args!(name))
-            .await?;
-        instance_from_hash(&hash_of(&r), &self.key(&["instance", name]))
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::begin_teardown(tx, name, now)
+        })
+        .await
     }
 
     async fn finish_teardown(
@@ -1159,19 +747,17 @@ impl Store for RedisStore {
         retention: Duration,
         now: Millis,
     ) -> StoreResult<()> {
-        self.run(
-            &self.scripts.finish_teardown,
-            now,
-            &now_args!(name, reason, retention.as_secs().max(1)),
-        )
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::finish_teardown(tx, name, reason, retention, now)
+        })
         .await
-        .map(drop)
     }
 
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()> {
-        self.run(&self.scripts.note_error, now, &now_args!(name, reason))
-            .await
-            .map(drop)
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::note_instance_error(tx, name, reason, now)
+        })
+        .await
     }
 
     async fn read(
@@ -1351,20 +937,10 @@ impl Store for RedisStore {
         pool: &str,
         update: &PoolOverrides,
     ) -> StoreResult<PoolOverrides> {
-        let mut args: Vec<String> = vec![pool.to_owned()];
-        if let Some(p) = update.paused {
-            args.extend(["paused".into(), if p { "1" } else { "0" }.into()]);
-        }
-        if let Some(m) = update.min_idle {
-            args.extend(["min_idle".into(), m.to_string()]);
-        }
-        if let Some(m) = update.max_instances {
-            args.extend(["max_instances".into(), m.to_string()]);
-        }
-        let r = self
-            .run(&self.scripts.update_pool, crate::model::now_ms(), &args)
-            .await?;
-        Ok(overrides_from_hash(&hash_of(&r)))
+        self.transact_one(vec![Key::Pool(pool.to_owned())], now_ms(), |tx| {
+            rules::update_pool_overrides(tx, pool, update)
+        })
+        .await
     }
 
     async fn put_bootstrap_token(
@@ -1373,13 +949,10 @@ impl Store for RedisStore {
         instance: &str,
         ttl: Duration,
     ) -> StoreResult<()> {
-        self.run(
-            &self.scripts.put_bootstrap,
-            crate::model::now_ms(),
-            &now_args!(token_hash, instance, ttl.as_secs().max(1)),
-        )
+        self.transact_one(vec![Key::Instance(instance.to_owned())], now_ms(), |tx| {
+            rules::put_bootstrap_token(tx, token_hash, instance, ttl)
+        })
         .await
-        .map(drop)
     }
 
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>> {
@@ -1392,13 +965,10 @@ impl Store for RedisStore {
     }
 
     async fn revoke_bootstrap_token(&self, instance: &str) -> StoreResult<()> {
-        self.run(
-            &self.scripts.revoke_bootstrap,
-            crate::model::now_ms(),
-            &now_args!(instance),
-        )
+        self.transact_one(vec![Key::Instance(instance.to_owned())], now_ms(), |tx| {
+            rules::revoke_bootstrap_token(tx, instance)
+        })
         .await
-        .map(drop)
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
