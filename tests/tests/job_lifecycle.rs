@@ -69,7 +69,7 @@ fn seed_url(smbios1: &str) -> String {
     )
     .unwrap();
     decoded
-        .strip_prefix("ds=nocloud;s=")
+        .strip_prefix("ds=nocloud-net;s=")
         .expect("a NoCloud seed")
         .to_owned()
 }
