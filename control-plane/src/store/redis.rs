@@ -40,6 +40,15 @@
 //! One multiplexed connection (auto-reconnecting) carries every
 //! non-blocking command. Blocking reads (`XREADGROUP BLOCK`, `XREAD BLOCK`)
 //! would stall it, so they use connections of their own, pooled.
+//!
+//! # Modules
+//! - this file: the [`Store`] methods, listing, watching, leases;
+//! - [`tx`]: read, decide ([`rules`](super::rules)), write with revision
+//!   checks (`redis/apply.lua`), redo on conflict;
+//! - [`queues`]: the work queues on streams and consumer groups;
+//! - [`encoding`]: records as hash fields and back, reply values;
+//! - [`conn`]: connections;
+//! - `redis/*.lua`: the scripts, included at build time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -48,21 +57,29 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Script, Value};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::{Client, Script, Value};
 use tokio::sync::OnceCell;
 
 use super::rules::{self, Key};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
-    StoreResult, SubmitResult,
+    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult, SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
     PoolOverrides, now_ms,
 };
 
+mod conn;
+mod encoding;
+mod queues;
 mod tx;
+
+use self::conn::unavailable;
+use self::encoding::{
+    as_string, corrupt, event_from_fields, first_stream_entries, instance_from_hash, items,
+    job_from_hash, overrides_from_hash, pairs,
+};
 
 /// Tunables of the Redis store.
 #[derive(Debug, Clone)]
@@ -91,11 +108,6 @@ impl Default for RedisStoreOptions {
     }
 }
 
-/// The consumer group of provision queues.
-const PROVISION_GROUP: &str = "dispatchers";
-/// The consumer group of the teardown queue.
-const TEARDOWN_GROUP: &str = "teardown";
-
 /// Redis-backed [`Store`].
 pub struct RedisStore {
     client: Client,
@@ -115,10 +127,6 @@ impl std::fmt::Debug for RedisStore {
             .field("prefix", &self.opts.prefix)
             .finish_non_exhaustive()
     }
-}
-
-fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 impl RedisStore {
@@ -141,55 +149,6 @@ impl RedisStore {
         &self.opts.prefix
     }
 
-    async fn conn(&self) -> StoreResult<ConnectionManager> {
-        self.conn
-            .get_or_try_init(|| async {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.opts.response_timeout))
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_secs(1));
-                self.client.get_connection_manager_with_config(cfg).await
-            })
-            .await
-            .cloned()
-            .map_err(unavailable)
-    }
-
-    async fn blocking_conn(&self, block: Duration) -> StoreResult<MultiplexedConnection> {
-        let pooled = self.blocking.lock().unwrap().pop();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => {
-                let cfg = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)));
-                self.client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await
-                    .map_err(unavailable)?
-            }
-        };
-        conn.set_response_timeout(block + self.opts.response_timeout);
-        Ok(conn)
-    }
-
-    fn give_back(&self, conn: MultiplexedConnection) {
-        let mut pool = self.blocking.lock().unwrap();
-        if pool.len() < 64 {
-            pool.push(conn);
-        }
-    }
-
-    /// A hash's fields (empty when the key does not exist).
-    async fn hgetall(&self, key: &str) -> StoreResult<HashMap<String, String>> {
-        let mut conn = self.conn().await?;
-        redis::cmd("HGETALL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)
-    }
-
     fn key(&self, parts: &[&str]) -> String {
         let mut k = self.opts.prefix.clone();
         for p in parts {
@@ -197,13 +156,6 @@ impl RedisStore {
             k.push_str(p);
         }
         k
-    }
-
-    fn queue_key(&self, q: &Queue) -> (String, &'static str) {
-        match q {
-            Queue::Provision(pool) => (self.key(&["queue", "provision", pool]), PROVISION_GROUP),
-            Queue::Teardown => (self.key(&["queue", "teardown"]), TEARDOWN_GROUP),
-        }
     }
 
     /// Deletes every key under this store's prefix (tests and benchmarks
@@ -237,237 +189,7 @@ impl RedisStore {
         }
         Ok(())
     }
-
-    async fn ensure_group(
-        &self,
-        conn: &mut impl redis::aio::ConnectionLike,
-        key: &str,
-        group: &str,
-    ) -> StoreResult<()> {
-        // From id 0: entries added before the group existed are work too.
-        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(key)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(conn)
-            .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    fn parse_deliveries(&self, q: &Queue, entries: &[Value]) -> Vec<Delivery> {
-        entries
-            .iter()
-            .filter_map(|e| {
-                let Value::Array(parts) = e else { return None };
-                let id = as_string(parts.first()?)?;
-                let fields = match parts.get(1)? {
-                    Value::Array(f) => f,
-                    _ => return None,
-                };
-                let map = pairs(fields);
-                let item = match q {
-                    Queue::Provision(_) => QueueItem::Provision {
-                        job_id: map.get("job_id")?.parse().ok()?,
-                    },
-                    Queue::Teardown => QueueItem::Teardown {
-                        instance: map.get("instance")?.clone(),
-                    },
-                };
-                Some(Delivery { id, item })
-            })
-            .collect()
-    }
 }
-
-fn as_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::Okay => Some("OK".into()),
-        _ => None,
-    }
-}
-
-/// The entries of the first stream in an `XREAD`/`XREADGROUP` reply:
-/// `[[key, [[id, [f, v, ...]], ...]]]` (RESP2) or a map (RESP3).
-fn first_stream_entries(reply: Value) -> Vec<Value> {
-    match reply {
-        Value::Array(streams) => streams
-            .into_iter()
-            .next()
-            .map(|s| items(s).into_iter().nth(1).map(items).unwrap_or_default()),
-        Value::Map(m) => m.into_iter().next().map(|(_, e)| items(e)),
-        _ => None,
-    }
-    .unwrap_or_default()
-}
-
-fn pairs(fields: &[Value]) -> HashMap<String, String> {
-    fields
-        .chunks(2)
-        .filter_map(|c| Some((as_string(c.first()?)?, as_string(c.get(1)?)?)))
-        .collect()
-}
-
-fn hash_of(v: &Value) -> HashMap<String, String> {
-    match v {
-        Value::Array(a) => pairs(a),
-        Value::Map(m) => m
-            .iter()
-            .filter_map(|(k, v)| Some((as_string(k)?, as_string(v)?)))
-            .collect(),
-        _ => HashMap::new(),
-    }
-}
-
-fn items(v: Value) -> Vec<Value> {
-    match v {
-        Value::Array(a) => a,
-        Value::Nil => Vec::new(),
-        other => vec![other],
-    }
-}
-
-fn corrupt(key: &str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        key: key.to_owned(),
-        message: message.into(),
-    }
-}
-
-fn num<T: std::str::FromStr + Default>(
-    h: &HashMap<String, String>,
-    field: &str,
-    key: &str,
-) -> StoreResult<T> {
-    match h.get(field) {
-        None => Ok(T::default()),
-        Some(s) if s.is_empty() => Ok(T::default()),
-        Some(s) => s
-            .parse()
-            .map_err(|_| corrupt(key, format!("field {field} is {s:?}, not a number"))),
-    }
-}
-
-fn text(h: &HashMap<String, String>, field: &str) -> String {
-    h.get(field).cloned().unwrap_or_default()
-}
-
-fn job_from_hash(h: &HashMap<String, String>, key: &str) -> StoreResult<Option<Job>> {
-    let Some(state) = h.get("state") else {
-        return Ok(None);
-    };
-    let state = JobState::parse(state)
-        .ok_or_else(|| corrupt(key, format!("unknown job state {state:?}")))?;
-    let labels: Vec<String> = match h.get("labels") {
-        Some(l) if !l.is_empty() => {
-            serde_json::from_str(l).map_err(|e| corrupt(key, format!("labels: {e}")))?
-        }
-        _ => Vec::new(),
-    };
-    Ok(Some(Job {
-        job_id: num(h, "job_id", key)?,
-        run_id: num(h, "run_id", key)?,
-        run_attempt: num(h, "run_attempt", key)?,
-        repository: text(h, "repository"),
-        organization: text(h, "organization"),
-        installation_id: num(h, "installation_id", key)?,
-        labels,
-        state,
-        pool: text(h, "pool"),
-        instance_name: text(h, "instance_name"),
-        runner_name: text(h, "runner_name"),
-        runner_id: num(h, "runner_id", key)?,
-        conclusion: text(h, "conclusion"),
-        reason: text(h, "reason"),
-        attempts: num(h, "attempts", key)?,
-        job_name: text(h, "job_name"),
-        workflow_name: text(h, "workflow_name"),
-        recorded_at: num(h, "recorded_at", key)?,
-        updated_at: num(h, "updated_at", key)?,
-    }))
-}
-
-fn instance_from_hash(
-    h: &HashMap<String, String>,
-    key: &str,
-) -> StoreResult<Option<InstanceRecord>> {
-    let Some(state) = h.get("state") else {
-        return Ok(None);
-    };
-    let state = InstanceState::parse(state)
-        .ok_or_else(|| corrupt(key, format!("unknown instance state {state:?}")))?;
-    Ok(Some(InstanceRecord {
-        name: text(h, "name"),
-        pool: text(h, "pool"),
-        job_id: num(h, "job_id", key)?,
-        assigned_job_id: num(h, "assigned_job_id", key)?,
-        state,
-        provider_id: text(h, "provider_id"),
-        location: text(h, "location"),
-        reason: text(h, "reason"),
-        created_at: num(h, "created_at", key)?,
-        updated_at: num(h, "updated_at", key)?,
-    }))
-}
-
-fn event_from_fields(f: &HashMap<String, String>) -> Option<Event> {
-    let at = f.get("at")?.parse().ok()?;
-    let pool = f.get("pool").cloned().unwrap_or_default();
-    let reason = f.get("reason").cloned().unwrap_or_default();
-    match f.get("kind")?.as_str() {
-        "job" => Some(Event::Job {
-            at,
-            job_id: f.get("id")?.parse().ok()?,
-            pool,
-            from: f.get("from").and_then(|s| JobState::parse(s)),
-            to: JobState::parse(f.get("to")?)?,
-            reason,
-        }),
-        "instance" => Some(Event::Instance {
-            at,
-            name: f.get("id")?.clone(),
-            pool,
-            from: f.get("from").and_then(|s| InstanceState::parse(s)),
-            to: InstanceState::parse(f.get("to")?)?,
-            reason,
-        }),
-        _ => None,
-    }
-}
-
-/// `acquire_lease`. KEYS[1]: the lease; ARGV: holder, ttl (ms). Free (absent:
-/// never taken, released, or expired by Redis itself) → taken; ours →
-/// extended; someone else's → 0.
-const LUA_ACQUIRE_LEASE: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if cur == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"#;
-
-/// `release_lease`. KEYS[1]: the lease; ARGV[1]: holder. Deletes it only if
-/// `holder` holds it.
-const LUA_RELEASE_LEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"#;
 
 struct Scripts {
     /// `redis/apply.lua`: every change to jobs, instances, capacity,
@@ -482,17 +204,9 @@ impl Scripts {
     fn new() -> Self {
         Self {
             apply: Script::new(include_str!("redis/apply.lua")),
-            acquire_lease: Script::new(LUA_ACQUIRE_LEASE),
-            release_lease: Script::new(LUA_RELEASE_LEASE),
+            acquire_lease: Script::new(include_str!("redis/acquire_lease.lua")),
+            release_lease: Script::new(include_str!("redis/release_lease.lua")),
         }
-    }
-}
-
-fn overrides_from_hash(h: &HashMap<String, String>) -> PoolOverrides {
-    PoolOverrides {
-        paused: h.get("paused").map(|v| v == "1"),
-        min_idle: h.get("min_idle").and_then(|v| v.parse().ok()),
-        max_instances: h.get("max_instances").and_then(|v| v.parse().ok()),
     }
 }
 
@@ -766,42 +480,7 @@ impl Store for RedisStore {
         consumer: &str,
         block: Duration,
     ) -> StoreResult<Option<Delivery>> {
-        let (key, group) = self.queue_key(queue);
-        let mut conn = self.blocking_conn(block).await?;
-        let result = async {
-            for _ in 0..2 {
-                let r: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(group)
-                    .arg(consumer)
-                    .arg("COUNT")
-                    .arg(1)
-                    .arg("BLOCK")
-                    .arg(block.as_millis().max(1) as u64)
-                    .arg("STREAMS")
-                    .arg(&key)
-                    .arg(">")
-                    .query_async(&mut conn)
-                    .await;
-                match r {
-                    Ok(Value::Nil) => return Ok(None),
-                    Ok(v) => {
-                        let entries = first_stream_entries(v);
-                        return Ok(self.parse_deliveries(queue, &entries).into_iter().next());
-                    }
-                    Err(e) if e.code() == Some("NOGROUP") => {
-                        self.ensure_group(&mut conn, &key, group).await?
-                    }
-                    Err(e) => return Err(unavailable(e)),
-                }
-            }
-            Ok(None)
-        }
-        .await;
-        if result.is_ok() {
-            self.give_back(conn);
-        }
-        result
+        self.queue_read(queue, consumer, block).await
     }
 
     async fn claim_stale(
@@ -811,111 +490,20 @@ impl Store for RedisStore {
         min_idle: Duration,
         count: usize,
     ) -> StoreResult<Vec<Delivery>> {
-        let (key, group) = self.queue_key(queue);
-        let mut conn = self.conn().await?;
-        let r: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
-            .arg(&key)
-            .arg(group)
-            .arg(consumer)
-            .arg(min_idle.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await;
-        let v = match r {
-            Ok(v) => v,
-            Err(e) if e.code() == Some("NOGROUP") => {
-                self.ensure_group(&mut conn, &key, group).await?;
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(unavailable(e)),
-        };
-        let mut parts = items(v).into_iter();
-        let _next = parts.next();
-        let entries = parts.next().map(items).unwrap_or_default();
-        // Entries whose data is gone (deleted while pending) come back as
-        // nil; the third element lists their ids: acknowledge them away.
-        let deleted: Vec<String> = parts
-            .next()
-            .map(items)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(as_string)
-            .collect();
-        if !deleted.is_empty() {
-            let _: () = redis::cmd("XACK")
-                .arg(&key)
-                .arg(group)
-                .arg(&deleted)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(self.parse_deliveries(queue, &entries))
+        self.queue_claim_stale(queue, consumer, min_idle, count)
+            .await
     }
 
     async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<()> {
-        let (key, group) = self.queue_key(queue);
-        let mut conn = self.conn().await?;
-        let _: Value = redis::cmd("XCLAIM")
-            .arg(&key)
-            .arg(group)
-            .arg(consumer)
-            .arg(0)
-            .arg(id)
-            .arg("JUSTID")
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.queue_touch(queue, consumer, id).await
     }
 
     async fn ack(&self, queue: &Queue, id: &str) -> StoreResult<()> {
-        let (key, group) = self.queue_key(queue);
-        let mut conn = self.conn().await?;
-        // Acknowledge and delete in one transaction: the stream only ever
-        // holds work not yet done, so it needs no other trimming.
-        let _: () = redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&key)
-            .arg(group)
-            .arg(id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&key)
-            .arg(id)
-            .ignore()
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.queue_ack(queue, id).await
     }
 
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth> {
-        let (key, group) = self.queue_key(queue);
-        let mut conn = self.conn().await?;
-        let depth: u64 = redis::cmd("XLEN")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let pending: redis::RedisResult<Value> = redis::cmd("XPENDING")
-            .arg(&key)
-            .arg(group)
-            .query_async(&mut conn)
-            .await;
-        let pending = match pending {
-            Ok(v) => items(v)
-                .first()
-                .and_then(as_string)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-            Err(e) if e.code() == Some("NOGROUP") => 0,
-            Err(e) => return Err(unavailable(e)),
-        };
-        Ok(QueueDepth { depth, pending })
+        self.queue_depth_of(queue).await
     }
 
     async fn pool_in_use(&self, pool: &str) -> StoreResult<u32> {

@@ -22,11 +22,13 @@ use std::collections::{HashMap, HashSet};
 
 use redis::Value;
 
-use super::{
-    RedisStore, as_string, corrupt, hash_of, instance_from_hash, job_from_hash,
-    overrides_from_hash, unavailable,
+use super::RedisStore;
+use super::conn::unavailable;
+use super::encoding::{
+    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash,
+    job_fields, job_from_hash, overrides_from_hash,
 };
-use crate::model::{Event, InstanceRecord, Job, JobState, Millis};
+use crate::model::{InstanceRecord, Job, JobState, Millis};
 use crate::store::rules::{Change, Group, Key, PoolState, Read, Records, Seen, Tx};
 use crate::store::{QueueItem, StoreError, StoreResult};
 
@@ -162,103 +164,6 @@ impl Writes {
             self.args.push((*f).into());
             self.args.push(v.clone());
         }
-    }
-}
-
-/// The hash fields of a job.
-fn job_fields(j: &Job) -> Vec<(&'static str, String)> {
-    vec![
-        ("job_id", j.job_id.to_string()),
-        ("run_id", j.run_id.to_string()),
-        ("run_attempt", j.run_attempt.to_string()),
-        ("repository", j.repository.clone()),
-        ("organization", j.organization.clone()),
-        ("installation_id", j.installation_id.to_string()),
-        (
-            "labels",
-            serde_json::to_string(&j.labels).unwrap_or_else(|_| "[]".into()),
-        ),
-        ("state", j.state.as_str().into()),
-        ("pool", j.pool.clone()),
-        ("instance_name", j.instance_name.clone()),
-        ("runner_name", j.runner_name.clone()),
-        ("runner_id", j.runner_id.to_string()),
-        ("conclusion", j.conclusion.clone()),
-        ("reason", j.reason.clone()),
-        ("attempts", j.attempts.to_string()),
-        ("job_name", j.job_name.clone()),
-        ("workflow_name", j.workflow_name.clone()),
-        ("recorded_at", j.recorded_at.to_string()),
-        ("updated_at", j.updated_at.to_string()),
-    ]
-}
-
-/// The hash fields of an instance (its token is written apart).
-fn instance_fields(i: &InstanceRecord) -> Vec<(&'static str, String)> {
-    vec![
-        ("name", i.name.clone()),
-        ("pool", i.pool.clone()),
-        ("job_id", i.job_id.to_string()),
-        ("assigned_job_id", i.assigned_job_id.to_string()),
-        ("state", i.state.as_str().into()),
-        ("provider_id", i.provider_id.clone()),
-        ("location", i.location.clone()),
-        ("reason", i.reason.clone()),
-        ("created_at", i.created_at.to_string()),
-        ("updated_at", i.updated_at.to_string()),
-    ]
-}
-
-/// The fields of `after` that differ from `before` (all when new).
-fn changed(
-    before: Option<Vec<(&'static str, String)>>,
-    after: Vec<(&'static str, String)>,
-) -> Vec<(&'static str, String)> {
-    match before {
-        None => after,
-        Some(b) => after
-            .into_iter()
-            .zip(b)
-            .filter(|((_, a), (_, b))| a != b)
-            .map(|(a, _)| a)
-            .collect(),
-    }
-}
-
-fn event_fields(e: &Event) -> Vec<(&'static str, String)> {
-    match e {
-        Event::Job {
-            at,
-            job_id,
-            pool,
-            from,
-            to,
-            reason,
-        } => vec![
-            ("kind", "job".into()),
-            ("at", at.to_string()),
-            ("id", job_id.to_string()),
-            ("pool", pool.clone()),
-            ("from", from.map(|s| s.as_str()).unwrap_or_default().into()),
-            ("to", to.as_str().into()),
-            ("reason", reason.clone()),
-        ],
-        Event::Instance {
-            at,
-            name,
-            pool,
-            from,
-            to,
-            reason,
-        } => vec![
-            ("kind", "instance".into()),
-            ("at", at.to_string()),
-            ("id", name.clone()),
-            ("pool", pool.clone()),
-            ("from", from.map(|s| s.as_str()).unwrap_or_default().into()),
-            ("to", to.as_str().into()),
-            ("reason", reason.clone()),
-        ],
     }
 }
 
