@@ -50,7 +50,14 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
         };
         let outcome = match ctx.pools.get(&instance.pool) {
             Some(pool) => {
-                with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.delete(&name)).await
+                with_heartbeat(
+                    ctx,
+                    &queue,
+                    consumer,
+                    &d.id,
+                    pool.provisioner.delete(&instance.pool, &name),
+                )
+                .await
             }
             None => Err(ProvisionerError::Config(format!(
                 "pool {} is not configured; cannot reach its provisioner",
