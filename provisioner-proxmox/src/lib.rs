@@ -10,6 +10,8 @@
 //! - [`schema`]: the official PVE 9.1 schema of the endpoints GRS uses and a
 //!   validator for requests against it.
 //! - [`placement`]: which node gets the next VM (room, per-node caps).
+//! - [`privileges`]: the least privileges of the API token, as data
+//!   (checked against the schema by `tests/privileges.rs`).
 //! - [`provisioner`]: [`ProxmoxProvisioner`], one pool over PVE: clone,
 //!   mark, configure, bootstrap, start; stop and destroy.
 //! - [`backend`]: [`ProxmoxBackend`], the `Provisioner` trait over one PVE
@@ -27,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod placement;
+pub mod privileges;
 pub mod provisioner;
 pub mod schema;
 pub mod sim;

@@ -798,7 +798,7 @@ impl ProxmoxProvisioner {
                 }
                 Err(e) => {
                     return Err(ProvisionerError::Transient(format!(
-                        "the guest agent of VM {vmid} on {node} did not answer within {:?}: {e}",
+                        "the guest agent of VM {vmid} on {node} did not answer within {:?} (is qemu-guest-agent installed and enabled in the template?): {e}",
                         self.pool.agent_timeout
                     )));
                 }
