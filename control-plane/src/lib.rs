@@ -20,6 +20,7 @@
 //! - [`github`]: the [`RunnerRegistrar`](worker::RunnerRegistrar) over
 //!   GitHub's REST API.
 //! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
+//! - [`metrics`]: Prometheus metrics on `control_plane.metrics_listen`.
 //! - [`server`]: assembles it all: [`server::run`] is the entry point.
 //! - [`testing`]: helpers for tests that need a real Redis.
 //!
@@ -30,6 +31,7 @@ pub mod cloud_init;
 pub mod config;
 pub mod dispatcher;
 pub mod github;
+pub mod metrics;
 pub mod model;
 pub mod pools;
 pub mod reconciler;
