@@ -90,6 +90,15 @@ pub struct ActionLabels {
     pub kind: &'static str,
 }
 
+/// The kinds of [`ActionLabels`].
+const ACTION_KINDS: [&str; 5] = [
+    "bootstrap_timeout",
+    "lifetime_ended",
+    "orphan_deleted",
+    "busy_kept",
+    "failure",
+];
+
 /// Stage: GRS recorded the job queued → its instance is running.
 pub const STAGE_QUEUED_TO_RUNNING: &str = "queued_to_running";
 /// Stage: the job its instance ran completed → the instance is deleted.
@@ -213,6 +222,11 @@ impl Metrics {
             "1 while this replica holds the reconciler lease",
             m.reconciler_leader.clone(),
         );
+        // Every action kind reads 0 from the start, so `increase()` sees the
+        // first one.
+        for kind in ACTION_KINDS {
+            m.reconciler_actions.get_or_create(&ActionLabels { kind }).inc_by(0);
+        }
         Self { registry: r, ..m }
     }
 
