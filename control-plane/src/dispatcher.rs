@@ -139,6 +139,12 @@ async fn handle(
             }
             Err(e) => Err(e),
         };
+        ctx.metrics.provisioner_call(
+            pool.config.provisioner.kind(),
+            "create",
+            started.elapsed(),
+            &created,
+        );
         match created {
             Ok(made) => {
                 let torn = ctx
@@ -154,6 +160,15 @@ async fn handle(
                 tracing::info!(job_id, instance = %name, provider_id = %made.provider_id, took_ms = started.elapsed().as_millis() as u64, "instance running");
                 if torn {
                     tracing::info!(job_id, instance = %name, "job completed meanwhile; instance queued for teardown");
+                }
+                // queued → running, from when GRS recorded the job.
+                if let Ok(Some(job)) = ctx.store.get_job(job_id).await {
+                    ctx.metrics.stage(
+                        pool_name,
+                        crate::metrics::STAGE_QUEUED_TO_RUNNING,
+                        job.recorded_at,
+                        now_ms(),
+                    );
                 }
                 return Ok(Handled::Done);
             }

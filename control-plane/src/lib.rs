@@ -21,6 +21,7 @@
 //! - [`github`]: the [`RunnerRegistrar`](worker::RunnerRegistrar) over
 //!   GitHub's REST API.
 //! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
+//! - [`metrics`]: Prometheus metrics on `control_plane.metrics_listen`.
 //! - [`server`]: assembles it all: [`server::run`] is the entry point.
 //! - [`testing`]: helpers for tests that need a real Redis.
 //!
@@ -32,6 +33,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod github;
 pub mod guest_agent;
+pub mod metrics;
 pub mod model;
 pub mod pools;
 pub mod reconciler;

@@ -147,6 +147,8 @@ pub struct Reconciler {
     /// Asked whether a runner is busy before its instance is torn down for
     /// the bootstrap timeout.
     registrar: Option<Arc<dyn RunnerRegistrar>>,
+    /// Where [`run`] counts actions and leadership.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// `d` in milliseconds, saturating.
@@ -172,7 +174,15 @@ impl Reconciler {
             settings,
             undated_orphans: HashMap::new(),
             registrar: None,
+            metrics: None,
         }
+    }
+
+    /// Counts every pass's actions and this replica's leadership in
+    /// `metrics` (done by [`run`]).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Asks `registrar` (GitHub) whether an instance's runner is busy before
@@ -370,10 +380,20 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     tracing::info!(holder, "this replica now runs the reconciler");
                     leading = true;
                 }
+                if let Some(m) = &reconciler.metrics {
+                    m.set_reconciler_leader(true);
+                }
                 let pass = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     r = reconciler.reconcile_once(now_ms()) => r,
                 };
+                if let (Some(m), Ok(r)) = (&reconciler.metrics, &pass) {
+                    m.reconciler_actions("bootstrap_timeout", r.bootstrap_timed_out.len());
+                    m.reconciler_actions("lifetime_ended", r.lifetime_ended.len());
+                    m.reconciler_actions("orphan_deleted", r.orphans_deleted.len());
+                    m.reconciler_actions("busy_kept", r.busy_kept.len());
+                    m.reconciler_actions("failure", r.failures.len());
+                }
                 match pass {
                     Ok(report) if report.is_quiet() => {
                         tracing::debug!("reconcile pass: nothing to do")
@@ -385,6 +405,9 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                 }
             }
             Ok(false) => {
+                if let Some(m) = &reconciler.metrics {
+                    m.set_reconciler_leader(false);
+                }
                 if leading {
                     tracing::warn!(holder, "another replica took the reconciler lease");
                     leading = false;
@@ -401,6 +424,9 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+    if let Some(m) = &reconciler.metrics {
+        m.set_reconciler_leader(false);
     }
     if leading {
         match tokio::time::timeout(RELEASE_TIMEOUT, store.release_lease(LEASE, &holder)).await {
@@ -538,6 +564,7 @@ mod tests {
             settings: WorkerSettings::from_config(&test_config().control_plane),
             registrar: None,
             shutdown: stop.clone(),
+            metrics: Default::default(),
         };
         let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
         eventually("the VM deleted", Duration::from_secs(3), || async {
