@@ -143,11 +143,27 @@ impl PveError {
         }
     }
 
-    /// A lock PVE could not take in time (`can't lock file ... got timeout`)
-    /// or a VM locked by another operation: passes by itself.
+    /// A lock PVE could not take in time (`can't lock file ... got timeout`,
+    /// pve-common `lock_file_full`; `cfs-lock 'storage-X' error: got lock
+    /// request timeout`, pve-cluster `cfs_lock` as pve-storage's
+    /// `cluster_lock_storage` takes it for shared storage) or a VM locked by
+    /// another operation (`VM is locked (backup)`, pve-guest-common
+    /// `check_lock`): passes by itself.
     pub fn is_lock_conflict(&self) -> bool {
         let t = self.pve_text();
-        t.contains("got timeout") || t.contains("can't lock file") || t.contains("is locked")
+        t.contains("got timeout")
+            || t.contains("got lock request timeout")
+            || t.contains("can't lock file")
+            || t.contains("is locked")
+            || (t.contains("cfs-lock") && t.contains("timeout"))
+    }
+
+    /// A lock PVE waited for and did not get (`... got timeout`, `got lock
+    /// request timeout`): contention that passes within seconds, unlike a
+    /// config lock held by a long operation (`VM is locked (backup)`).
+    pub fn is_lock_timeout(&self) -> bool {
+        let t = self.pve_text();
+        t.contains("got timeout") || t.contains("got lock request timeout")
     }
 
     /// `Configuration file ... does not exist`: the VM is gone.
