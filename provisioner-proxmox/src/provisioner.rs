@@ -996,7 +996,10 @@ enum CloneFailure {
 impl From<PveError> for CloneFailure {
     fn from(e: PveError) -> Self {
         let t = e.pve_text();
-        if e.status() == Some(595) || t.contains("not online") || t.contains("No route to host") {
+        if e.status() == Some(595)
+            || (t.contains("not online") && !t.starts_with("storage"))
+            || t.contains("No route to host")
+        {
             CloneFailure::NodeDown(e)
         } else if t.contains("uses local storage") || t.contains("non-shared storage") {
             // The storage changed since `validate` checked it.
