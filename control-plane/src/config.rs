@@ -50,6 +50,9 @@ pub enum StoreKind {
 pub struct ControlPlaneConfig {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Where Prometheus metrics are served (`GET /metrics`, plain HTTP, no
+    /// auth: keep it on a private network). Unset: not served.
+    pub metrics_listen: Option<SocketAddr>,
     /// Names this GRS installation in the ownership marker of every VM it
     /// makes. Two installations sharing a hypervisor must differ.
     pub installation_id: String,
@@ -131,6 +134,7 @@ impl Default for ControlPlaneConfig {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50051).into(),
+            metrics_listen: None,
             installation_id: "grs".into(),
             instance_prefix: "grs".into(),
             store: StoreKind::Redis,

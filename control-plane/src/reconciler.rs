@@ -7,9 +7,9 @@
 //! Every `reconcile_interval`, each replica asks the store for the lease
 //! [`LEASE`] (held for three intervals, renewed on every pass). The replica
 //! holding it runs one pass, [`Reconciler::reconcile_once`]:
-//! 1. Every provisioner of the configured pools (each backend once)
-//!    [`list`](grs_provisioner::Provisioner::list)s the VMs carrying this
-//!    installation's marker.
+//! 1. The provisioner of every configured pool
+//!    [`list`](grs_provisioner::Provisioner::list)s the pool's VMs carrying
+//!    this installation's marker.
 //! 2. The store's live instances are read — after the listing, see
 //!    *Guarantees*.
 //! 3. **Maximum lifetime**: a created instance (running, stopped or error)
@@ -147,6 +147,8 @@ pub struct Reconciler {
     /// Asked whether a runner is busy before its instance is torn down for
     /// the bootstrap timeout.
     registrar: Option<Arc<dyn RunnerRegistrar>>,
+    /// Where [`run`] counts actions and leadership.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// `d` in milliseconds, saturating.
@@ -172,7 +174,15 @@ impl Reconciler {
             settings,
             undated_orphans: HashMap::new(),
             registrar: None,
+            metrics: None,
         }
+    }
+
+    /// Counts every pass's actions and this replica's leadership in
+    /// `metrics` (done by [`run`]).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Asks `registrar` (GitHub) whether an instance's runner is busy before
@@ -224,7 +234,7 @@ impl Reconciler {
                 grace = %human(self.settings.orphan_grace),
                 "deleting an orphan: a VM of this installation with no live instance record"
             );
-            match provisioner.delete(&vm.name).await {
+            match provisioner.delete(&pool, &vm.name).await {
                 Ok(()) => {
                     undated.remove(&vm.name);
                     report.orphans_deleted.push(vm.name);
@@ -241,20 +251,15 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Every marked VM of every backend (each listed once, however many
-    /// pools share it), with the backend that lists it and its pool's name.
+    /// Every marked VM of every pool, with the backend that lists it and its
+    /// pool's name.
     async fn list_vms(
         &self,
         report: &mut PassReport,
     ) -> Vec<(Arc<dyn Provisioner>, String, Instance)> {
-        let mut listed: Vec<&Arc<dyn Provisioner>> = Vec::new();
         let mut out = Vec::new();
         for pool in self.pools.iter() {
-            if listed.iter().any(|p| Arc::ptr_eq(p, &pool.provisioner)) {
-                continue;
-            }
-            listed.push(&pool.provisioner);
-            match pool.provisioner.list().await {
+            match pool.provisioner.list(&pool.name).await {
                 Ok(vms) => out.extend(
                     vms.into_iter()
                         .map(|vm| (pool.provisioner.clone(), pool.name.clone(), vm)),
@@ -375,10 +380,20 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     tracing::info!(holder, "this replica now runs the reconciler");
                     leading = true;
                 }
+                if let Some(m) = &reconciler.metrics {
+                    m.set_reconciler_leader(true);
+                }
                 let pass = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     r = reconciler.reconcile_once(now_ms()) => r,
                 };
+                if let (Some(m), Ok(r)) = (&reconciler.metrics, &pass) {
+                    m.reconciler_actions("bootstrap_timeout", r.bootstrap_timed_out.len());
+                    m.reconciler_actions("lifetime_ended", r.lifetime_ended.len());
+                    m.reconciler_actions("orphan_deleted", r.orphans_deleted.len());
+                    m.reconciler_actions("busy_kept", r.busy_kept.len());
+                    m.reconciler_actions("failure", r.failures.len());
+                }
                 match pass {
                     Ok(report) if report.is_quiet() => {
                         tracing::debug!("reconcile pass: nothing to do")
@@ -390,6 +405,9 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                 }
             }
             Ok(false) => {
+                if let Some(m) = &reconciler.metrics {
+                    m.set_reconciler_leader(false);
+                }
                 if leading {
                     tracing::warn!(holder, "another replica took the reconciler lease");
                     leading = false;
@@ -406,6 +424,9 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+    if let Some(m) = &reconciler.metrics {
+        m.set_reconciler_leader(false);
     }
     if leading {
         match tokio::time::timeout(RELEASE_TIMEOUT, store.release_lease(LEASE, &holder)).await {
@@ -445,7 +466,7 @@ mod tests {
 
     fn setup() -> Setup {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let fake = Arc::new(FakeProvisioner::new("linux"));
+        let fake = Arc::new(FakeProvisioner::new());
         let pools = fake_pools(&test_config(), &fake);
         let settings = ReconcilerSettings {
             interval: Duration::from_millis(50),
@@ -543,6 +564,7 @@ mod tests {
             settings: WorkerSettings::from_config(&test_config().control_plane),
             registrar: None,
             shutdown: stop.clone(),
+            metrics: Default::default(),
         };
         let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
         eventually("the VM deleted", Duration::from_secs(3), || async {
@@ -739,7 +761,7 @@ mod tests {
         let mut config = test_config();
         config.control_plane.reconcile_interval = Duration::from_millis(50);
         config.control_plane.bootstrap_timeout = Duration::from_millis(300);
-        let fake = Arc::new(FakeProvisioner::new("linux"));
+        let fake = Arc::new(FakeProvisioner::new());
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let pools = fake_pools(&config, &fake);
         let cp = RunningControlPlane::start(control_plane(config, store.clone(), pools)).await;

@@ -40,6 +40,15 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics port (`control_plane.metrics_listen`) cannot be served.
+    #[error("cannot serve metrics on {addr} (control_plane.metrics_listen): {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The service name health reports on, besides the server-wide "".
@@ -111,6 +120,24 @@ pub async fn run(
         });
     }
 
+    // Metrics, on their own port when configured.
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics_task = match config.control_plane.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Metrics { addr, source })?;
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                store.clone(),
+                pools.clone(),
+                stop.clone().cancelled_owned(),
+            )))
+        }
+        None => None,
+    };
+
     // Workers.
     let replica = format!("{:08x}", rand::random::<u32>());
     let ctx = WorkerContext {
@@ -119,6 +146,7 @@ pub async fn run(
         settings: WorkerSettings::from_config(&config.control_plane),
         registrar: registrar.clone(),
         shutdown: stop.child_token(),
+        metrics: metrics.clone(),
     };
     let mut workers = JoinSet::new();
     for pool in pools.iter() {
@@ -142,7 +170,8 @@ pub async fn run(
             pools.clone(),
             ReconcilerSettings::from_config(&config.control_plane),
         )
-        .with_registrar(ctx.registrar.clone()),
+        .with_registrar(ctx.registrar.clone())
+        .with_metrics(metrics.clone()),
         replica.clone(),
         ctx.shutdown.clone(),
     ));
@@ -261,6 +290,9 @@ pub async fn run(
         workers.abort_all();
     }
     let _ = health_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     tracing::info!("control plane stopped");
     served.map_err(ServerError::from)
 }

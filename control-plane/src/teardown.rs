@@ -50,7 +50,19 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
         };
         let outcome = match ctx.pools.get(&instance.pool) {
             Some(pool) => {
-                with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.delete(&name)).await
+                let started = std::time::Instant::now();
+                let r = with_heartbeat(
+                    ctx,
+                    &queue,
+                    consumer,
+                    &d.id,
+                    pool.provisioner.delete(&instance.pool, &name),
+                )
+                .await;
+                let backend = pool.config.provisioner.kind();
+                ctx.metrics
+                    .provisioner_call(backend, "delete", started.elapsed(), &r);
+                r
             }
             None => Err(ProvisionerError::Config(format!(
                 "pool {} is not configured; cannot reach its provisioner",
@@ -68,6 +80,19 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                     .finish_teardown(&name, "", ctx.settings.instance_retention, now_ms())
                     .await?;
                 tracing::info!(instance = %name, pool = %instance.pool, "instance deleted");
+                // completed → deleted: the job its runner ran ended when
+                // that job's record last changed (completed is final).
+                if instance.assigned_job_id != 0
+                    && let Ok(Some(job)) = ctx.store.get_job(instance.assigned_job_id).await
+                    && job.state == crate::model::JobState::Completed
+                {
+                    ctx.metrics.stage(
+                        &instance.pool,
+                        crate::metrics::STAGE_COMPLETED_TO_DELETED,
+                        job.updated_at,
+                        now_ms(),
+                    );
+                }
                 return Ok(Handled::Done);
             }
             Err(e @ ProvisionerError::NotOwned { .. }) => {

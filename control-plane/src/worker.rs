@@ -111,6 +111,8 @@ pub struct WorkerContext {
     pub registrar: Option<Arc<dyn RunnerRegistrar>>,
     /// Cancelled on shutdown: stop taking work.
     pub shutdown: CancellationToken,
+    /// This replica's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How a worker left an entry.

@@ -6,7 +6,7 @@
 //! provisioner before its fix.
 
 use grs_provisioner::conformance::spec;
-use grs_provisioner::{Bootstrap, InstanceState, Provisioner, ProvisionerError};
+use grs_provisioner::{Bootstrap, InstanceState, ProvisionerError};
 use grs_provisioner_proxmox::provisioner::Marker;
 use grs_provisioner_proxmox::sim::{Fault, PveVersion, SimOptions, TaskDurations};
 use grs_provisioner_proxmox::testing::{self, NodeSpec, POOL, SimFixture, TEMPLATE_VMID};

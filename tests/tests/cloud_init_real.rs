@@ -5,26 +5,22 @@
 //! 22.4 on Debian 12: the version whose parser reads `ds=nocloud` as local
 //! mode). cloud-init must take the serial as network mode with the gateway as
 //! its seed, fetch meta-data and user-data through the running gateway with
-//! its own fetch code, and accept the user-data with `cloud-init schema`.
+//! its own fetch code, and accept the user-data with `cloud-init schema`;
+//! its ds-identify (which decides at boot whether cloud-init runs at all)
+//! must pick NoCloud for that serial.
 //!
 //! `scripts/test.sh` installs the package when it is missing. Without it
 //! this test FAILS when `CI` is set and is skipped loudly otherwise. Set
 //! `GRS_CLOUD_INIT_PYTHON` to choose the interpreter (default
 //! `/usr/bin/python3`, the one Debian's package is installed for).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use grs_control_plane::config::ProvisionerConfig;
-use grs_control_plane::pools::Pools;
-use grs_control_plane::store::MemoryStore;
-use grs_control_plane::testing::{RunningControlPlane, eventually, test_config};
-use grs_github::GitHubConfig;
-use grs_github::sim::{GitHubSim, NewJob, SimConfig};
-use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
-use secrecy::SecretString;
-use tokio_util::sync::CancellationToken;
+use grs::demo::{PoolSpec, System, SystemOptions};
+use grs_control_plane::testing::eventually;
+use grs_github::sim::NewJob;
+use grs_provisioner_proxmox::sim::TaskDurations;
 
 const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cloud_init_oracle.py");
 
@@ -88,61 +84,27 @@ async fn the_real_cloud_init_reads_the_seed_as_network_mode_and_accepts_the_user
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    // GitHub, Proxmox, the gateway's listener (its URL goes into the seed).
-    let github = GitHubSim::start(SimConfig::default()).await.unwrap();
-    let pve = grs_provisioner_proxmox::testing::SimFixture::single_node().await;
-    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw_url = format!("http://{}", gw_listener.local_addr().unwrap());
-
-    let mut config = test_config();
-    config.control_plane.installation_id = "grs-ci".into();
-    config.control_plane.gateway_url = Some(gw_url.clone());
-    config.proxmox = Some(pve.conn.clone());
-    config.github = Some(GitHubConfig {
-        api_url: github.url(),
-        organization: Some("grs-sim".into()),
-        token: Some(SecretString::from(
-            "ghp_simulated_personal_access_token".to_owned(),
-        )),
-        ..GitHubConfig::default()
-    });
-    config.pools.get_mut("linux").unwrap().provisioner =
-        ProvisionerConfig::Proxmox(pve.pool.clone());
-    config.validate().unwrap();
-    let pools = Pools::from_config(&config).unwrap();
-    let registrar = grs_control_plane::github::GitHubRegistrar::new(
-        grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap(),
-    );
-    let cp = RunningControlPlane::start(grs_control_plane::server::ControlPlane {
-        config,
-        store: Arc::new(MemoryStore::new()),
-        pools,
-        registrar: Some(Arc::new(registrar)),
+    // GitHub, Proxmox, the control plane and the gateway, wired as
+    // `grs demo` wires them (the gateway's URL goes into the seed).
+    let system = System::start(SystemOptions {
+        pools: PoolSpec::demo_pools()[..1].to_vec(),
+        pve_durations: TaskDurations::fast(),
+        time_scale: 0.02,
+        installation_id: "grs-ci".into(),
+        ..SystemOptions::default()
     })
-    .await;
-    let gw_stop = CancellationToken::new();
-    let gw = tokio::spawn(grs_webhook_gateway::run_with(
-        GatewayConfig {
-            control_plane_url: cp.url(),
-            ..GatewayConfig::default()
-        },
-        ResolvedSecrets {
-            webhook_secret: SecretString::from(github.webhook_secret()),
-            auth_token: None,
-            tls_ca_pem: None,
-        },
-        gw_listener,
-        gw_stop.clone().cancelled_owned(),
-    ));
-    github.set_webhook_url(format!("{gw_url}/webhook"));
+    .await
+    .expect("the system starts");
+    let (github, pve) = (&system.github, &system.pve);
+    let gw_url = system.gateway_url();
 
     // A job is queued; its VM runs on Proxmox with the seed in smbios1.
     let job = github
         .queue_job(NewJob::labels(["self-hosted", "linux"]))
         .await;
-    let name = format!("grs-{}", job.id);
+    let name = system.instance_name(job.id);
     let vm = eventually("the VM to run", Duration::from_secs(30), || {
-        let vms = pve.sim.vms_named(&name);
+        let vms = pve.vms_named(&name);
         async move { vms.into_iter().find(|v| v.running) }
     })
     .await;
@@ -151,7 +113,7 @@ async fn the_real_cloud_init_reads_the_seed_as_network_mode_and_accepts_the_user
     // cloud-init, as the VM runs it.
     let seed_prefix = format!("{gw_url}/cloud-init/");
     let Some((ok, verdict)) = ask_cloud_init(&smbios1, &seed_prefix, &name).await else {
-        gw_stop.cancel();
+        system.shutdown().await.unwrap();
         return;
     };
     assert!(
@@ -195,7 +157,5 @@ async fn the_real_cloud_init_reads_the_seed_as_network_mode_and_accepts_the_user
         );
     }
 
-    gw_stop.cancel();
-    gw.await.unwrap().unwrap();
-    cp.shutdown().await.unwrap();
+    system.shutdown().await.unwrap();
 }

@@ -93,11 +93,17 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 20)]
     pub jobs: usize,
 
-    /// Pools, each with a runner label of its own: linux (16 VMs),
-    /// linux-large (8 VMs of 8 cores, 16 GiB), then linux-2, linux-3, …
-    /// (8 VMs each). Half the jobs go to linux, the rest are spread evenly.
+    /// Pools, each with a runner label of its own: linux (32 VMs),
+    /// linux-large (16 VMs of 8 cores, 16 GiB), then linux-2, linux-3, …
+    /// (16 VMs each). Two jobs in three go to linux, the rest are spread
+    /// evenly.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub pools: u32,
+
+    /// Every pool's maximum of live VMs, instead of the defaults above (a
+    /// small value makes jobs wait for capacity).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_instances: Option<u32>,
 
     /// Multiplies every simulated duration: Proxmox tasks (linked clone
     /// 1 s, start 0.5 s, stop 0.2 s, destroy 0.3 s), boot to runner 3 s,
@@ -206,8 +212,8 @@ impl Timings {
     }
 }
 
-/// The pools of `--pools n`.
-fn pools(n: u32) -> Vec<PoolSpec> {
+/// The pools of `--pools n`, with `--max-instances` applied.
+fn pools(n: u32, max_instances: Option<u32>) -> Vec<PoolSpec> {
     let mut pools = PoolSpec::demo_pools();
     pools.truncate(n as usize);
     for i in pools.len() as u32..n {
@@ -215,11 +221,16 @@ fn pools(n: u32) -> Vec<PoolSpec> {
         pools.push(PoolSpec {
             labels: vec!["self-hosted".into(), name.clone(), "x64".into()],
             name,
-            max_instances: 8,
+            max_instances: 16,
             template_vmid: 9000 + i,
             cores: None,
             memory_mib: None,
         });
+    }
+    if let Some(max) = max_instances {
+        for p in &mut pools {
+            p.max_instances = max;
+        }
     }
     pools
 }
@@ -233,14 +244,14 @@ struct PlannedJob {
     duration: Duration,
 }
 
-/// `n` jobs arriving as a Poisson process; half for the first pool, the
-/// rest spread evenly over the others.
+/// `n` jobs arriving as a Poisson process; two in three for the first
+/// pool, the rest spread evenly over the others.
 fn plan(n: usize, pools: &[PoolSpec], t: &Timings) -> Vec<PlannedJob> {
     let mut rng = rand::rng();
     let mut at = Duration::ZERO;
     (0..n)
         .map(|_| {
-            let pool = if pools.len() == 1 || rng.random_bool(0.5) {
+            let pool = if pools.len() == 1 || rng.random_bool(2.0 / 3.0) {
                 &pools[0]
             } else {
                 &pools[rng.random_range(1..pools.len())]
@@ -277,6 +288,12 @@ pub struct Summary {
     pub boot_failures: Vec<String>,
     /// Latency percentiles per stage.
     pub latencies: Vec<StageLatency>,
+    /// Jobs not completed on GitHub at the end (at most 10), with what GRS
+    /// says about them.
+    pub unfinished: Vec<String>,
+    /// Instances GRS still counts against its pools' capacity at the end,
+    /// or teardowns it still has queued (`None`: it did not answer).
+    pub instances_in_use: Option<u64>,
     /// VMs left on Proxmox at the end.
     pub leaked_vms: usize,
     /// Runner registrations left on GitHub at the end.
@@ -287,6 +304,9 @@ pub struct Summary {
     pub interrupted: bool,
     /// `--deadline` ended it early.
     pub timed_out: bool,
+    /// It ended early because nothing changed for a while (the longest job
+    /// plus 30 s) with work left.
+    pub stalled: bool,
 }
 
 impl Summary {
@@ -296,11 +316,19 @@ impl Summary {
         if self.timed_out {
             why.push("the deadline passed".to_owned());
         }
+        if self.stalled {
+            why.push("stalled (nothing changed for the longest job's time plus 30 s)".to_owned());
+        }
         if self.jobs_completed < self.jobs_requested {
             why.push(format!(
                 "{} of {} jobs completed",
                 self.jobs_completed, self.jobs_requested
             ));
+        }
+        match self.instances_in_use {
+            Some(0) => {}
+            Some(n) => why.push(format!("GRS still counts {n} instances in use")),
+            None => why.push("GRS did not answer GetStats".to_owned()),
         }
         if self.leaked_vms > 0 {
             why.push(format!("{} VMs leaked", self.leaked_vms));
@@ -344,6 +372,12 @@ impl Summary {
                 l.count
             )?;
         }
+        writeln!(
+            out,
+            "  instances in use (GRS)    {}",
+            self.instances_in_use
+                .map_or_else(|| "no answer".to_owned(), |n| n.to_string())
+        )?;
         writeln!(out, "  leaked VMs                {}", self.leaked_vms)?;
         writeln!(
             out,
@@ -352,6 +386,9 @@ impl Summary {
         )?;
         for f in &self.boot_failures {
             writeln!(out, "  boot failure: {f}")?;
+        }
+        for u in &self.unfinished {
+            writeln!(out, "  not completed: {u}")?;
         }
         let verdict = match (self.interrupted, self.failure()) {
             (true, _) => "INTERRUPTED".to_owned(),
@@ -436,7 +473,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), crate::CliError> {
     let timings = Timings::scaled(args.time_scale);
-    let pools = pools(args.pools);
+    let pools = pools(args.pools, args.max_instances);
     let store = match &args.redis {
         None => StoreChoice::Memory,
         Some(url) => StoreChoice::Redis {
@@ -586,7 +623,12 @@ async fn drive(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut queued, mut all_queued) = (0usize, false);
     let mut settle_until: Option<Instant> = None;
-    let (mut interrupted, mut timed_out) = (false, false);
+    let (mut interrupted, mut timed_out, mut stalled) = (false, false, false);
+    // Nothing changed for this long once every job is queued: something is
+    // stuck (a job waits with no VM, a VM never takes a job); no job runs
+    // longer than `job_max`, and the margin covers retries.
+    let stall_after = timings.job_max + Duration::from_secs(30);
+    let mut last_change = (Counts::default(), Instant::now());
     loop {
         tokio::select! {
             () = shutdown.as_mut() => {
@@ -602,11 +644,18 @@ async fn drive(
             },
             _ = tick.tick() => {
                 fleet.observe(&mut tracker, &system.github, &system.pve);
-                progress.update(tracker.counts());
+                let counts = tracker.counts();
+                progress.update(counts);
+                if counts != last_change.0 {
+                    last_change = (counts, Instant::now());
+                } else if all_queued && last_change.1.elapsed() >= stall_after {
+                    stalled = true;
+                    break;
+                }
                 if !all_queued {
                     // Still queueing.
                 } else if tracker.completed() >= queued {
-                    if tracker.vms_alive() == 0 {
+                    if tracker.vms_alive() == 0 && instances_in_use(system).await == Some(0) {
                         break;
                     }
                     let until = *settle_until.get_or_insert_with(|| Instant::now() + SETTLE);
@@ -633,6 +682,8 @@ async fn drive(
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     let leaked_vms = system.pve.vms().iter().filter(|v| !v.template).count();
+    let unfinished = unfinished(system).await;
+    let instances_in_use = instances_in_use(system).await;
     let summary = Summary {
         jobs_queued: queued,
         jobs_requested: args.jobs,
@@ -646,17 +697,86 @@ async fn drive(
             .map(|(name, e)| format!("{name}: {e}"))
             .collect(),
         latencies: tracker.latencies(),
+        unfinished,
+        instances_in_use,
         leaked_vms,
         leaked_runner_registrations: system.github.runners().len(),
         seconds,
         interrupted,
         timed_out,
+        stalled,
     };
     Driven {
         summary,
         fleet,
         tracker,
     }
+}
+
+/// Instances GRS counts in use over every pool plus teardowns it still has
+/// queued, as `GetStats` says; `None` when it does not answer.
+async fn instances_in_use(system: &System) -> Option<u64> {
+    let mut api = system.client().await.ok()?;
+    let stats = api
+        .get_stats(grs_proto::v1::GetStatsRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let in_use: u64 = stats
+        .pools
+        .iter()
+        .map(|p| u64::from(p.instances_in_use))
+        .sum();
+    Some(in_use + stats.teardown_queue_depth)
+}
+
+/// Up to 10 jobs GitHub has not completed, each with GRS's view of it and
+/// of the instance made for it (which may have run another job).
+async fn unfinished(system: &System) -> Vec<String> {
+    use grs_proto::v1 as pb;
+    let jobs: Vec<_> = system
+        .github
+        .jobs()
+        .into_iter()
+        .filter(|j| j.status != grs_github::sim::SimJobStatus::Completed)
+        .take(10)
+        .collect();
+    if jobs.is_empty() {
+        return Vec::new();
+    }
+    let Ok(mut api) = system.client().await else {
+        return jobs.iter().map(|j| format!("job {}", j.id)).collect();
+    };
+    let mut lines = Vec::new();
+    for j in jobs {
+        let mut line = format!("job {} ({:?} on GitHub)", j.id, j.status);
+        match api.get_job(pb::GetJobRequest { job_id: j.id }).await {
+            Ok(r) => {
+                let g = r.into_inner();
+                line += &format!(": GRS has it {}", crate::view::job_state(g.state));
+                if !g.reason.is_empty() {
+                    line += &format!(" ({})", g.reason);
+                }
+                if !g.instance_name.is_empty() {
+                    let name = g.instance_name.clone();
+                    if let Ok(i) = api.get_instance(pb::GetInstanceRequest { name }).await {
+                        let i = i.into_inner();
+                        line += &format!(
+                            "; instance {} is {}",
+                            i.name,
+                            crate::view::instance_state(i.state)
+                        );
+                        if i.assigned_job_id != 0 && i.assigned_job_id != j.id {
+                            line += &format!(" and ran job {} instead", i.assigned_job_id);
+                        }
+                    }
+                }
+            }
+            Err(e) => line += &format!(": GRS answers {}", e.message()),
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 /// Queues the planned jobs on GitHub at their times; sends each job's id
@@ -702,7 +822,13 @@ mod tests {
         let t = Timings::scaled(0.5);
         assert_eq!(t.pve.linked_clone, Duration::from_millis(500));
         assert_eq!(t.boot, Duration::from_millis(1500));
-        let pools = pools(3);
+        let pools = pools(3, None);
+        assert_eq!(pools[2].max_instances, 16);
+        assert!(
+            super::pools(2, Some(3))
+                .iter()
+                .all(|p| p.max_instances == 3)
+        );
         assert_eq!(
             pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
             ["linux", "linux-large", "linux-2"]
@@ -711,7 +837,7 @@ mod tests {
         assert_eq!(plan.len(), 400);
         for pool in &pools {
             let n = plan.iter().filter(|j| j.labels == pool.labels).count();
-            assert!(n > 40, "{}: {n} jobs", pool.name);
+            assert!(n > 30, "{}: {n} jobs", pool.name);
         }
         assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
         assert!(

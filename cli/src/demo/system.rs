@@ -57,8 +57,8 @@ pub struct PoolSpec {
 }
 
 impl PoolSpec {
-    /// The two pools of the demo: `linux` (16 VMs, the template's size) and
-    /// `linux-large` (8 VMs of 8 cores and 16 GiB). Their label sets are
+    /// The two pools of the demo: `linux` (32 VMs, the template's size) and
+    /// `linux-large` (16 VMs of 8 cores and 16 GiB). Their label sets are
     /// disjoint in the label that matters (`linux` vs `linux-large`), so a
     /// runner of one pool never takes the other pool's jobs.
     pub fn demo_pools() -> Vec<PoolSpec> {
@@ -66,7 +66,7 @@ impl PoolSpec {
             PoolSpec {
                 name: "linux".into(),
                 labels: vec!["self-hosted".into(), "linux".into(), "x64".into()],
-                max_instances: 16,
+                max_instances: 32,
                 template_vmid: 9000,
                 cores: None,
                 memory_mib: None,
@@ -74,7 +74,7 @@ impl PoolSpec {
             PoolSpec {
                 name: "linux-large".into(),
                 labels: vec!["self-hosted".into(), "linux-large".into(), "x64".into()],
-                max_instances: 8,
+                max_instances: 16,
                 template_vmid: 9001,
                 cores: Some(8),
                 memory_mib: Some(16 * 1024),
@@ -155,6 +155,7 @@ pub struct System {
     pub gateway_addr: SocketAddr,
     /// What the store is, in words (`memory`, `redis://… prefix …`).
     pub store_description: String,
+    api: Option<ControlPlaneClient<Channel>>,
     cp_stop: CancellationToken,
     cp_task: JoinHandle<Result<(), ServerError>>,
     gw_stop: CancellationToken,
@@ -272,7 +273,7 @@ impl System {
         ));
         github.set_webhook_url(format!("{gw_url}/webhook"));
 
-        let system = Self {
+        let mut system = Self {
             github,
             pve,
             pools: opts.pools,
@@ -280,6 +281,7 @@ impl System {
             control_plane_addr: cp_addr,
             gateway_addr: gw_addr,
             store_description,
+            api: None,
             cp_stop,
             cp_task,
             gw_stop,
@@ -287,9 +289,12 @@ impl System {
         };
         // The control plane listens already (its listener is bound); wait
         // until it serves, so the first job is not refused.
-        if let Err(e) = system.client().await {
-            system.shutdown().await.ok();
-            return Err(e);
+        match system.client().await {
+            Ok(api) => system.api = Some(api),
+            Err(e) => {
+                system.shutdown().await.ok();
+                return Err(e);
+            }
         }
         Ok(system)
     }
@@ -304,9 +309,12 @@ impl System {
         format!("http://{}", self.gateway_addr)
     }
 
-    /// A gRPC client of the control plane; retries for up to 5 s while it
-    /// starts.
+    /// A gRPC client of the control plane (one shared connection once the
+    /// system is up; while it starts, connecting is retried for up to 5 s).
     pub async fn client(&self) -> Result<ControlPlaneClient<Channel>, DemoError> {
+        if let Some(api) = &self.api {
+            return Ok(api.clone());
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match ControlPlaneClient::connect(self.control_plane_url()).await {
