@@ -459,11 +459,17 @@ impl ProxmoxProvisioner {
     }
 
     fn instance(&self, f: &Found) -> Instance {
+        // Tags GRS did not write (inherited from the template) say nothing
+        // about this VM: the marker it got in the clone request does.
         let tag_num = |p: &str| {
-            f.res
-                .tag_list()
-                .iter()
-                .find_map(|t| t.strip_prefix(p).and_then(|v| v.parse::<u64>().ok()))
+            configured(&f.res)
+                .then(|| {
+                    f.res
+                        .tag_list()
+                        .iter()
+                        .find_map(|t| t.strip_prefix(p).and_then(|v| v.parse::<u64>().ok()))
+                })
+                .flatten()
         };
         let job_id = tag_num("grs-j-").or(f.marker.as_ref().map(|m| m.job));
         let created = tag_num("grs-t-").or(f.marker.as_ref().map(|m| m.created));

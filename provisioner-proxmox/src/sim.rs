@@ -11,9 +11,22 @@
 //! refused with PVE's 400 when it does not fit; violations are also kept for
 //! tests to assert on.
 //!
-//! Faults ([`Fault`]) can be injected: lock timeouts and lock contention on
-//! clone, failing and slow tasks, HTTP errors, dropped connections, tasks not
-//! yet visible.
+//! Modelled on the real sources (each handler cites its file and function):
+//! a clone copies every option of its source but qemu-server's skip list
+//! (`protection`, `tags`, ...); the source's lock and the storage's cluster
+//! lock are taken inside the clone task; a config lock (`backup`) refuses a
+//! clone synchronously; clones to another node need shared storage; destroy
+//! checks `protection` and, with `destroy-unreferenced-disks`, every
+//! storage; error text is in the status line's reason phrase, and in the
+//! body's `message` only on releases that have it ([`PveVersion`]: 7.4, 8.3,
+//! 8.4, 9.1).
+//!
+//! Faults ([`Fault`]) can be injected: lock timeouts and lock contention
+//! inside clone tasks, storage cluster-lock timeouts, failing and slow
+//! tasks, HTTP errors, dropped connections, tasks not yet visible; and state
+//! behind GRS's back: config locks ([`PveSim::set_lock`]), storages on and
+//! off line ([`PveSim::set_storage_online`]), option changes
+//! ([`PveSim::set_vm_config`]).
 //!
 //! Start one with [`PveSim::start`] (binds `127.0.0.1:0`), fill it with
 //! [`PveSim::add_node`] and [`PveSim::add_template`], point a client at

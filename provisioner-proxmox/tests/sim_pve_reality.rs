@@ -101,6 +101,11 @@ async fn a_clone_never_configured_is_replaced_not_started_whatever_tags_it_inher
             .set_vm_config(4100, "description", &marker.description());
         let seen = f.provisioner.get("grs-conf-41").await.unwrap().unwrap();
         assert_eq!(seen.state, InstanceState::Creating, "{inherited}: {seen:?}");
+        assert_eq!(
+            seen.job_id,
+            Some(41),
+            "{inherited}: the marker's job, not a tag's"
+        );
         f.provisioner
             .create(&seeded("grs-conf-41", 41))
             .await
