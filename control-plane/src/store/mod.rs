@@ -1,14 +1,21 @@
 //! Durable state and work queues: the [`Store`] trait and its two
 //! implementations.
 //!
+//! - [`rules`]: the job and instance state machine, written once: pure
+//!   decisions over the records that return the changes to make. Both stores
+//!   decide through it and hold no rule of their own.
 //! - [`RedisStore`]: production. Jobs and instances are hashes, queues are
-//!   Redis streams read through consumer groups, every multi-key change is one
-//!   Lua script (atomic). Needs persistence (AOF, `appendfsync everysec` or
-//!   `always`) to keep accepted jobs across a Redis restart.
+//!   Redis streams read through consumer groups; a decision's changes are
+//!   written by one generic Lua script that checks first that the records
+//!   it was made on are unchanged (atomic per call, and per event of a
+//!   batch). Needs persistence (AOF, `appendfsync everysec` or `always`) to
+//!   keep accepted jobs across a Redis restart.
 //! - [`MemoryStore`]: the same behaviour in process memory, for `grs demo` and
 //!   fast tests. Nothing survives the process.
-//! - [`conformance`]: the suite both must pass; the Redis run uses a real
-//!   Redis server.
+//! - [`conformance`]: the suite both must pass, one test per check; the
+//!   Redis run uses a real Redis server. `tests/store_differential.rs`
+//!   drives generated operation sequences through both stores and compares
+//!   everything they show after every step.
 //!
 //! # Queues
 //! Two kinds: one provision queue per pool (so a full pool does not hold up
@@ -162,7 +169,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether the store answers (health checks).
     async fn ping(&self) -> StoreResult<()>;
 
-    /// Records a job event atomically: de-duplicates by delivery id, applies
+    /// Records a job event atomically ([`rules::submit`]): de-duplicates by
+    /// delivery id, applies
     /// [`apply_event`](crate::model::apply_event), appends a routed queued
     /// job to its pool's provision queue, queues the teardown a completion
     /// calls for (the named runner's instance, or the job's own idle
@@ -181,11 +189,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a batch of job events (each with its routed pool), in order,
     /// exactly as consecutive [`submit_event`](Store::submit_event) calls
     /// would: a later event sees what earlier ones did. One result per event,
-    /// in the batch's order. [`RedisStore`] records the whole batch in one
-    /// script (one round trip; no other client's command runs in between);
-    /// the default calls `submit_event` in turn. An error may leave the
-    /// batch partly recorded (Redis does not roll back a script that fails
-    /// midway, e.g. out of memory); a retry is safe, as delivery ids
+    /// in the batch's order. [`RedisStore`] reads what the batch needs in one
+    /// pipelined read and records it with one script call (each event
+    /// atomic; should another writer have changed a record one of them read,
+    /// that event and the rest are decided again and recorded by a later
+    /// call); the default calls `submit_event` in turn. An error may leave
+    /// the batch partly recorded (Redis does not roll back a script that
+    /// fails midway, e.g. out of memory); a retry is safe, as delivery ids
     /// de-duplicate. Jobs of one batch share a recording time, so listing
     /// orders them among themselves arbitrarily (as for any jobs recorded
     /// in the same millisecond).

@@ -43,12 +43,12 @@
 //!
 //! # Modules
 //! - this file: the [`Store`] methods, listing, watching, leases;
-//! - [`tx`]: read, decide ([`rules`](super::rules)), write with revision
+//! - [`tx`], read, decide ([`rules`](super::rules)), write with revision
 //!   checks (`redis/apply.lua`), redo on conflict;
-//! - [`queues`]: the work queues on streams and consumer groups;
-//! - [`encoding`]: records as hash fields and back, reply values;
-//! - [`conn`]: connections;
-//! - `redis/*.lua`: the scripts, included at build time.
+//! - [`queues`], the work queues on streams and consumer groups;
+//! - [`encoding`], records as hash fields and back, reply values;
+//! - [`conn`], connections;
+//! - `redis/*.lua`, the scripts, included at build time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
