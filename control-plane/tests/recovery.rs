@@ -472,7 +472,7 @@ async fn transient_failures_are_retried_past_three_attempts_until_the_deadline()
         return;
     };
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     fake.fail_next_creates(10, grs_provisioner::fake::InjectedFailure::Transient);
     let mut config = redis_config();
     config.control_plane.retry_backoff = Duration::from_millis(10);
@@ -499,7 +499,7 @@ async fn a_job_failing_transiently_past_its_deadline_fails_with_the_reason() {
         return;
     };
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     fake.fail_next_creates(10_000, grs_provisioner::fake::InjectedFailure::Transient);
     let mut config = redis_config();
     config.control_plane.retry_deadline = Duration::from_millis(1500);
