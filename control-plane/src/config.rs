@@ -464,6 +464,10 @@ impl Config {
                 p.validate(name).map_err(|e| {
                     ConfigError::key(e.key.replace(".proxmox.", ".provisioner."), e.message)
                 })?;
+                if p.bootstrap == grs_provisioner_proxmox::BootstrapMode::GuestAgent {
+                    crate::guest_agent::check_pool(self.github.is_some(), pool)
+                        .map_err(|(k, m)| ConfigError::key(key(k), m))?;
+                }
             }
             if pool.min_idle > pool.max_instances {
                 return Err(ConfigError::key(

@@ -61,6 +61,28 @@ pub fn start_command(runner_user: &str, runner_dir: &str) -> Option<Vec<String>>
     Some(vec!["/bin/sh".into(), "-c".into(), script])
 }
 
+/// Start-up check of a guest-agent pool: `[github]` is configured (the
+/// dispatcher mints the runner config itself) and the runner names fit the
+/// start command. The error is (key below `pools.<name>.`, message).
+pub fn check_pool(
+    github_configured: bool,
+    pool: &crate::config::PoolConfig,
+) -> Result<(), (&'static str, String)> {
+    if !github_configured {
+        return Err((
+            "provisioner.bootstrap",
+            "\"guest-agent\" needs [github]: GRS mints each runner's registration and hands it over through the agent".into(),
+        ));
+    }
+    if start_command(&pool.runner_user, &pool.runner_dir).is_none() {
+        return Err((
+            "runner_user",
+            "runner_user (letters, digits, '_', '-') or runner_dir (an absolute path of letters, digits, '/', '.', '_', '-') is not usable in the guest-agent start command".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The bootstrap of instance `name` of `pool`: a fresh JIT config minted
 /// through `registrar`. A GitHub failure is transient (the create is
 /// retried); no `[github]` or unsafe runner names are configuration errors.
@@ -111,6 +133,18 @@ mod tests {
             "{}",
             c[2]
         );
+    }
+
+    #[test]
+    fn a_guest_agent_pool_needs_github_and_usable_runner_names() {
+        let mut pool = crate::config::PoolConfig::default();
+        assert_eq!(
+            check_pool(false, &pool).unwrap_err().0,
+            "provisioner.bootstrap"
+        );
+        check_pool(true, &pool).unwrap();
+        pool.runner_dir = "/home/runner/$(reboot)".into();
+        assert_eq!(check_pool(true, &pool).unwrap_err().0, "runner_user");
     }
 
     #[test]

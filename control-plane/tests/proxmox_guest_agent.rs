@@ -50,6 +50,19 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
     config.control_plane.gateway_url = gateway_url.map(Into::into);
     config.proxmox = Some(fx.conn.clone());
     config.pools.get_mut("linux").unwrap().provisioner = ProvisionerConfig::Proxmox(pool);
+    // A guest-agent pool needs [github] (checked at start-up); the
+    // registrar below stands in for the client built from it.
+    let e = config.validate().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`pools.linux.provisioner.bootstrap`: \"guest-agent\" needs [github]"),
+        "{e}"
+    );
+    config.github = Some(grs_github::GitHubConfig {
+        organization: Some("octo".into()),
+        token: Some(SecretString::from("ghp_unused".to_owned())),
+        ..grs_github::GitHubConfig::default()
+    });
     config.validate().unwrap();
     let pools = Pools::from_config(&config).unwrap();
     let cp = RunningControlPlane::start(ControlPlane {
