@@ -31,6 +31,7 @@
 use grs_provisioner::{Bootstrap, InstanceSpec, ProvisionerError};
 
 use crate::bootstrap;
+use crate::guest_agent;
 use crate::model::now_ms;
 use crate::store::{BeginProvision, Delivery, Queue, QueueItem, StoreResult};
 use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
@@ -109,30 +110,44 @@ async fn handle(
             return Ok(Handled::Done);
         }
         ctx.store.mark_creating(&name, now_ms()).await?;
-        let bootstrap = match &ctx.settings.gateway_url {
-            Some(url) => Bootstrap::CloudInit {
-                seed_url: bootstrap::issue(&*ctx.store, url, &name, ctx.settings.bootstrap_ttl)
-                    .await?,
-            },
-            None => Bootstrap::None,
-        };
-        let spec = InstanceSpec {
-            name: name.clone(),
-            pool: pool_name.to_owned(),
-            job_id,
-            labels: pool.config.labels.clone(),
-            bootstrap,
+        // A guest-agent pool gets its runner config at create time (minted
+        // here, see crate::guest_agent); a failure to mint it is handled as
+        // a failed create.
+        let bootstrap = if guest_agent::wanted(pool) {
+            guest_agent::bootstrap(ctx.registrar.as_deref(), &name, pool).await
+        } else {
+            Ok(match &ctx.settings.gateway_url {
+                Some(url) => Bootstrap::CloudInit {
+                    seed_url: bootstrap::issue(&*ctx.store, url, &name, ctx.settings.bootstrap_ttl)
+                        .await?,
+                },
+                None => Bootstrap::None,
+            })
         };
         tracing::info!(job_id, instance = %name, pool = pool_name, attempt = attempts, "creating instance");
         let started = std::time::Instant::now();
-        let created =
-            with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec)).await;
-        ctx.metrics.provisioner_call(
-            pool.config.provisioner.kind(),
-            "create",
-            started.elapsed(),
-            &created,
-        );
+        let created = match bootstrap {
+            Ok(bootstrap) => {
+                let spec = InstanceSpec {
+                    name: name.clone(),
+                    pool: pool_name.to_owned(),
+                    job_id,
+                    labels: pool.config.labels.clone(),
+                    bootstrap,
+                };
+                let r =
+                    with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec))
+                        .await;
+                ctx.metrics.provisioner_call(
+                    pool.config.provisioner.kind(),
+                    "create",
+                    started.elapsed(),
+                    &r,
+                );
+                r
+            }
+            Err(e) => Err(e),
+        };
         match created {
             Ok(made) => {
                 let torn = ctx

@@ -16,7 +16,8 @@
 //! - [`worker`]: what the dispatcher and teardown share (claiming,
 //!   heartbeats, the [`RunnerRegistrar`](worker::RunnerRegistrar) view of
 //!   GitHub).
-//! - [`bootstrap`], [`cloud_init`]: tokens and documents a booting VM uses.
+//! - [`bootstrap`], [`cloud_init`]: tokens and documents a booting VM uses;
+//!   [`guest_agent`]: the runner config handed over by the QEMU guest agent.
 //! - [`github`]: the [`RunnerRegistrar`](worker::RunnerRegistrar) over
 //!   GitHub's REST API.
 //! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
@@ -31,6 +32,7 @@ pub mod cloud_init;
 pub mod config;
 pub mod dispatcher;
 pub mod github;
+pub mod guest_agent;
 pub mod metrics;
 pub mod model;
 pub mod pools;

@@ -102,7 +102,7 @@ async fn serve(config: Config, pools: Pools) -> anyhow::Result<()> {
     // token is the operator's to fix (exit 64); a hypervisor that does not
     // answer yet is not fatal (creates retry until it does).
     for pool in pools.iter() {
-        match pool.provisioner.validate().await {
+        match pool.provisioner.validate_pool(&pool.name).await {
             Ok(()) => {}
             Err(e @ ProvisionerError::Config(_)) => {
                 return Err(

@@ -225,7 +225,9 @@ impl Metrics {
         // Every action kind reads 0 from the start, so `increase()` sees the
         // first one.
         for kind in ACTION_KINDS {
-            m.reconciler_actions.get_or_create(&ActionLabels { kind }).inc_by(0);
+            m.reconciler_actions
+                .get_or_create(&ActionLabels { kind })
+                .inc_by(0);
         }
         Self { registry: r, ..m }
     }

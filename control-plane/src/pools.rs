@@ -6,7 +6,7 @@ use std::sync::Arc;
 use grs_provisioner::{FakeProvisioner, Provisioner};
 
 use grs_config::ConfigError;
-use grs_provisioner_proxmox::ProxmoxProvisioner;
+use grs_provisioner_proxmox::ProxmoxBackend;
 
 use crate::config::{Config, PoolConfig, ProvisionerConfig};
 use crate::store::PoolLimits;
@@ -74,36 +74,41 @@ impl Pools {
         }
     }
 
-    /// Builds each configured pool's backend from its `type`. Errors name
-    /// the pool's key; no request is made (see `Provisioner::validate`).
+    /// Builds each configured pool's backend from its `type`: one backend
+    /// per kind, shared by the pools of that kind. Errors name the pool's
+    /// key; no request is made (see `Provisioner::validate_pool`).
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let cp = &config.control_plane;
         let mut pools = Vec::new();
+        let mut proxmox: Option<Arc<ProxmoxBackend>> = None;
         for (name, cfg) in &config.pools {
             let provisioner: Arc<dyn Provisioner> = match &cfg.provisioner {
                 ProvisionerConfig::Fake(f) => {
-                    let p = FakeProvisioner::new(name.clone());
+                    let p = FakeProvisioner::new();
                     p.set_create_delay(f.create_delay);
                     Arc::new(p)
                 }
                 ProvisionerConfig::Proxmox(p) => {
-                    let conn = config.proxmox.as_ref().ok_or_else(|| {
-                        ConfigError::key(
-                            "proxmox",
-                            format!("pool {name} needs a [proxmox] section"),
-                        )
-                    })?;
-                    let made = ProxmoxProvisioner::new(
-                        conn,
-                        name,
-                        p,
-                        &cp.installation_id,
-                        &cp.instance_prefix,
-                    )
-                    .map_err(|e| {
-                        ConfigError::key(format!("pools.{name}.provisioner"), e.to_string())
-                    })?;
-                    Arc::new(made)
+                    let key = format!("pools.{name}.provisioner");
+                    let backend = match &proxmox {
+                        Some(b) => b.clone(),
+                        None => {
+                            let conn = config.proxmox.as_ref().ok_or_else(|| {
+                                ConfigError::key(
+                                    "proxmox",
+                                    format!("pool {name} needs a [proxmox] section"),
+                                )
+                            })?;
+                            let b =
+                                ProxmoxBackend::new(conn, &cp.installation_id, &cp.instance_prefix)
+                                    .map_err(|e| ConfigError::key(&key, e.to_string()))?;
+                            proxmox.insert(Arc::new(b)).clone()
+                        }
+                    };
+                    backend
+                        .add_pool(name, p)
+                        .map_err(|e| ConfigError::key(&key, e.to_string()))?;
+                    backend
                 }
             };
             pools.push(Pool::new(name.clone(), cfg.clone(), provisioner));
@@ -146,7 +151,7 @@ mod tests {
             labels: labels.iter().map(|s| s.to_string()).collect(),
             ..PoolConfig::default()
         };
-        Pool::new(name, cfg, Arc::new(FakeProvisioner::new(name)))
+        Pool::new(name, cfg, Arc::new(FakeProvisioner::new()))
     }
 
     fn labels(l: &[&str]) -> Vec<String> {

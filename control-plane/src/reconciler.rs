@@ -7,9 +7,9 @@
 //! Every `reconcile_interval`, each replica asks the store for the lease
 //! [`LEASE`] (held for three intervals, renewed on every pass). The replica
 //! holding it runs one pass, [`Reconciler::reconcile_once`]:
-//! 1. Every provisioner of the configured pools (each backend once)
-//!    [`list`](grs_provisioner::Provisioner::list)s the VMs carrying this
-//!    installation's marker.
+//! 1. The provisioner of every configured pool
+//!    [`list`](grs_provisioner::Provisioner::list)s the pool's VMs carrying
+//!    this installation's marker.
 //! 2. The store's live instances are read — after the listing, see
 //!    *Guarantees*.
 //! 3. **Maximum lifetime**: a created instance (running, stopped or error)
@@ -234,7 +234,7 @@ impl Reconciler {
                 grace = %human(self.settings.orphan_grace),
                 "deleting an orphan: a VM of this installation with no live instance record"
             );
-            match provisioner.delete(&vm.name).await {
+            match provisioner.delete(&pool, &vm.name).await {
                 Ok(()) => {
                     undated.remove(&vm.name);
                     report.orphans_deleted.push(vm.name);
@@ -251,20 +251,15 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Every marked VM of every backend (each listed once, however many
-    /// pools share it), with the backend that lists it and its pool's name.
+    /// Every marked VM of every pool, with the backend that lists it and its
+    /// pool's name.
     async fn list_vms(
         &self,
         report: &mut PassReport,
     ) -> Vec<(Arc<dyn Provisioner>, String, Instance)> {
-        let mut listed: Vec<&Arc<dyn Provisioner>> = Vec::new();
         let mut out = Vec::new();
         for pool in self.pools.iter() {
-            if listed.iter().any(|p| Arc::ptr_eq(p, &pool.provisioner)) {
-                continue;
-            }
-            listed.push(&pool.provisioner);
-            match pool.provisioner.list().await {
+            match pool.provisioner.list(&pool.name).await {
                 Ok(vms) => out.extend(
                     vms.into_iter()
                         .map(|vm| (pool.provisioner.clone(), pool.name.clone(), vm)),
@@ -471,7 +466,7 @@ mod tests {
 
     fn setup() -> Setup {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let fake = Arc::new(FakeProvisioner::new("linux"));
+        let fake = Arc::new(FakeProvisioner::new());
         let pools = fake_pools(&test_config(), &fake);
         let settings = ReconcilerSettings {
             interval: Duration::from_millis(50),
@@ -766,7 +761,7 @@ mod tests {
         let mut config = test_config();
         config.control_plane.reconcile_interval = Duration::from_millis(50);
         config.control_plane.bootstrap_timeout = Duration::from_millis(300);
-        let fake = Arc::new(FakeProvisioner::new("linux"));
+        let fake = Arc::new(FakeProvisioner::new());
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let pools = fake_pools(&config, &fake);
         let cp = RunningControlPlane::start(control_plane(config, store.clone(), pools)).await;

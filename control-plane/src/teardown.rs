@@ -51,9 +51,14 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
         let outcome = match ctx.pools.get(&instance.pool) {
             Some(pool) => {
                 let started = std::time::Instant::now();
-                let r =
-                    with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.delete(&name))
-                        .await;
+                let r = with_heartbeat(
+                    ctx,
+                    &queue,
+                    consumer,
+                    &d.id,
+                    pool.provisioner.delete(&instance.pool, &name),
+                )
+                .await;
                 let backend = pool.config.provisioner.kind();
                 ctx.metrics
                     .provisioner_call(backend, "delete", started.elapsed(), &r);

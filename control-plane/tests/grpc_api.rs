@@ -18,7 +18,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 async fn start() -> (RunningControlPlane, Arc<FakeProvisioner>) {
     let config = test_config();
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let pools = fake_pools(&config, &fake);
     (
         RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
@@ -333,7 +333,7 @@ async fn watch_events_streams_transitions_over_the_wire() {
 async fn with_a_token_every_rpc_but_health_and_reflection_needs_it() {
     let mut config = test_config();
     config.control_plane.auth_token = Some(SecretString::from("s3cret-token".to_owned()));
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let pools = fake_pools(&config, &fake);
     let cp = RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
         .await;
@@ -382,7 +382,7 @@ async fn an_unreachable_redis_answers_unavailable_and_health_not_serving() {
     // Nothing listens on port 1.
     let store = grs_control_plane::testing::redis_store_at("redis://127.0.0.1:1", "grs-test:down");
     let config = test_config();
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let pools = fake_pools(&config, &fake);
     let cp = RunningControlPlane::start(control_plane(
         config,
@@ -651,7 +651,7 @@ async fn a_mixed_batch_is_answered_event_by_event_on_redis() {
         store.prefix(),
     );
     let config = test_config();
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let pools = fake_pools(&config, &fake);
     let cp = RunningControlPlane::start(control_plane(config, Arc::new(store), pools)).await;
     a_mixed_batch_is_answered_event_by_event(cp).await;

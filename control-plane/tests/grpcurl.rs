@@ -34,7 +34,7 @@ fn grpcurl(args: &[&str]) -> Option<(bool, String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_describes_and_calls_the_api_through_reflection() {
     let config = test_config();
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let pools = fake_pools(&config, &fake);
     let cp = RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
         .await;

@@ -29,7 +29,7 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
     config.validate().unwrap();
     let pools = Pools::from_config(&config).unwrap();
     for p in pools.iter() {
-        p.provisioner.validate().await.unwrap();
+        p.provisioner.validate_pool(&p.name).await.unwrap();
     }
     let cp = RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
         .await;

@@ -29,7 +29,7 @@ struct Replica {
 /// A replica named `holder` on `store`, whose hypervisor holds the orphan
 /// `orphan`.
 async fn replica(store: Arc<dyn Store>, holder: &str, orphan: &str) -> Replica {
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     fake.create(&InstanceSpec {
         name: orphan.to_owned(),
         pool: "linux".into(),

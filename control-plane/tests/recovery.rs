@@ -38,7 +38,7 @@ async fn a_job_held_by_a_killed_control_plane_is_redone_by_another() {
     };
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let prefix = store.prefix().to_owned();
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     // Creation takes long enough to kill the replica in the middle of it.
     fake.set_create_delay(Duration::from_secs(3));
     let config = redis_config();
@@ -78,7 +78,7 @@ async fn a_job_held_by_a_killed_control_plane_is_redone_by_another() {
     );
     assert_eq!(fake.live(), 1);
     use grs_provisioner::Provisioner;
-    let vm = fake.get("grs-501").await.unwrap().expect("the VM");
+    let vm = fake.get("linux", "grs-501").await.unwrap().expect("the VM");
     assert_eq!(
         vm.state,
         grs_provisioner::InstanceState::Running,
@@ -111,7 +111,7 @@ async fn two_replicas_never_exceed_a_pools_capacity_and_serve_every_job() {
     };
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let prefix = store.prefix().to_owned();
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     fake.set_create_delay(Duration::from_millis(50));
     let a = RunningControlPlane::start(control_plane(
         redis_config(),
@@ -194,7 +194,7 @@ async fn duplicate_and_out_of_order_events_make_one_instance_and_one_teardown() 
         return;
     };
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let cp = RunningControlPlane::start(control_plane(
         redis_config(),
         Arc::new(store),
@@ -266,7 +266,7 @@ async fn a_job_that_keeps_failing_ends_failed_with_its_reason_and_frees_capacity
         return;
     };
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     fake.fail_next_creates(3, grs_provisioner::fake::InjectedFailure::Transient);
     let cp = RunningControlPlane::start(control_plane(
         redis_config(),
@@ -395,7 +395,7 @@ async fn a_redis_killed_and_restarted_mid_flow_loses_no_accepted_job() {
         return;
     };
     let store: RedisStore = redis_store_at(&redis.url(), "grs");
-    let fake = Arc::new(FakeProvisioner::new("linux"));
+    let fake = Arc::new(FakeProvisioner::new());
     let mut config = redis_config();
     config.pools.get_mut("linux").unwrap().max_instances = 40;
     let pools = fake_pools(&config, &fake);

@@ -10,26 +10,33 @@
 //! - [`schema`]: the official PVE 9.1 schema of the endpoints GRS uses and a
 //!   validator for requests against it.
 //! - [`placement`]: which node gets the next VM (room, per-node caps).
-//! - [`provisioner`]: [`ProxmoxProvisioner`], the `Provisioner` trait over
-//!   PVE: clone, mark, configure, bootstrap, start; stop and destroy.
+//! - [`privileges`]: the least privileges of the API token, as data
+//!   (checked against the schema by `tests/privileges.rs`).
+//! - [`provisioner`]: [`ProxmoxProvisioner`], one pool over PVE: clone,
+//!   mark, configure, bootstrap, start; stop and destroy.
+//! - [`backend`]: [`ProxmoxBackend`], the `Provisioner` trait over one PVE
+//!   connection and all its pools (shared client and placement).
 //! - [`sim`]: [`sim::PveSim`], a PVE simulator over real HTTP(S) for tests,
 //!   the demo and the benchmark (binary `grs-pve-sim`).
 //! - [`testing`]: [`testing::SimFixture`], a simulator with nodes, a template
 //!   and a provisioner, implementing the conformance `Harness`.
 //!
-//! Start reading at [`ProxmoxProvisioner`]; the PVE facts it honours are in
+//! Start reading at [`ProxmoxBackend`] and [`ProxmoxProvisioner`]; the PVE facts it honours are in
 //! `shared/docs/proxmox-api.md`.
 
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod placement;
+pub mod privileges;
 pub mod provisioner;
 pub mod schema;
 pub mod sim;
 pub mod testing;
 pub mod tls;
 
+pub use backend::ProxmoxBackend;
 pub use client::PveClient;
 pub use config::{BootstrapMode, ConfigError, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 pub use error::PveError;

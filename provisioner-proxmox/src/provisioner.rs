@@ -40,15 +40,13 @@
 //! - **No secret in logs or errors:** the seed URL and the runner config are
 //!   sent as sensitive parameters (scrubbed from errors, never logged).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use base64::Engine;
 use grs_provisioner::{
-    Bootstrap, Instance, InstanceSpec, InstanceState, Provisioner, ProvisionerError,
-    validate_instance_name,
+    Bootstrap, Instance, InstanceSpec, InstanceState, ProvisionerError, validate_instance_name,
 };
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -123,43 +121,28 @@ fn tag_safe(s: &str) -> String {
 }
 
 /// What one PVE connection shares between the pools using it: the client,
-/// the placement reservations and the VM ids in flight.
+/// the placement reservations and the VM ids in flight. One per
+/// [`ProxmoxBackend`](crate::ProxmoxBackend) (so per-node limits hold across
+/// its pools); nothing is shared between backends, and there is no
+/// process-wide registry.
 #[derive(Debug)]
-struct Backend {
+pub(crate) struct Backend {
     client: PveClient,
     placement: Placement,
     vmids: Mutex<BTreeSet<u32>>,
 }
 
-/// Backends by connection settings: provisioners of several pools made
-/// from the same `[proxmox]` share one, so per-node limits hold across
-/// pools. The key is the whole serialized config plus a digest of the
-/// secret, so a different token, TLS setting or timeout gets its own client.
-fn backend_for(conn: &ProxmoxConfig) -> Result<Arc<Backend>, ProvisionerError> {
-    use sha2::Digest;
-    static REG: OnceLock<Mutex<HashMap<String, Weak<Backend>>>> = OnceLock::new();
-    let secret = conn
-        .resolve_token_secret()
-        .map_err(|e| ProvisionerError::Config(e.to_string()))?;
-    let key = format!(
-        "{}#{}",
-        serde_json::to_string(conn).unwrap_or_default(),
-        hex::encode(sha2::Sha256::digest(secret.expose_secret().as_bytes()))
-    );
-    let reg = REG.get_or_init(Default::default);
-    let mut reg = reg.lock().unwrap();
-    if let Some(b) = reg.get(&key).and_then(Weak::upgrade) {
-        return Ok(b);
+impl Backend {
+    /// A client for `conn` (validated by the caller), reading its token
+    /// secret; makes no request.
+    pub(crate) fn connect(conn: &ProxmoxConfig) -> Result<Arc<Self>, ProvisionerError> {
+        let client = PveClient::new(conn).map_err(|e| ProvisionerError::Config(e.to_string()))?;
+        Ok(Arc::new(Self {
+            client,
+            placement: Placement::default(),
+            vmids: Mutex::new(BTreeSet::new()),
+        }))
     }
-    let client = PveClient::new(conn).map_err(|e| ProvisionerError::Config(e.to_string()))?;
-    let b = Arc::new(Backend {
-        client,
-        placement: Placement::default(),
-        vmids: Mutex::new(BTreeSet::new()),
-    });
-    reg.retain(|_, w| w.strong_count() > 0);
-    reg.insert(key, Arc::downgrade(&b));
-    Ok(b)
 }
 
 /// A VM id held by a create in flight; released when dropped.
@@ -226,10 +209,12 @@ struct Found {
 }
 
 impl ProxmoxProvisioner {
-    /// A provisioner for pool `pool_name`. Validates both configurations and
-    /// reads the token secret; makes no request (see
-    /// [`Provisioner::validate`]). Provisioners made from the same
-    /// connection share one client and one placement.
+    /// A provisioner for pool `pool_name` with a connection of its own.
+    /// Validates both configurations and reads the token secret; makes no
+    /// request (see [`validate`](Self::validate)). Pools that share a PVE
+    /// connection (and its per-node limits) are served by one
+    /// [`ProxmoxBackend`](crate::ProxmoxBackend) instead, or made with
+    /// [`sibling`](Self::sibling).
     pub fn new(
         conn: &ProxmoxConfig,
         pool_name: &str,
@@ -249,23 +234,67 @@ impl ProxmoxProvisioner {
         validate_instance_name(prefix).map_err(|m| {
             ProvisionerError::Config(format!("instance prefix {prefix:?} is not usable: {m}"))
         })?;
-        let backend = backend_for(conn)?;
+        let backend = Backend::connect(conn)?;
         if conn.insecure_skip_verify {
             tracing::warn!(
                 pool = pool_name,
                 "PVE TLS verification is OFF for this pool"
             );
         }
-        Ok(Self {
+        Ok(Self::with_backend(
             backend,
-            nodes: conn.nodes.clone(),
+            conn.nodes.clone(),
+            pool_name,
+            pool,
+            installation_id,
+            prefix,
+        ))
+    }
+
+    /// A provisioner over an existing connection. The caller has validated
+    /// every argument.
+    pub(crate) fn with_backend(
+        backend: Arc<Backend>,
+        nodes: Vec<NodeConfig>,
+        pool_name: &str,
+        pool: &ProxmoxPoolConfig,
+        installation_id: &str,
+        prefix: &str,
+    ) -> Self {
+        Self {
+            backend,
+            nodes,
             pool_name: pool_name.to_owned(),
             pool: pool.clone(),
             installation_id: installation_id.to_owned(),
             prefix: prefix.to_owned(),
             tag_installation: format!("grs-i-{}", tag_safe(installation_id)),
             tag_pool: format!("grs-p-{}", tag_safe(pool_name)),
-        })
+        }
+    }
+
+    /// A provisioner for another pool over this one's connection (client,
+    /// placement and VM ids in flight are shared). Validates `pool`.
+    pub fn sibling(
+        &self,
+        pool_name: &str,
+        pool: &ProxmoxPoolConfig,
+    ) -> Result<Self, ProvisionerError> {
+        pool.validate(pool_name)
+            .map_err(|e| ProvisionerError::Config(e.to_string()))?;
+        Ok(Self::with_backend(
+            self.backend.clone(),
+            self.nodes.clone(),
+            pool_name,
+            pool,
+            &self.installation_id,
+            &self.prefix,
+        ))
+    }
+
+    /// The pool this provisioner serves.
+    pub fn pool_name(&self) -> &str {
+        &self.pool_name
     }
 
     /// The API client (for tests and tools: request counting, recording).
@@ -769,7 +798,7 @@ impl ProxmoxProvisioner {
                 }
                 Err(e) => {
                     return Err(ProvisionerError::Transient(format!(
-                        "the guest agent of VM {vmid} on {node} did not answer within {:?}: {e}",
+                        "the guest agent of VM {vmid} on {node} did not answer within {:?} (is qemu-guest-agent installed and enabled in the template?): {e}",
                         self.pool.agent_timeout
                     )));
                 }
@@ -860,14 +889,11 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-#[async_trait]
-impl Provisioner for ProxmoxProvisioner {
-    fn kind(&self) -> &'static str {
-        "proxmox"
-    }
-
+/// The verbs of the `Provisioner` trait for this one pool;
+/// [`ProxmoxBackend`](crate::ProxmoxBackend) implements the trait over them.
+impl ProxmoxProvisioner {
     /// Token works, nodes exist, the template exists and fits the clone mode.
-    async fn validate(&self) -> Result<(), ProvisionerError> {
+    pub async fn validate(&self) -> Result<(), ProvisionerError> {
         let client = self.client_ref();
         client.version().await?;
         let nodes = client.nodes().await?;
@@ -935,7 +961,7 @@ impl Provisioner for ProxmoxProvisioner {
         Ok(())
     }
 
-    async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {
+    pub async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {
         self.check_spec(spec)?;
         let client = self.client_ref();
         let snapshot = client.resources(None).await?;
@@ -1043,7 +1069,7 @@ impl Provisioner for ProxmoxProvisioner {
         })
     }
 
-    async fn delete(&self, name: &str) -> Result<(), ProvisionerError> {
+    pub async fn delete(&self, name: &str) -> Result<(), ProvisionerError> {
         let Some(found) = self.find_owned_verified(name).await? else {
             return Ok(());
         };
@@ -1055,13 +1081,13 @@ impl Provisioner for ProxmoxProvisioner {
         Ok(())
     }
 
-    async fn get(&self, name: &str) -> Result<Option<Instance>, ProvisionerError> {
+    pub async fn get(&self, name: &str) -> Result<Option<Instance>, ProvisionerError> {
         let snapshot = self.client_ref().resources(Some("vm")).await?;
         let (ours, _) = self.classify(name, &snapshot).await?;
         Ok(ours.first().map(|f| self.instance(f)))
     }
 
-    async fn list(&self) -> Result<Vec<Instance>, ProvisionerError> {
+    pub async fn list(&self) -> Result<Vec<Instance>, ProvisionerError> {
         let snapshot = self.client_ref().resources(Some("vm")).await?;
         let mut out = Vec::new();
         for r in snapshot.iter().filter(|r| {
@@ -1092,7 +1118,7 @@ impl Provisioner for ProxmoxProvisioner {
         Ok(out)
     }
 
-    async fn start(&self, name: &str) -> Result<(), ProvisionerError> {
+    pub async fn start(&self, name: &str) -> Result<(), ProvisionerError> {
         let found = self.find_owned_verified(name).await?.ok_or_else(|| {
             ProvisionerError::Permanent(format!("instance {name} does not exist"))
         })?;
@@ -1112,7 +1138,7 @@ impl Provisioner for ProxmoxProvisioner {
         Ok(())
     }
 
-    async fn stop(&self, name: &str) -> Result<(), ProvisionerError> {
+    pub async fn stop(&self, name: &str) -> Result<(), ProvisionerError> {
         let found = self.find_owned_verified(name).await?.ok_or_else(|| {
             ProvisionerError::Permanent(format!("instance {name} does not exist"))
         })?;
@@ -1120,6 +1146,17 @@ impl Provisioner for ProxmoxProvisioner {
             self.stop_vm(&f.node, f.vmid).await?;
         }
         Ok(())
+    }
+
+    /// Deletes every instance [`list`](Self::list) shows; returns their
+    /// names. Stops at the first failure.
+    pub async fn remove_all(&self) -> Result<Vec<String>, ProvisionerError> {
+        let mut removed = Vec::new();
+        for inst in self.list().await? {
+            self.delete(&inst.name).await?;
+            removed.push(inst.name);
+        }
+        Ok(removed)
     }
 }
 

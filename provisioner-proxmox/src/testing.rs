@@ -1,7 +1,8 @@
 //! Ready-made set-ups over the simulator, for this crate's tests, the
 //! end-to-end suite and the demo: a running [`PveSim`] with nodes and a
-//! template, a matching [`ProxmoxConfig`], and a [`ProxmoxProvisioner`]; the
-//! fixture also implements the conformance [`Harness`].
+//! template, a matching [`ProxmoxConfig`], a [`ProxmoxBackend`] and the
+//! [`ProxmoxProvisioner`] of its pool; the fixture also implements the
+//! conformance [`Harness`] (over the backend).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use grs_provisioner::Provisioner;
 use grs_provisioner::conformance::Harness;
 use secrecy::SecretString;
 
+use crate::backend::ProxmoxBackend;
 use crate::config::{NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 use crate::provisioner::ProxmoxProvisioner;
 use crate::sim::{PveSim, SimOptions};
@@ -55,7 +57,9 @@ pub struct SimFixture {
     pub conn: ProxmoxConfig,
     /// The pool config (template on the first node).
     pub pool: ProxmoxPoolConfig,
-    /// The provisioner under test.
+    /// The backend (the `Provisioner` trait), with pool [`POOL`] configured.
+    pub backend: Arc<ProxmoxBackend>,
+    /// Pool [`POOL`]'s provisioner (the backend's).
     pub provisioner: Arc<ProxmoxProvisioner>,
 }
 
@@ -96,14 +100,17 @@ impl SimFixture {
         }
         let mut pool = ProxmoxPoolConfig::new(&nodes[0].name, TEMPLATE_VMID);
         pool.agent_timeout = Duration::from_secs(20);
-        let provisioner = Arc::new(
-            ProxmoxProvisioner::new(&conn, POOL, &pool, INSTALLATION, PREFIX)
-                .expect("fixture config is valid"),
+        let backend = Arc::new(
+            ProxmoxBackend::new(&conn, INSTALLATION, PREFIX).expect("fixture config is valid"),
         );
+        let provisioner = backend
+            .add_pool(POOL, &pool)
+            .expect("fixture pool config is valid");
         Self {
             sim,
             conn,
             pool,
+            backend,
             provisioner,
         }
     }
@@ -122,7 +129,8 @@ impl SimFixture {
     /// config (the connection, hence client and placement, is shared).
     pub fn provisioner_with(&self, pool: &ProxmoxPoolConfig) -> Arc<ProxmoxProvisioner> {
         Arc::new(
-            ProxmoxProvisioner::new(&self.conn, POOL, pool, INSTALLATION, PREFIX)
+            self.provisioner
+                .sibling(POOL, pool)
                 .expect("pool config is valid"),
         )
     }
@@ -131,7 +139,7 @@ impl SimFixture {
 #[async_trait]
 impl Harness for SimFixture {
     fn provisioner(&self) -> Arc<dyn Provisioner> {
-        self.provisioner.clone()
+        self.backend.clone()
     }
 
     fn pool(&self) -> String {

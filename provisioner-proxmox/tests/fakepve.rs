@@ -16,7 +16,9 @@ use grs_provisioner::conformance::{self, Harness, spec};
 use grs_provisioner::{Bootstrap, Provisioner, ProvisionerError};
 use grs_provisioner_proxmox::client::{Param, Upid};
 use grs_provisioner_proxmox::schema::ApiSchema;
-use grs_provisioner_proxmox::{ProxmoxConfig, ProxmoxPoolConfig, ProxmoxProvisioner, PveClient};
+use grs_provisioner_proxmox::{
+    ProxmoxBackend, ProxmoxConfig, ProxmoxPoolConfig, ProxmoxProvisioner, PveClient,
+};
 use secrecy::SecretString;
 use tokio::io::AsyncBufReadExt;
 
@@ -96,7 +98,7 @@ fn pool() -> ProxmoxPoolConfig {
 }
 
 struct FakeHarness {
-    provisioner: Arc<ProxmoxProvisioner>,
+    provisioner: Arc<ProxmoxBackend>,
     /// A separate client for going behind the provisioner's back.
     admin: PveClient,
 }
@@ -147,13 +149,12 @@ async fn conformance_suite_passes_on_fakepve() {
     let Some(fake) = start_fakepve("").await else {
         return;
     };
-    let p = Arc::new(
-        ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap(),
-    );
+    let backend = Arc::new(ProxmoxBackend::new(&fake.conn, "grs-fakepve", "grs-conf").unwrap());
+    let p = backend.add_pool("linux", &pool()).unwrap();
     let log = p.client().record_requests();
     p.validate().await.unwrap();
     let h = FakeHarness {
-        provisioner: p.clone(),
+        provisioner: backend.clone(),
         admin: PveClient::new(&fake.conn).unwrap(),
     };
     conformance::run_all(&h).await.unwrap();

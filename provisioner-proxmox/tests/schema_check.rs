@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use grs_provisioner::Bootstrap;
 use grs_provisioner::conformance::spec;
-use grs_provisioner::{Bootstrap, Provisioner};
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::schema::{ApiSchema, ENDPOINTS_JSON};
 use grs_provisioner_proxmox::sim::{Fault, SimOptions, TaskDurations};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use grs_provisioner::conformance::{self, spec};
-use grs_provisioner::{Bootstrap, Instance, InstanceState, Provisioner, ProvisionerError};
+use grs_provisioner::{Bootstrap, Instance, InstanceState, ProvisionerError};
 use grs_provisioner_proxmox::sim::{Fault, PveSim, SimOptions, TaskDurations};
 use grs_provisioner_proxmox::testing::{self, NodeSpec, POOL, SimFixture, TEMPLATE_VMID};
 use grs_provisioner_proxmox::{BootstrapMode, ProxmoxPoolConfig, ProxmoxProvisioner, PveClient};

@@ -77,6 +77,8 @@ pub async fn run_all(h: &dyn Harness) -> Result<(), String> {
     check!(foreign_vms_are_invisible_and_untouchable);
     check!(concurrent_creates_all_succeed);
     check!(invalid_names_are_refused);
+    check!(instances_belong_to_their_pool);
+    check!(remove_all_deletes_the_pools_instances_and_nothing_else);
     Ok(())
 }
 
@@ -100,9 +102,10 @@ pub async fn create_returns_a_running_instance_that_get_and_list_show(
     run: &str,
 ) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let n = name(run, 1);
     let inst = p
-        .create(&spec(&h.pool(), &n, 4_000_000_001))
+        .create(&spec(&pool, &n, 4_000_000_001))
         .await
         .map_err(err)?;
     ensure!(
@@ -116,16 +119,15 @@ pub async fn create_returns_a_running_instance_that_get_and_list_show(
         inst.state
     );
     ensure!(
-        inst.pool == h.pool(),
-        "create returned pool {:?}, want {:?}",
-        inst.pool,
-        h.pool()
+        inst.pool == pool,
+        "create returned pool {:?}, want {pool:?}",
+        inst.pool
     );
     ensure!(
         !inst.provider_id.is_empty(),
         "create returned an empty provider_id"
     );
-    let got = p.get(&n).await.map_err(err)?;
+    let got = p.get(&pool, &n).await.map_err(err)?;
     ensure!(
         got.as_ref().map(|i| i.provider_id.as_str()) == Some(inst.provider_id.as_str()),
         "get({n}) returned {got:?}"
@@ -136,9 +138,9 @@ pub async fn create_returns_a_running_instance_that_get_and_list_show(
         "get({n}).job_id = {:?}, want the 64-bit job id",
         got.job_id
     );
-    let listed = p.list().await.map_err(err)?;
+    let listed = p.list(&pool).await.map_err(err)?;
     ensure!(listed.iter().any(|i| i.name == n), "list does not show {n}");
-    p.delete(&n).await.map_err(err)?;
+    p.delete(&pool, &n).await.map_err(err)?;
     Ok(())
 }
 
@@ -146,9 +148,10 @@ pub async fn create_returns_a_running_instance_that_get_and_list_show(
 /// no second one.
 pub async fn create_is_idempotent_by_name(h: &dyn Harness, run: &str) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let n = name(run, 2);
-    let a = p.create(&spec(&h.pool(), &n, 2)).await.map_err(err)?;
-    let b = p.create(&spec(&h.pool(), &n, 2)).await.map_err(err)?;
+    let a = p.create(&spec(&pool, &n, 2)).await.map_err(err)?;
+    let b = p.create(&spec(&pool, &n, 2)).await.map_err(err)?;
     ensure!(
         a.provider_id == b.provider_id,
         "second create made {} besides {}",
@@ -156,29 +159,34 @@ pub async fn create_is_idempotent_by_name(h: &dyn Harness, run: &str) -> CheckRe
         a.provider_id
     );
     let count = p
-        .list()
+        .list(&pool)
         .await
         .map_err(err)?
         .iter()
         .filter(|i| i.name == n)
         .count();
     ensure!(count == 1, "list shows {count} instances named {n}, want 1");
-    p.delete(&n).await.map_err(err)?;
+    p.delete(&pool, &n).await.map_err(err)?;
     Ok(())
 }
 
 /// After `delete`, the instance is gone from `get`, `list` and the backend.
 pub async fn delete_removes_the_instance(h: &dyn Harness, run: &str) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let n = name(run, 3);
-    p.create(&spec(&h.pool(), &n, 3)).await.map_err(err)?;
-    p.delete(&n).await.map_err(err)?;
+    p.create(&spec(&pool, &n, 3)).await.map_err(err)?;
+    p.delete(&pool, &n).await.map_err(err)?;
     ensure!(
-        p.get(&n).await.map_err(err)?.is_none(),
+        p.get(&pool, &n).await.map_err(err)?.is_none(),
         "get({n}) still finds it after delete"
     );
     ensure!(
-        !p.list().await.map_err(err)?.iter().any(|i| i.name == n),
+        !p.list(&pool)
+            .await
+            .map_err(err)?
+            .iter()
+            .any(|i| i.name == n),
         "list still shows {n} after delete"
     );
     ensure!(
@@ -191,48 +199,69 @@ pub async fn delete_removes_the_instance(h: &dyn Harness, run: &str) -> CheckRes
 /// Deleting what is absent (never made, or deleted already) succeeds.
 pub async fn delete_of_absent_instance_succeeds(h: &dyn Harness, run: &str) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let n = name(run, 4);
-    p.delete(&n)
+    p.delete(&pool, &n)
         .await
         .map_err(|e| format!("delete of a never-made instance: {e}"))?;
-    p.create(&spec(&h.pool(), &n, 4)).await.map_err(err)?;
-    p.delete(&n).await.map_err(err)?;
-    p.delete(&n)
+    p.create(&spec(&pool, &n, 4)).await.map_err(err)?;
+    p.delete(&pool, &n).await.map_err(err)?;
+    p.delete(&pool, &n)
         .await
         .map_err(|e| format!("second delete: {e}"))?;
     ensure!(
-        p.get(&n).await.map_err(err)?.is_none(),
+        p.get(&pool, &n).await.map_err(err)?.is_none(),
         "unknown instance {n} found by get"
     );
     Ok(())
 }
 
 /// `stop` and `start` move the instance between stopped and running, and
-/// both are idempotent.
+/// both are idempotent. A backend without the `start_stop` capability
+/// refuses both with `Unsupported` and leaves the instance running.
 pub async fn stop_and_start_change_the_state(h: &dyn Harness, run: &str) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let n = name(run, 5);
-    p.create(&spec(&h.pool(), &n, 5)).await.map_err(err)?;
-    p.stop(&n).await.map_err(err)?;
-    p.stop(&n)
+    p.create(&spec(&pool, &n, 5)).await.map_err(err)?;
+    if !p.capabilities().start_stop {
+        for (verb, r) in [
+            ("stop", p.stop(&pool, &n).await),
+            ("start", p.start(&pool, &n).await),
+        ] {
+            ensure!(
+                matches!(r, Err(ProvisionerError::Unsupported(_))),
+                "{verb} without the start_stop capability returned {r:?}, want Unsupported"
+            );
+        }
+        let s = p.get(&pool, &n).await.map_err(err)?.map(|i| i.state);
+        ensure!(
+            s == Some(InstanceState::Running),
+            "after a refused stop, state is {s:?}"
+        );
+        p.delete(&pool, &n).await.map_err(err)?;
+        return Ok(());
+    }
+    p.stop(&pool, &n).await.map_err(err)?;
+    p.stop(&pool, &n)
         .await
         .map_err(|e| format!("stop of a stopped instance: {e}"))?;
-    let s = p.get(&n).await.map_err(err)?.map(|i| i.state);
+    let s = p.get(&pool, &n).await.map_err(err)?.map(|i| i.state);
     ensure!(
         s == Some(InstanceState::Stopped),
         "after stop, state is {s:?}"
     );
-    p.start(&n).await.map_err(err)?;
-    p.start(&n)
+    p.start(&pool, &n).await.map_err(err)?;
+    p.start(&pool, &n)
         .await
         .map_err(|e| format!("start of a running instance: {e}"))?;
-    let s = p.get(&n).await.map_err(err)?.map(|i| i.state);
+    let s = p.get(&pool, &n).await.map_err(err)?.map(|i| i.state);
     ensure!(
         s == Some(InstanceState::Running),
         "after start, state is {s:?}"
     );
     // Deleting a running instance stops it first.
-    p.delete(&n).await.map_err(err)?;
+    p.delete(&pool, &n).await.map_err(err)?;
     ensure!(
         !h.exists_at_all(&n).await,
         "running instance {n} survived delete"
@@ -244,20 +273,25 @@ pub async fn stop_and_start_change_the_state(h: &dyn Harness, run: &str) -> Chec
 /// nor got, nor deleted, nor stopped; creating over it fails.
 pub async fn foreign_vms_are_invisible_and_untouchable(h: &dyn Harness, run: &str) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let n = name(run, 6);
     ensure!(
         h.create_foreign(&n).await,
         "the harness cannot make a foreign VM; this check must run"
     );
     ensure!(
-        p.get(&n).await.map_err(err)?.is_none(),
+        p.get(&pool, &n).await.map_err(err)?.is_none(),
         "get returned foreign VM {n}"
     );
     ensure!(
-        !p.list().await.map_err(err)?.iter().any(|i| i.name == n),
+        !p.list(&pool)
+            .await
+            .map_err(err)?
+            .iter()
+            .any(|i| i.name == n),
         "list returned foreign VM {n}"
     );
-    match p.delete(&n).await {
+    match p.delete(&pool, &n).await {
         Err(ProvisionerError::NotOwned { name }) => {
             ensure!(name == n, "NotOwned names {name:?}, want {n:?}")
         }
@@ -271,15 +305,17 @@ pub async fn foreign_vms_are_invisible_and_untouchable(h: &dyn Harness, run: &st
         h.exists_at_all(&n).await,
         "foreign VM {n} is gone after a refused delete"
     );
-    match p.stop(&n).await {
-        Err(ProvisionerError::NotOwned { .. }) => {}
-        other => {
-            return Err(format!(
-                "stop of foreign VM {n} returned {other:?}, want NotOwned"
-            ));
+    if p.capabilities().start_stop {
+        match p.stop(&pool, &n).await {
+            Err(ProvisionerError::NotOwned { .. }) => {}
+            other => {
+                return Err(format!(
+                    "stop of foreign VM {n} returned {other:?}, want NotOwned"
+                ));
+            }
         }
     }
-    match p.create(&spec(&h.pool(), &n, 6)).await {
+    match p.create(&spec(&pool, &n, 6)).await {
         Err(ProvisionerError::NotOwned { .. }) => {}
         other => {
             return Err(format!(
@@ -297,10 +333,11 @@ pub async fn foreign_vms_are_invisible_and_untouchable(h: &dyn Harness, run: &st
 /// Several creates at once all succeed, each with its own instance.
 pub async fn concurrent_creates_all_succeed(h: &dyn Harness, run: &str) -> CheckResult {
     let p = h.provisioner();
+    let pool = h.pool();
     let names: Vec<String> = (10..14).map(|i| name(run, i)).collect();
     let results = futures::future::join_all(names.iter().enumerate().map(|(i, n)| {
         let p = p.clone();
-        let s = spec(&h.pool(), n, 100 + i as u64);
+        let s = spec(&pool, n, 100 + i as u64);
         async move { p.create(&s).await }
     }))
     .await;
@@ -314,7 +351,7 @@ pub async fn concurrent_creates_all_succeed(h: &dyn Harness, run: &str) -> Check
         );
     }
     for n in &names {
-        p.delete(n).await.map_err(err)?;
+        p.delete(&pool, n).await.map_err(err)?;
     }
     Ok(())
 }
@@ -322,7 +359,8 @@ pub async fn concurrent_creates_all_succeed(h: &dyn Harness, run: &str) -> Check
 /// A name that is not a DNS label is refused before anything is made.
 pub async fn invalid_names_are_refused(h: &dyn Harness, _run: &str) -> CheckResult {
     let p = h.provisioner();
-    match p.create(&spec(&h.pool(), "Not_A_DNS_Name", 7)).await {
+    let pool = h.pool();
+    match p.create(&spec(&pool, "Not_A_DNS_Name", 7)).await {
         Err(ProvisionerError::InvalidSpec(msg)) => {
             ensure!(
                 msg.contains("Not_A_DNS_Name"),
@@ -338,6 +376,89 @@ pub async fn invalid_names_are_refused(h: &dyn Harness, _run: &str) -> CheckResu
     ensure!(
         !h.exists_at_all("Not_A_DNS_Name").await,
         "a VM was made with an invalid name"
+    );
+    Ok(())
+}
+
+/// An instance is its pool's: seen from another pool (one never configured,
+/// as a pool removed from the configuration) it is neither got nor listed,
+/// and deleting it there is refused with `NotOwned`.
+pub async fn instances_belong_to_their_pool(h: &dyn Harness, run: &str) -> CheckResult {
+    let p = h.provisioner();
+    let pool = h.pool();
+    let other = format!("{pool}-other");
+    let n = name(run, 20);
+    p.create(&spec(&pool, &n, 20)).await.map_err(err)?;
+    ensure!(
+        p.get(&other, &n).await.map_err(err)?.is_none(),
+        "get({other}, {n}) found pool {pool}'s instance"
+    );
+    ensure!(
+        !p.list(&other)
+            .await
+            .map_err(err)?
+            .iter()
+            .any(|i| i.name == n),
+        "list({other}) shows pool {pool}'s instance {n}"
+    );
+    let r = p.delete(&other, &n).await;
+    ensure!(
+        matches!(&r, Err(ProvisionerError::NotOwned { name }) if *name == n),
+        "delete({other}, {n}) of pool {pool}'s instance returned {r:?}, want NotOwned"
+    );
+    ensure!(
+        p.get(&pool, &n).await.map_err(err)?.is_some(),
+        "{n} is gone after another pool's refused delete"
+    );
+    p.delete(&pool, &n).await.map_err(err)?;
+    Ok(())
+}
+
+/// `remove_all` deletes every instance of the pool, reports their names,
+/// and leaves foreign VMs alone; repeated, it finds nothing.
+pub async fn remove_all_deletes_the_pools_instances_and_nothing_else(
+    h: &dyn Harness,
+    run: &str,
+) -> CheckResult {
+    let p = h.provisioner();
+    let pool = h.pool();
+    let mine = [name(run, 30), name(run, 31)];
+    for (i, n) in mine.iter().enumerate() {
+        p.create(&spec(&pool, n, 30 + i as u64))
+            .await
+            .map_err(err)?;
+    }
+    let foreign = name(run, 32);
+    ensure!(
+        h.create_foreign(&foreign).await,
+        "the harness cannot make a foreign VM; this check must run"
+    );
+    let mut removed = p.remove_all(&pool).await.map_err(err)?;
+    removed.sort();
+    for n in &mine {
+        ensure!(
+            removed.contains(n),
+            "remove_all({pool}) returned {removed:?}, without {n}"
+        );
+        ensure!(!h.exists_at_all(n).await, "{n} survived remove_all({pool})");
+    }
+    ensure!(
+        !removed.contains(&foreign),
+        "remove_all({pool}) claims to have removed foreign VM {foreign}"
+    );
+    ensure!(
+        h.exists_at_all(&foreign).await,
+        "foreign VM {foreign} is gone after remove_all({pool})"
+    );
+    let left = p.list(&pool).await.map_err(err)?;
+    ensure!(
+        left.is_empty(),
+        "list({pool}) after remove_all shows {left:?}"
+    );
+    let again = p.remove_all(&pool).await.map_err(err)?;
+    ensure!(
+        again.is_empty(),
+        "a second remove_all({pool}) removed {again:?}"
     );
     Ok(())
 }

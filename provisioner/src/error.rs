@@ -36,6 +36,17 @@ pub enum ProvisionerError {
     #[error("provisioner configuration error: {0}")]
     Config(String),
 
+    /// The call names a pool the backend has no configuration for (never
+    /// configured, or forgotten by a restarted plugin). GRS answers by
+    /// configuring the pool again.
+    #[error("unknown pool: {0}")]
+    UnknownPool(String),
+
+    /// The backend does not support this call (`start`/`stop` of a backend
+    /// without the `start_stop` capability).
+    #[error("not supported by this provisioner: {0}")]
+    Unsupported(String),
+
     /// Anything else that will not pass by retrying.
     #[error("provisioner error: {0}")]
     Permanent(String),
@@ -60,5 +71,7 @@ mod tests {
         assert!(!ProvisionerError::InvalidSpec("x".into()).is_retryable());
         assert!(!ProvisionerError::Config("x".into()).is_retryable());
         assert!(!ProvisionerError::Permanent("x".into()).is_retryable());
+        assert!(!ProvisionerError::UnknownPool("x".into()).is_retryable());
+        assert!(!ProvisionerError::Unsupported("x".into()).is_retryable());
     }
 }

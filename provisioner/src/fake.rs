@@ -5,15 +5,25 @@
 //! records what matters for invariants: how many instances lived at once and
 //! how often each verb was called.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
 use crate::{
-    Instance, InstanceSpec, InstanceState, Provisioner, ProvisionerError, validate_instance_name,
+    Capabilities, Instance, InstanceSpec, InstanceState, PoolDocument, Provisioner,
+    ProvisionerError, validate_instance_name,
 };
+
+/// The fake's pool document: `create_delay = "2s"` (simulated boot time).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FakePoolConfig {
+    /// Every `create` in the pool sleeps this long before the instance runs.
+    #[serde(with = "humantime_serde")]
+    pub create_delay: Duration,
+}
 
 /// A failure the fake injects into its next `create` calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,20 +70,28 @@ struct State {
     peak_live: usize,
 }
 
-/// In-memory backend. Cheap to clone behind an `Arc`; all methods take `&self`.
+/// In-memory backend serving any pool (configured or not: it needs no
+/// settings). Cheap to clone behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct FakeProvisioner {
-    pool: String,
     create_delay: Mutex<Duration>,
+    /// Per-pool boot times from [`Provisioner::configure_pool`].
+    pool_delays: Mutex<HashMap<String, Duration>>,
     state: Mutex<State>,
 }
 
+impl Default for FakeProvisioner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FakeProvisioner {
-    /// A fake serving `pool`, with no delay and no failures.
-    pub fn new(pool: impl Into<String>) -> Self {
+    /// A fake with no delay and no failures.
+    pub fn new() -> Self {
         Self {
-            pool: pool.into(),
             create_delay: Mutex::new(Duration::ZERO),
+            pool_delays: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 next_id: 100,
                 ..State::default()
@@ -81,7 +99,8 @@ impl FakeProvisioner {
         }
     }
 
-    /// Every `create` sleeps this long before the instance runs (boot time).
+    /// Every `create` sleeps this long before the instance runs (boot time),
+    /// unless its pool's document sets `create_delay`.
     pub fn set_create_delay(&self, delay: Duration) {
         *self.create_delay.lock().unwrap() = delay;
     }
@@ -159,12 +178,15 @@ impl FakeProvisioner {
         self.state.lock().unwrap().deletes
     }
 
+    /// The VM `name` of `pool`, if any; `NotOwned` when a VM has the name
+    /// but is foreign or another pool's (its marker does not match).
     fn owned_mut<'a>(
         s: &'a mut State,
+        pool: &str,
         name: &str,
     ) -> Result<Option<&'a mut FakeVm>, ProvisionerError> {
         match s.vms.get_mut(name) {
-            Some(vm) if !vm.owned => Err(ProvisionerError::NotOwned {
+            Some(vm) if !vm.owned || vm.instance.pool != pool => Err(ProvisionerError::NotOwned {
                 name: name.to_owned(),
             }),
             other => Ok(other),
@@ -174,11 +196,26 @@ impl FakeProvisioner {
 
 #[async_trait]
 impl Provisioner for FakeProvisioner {
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> &str {
         "fake"
     }
 
-    async fn validate(&self) -> Result<(), ProvisionerError> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { start_stop: true }
+    }
+
+    fn configure_pool(&self, pool: &str, config: &PoolDocument) -> Result<(), ProvisionerError> {
+        let parsed: FakePoolConfig =
+            serde_json::from_value(serde_json::Value::Object(config.clone()))
+                .map_err(|e| ProvisionerError::Config(format!("pools.{pool}.provisioner: {e}")))?;
+        self.pool_delays
+            .lock()
+            .unwrap()
+            .insert(pool.to_owned(), parsed.create_delay);
+        Ok(())
+    }
+
+    async fn validate_pool(&self, _pool: &str) -> Result<(), ProvisionerError> {
         Ok(())
     }
 
@@ -186,7 +223,7 @@ impl Provisioner for FakeProvisioner {
         validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
         {
             let mut s = self.state.lock().unwrap();
-            match Self::owned_mut(&mut s, &spec.name)? {
+            match Self::owned_mut(&mut s, &spec.pool, &spec.name)? {
                 // Idempotent: the instance exists already (a repeated call).
                 Some(vm) if vm.instance.state != InstanceState::Creating => {
                     return Ok(vm.instance.clone());
@@ -223,7 +260,8 @@ impl Provisioner for FakeProvisioner {
                 }
             }
         }
-        let delay = *self.create_delay.lock().unwrap();
+        let pool_delay = self.pool_delays.lock().unwrap().get(&spec.pool).copied();
+        let delay = pool_delay.unwrap_or(*self.create_delay.lock().unwrap());
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -241,9 +279,9 @@ impl Provisioner for FakeProvisioner {
         }
     }
 
-    async fn delete(&self, name: &str) -> Result<(), ProvisionerError> {
+    async fn delete(&self, pool: &str, name: &str) -> Result<(), ProvisionerError> {
         let mut s = self.state.lock().unwrap();
-        if Self::owned_mut(&mut s, name)?.is_none() {
+        if Self::owned_mut(&mut s, pool, name)?.is_none() {
             return Ok(());
         }
         if s.delete_failures > 0 {
@@ -257,26 +295,26 @@ impl Provisioner for FakeProvisioner {
         Ok(())
     }
 
-    async fn get(&self, name: &str) -> Result<Option<Instance>, ProvisionerError> {
+    async fn get(&self, pool: &str, name: &str) -> Result<Option<Instance>, ProvisionerError> {
         let s = self.state.lock().unwrap();
         Ok(s.vms
             .get(name)
-            .filter(|v| v.owned)
+            .filter(|v| v.owned && v.instance.pool == pool)
             .map(|v| v.instance.clone()))
     }
 
-    async fn list(&self) -> Result<Vec<Instance>, ProvisionerError> {
+    async fn list(&self, pool: &str) -> Result<Vec<Instance>, ProvisionerError> {
         let s = self.state.lock().unwrap();
         Ok(s.vms
             .values()
-            .filter(|v| v.owned && v.instance.pool == self.pool)
+            .filter(|v| v.owned && v.instance.pool == pool)
             .map(|v| v.instance.clone())
             .collect())
     }
 
-    async fn start(&self, name: &str) -> Result<(), ProvisionerError> {
+    async fn start(&self, pool: &str, name: &str) -> Result<(), ProvisionerError> {
         let mut s = self.state.lock().unwrap();
-        match Self::owned_mut(&mut s, name)? {
+        match Self::owned_mut(&mut s, pool, name)? {
             Some(vm) => {
                 vm.instance.state = InstanceState::Running;
                 Ok(())
@@ -287,9 +325,9 @@ impl Provisioner for FakeProvisioner {
         }
     }
 
-    async fn stop(&self, name: &str) -> Result<(), ProvisionerError> {
+    async fn stop(&self, pool: &str, name: &str) -> Result<(), ProvisionerError> {
         let mut s = self.state.lock().unwrap();
-        match Self::owned_mut(&mut s, name)? {
+        match Self::owned_mut(&mut s, pool, name)? {
             Some(vm) => {
                 vm.instance.state = InstanceState::Stopped;
                 Ok(())
@@ -330,13 +368,13 @@ mod tests {
 
     #[tokio::test]
     async fn fake_passes_the_conformance_suite() {
-        let h = FakeHarness(Arc::new(FakeProvisioner::new("conformance")));
+        let h = FakeHarness(Arc::new(FakeProvisioner::new()));
         conformance::run_all(&h).await.unwrap();
     }
 
     #[tokio::test]
     async fn injected_failures_come_in_order_then_stop() {
-        let p = FakeProvisioner::new("p");
+        let p = FakeProvisioner::new();
         p.fail_next_creates(1, InjectedFailure::Transient);
         p.fail_next_creates(1, InjectedFailure::Permanent);
         let spec = conformance::spec("p", "inj-1", 1);
@@ -344,5 +382,33 @@ mod tests {
         assert!(!p.create(&spec).await.unwrap_err().is_retryable());
         assert_eq!(p.create(&spec).await.unwrap().state, InstanceState::Running);
         assert_eq!(p.creates(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_pool_document_is_checked_and_sets_the_boot_time() {
+        let p = FakeProvisioner::new();
+        let doc = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let e = p
+            .configure_pool("slow", &doc(serde_json::json!({"create_dalay": "1s"})))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ProvisionerError::Config(m) if m.contains("pools.slow.provisioner") && m.contains("create_dalay")),
+            "{e}"
+        );
+        p.configure_pool("slow", &doc(serde_json::json!({"create_delay": "1h"})))
+            .unwrap();
+        // The fast pool is not held up by the slow one's boot time.
+        let fast = conformance::spec("fast", "fast-1", 1);
+        tokio::time::timeout(Duration::from_secs(5), p.create(&fast))
+            .await
+            .expect("no delay outside the slow pool")
+            .unwrap();
+        let slow = conformance::spec("slow", "slow-1", 2);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), p.create(&slow))
+                .await
+                .is_err(),
+            "the slow pool's create waits its create_delay"
+        );
     }
 }

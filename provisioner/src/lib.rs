@@ -16,7 +16,9 @@
 //! - [`conformance`]: the behaviour every backend must show, as a suite a
 //!   backend's tests run against a live instance of it.
 //!
-//! Start reading at [`Provisioner`].
+//! Start reading at [`Provisioner`]. Backends in other processes (or
+//! languages) plug in over gRPC: see the `grs-provisioner-grpc` crate and
+//! `docs/provisioner-plugins.md`.
 
 pub mod conformance;
 pub mod error;
@@ -31,13 +33,33 @@ pub use types::{
     Bootstrap, Instance, InstanceSpec, InstanceState, instance_name, validate_instance_name,
 };
 
-/// A hypervisor backend for one pool.
+/// What a backend supports beyond the verbs every backend has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `start` and `stop` work. Without it they fail with
+    /// [`ProvisionerError::Unsupported`].
+    pub start_stop: bool,
+}
+
+/// A pool's backend settings as GRS hands them over: the pool's
+/// `[pools.<name>.provisioner]` table without the keys GRS itself reads
+/// (`type`, and for plugins `endpoint`, `command`, ...), as JSON. GRS does
+/// not look inside; the backend parses and checks it.
+pub type PoolDocument = serde_json::Map<String, serde_json::Value>;
+
+/// A hypervisor backend serving one or more pools.
+///
+/// One backend object serves every pool of its kind (so a connection, its
+/// placement and its limits are shared between them); each call names the
+/// pool it is about. A pool becomes known to the backend through
+/// [`configure_pool`](Self::configure_pool).
 ///
 /// # Guarantees every implementation gives
 /// - **Ownership.** Every VM a provisioner creates carries a marker of this GRS
-///   installation (and pool). `list` and `get` only ever return marked VMs;
-///   `delete` and `stop` refuse, with [`ProvisionerError::NotOwned`], a VM
-///   that has an instance's name but not the marker. Templates are never
+///   installation and its pool. `list` and `get` only ever return VMs marked
+///   with the pool asked about; `delete`, `stop` and `start` refuse, with
+///   [`ProvisionerError::NotOwned`], a VM that has an instance's name but
+///   not the marker of this installation and pool. Templates are never
 ///   touched.
 /// - **Idempotence.** `create` of a name that already exists (and is ours)
 ///   returns that instance instead of making a second one; `delete` of an
@@ -45,6 +67,11 @@ pub use types::{
 ///   deliver at least once, so every call may be repeated after a crash.
 /// - **Clean failure.** A `create` that fails removes what it made before
 ///   returning the error.
+/// - **Retired pools.** `list`, `get`, `delete` and `remove_all` work for a
+///   pool that was never configured (the marker says which pool a VM
+///   belongs to), so the instances of a pool removed from the configuration
+///   can still be found and deleted. `create`, `start` and `stop` of such a
+///   pool may fail with [`ProvisionerError::UnknownPool`].
 /// - **Cancellation.** Every `.await` is a cancellation point. A `create`
 ///   future dropped half-way may leave a partly made instance behind under the
 ///   requested name; it is found by `get`/`list` (it carries the marker) and
@@ -52,29 +79,53 @@ pub use types::{
 ///   whose creation did not finish.
 #[async_trait]
 pub trait Provisioner: Send + Sync + std::fmt::Debug {
-    /// The backend's kind, as written in configuration (`fake`, `proxmox`).
-    fn kind(&self) -> &'static str;
+    /// The backend's kind (`fake`, `proxmox`; for a plugin, the name it
+    /// gives in its handshake).
+    fn kind(&self) -> &str;
 
-    /// Checks the backend's configuration against the real thing (template
-    /// exists, credentials work). Called once at start-up; an error here is a
-    /// configuration error the operator must fix.
-    async fn validate(&self) -> Result<(), ProvisionerError>;
+    /// What the backend supports.
+    fn capabilities(&self) -> Capabilities;
 
-    /// Creates, bootstraps and starts the instance; returns it once running.
+    /// Checks `config`, the pool's [`PoolDocument`], and adopts it for pool
+    /// `pool` (replacing an earlier one). Makes no request to the
+    /// hypervisor: errors ([`ProvisionerError::Config`]) are about the
+    /// document itself. Idempotent.
+    fn configure_pool(&self, pool: &str, config: &PoolDocument) -> Result<(), ProvisionerError>;
+
+    /// Checks a configured pool against the real thing (template exists,
+    /// credentials work). Called once at start-up; a
+    /// [`ProvisionerError::Config`] here is a configuration error the
+    /// operator must fix, anything else (hypervisor unreachable) is not fatal.
+    async fn validate_pool(&self, pool: &str) -> Result<(), ProvisionerError>;
+
+    /// Creates, bootstraps and starts the instance `spec.name` of pool
+    /// `spec.pool`; returns it once running.
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError>;
 
     /// Stops (hard) and destroys the instance. Absent is success.
-    async fn delete(&self, name: &str) -> Result<(), ProvisionerError>;
+    async fn delete(&self, pool: &str, name: &str) -> Result<(), ProvisionerError>;
 
-    /// The instance named `name`, if it exists and is ours.
-    async fn get(&self, name: &str) -> Result<Option<Instance>, ProvisionerError>;
+    /// The instance named `name`, if it exists and is ours (this pool's).
+    async fn get(&self, pool: &str, name: &str) -> Result<Option<Instance>, ProvisionerError>;
 
-    /// Every instance of this pool that carries our marker.
-    async fn list(&self) -> Result<Vec<Instance>, ProvisionerError>;
+    /// Every instance of pool `pool` that carries our marker.
+    async fn list(&self, pool: &str) -> Result<Vec<Instance>, ProvisionerError>;
 
     /// Starts a stopped instance. Starting a running one is success.
-    async fn start(&self, name: &str) -> Result<(), ProvisionerError>;
+    async fn start(&self, pool: &str, name: &str) -> Result<(), ProvisionerError>;
 
     /// Stops an instance (hard). Stopping a stopped one is success.
-    async fn stop(&self, name: &str) -> Result<(), ProvisionerError>;
+    async fn stop(&self, pool: &str, name: &str) -> Result<(), ProvisionerError>;
+
+    /// Deletes every instance of pool `pool` that carries our marker;
+    /// returns the names deleted. Stops at the first failure (a repeated
+    /// call finishes the job). The default lists, then deletes one by one.
+    async fn remove_all(&self, pool: &str) -> Result<Vec<String>, ProvisionerError> {
+        let mut removed = Vec::new();
+        for inst in self.list(pool).await? {
+            self.delete(pool, &inst.name).await?;
+            removed.push(inst.name);
+        }
+        Ok(removed)
+    }
 }

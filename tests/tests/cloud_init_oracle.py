@@ -14,6 +14,9 @@ handling), so the guest's SMBIOS system serial (what cloud-init reads as
 `system-serial-number`) is the decoded text.
 
 What runs is cloud-init's own code, not a re-implementation:
+0. ds-identify (/usr/lib/cloud-init/ds-identify), which systemd's
+   cloud-init generator runs at boot to decide whether cloud-init runs and
+   with which datasources: it must pick NoCloud for this serial.
 1. `DataSourceNoCloudNet._get_data()` (cloudinit/sources/DataSourceNoCloud.py),
    the network-stage NoCloud datasource, with only the machine-specific
    inputs replaced: the DMI serial is the VM's, the kernel command line is
@@ -41,6 +44,49 @@ import subprocess
 import sys
 import tempfile
 from unittest import mock
+
+
+DS_IDENTIFY = "/usr/lib/cloud-init/ds-identify"
+
+
+def ds_identify_finds_nocloud(serial, out):
+    """Runs cloud-init's ds-identify (PATH_ROOT is its own test hook) on a
+    fake root: QEMU DMI with this serial, an ordinary kernel command line,
+    the installed /etc/cloud. True when it picks NoCloud."""
+    import shutil
+
+    if not os.path.exists(DS_IDENTIFY):
+        out["ds_identify"] = f"{DS_IDENTIFY} is missing"
+        return False
+    with tempfile.TemporaryDirectory() as root:
+        dmi = os.path.join(root, "sys/class/dmi/id")
+        os.makedirs(dmi)
+        for name, value in [
+            ("product_serial", serial),
+            ("sys_vendor", "QEMU"),
+            ("product_name", "Standard PC (i440FX + PIIX, 1996)"),
+            ("chassis_asset_tag", ""),
+        ]:
+            with open(os.path.join(dmi, name), "w") as f:
+                f.write(value + "\n")
+        os.makedirs(os.path.join(root, "proc/1"))
+        with open(os.path.join(root, "proc/cmdline"), "w") as f:
+            f.write("BOOT_IMAGE=/boot/vmlinuz root=/dev/sda1 ro\n")
+        with open(os.path.join(root, "proc/1/environ"), "w") as f:
+            f.write("container=\0")
+        shutil.copytree("/etc/cloud", os.path.join(root, "etc/cloud"))
+        # This machine may carry the switch that keeps cloud-init off it.
+        disabled = os.path.join(root, "etc/cloud/cloud-init.disabled")
+        if os.path.exists(disabled):
+            os.remove(disabled)
+        env = dict(os.environ, PATH_ROOT=root, DI_LOG="stderr")
+        r = subprocess.run(
+            [DS_IDENTIFY, "--force"], capture_output=True, text=True, env=env
+        )
+        cfg = os.path.join(root, "run/cloud-init/cloud.cfg")
+        written = open(cfg).read().strip() if os.path.exists(cfg) else ""
+        out["ds_identify"] = written
+        return r.returncode == 0 and written.startswith("datasource_list: [ NoCloud")
 
 
 def main():
@@ -71,6 +117,11 @@ def main():
         return serial if key == "system-serial-number" else None
 
     checks = out["checks"]
+    # 0. ds-identify (systemd's cloud-init generator runs it at boot to decide
+    #    whether cloud-init runs at all, and with which datasources), on a
+    #    fake root whose DMI is this VM's and whose /etc/cloud is the
+    #    package's.
+    checks["ds_identify_finds_nocloud"] = ds_identify_finds_nocloud(serial, out)
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
         dmi, "read_dmi_data", side_effect=fake_dmi
     ), mock.patch.object(util, "get_cmdline", return_value=""), mock.patch.object(
@@ -130,7 +181,7 @@ def main():
             }
             checks["user_data_schema_valid"] = schema.returncode == 0
 
-    out["ok"] = all(checks.values()) and len(checks) == 8
+    out["ok"] = all(checks.values()) and len(checks) == 9
     print(json.dumps(out))
     return 0 if out["ok"] else 1
 

@@ -5,7 +5,9 @@
 //! 22.4 on Debian 12: the version whose parser reads `ds=nocloud` as local
 //! mode). cloud-init must take the serial as network mode with the gateway as
 //! its seed, fetch meta-data and user-data through the running gateway with
-//! its own fetch code, and accept the user-data with `cloud-init schema`.
+//! its own fetch code, and accept the user-data with `cloud-init schema`;
+//! its ds-identify (which decides at boot whether cloud-init runs at all)
+//! must pick NoCloud for that serial.
 //!
 //! `scripts/test.sh` installs the package when it is missing. Without it
 //! this test FAILS when `CI` is set and is skipped loudly otherwise. Set

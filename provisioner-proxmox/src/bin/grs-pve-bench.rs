@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use grs_provisioner::Provisioner;
 use grs_provisioner::conformance::spec;
 use grs_provisioner_proxmox::sim::{Fault, SimOptions};
 use grs_provisioner_proxmox::testing::{NodeSpec, POOL, SimFixture};

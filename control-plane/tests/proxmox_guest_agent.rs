@@ -1,0 +1,139 @@
+//! A Proxmox pool with `bootstrap = "guest-agent"`, end to end through the
+//! control plane, against the PVE simulator's agent endpoints: the job's VM
+//! is cloned and started, and once its agent answers the runner config
+//! minted for it is written (`agent/file-write`) and the runner started
+//! (`agent/exec`); completion destroys the VM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use grs_control_plane::config::ProvisionerConfig;
+use grs_control_plane::guest_agent::{STAGING_PATH, start_command};
+use grs_control_plane::pools::Pools;
+use grs_control_plane::server::ControlPlane;
+use grs_control_plane::store::MemoryStore;
+use grs_control_plane::testing::{
+    RunningControlPlane, eventually, job_event, submit, test_config, wait_for_no_instances_in_use,
+};
+use grs_control_plane::worker::RunnerRegistrar;
+use grs_proto::v1::{self as pb, JobAction};
+use grs_provisioner_proxmox::BootstrapMode;
+use grs_provisioner_proxmox::testing::SimFixture;
+use secrecy::SecretString;
+
+/// Mints `JIT-<name>` for every runner.
+#[derive(Debug)]
+struct Registrar;
+
+#[async_trait]
+impl RunnerRegistrar for Registrar {
+    async fn jit_config(
+        &self,
+        name: &str,
+        _labels: &[String],
+        _group: u64,
+    ) -> Result<SecretString, String> {
+        Ok(SecretString::from(format!("JIT-{name}")))
+    }
+    async fn remove_runner(&self, _name: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>) {
+    let fx = SimFixture::single_node().await;
+    let mut pool = fx.pool.clone();
+    pool.bootstrap = BootstrapMode::GuestAgent;
+    let mut config = test_config();
+    config.control_plane.installation_id = "grs-ga".into();
+    config.control_plane.gateway_url = gateway_url.map(Into::into);
+    config.proxmox = Some(fx.conn.clone());
+    config.pools.get_mut("linux").unwrap().provisioner = ProvisionerConfig::Proxmox(pool);
+    config.validate().unwrap();
+    let pools = Pools::from_config(&config).unwrap();
+    let cp = RunningControlPlane::start(ControlPlane {
+        config,
+        store: Arc::new(MemoryStore::new()),
+        pools,
+        registrar: Some(Arc::new(Registrar)),
+    })
+    .await;
+    let mut c = cp.client().await;
+    submit(&mut c, job_event("g1", JobAction::Queued, 8_100_000_001)).await;
+    let name = "grs-8100000001";
+    let vm = eventually(
+        "the runner started by the agent",
+        Duration::from_secs(20),
+        || {
+            let vms = fx.sim.vms_named(name);
+            async move {
+                vms.into_iter()
+                    .find(|v| v.running && !v.agent_execs.is_empty())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        vm.config.get("agent").map(String::as_str),
+        Some("enabled=1")
+    );
+    assert_eq!(
+        vm.agent_files,
+        vec![(STAGING_PATH.to_owned(), format!("JIT-{name}"))],
+        "the minted config, at the root-only staging path"
+    );
+    assert_eq!(
+        vm.agent_execs,
+        vec![start_command("runner", "/home/runner/actions-runner").unwrap()]
+    );
+    assert!(
+        !vm.config.contains_key("smbios1"),
+        "no cloud-init seed for a guest-agent pool"
+    );
+    assert!(
+        fx.sim.schema_violations().is_empty(),
+        "{:?}",
+        fx.sim.schema_violations()
+    );
+    // The create returns after the exec; the store records it then.
+    eventually(
+        "the instance recorded running",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let i = c
+                    .get_instance(pb::GetInstanceRequest { name: name.into() })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (i.state() == pb::InstanceState::Running).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let mut done = job_event("g2", JobAction::Completed, 8_100_000_001);
+    done.runner_name = name.into();
+    submit(&mut c, done).await;
+    eventually("the VM destroyed", Duration::from_secs(20), || {
+        let gone = fx.sim.vms_named(name).is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    wait_for_no_instances_in_use(&c, Duration::from_secs(5)).await;
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_agent_pool_gets_its_runner_config_through_the_agent() {
+    // With a gateway configured (cloud-init pools of the same installation
+    // use it), the guest-agent pool must still not get a cloud-init spec.
+    job_runs_with_its_config_written_by_the_agent(Some("http://gw.example:8080")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_agent_pool_without_a_gateway_gets_its_runner_config_through_the_agent() {
+    job_runs_with_its_config_written_by_the_agent(None).await;
+}
