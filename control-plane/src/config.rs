@@ -79,8 +79,16 @@ pub struct ControlPlaneConfig {
     /// worker (its worker is presumed dead).
     #[serde(with = "humantime_serde")]
     pub claim_timeout: Duration,
-    /// Create attempts per job before it fails for good.
+    /// Cap on create attempts per job (lost workers and transient errors
+    /// alike); 0, the default: no cap, `retry_deadline` decides.
     pub max_attempts: u32,
+    /// How long after a job's instance was first recorded its transient
+    /// create failures (a template under backup, a node rebooting, a
+    /// storage hiccup) are still retried, with capped backoff, while the job
+    /// still wants a runner. Permanent errors fail the job at once. The
+    /// default, 2h, outlasts a long backup window.
+    #[serde(with = "humantime_serde")]
+    pub retry_deadline: Duration,
     /// First retry delay after a transient provisioner error; doubles.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
@@ -137,7 +145,8 @@ impl Default for ControlPlaneConfig {
             dispatchers_per_pool: 4,
             teardown_workers: 4,
             claim_timeout: Duration::from_secs(60),
-            max_attempts: 3,
+            max_attempts: 0,
+            retry_deadline: Duration::from_secs(2 * 3600),
             retry_backoff: Duration::from_secs(2),
             retry_backoff_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
@@ -321,10 +330,10 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if cp.max_attempts == 0 {
+        if cp.retry_deadline.is_zero() {
             return Err(ConfigError::key(
-                "control_plane.max_attempts",
-                "must be at least 1",
+                "control_plane.retry_deadline",
+                "must be more than 0s",
             ));
         }
         if cp.claim_timeout < Duration::from_secs(1) {

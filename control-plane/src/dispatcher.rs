@@ -19,10 +19,14 @@
 //!   from step 2, which takes no second slot, and the provisioner's create is
 //!   idempotent by name.
 //! - **Bounded.** Capacity is only ever taken in step 2, atomically.
-//! - **Failure is recorded.** A permanent provisioner error, or
-//!   `max_attempts` attempts (transient errors and lost workers alike), fail
-//!   the job with the reason and queue the instance's cleanup, which frees
-//!   its slot.
+//! - **Failure is recorded.** A permanent provisioner error fails the job
+//!   at once with the reason (and queues the instance's cleanup, which
+//!   frees its slot). Transient errors and lost workers are retried, with
+//!   capped backoff, for as long as the job still wants an instance, up to
+//!   `retry_deadline` after the instance was first recorded (and, when
+//!   set, `max_attempts` attempts); then the job fails the same way. A PVE
+//!   template under backup or a node rebooting takes minutes, not the
+//!   seconds a few attempts would wait.
 //! - **Cancellation.** Every `.await` is a cancellation point. Shutdown stops
 //!   the wait for capacity at once (the entry stays pending); a create in
 //!   flight gets the shutdown grace period, then is dropped: its entry is
@@ -96,13 +100,26 @@ async fn handle(
                 }
                 continue;
             }
-            BeginProvision::Proceed { attempts, .. } => attempts,
+            BeginProvision::Proceed { attempts, instance } => (attempts, instance.created_at),
         };
-        if attempts > ctx.settings.max_attempts {
-            let reason = format!(
-                "gave up after {} attempts: {last_error}",
-                ctx.settings.max_attempts
-            );
+        let (attempts, recorded_at) = attempts;
+        let deadline = recorded_at.saturating_add(
+            i64::try_from(ctx.settings.retry_deadline.as_millis()).unwrap_or(i64::MAX),
+        );
+        let capped = ctx.settings.max_attempts > 0 && attempts > ctx.settings.max_attempts;
+        if capped || (attempts > 1 && now_ms() >= deadline) {
+            let reason = if capped {
+                format!(
+                    "gave up after {} attempts: {last_error}",
+                    ctx.settings.max_attempts
+                )
+            } else {
+                format!(
+                    "gave up after {} attempts in {}: {last_error}",
+                    attempts - 1,
+                    humantime::format_duration(ctx.settings.retry_deadline)
+                )
+            };
             tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
             ctx.store
                 .fail_provision(job_id, &name, &reason, now_ms())
@@ -175,8 +192,15 @@ async fn handle(
                 }
                 return Ok(Handled::Done);
             }
-            Err(e) if e.is_retryable() && attempts < ctx.settings.max_attempts => {
-                let delay = ctx.settings.backoff(attempts - 1);
+            Err(e)
+                if e.is_retryable()
+                    && (ctx.settings.max_attempts == 0 || attempts < ctx.settings.max_attempts)
+                    && now_ms() < deadline =>
+            {
+                let left = std::time::Duration::from_millis(
+                    u64::try_from(deadline.saturating_sub(now_ms())).unwrap_or(0),
+                );
+                let delay = ctx.settings.backoff(attempts - 1).min(left);
                 tracing::warn!(job_id, instance = %name, attempt = attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "create failed; retrying");
                 last_error = e.to_string();
                 if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
@@ -185,9 +209,13 @@ async fn handle(
             }
             Err(e) => {
                 let reason = match &e {
-                    ProvisionerError::Transient(_) | ProvisionerError::NoCapacity(_) => {
-                        format!("gave up after {attempts} attempts: {e}")
-                    }
+                    ProvisionerError::Transient(_) | ProvisionerError::NoCapacity(_) => format!(
+                        "gave up after {attempts} attempts in {}: {e}",
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            u64::try_from(now_ms().saturating_sub(recorded_at)).unwrap_or(0) / 1000
+                                * 1000
+                        ))
+                    ),
                     _ => e.to_string(),
                 };
                 tracing::warn!(job_id, instance = %name, reason, "provisioning failed");

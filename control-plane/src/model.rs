@@ -1,10 +1,10 @@
-//! The control plane's records: jobs, instances, pools, events, and the rules
-//! by which GitHub events move a job forward.
+//! The control plane's records: jobs, instances, pools, events, and the rule
+//! by which a GitHub event moves a job forward ([`apply_event`]).
 //!
-//! The same rules are applied by both stores: in Rust by
-//! [`MemoryStore`](crate::store::MemoryStore) (through [`apply_event`]) and in
-//! a Lua script by [`RedisStore`](crate::store::RedisStore), for atomicity.
-//! The store conformance suite proves the two agree.
+//! [`apply_event`] is the only copy of that rule: both stores decide through
+//! [`store::rules`](crate::store::rules), which calls it, and apply the
+//! changes it returns (the Redis store's Lua only writes them). The reasons
+//! recorded on jobs and instances are in [`reason`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -423,21 +423,69 @@ pub struct Applied {
     pub enqueue_provision: bool,
 }
 
-/// The reason recorded on a job GitHub completed before GRS saw it queued.
-pub const REASON_COMPLETED_UNSEEN: &str = "completed before GRS saw it queued; no instance made";
+/// Every reason GRS records on a job or instance, or sends with an event,
+/// of its own accord (reasons from outside, a provisioner's error or an
+/// operator's, are passed through as they come).
+pub mod reason {
+    use super::{InstanceState, JobState};
+
+    /// On a job GitHub completed before GRS saw it queued.
+    pub const COMPLETED_UNSEEN: &str = "completed before GRS saw it queued; no instance made";
+
+    /// On a job GitHub completed while it was `from`, before its instance
+    /// was made.
+    pub fn completed_while(from: JobState) -> String {
+        format!("completed while {from}; no instance made")
+    }
+
+    /// On an unrouted job.
+    pub fn unrouted(labels: &[String]) -> String {
+        format!("no pool serves all of the labels [{}]", labels.join(", "))
+    }
+
+    /// On an instance queued for teardown because its job completed.
+    pub fn job_completed(job_id: u64) -> String {
+        format!("job {job_id} completed")
+    }
+
+    /// On an instance queued for teardown once made, its job having
+    /// completed while it was created.
+    pub fn completed_during_creation(job_id: u64) -> String {
+        format!("job {job_id} completed while its instance was created")
+    }
+
+    /// Why a provision entry needs no work: its job is `state`.
+    pub fn job_is(job_id: u64, state: JobState) -> String {
+        format!("job {job_id} is {state}")
+    }
+
+    /// Why a provision entry needs no work: its job is gone.
+    pub fn job_not_recorded(job_id: u64) -> String {
+        format!("job {job_id} is not recorded")
+    }
+
+    /// Why a provision entry needs no work: its instance is `state`.
+    pub fn instance_is(name: &str, state: InstanceState) -> String {
+        format!("instance {name} is {state}")
+    }
+}
 
 /// Applies one event to a job record (`None`: not recorded yet), given the
 /// pool routing chose for the job's labels (`None`: no pool serves them).
 ///
-/// The rules (mirrored in the Redis store's Lua):
+/// The rules:
 /// - `queued` records a new job as queued (and queues it) or unrouted, and
 ///   moves a waiting job to queued; anything further along ignores it.
 /// - `waiting` records a new job; otherwise it is stale.
 /// - `in_progress` records the runner and moves any non-terminal job to
 ///   in_progress.
 /// - `completed` moves any job but a completed one to completed and records
-///   the conclusion and runner. Which instance to tear down is the store's
-///   business (it needs the instance records).
+///   the conclusion and runner. Which instance to tear down is decided by
+///   [`store::rules::submit`](crate::store::rules::submit) (it needs the
+///   instance records).
+/// - Only `in_progress` and `completed` record a runner: GitHub names none
+///   while a job waits, so a runner on a `queued` or `waiting` event is
+///   ignored, for a new record as for an existing one.
 pub fn apply_event(
     existing: Option<&Job>,
     ev: &JobEvent,
@@ -466,7 +514,7 @@ pub fn apply_event(
             runner_id: 0,
             conclusion: String::new(),
             reason: if routed_pool.is_none() {
-                unrouted_reason(&ev.labels)
+                reason::unrouted(&ev.labels)
             } else {
                 String::new()
             },
@@ -535,7 +583,7 @@ pub fn apply_event(
         (JobAction::Completed, None) => {
             let mut job = with_runner(fresh(JobState::Completed));
             job.conclusion = ev.conclusion.clone();
-            job.reason = REASON_COMPLETED_UNSEEN.to_owned();
+            job.reason = reason::COMPLETED_UNSEEN.to_owned();
             moved(job, None, false)
         }
         (JobAction::Completed, Some(job)) if job.state != JobState::Completed => {
@@ -544,18 +592,13 @@ pub fn apply_event(
             job.state = JobState::Completed;
             job.conclusion = ev.conclusion.clone();
             if job.instance_name.is_empty() && job.reason.is_empty() {
-                job.reason = format!("completed while {from}; no instance made");
+                job.reason = reason::completed_while(from);
             }
             job.updated_at = now;
             moved(job, Some(from), false)
         }
         (_, Some(job)) => stale(job),
     }
-}
-
-/// The reason recorded on an unrouted job.
-pub fn unrouted_reason(labels: &[String]) -> String {
-    format!("no pool serves all of the labels [{}]", labels.join(", "))
 }
 
 /// Jitter-free exponential backoff: `base * 2^attempt`, capped.

@@ -50,8 +50,11 @@ pub struct WorkerSettings {
     pub instance_prefix: String,
     /// Held entries without a heartbeat for this long go to other workers.
     pub claim_timeout: Duration,
-    /// Create attempts per job.
+    /// Cap on create attempts per job; 0: none.
     pub max_attempts: u32,
+    /// Transient create failures are retried until this long after the
+    /// instance was first recorded.
+    pub retry_deadline: Duration,
     /// First retry delay.
     pub retry_backoff: Duration,
     /// Longest retry delay.
@@ -73,6 +76,7 @@ impl WorkerSettings {
             instance_prefix: c.instance_prefix.clone(),
             claim_timeout: c.claim_timeout,
             max_attempts: c.max_attempts,
+            retry_deadline: c.retry_deadline,
             retry_backoff: c.retry_backoff,
             retry_backoff_max: c.retry_backoff_max,
             gateway_url: c.gateway_url.clone(),

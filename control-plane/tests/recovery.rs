@@ -268,8 +268,11 @@ async fn a_job_that_keeps_failing_ends_failed_with_its_reason_and_frees_capacity
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let fake = Arc::new(FakeProvisioner::new());
     fake.fail_next_creates(3, grs_provisioner::fake::InjectedFailure::Transient);
+    // An explicit attempt cap (the default has none: the deadline decides).
+    let mut config = redis_config();
+    config.control_plane.max_attempts = 3;
     let cp = RunningControlPlane::start(control_plane(
-        redis_config(),
+        config,
         Arc::new(store),
         fake_pools(&redis_config(), &fake),
     ))
@@ -457,4 +460,73 @@ async fn a_redis_killed_and_restarted_mid_flow_loses_no_accepted_job() {
         );
     }
     cp.shutdown().await.unwrap();
+}
+
+/// Issue 8, item 5: a transient failure lasting longer than a few attempts
+/// (a template under backup, a node rebooting) is retried, with capped
+/// backoff, while the job still wants a runner; with the defaults (no
+/// attempt cap, a 2h deadline), ten failures in a row still end in a runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_past_three_attempts_until_the_deadline() {
+    let Some(store) = redis_store("retried_until_deadline").await else {
+        return;
+    };
+    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
+    let fake = Arc::new(FakeProvisioner::new());
+    fake.fail_next_creates(10, grs_provisioner::fake::InjectedFailure::Transient);
+    let mut config = redis_config();
+    config.control_plane.retry_backoff = Duration::from_millis(10);
+    config.control_plane.retry_backoff_max = Duration::from_millis(40);
+    let cp = RunningControlPlane::start(control_plane(
+        config,
+        Arc::new(store),
+        fake_pools(&redis_config(), &fake),
+    ))
+    .await;
+    let mut c = cp.client().await;
+    submit(&mut c, job_event("a", JobAction::Queued, 711)).await;
+    wait_for_job(&c, 711, pb::JobState::Provisioned, Duration::from_secs(20)).await;
+    assert_eq!(fake.live(), 1);
+    cp.shutdown().await.unwrap();
+    cleanup.flush_prefix().await.unwrap();
+}
+
+/// Past `retry_deadline` a job that keeps failing transiently fails, with
+/// the last error and how long it was tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_transiently_past_its_deadline_fails_with_the_reason() {
+    let Some(store) = redis_store("past_deadline").await else {
+        return;
+    };
+    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
+    let fake = Arc::new(FakeProvisioner::new());
+    fake.fail_next_creates(10_000, grs_provisioner::fake::InjectedFailure::Transient);
+    let mut config = redis_config();
+    config.control_plane.retry_deadline = Duration::from_millis(1500);
+    config.control_plane.retry_backoff = Duration::from_millis(50);
+    config.control_plane.retry_backoff_max = Duration::from_millis(200);
+    let cp = RunningControlPlane::start(control_plane(
+        config,
+        Arc::new(store),
+        fake_pools(&redis_config(), &fake),
+    ))
+    .await;
+    let mut c = cp.client().await;
+    submit(&mut c, job_event("a", JobAction::Queued, 712)).await;
+    let job = wait_for_job(&c, 712, pb::JobState::Failed, Duration::from_secs(20)).await;
+    assert!(
+        job.reason.contains("gave up after") && job.reason.contains("injected transient failure"),
+        "{}",
+        job.reason
+    );
+    let tried: u32 = job
+        .reason
+        .split("gave up after ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(tried > 3, "retried more than 3 times: {}", job.reason);
+    cp.shutdown().await.unwrap();
+    cleanup.flush_prefix().await.unwrap();
 }

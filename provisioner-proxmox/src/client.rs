@@ -3,6 +3,9 @@
 //!
 //! # Guarantees
 //! - Every call has a connect and a total timeout ([`ProxmoxConfig`]).
+//! - An error's text is read from the body's `message` (PVE >= 8.4), else
+//!   from the status line's reason phrase (every release), and parameter
+//!   errors from `errors`.
 //! - Transient failures (connection trouble, timeouts, lock timeouts,
 //!   gateway 5xx) are retried with capped exponential backoff and full
 //!   jitter; permanent ones (400, 401, 403, 501, other 500s) never are.
@@ -165,6 +168,12 @@ pub struct Resource {
     /// Resource pool.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Storage id (storages).
+    #[serde(default)]
+    pub storage: Option<String>,
+    /// Whether a storage is shared between nodes.
+    #[serde(default, deserialize_with = "de_bool")]
+    pub shared: bool,
 }
 
 impl Resource {
@@ -428,6 +437,16 @@ impl PveClient {
             Err(e) => return Err(self.transport_error(method, &url, e)),
         };
         let status = resp.status();
+        // PVE's error text is in the status line's reason phrase on every
+        // release, and in the body's `message` only since
+        // libpve-http-server-perl 5.2 (PVE 8.4): hyper keeps a reason that
+        // is not the canonical one as an extension.
+        let reason = resp
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .and_then(|r| std::str::from_utf8(r.as_bytes()).ok())
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty());
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => return Err(self.transport_error(method, &url, e)),
@@ -449,6 +468,7 @@ impl PveClient {
             .and_then(Value::as_str)
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
+            .or(reason)
             .unwrap_or_else(|| {
                 status
                     .canonical_reason()
@@ -769,17 +789,21 @@ impl PveClient {
         Self::upid_from(&path, v)
     }
 
-    /// `DELETE .../qemu/{vmid}` with purge and unreferenced disks.
+    /// `DELETE .../qemu/{vmid}` with `purge=1` (backup and replication jobs,
+    /// HA). Without `destroy-unreferenced-disks`: with it, PVE lists every
+    /// storage of the cluster after freeing the VM's own disks
+    /// (qemu-server `PVE/QemuServer.pm` `destroy_vm` -> pve-storage
+    /// `vdisk_list` -> `activate_storage_list`) and one offline share fails
+    /// the task with the config left behind, making teardown hostage to
+    /// storages that have nothing to do with the VM. A GRS clone's disks are
+    /// all in its config (PVE frees a failed clone's new volumes itself).
     pub async fn destroy(&self, node: &str, vmid: u32) -> Result<Upid, PveError> {
         let path = format!("/nodes/{node}/qemu/{vmid}");
         let v = self
             .call(
                 Method::DELETE,
                 &path,
-                &[
-                    Param::flag("purge", true),
-                    Param::flag("destroy-unreferenced-disks", true),
-                ],
+                &[Param::flag("purge", true)],
                 Idempotency::Idempotent,
             )
             .await?;

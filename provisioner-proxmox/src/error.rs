@@ -143,11 +143,27 @@ impl PveError {
         }
     }
 
-    /// A lock PVE could not take in time (`can't lock file ... got timeout`)
-    /// or a VM locked by another operation: passes by itself.
+    /// A lock PVE could not take in time (`can't lock file ... got timeout`,
+    /// pve-common `lock_file_full`; `cfs-lock 'storage-X' error: got lock
+    /// request timeout`, pve-cluster `cfs_lock` as pve-storage's
+    /// `cluster_lock_storage` takes it for shared storage) or a VM locked by
+    /// another operation (`VM is locked (backup)`, pve-guest-common
+    /// `check_lock`): passes by itself.
     pub fn is_lock_conflict(&self) -> bool {
         let t = self.pve_text();
-        t.contains("got timeout") || t.contains("can't lock file") || t.contains("is locked")
+        t.contains("got timeout")
+            || t.contains("got lock request timeout")
+            || t.contains("can't lock file")
+            || t.contains("is locked")
+            || (t.contains("cfs-lock") && t.contains("timeout"))
+    }
+
+    /// A lock PVE waited for and did not get (`... got timeout`, `got lock
+    /// request timeout`): contention that passes within seconds, unlike a
+    /// config lock held by a long operation (`VM is locked (backup)`).
+    pub fn is_lock_timeout(&self) -> bool {
+        let t = self.pve_text();
+        t.contains("got timeout") || t.contains("got lock request timeout")
     }
 
     /// `Configuration file ... does not exist`: the VM is gone.
@@ -162,22 +178,64 @@ impl PveError {
         t.contains("already exists") || t.contains("EEXIST") || t.contains("File exists")
     }
 
+    /// A condition of the cluster that passes by itself, in PVE's words:
+    /// a storage offline (pve-storage `activate_storage`: `storage 'X' is
+    /// not online`), no quorum (pve-cluster `check_cfs_quorum`: `cluster not
+    /// ready - no quorum?`), a node unreachable (the proxy's `No route to
+    /// host`, HTTP 595).
+    fn is_cluster_hiccup(&self) -> bool {
+        let t = self.pve_text();
+        t.contains("is not online")
+            || t.contains("no quorum")
+            || t.contains("No route to host")
+            || t.contains("Connection refused")
+            || t.contains("Connection timed out")
+    }
+
     /// Whether the same call may succeed when repeated after a backoff:
-    /// transport trouble, timeouts, lock timeouts, 5xx that are not a
-    /// verdict on the request. Never 400, 401, 403, 501, nor a failed task.
+    /// transport trouble, timeouts, locks, a storage or node that is down
+    /// for a while, 5xx that are not a verdict on the request. Never 400,
+    /// 401, 403, 501, nor a task that failed on the request itself.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } => true,
             Self::Api { status, .. } => match status {
                 // PVE answers "everything else" with 500: only the kinds that
                 // pass are worth repeating.
-                500 => self.is_lock_conflict() || self.pve_text().contains("timeout"),
+                500 => {
+                    self.is_lock_conflict()
+                        || self.is_cluster_hiccup()
+                        || self.pve_text().contains("timeout")
+                }
                 502..=504 | 595..=599 => true,
                 _ => false,
             },
-            Self::Task { .. } => self.is_lock_conflict(),
+            Self::Task { .. } => self.is_lock_conflict() || self.is_cluster_hiccup(),
             Self::TaskTimeout { .. } => true,
             Self::Tls { .. } | Self::Auth { .. } | Self::Decode { .. } => false,
+        }
+    }
+
+    /// For an error that is a verdict on GRS's configuration: what to
+    /// change, naming the config key.
+    fn config_fix(&self) -> Option<&'static str> {
+        let t = self.pve_text();
+        if t.contains("Linked clone feature is not supported") {
+            Some(
+                "the template's disk cannot be linked-cloned: make the source a template on storage that supports linked clones, or set full_clone = true in the pool's proxmox config",
+            )
+        } else if t.contains("uses local storage") || t.contains("non-shared storage") {
+            Some(
+                "clones to another node need shared storage: move the template's disks (and the pool's storage) to shared storage, or place on the template's node",
+            )
+        } else if t.starts_with("storage '") && t.contains("does not exist") {
+            Some(
+                "check the pool's proxmox.storage and the template's disks against the cluster's storages",
+            )
+        } else if t.starts_with("pool '") && t.contains("does not exist") {
+            Some("create the PVE resource pool or fix the pool's proxmox.resource_pool")
+        } else {
+            None
         }
     }
 }
@@ -186,9 +244,14 @@ impl From<PveError> for ProvisionerError {
     fn from(e: PveError) -> Self {
         match &e {
             PveError::Auth { .. } | PveError::Tls { .. } => ProvisionerError::Config(e.to_string()),
-            PveError::Api { status: 403, .. } => ProvisionerError::Config(e.to_string()),
+            PveError::Api { status: 403, .. } => ProvisionerError::Config(format!(
+                "{e}; the API token lacks this privilege (privilege separation: grant it to the token as well as its user)"
+            )),
             _ if e.is_transient() => ProvisionerError::Transient(e.to_string()),
-            _ => ProvisionerError::Permanent(e.to_string()),
+            _ => match e.config_fix() {
+                Some(fix) => ProvisionerError::Config(format!("{e}; {fix}")),
+                None => ProvisionerError::Permanent(e.to_string()),
+            },
         }
     }
 }
@@ -236,6 +299,59 @@ mod tests {
         assert!(matches!(
             ProvisionerError::from(auth),
             ProvisionerError::Config(m) if m.contains("authentication failed") && m.contains("root@pam!grs")
+        ));
+    }
+
+    fn task(exitstatus: &str) -> PveError {
+        PveError::Task {
+            upid: "UPID:pve1:00000001:00000002:00000003:qmclone:9000:root@pam!grs:".into(),
+            exitstatus: exitstatus.into(),
+            log: Vec::new(),
+        }
+    }
+
+    /// Windows that pass by themselves (issue 8, item 5): a backup's config
+    /// lock, a node down, a storage or the cluster filesystem hiccuping,
+    /// whether PVE says so synchronously or in a task's exit status.
+    #[test]
+    fn backup_locks_node_and_storage_hiccups_are_transient_in_calls_and_tasks() {
+        for text in [
+            "VM is locked (backup)",
+            "storage 'nfs-images' is not online",
+            "cluster not ready - no quorum?",
+            "clone failed: cfs-lock 'storage-ceph' error: got lock request timeout",
+            "can't lock file '/var/lock/qemu-server/lock-9000.conf' - got timeout",
+        ] {
+            assert!(api(500, text).is_transient(), "HTTP 500 {text}");
+            assert!(task(text).is_transient(), "task {text}");
+            assert!(matches!(
+                ProvisionerError::from(task(text)),
+                ProvisionerError::Transient(_)
+            ));
+        }
+        assert!(api(595, "No route to host").is_transient());
+        assert!(task("clone failed: No route to host").is_transient());
+    }
+
+    /// Permanent failures say what to change.
+    #[test]
+    fn permanent_clone_failures_are_config_errors_naming_the_fix() {
+        for (text, fix) in [
+            (
+                "Linked clone feature is not supported for drive 'scsi0'",
+                "full_clone",
+            ),
+            ("storage 'fast' does not exist", "storage"),
+            ("pool 'ci' does not exist", "resource_pool"),
+        ] {
+            match ProvisionerError::from(api(500, text)) {
+                ProvisionerError::Config(m) => assert!(m.contains(fix), "{text}: {m}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            ProvisionerError::from(task("storage 'local-lvm' is full")),
+            ProvisionerError::Permanent(_)
         ));
     }
 

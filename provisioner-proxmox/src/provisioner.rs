@@ -9,11 +9,26 @@
 //! ```
 //!
 //! and, once configured, the tags `grs;grs-i-<installation>;grs-p-<pool>;
-//! grs-j-<job>;grs-t-<created>`. Tags make `list`/`get` one call
-//! (`/cluster/resources` shows tags, not descriptions); destructive calls
-//! (`delete`, `stop`, `start`) also read the description and act only when its
-//! installation and pool match exactly. A VM GRS did not mark is never
-//! stopped or deleted, whatever its name; a template never.
+//! grs-j-<job>;grs-t-<created>;grs-v-<vmid>`. Tags make `list`/`get` one
+//! call (`/cluster/resources` shows tags, not descriptions); destructive
+//! calls (`delete`, `stop`, `start`) also read the description and act only
+//! when its installation and pool match exactly. A VM GRS did not mark is
+//! never stopped or deleted, whatever its name; a template never.
+//!
+//! # What a clone inherits
+//! PVE's clone copies every option of the template but a short skip list
+//! (qemu-server `PVE/API2/Qemu.pm`, `clone_vm`): `tags`, `protection`,
+//! `description` (unless the request names one), `onboot`, ... So tags prove
+//! nothing by themselves: a clone whose configuration never happened (crash,
+//! cancel, a clone request that timed out) carries whatever tags the
+//! template has, GRS's own ones included when the template was made from a
+//! GRS VM. The tag `grs-v-<vmid>` names the VM's OWN id, which no template
+//! can have handed down: only a VM carrying it was configured by GRS (the
+//! tags, the seed and `protection=0` go in one `PUT config`). Ownership
+//! comes from the description GRS wrote in the clone request, readiness
+//! from that tag; a VM without it is never started, only replaced. An
+//! inherited `protection=1` is cleared in the same `PUT`, and by `delete`
+//! on an owned VM that still has it.
 //!
 //! # Create, step by step
 //! 1. One `/cluster/resources` call: is the name taken (ours: return it;
@@ -159,12 +174,15 @@ impl Drop for VmidLease<'_> {
 
 impl Backend {
     /// `nextid`, then the first id at or above it that no create of this
-    /// process holds.
-    async fn lease_vmid(&self) -> Result<VmidLease<'_>, PveError> {
+    /// process holds and that is not in `taken` (ids the caller found taken:
+    /// `nextid` is the LOWEST free id, the ones above it may be in use, and
+    /// an id held here may not exist in PVE, e.g. while its clone task fails
+    /// on a lock).
+    async fn lease_vmid(&self, taken: &BTreeSet<u32>) -> Result<VmidLease<'_>, PveError> {
         let next = self.client.nextid().await?;
         let mut held = self.vmids.lock().unwrap();
         let mut id = next.max(100);
-        while held.contains(&id) {
+        while held.contains(&id) || taken.contains(&id) {
             id += 1;
         }
         held.insert(id);
@@ -185,6 +203,9 @@ pub struct ProxmoxProvisioner {
     prefix: String,
     tag_installation: String,
     tag_pool: String,
+    /// The nodes the template can be cloned to, once its storages were
+    /// checked (see [`ProxmoxProvisioner::check_storage`]); `None` before.
+    cloneable: Mutex<Option<Vec<String>>>,
 }
 
 impl std::fmt::Debug for ProxmoxProvisioner {
@@ -270,6 +291,7 @@ impl ProxmoxProvisioner {
             prefix: prefix.to_owned(),
             tag_installation: format!("grs-i-{}", tag_safe(installation_id)),
             tag_pool: format!("grs-p-{}", tag_safe(pool_name)),
+            cloneable: Mutex::new(None),
         }
     }
 
@@ -306,7 +328,8 @@ impl ProxmoxProvisioner {
         &self.backend.client
     }
 
-    /// The nodes a new VM may go to.
+    /// The nodes a new VM may go to: the configured ones, narrowed to those
+    /// the template can be cloned to once its storage was checked.
     fn candidates(&self) -> Vec<String> {
         if let Some(t) = &self.pool.target_node {
             return vec![t.clone()];
@@ -314,37 +337,143 @@ impl ProxmoxProvisioner {
         if self.nodes.is_empty() {
             return vec![self.pool.node.clone()];
         }
+        if let Some(c) = self.cloneable.lock().unwrap().as_ref() {
+            return c.clone();
+        }
         self.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// Checks that every node this pool may place on can receive clones of
+    /// the template, and remembers which can. PVE clones to another node
+    /// only when every disk of the template is on shared storage (qemu-server
+    /// `PVE/API2/Qemu.pm` `clone_vm`: `can't clone VM to node 'X' (VM uses
+    /// local storage)`), and a full clone's `storage` must be shared too
+    /// (`can't clone to non-shared storage 'X'`). A config that names only
+    /// nodes the template cannot reach is refused, naming the storage; one
+    /// that also lists the template's node places there only (with a
+    /// warning). Two calls: the template's config, the storages.
+    async fn check_storage(&self) -> Result<(), ProvisionerError> {
+        let client = self.client_ref();
+        let (node, vmid) = (&self.pool.node, self.pool.template_vmid);
+        let cfg = client.vm_config(node, vmid).await?;
+        let storages = client.resources(Some("storage")).await?;
+        // `/cluster/resources` lists a storage only to a token with
+        // `Datastore.Audit` on it (pve-manager `PVE/API2/Cluster.pm`,
+        // `resources`): one it does not list cannot be judged, and is not
+        // held against the config (PVE will say at clone time).
+        let visible = |sid: &str| storages.iter().any(|r| r.storage.as_deref() == Some(sid));
+        let local_storage = |sid: &str| {
+            if !visible(sid) {
+                tracing::warn!(pool = %self.pool_name, storage = sid, "cannot tell whether storage {sid} is shared: the API token does not see it (Datastore.Audit on /storage/{sid}); clones to other nodes fail if it is not");
+                return false;
+            }
+            !storages
+                .iter()
+                .any(|r| r.storage.as_deref() == Some(sid) && r.shared)
+        };
+        let mut local: Vec<(String, String)> = template_disks(&cfg)
+            .into_iter()
+            .filter(|(_, sid)| local_storage(sid))
+            .collect();
+        if self.pool.full_clone
+            && let Some(sid) = &self.pool.storage
+            && local_storage(sid)
+        {
+            local.push(("storage".into(), sid.clone()));
+        }
+        let wanted = match &self.pool.target_node {
+            Some(t) => vec![t.clone()],
+            None if self.nodes.is_empty() => vec![node.clone()],
+            None => self.nodes.iter().map(|n| n.name.clone()).collect(),
+        };
+        let Some((key, sid)) = local.first() else {
+            *self.cloneable.lock().unwrap() = Some(wanted);
+            return Ok(());
+        };
+        let others: Vec<&String> = wanted.iter().filter(|n| *n != node).collect();
+        let (what, pve_says) = if key == "storage" {
+            (
+                format!(
+                    "the full clone's target storage '{sid}' (pools.{}.proxmox.storage)",
+                    self.pool_name
+                ),
+                format!("can't clone to non-shared storage '{sid}'"),
+            )
+        } else {
+            (
+                format!("its disk {key} is on storage '{sid}'"),
+                format!(
+                    "can't clone VM to node '{}' (VM uses local storage)",
+                    others.first().map(|s| s.as_str()).unwrap_or("")
+                ),
+            )
+        };
+        if others.is_empty() {
+            *self.cloneable.lock().unwrap() = Some(wanted);
+            return Ok(());
+        }
+        if !wanted.contains(node) {
+            let key_name = if self.pool.target_node.is_some() {
+                format!("pools.{}.proxmox.target_node", self.pool_name)
+            } else {
+                "proxmox.nodes".to_owned()
+            };
+            return Err(ProvisionerError::Config(format!(
+                "{key_name}: template {vmid} on node {node} cannot be cloned to node {}: {what}, which is not shared, and PVE clones to another node only with shared storage (PVE: {pve_says:?}); put the template's disks (qm disk move {vmid} <disk> <shared storage>) and clones on shared storage, or place on node {node}",
+                others[0]
+            )));
+        }
+        tracing::warn!(
+            pool = %self.pool_name,
+            template = vmid,
+            storage = %sid,
+            "the template is on storage that is not shared: new VMs go to node {node} only, not to {}",
+            others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        *self.cloneable.lock().unwrap() = Some(vec![node.clone()]);
+        Ok(())
+    }
+
+    /// Ours and configured, by tags alone: installation, pool and the
+    /// VM's own id (which no template hands down, see the module docs).
     fn owns_by_tags(&self, r: &Resource) -> bool {
         let tags = r.tag_list();
-        tags.contains(&self.tag_installation.as_str()) && tags.contains(&self.tag_pool.as_str())
+        tags.contains(&self.tag_installation.as_str())
+            && tags.contains(&self.tag_pool.as_str())
+            && configured(r)
     }
 
     fn owns_marker(&self, m: &Marker) -> bool {
         m.installation == self.installation_id && m.pool == self.pool_name
     }
 
-    /// A VM named with our prefix that has no GRS tags at all: possibly one
-    /// of ours whose create stopped before the tags were set.
+    /// A VM named with our prefix that GRS has not configured (no tag with
+    /// its own id; tags a template handed down do not count): possibly one
+    /// of ours whose create stopped before its configuration. Its
+    /// description tells.
     fn maybe_partial(&self, r: &Resource) -> bool {
         r.name
             .as_deref()
             .is_some_and(|n| n.starts_with(&format!("{}-", self.prefix)))
-            && !r.tag_list().iter().any(|t| t.starts_with("grs-i-"))
+            && !configured(r)
     }
 
     fn instance(&self, f: &Found) -> Instance {
+        // Tags GRS did not write (inherited from the template) say nothing
+        // about this VM: the marker it got in the clone request does.
         let tag_num = |p: &str| {
-            f.res
-                .tag_list()
-                .iter()
-                .find_map(|t| t.strip_prefix(p).and_then(|v| v.parse::<u64>().ok()))
+            configured(&f.res)
+                .then(|| {
+                    f.res
+                        .tag_list()
+                        .iter()
+                        .find_map(|t| t.strip_prefix(p).and_then(|v| v.parse::<u64>().ok()))
+                })
+                .flatten()
         };
         let job_id = tag_num("grs-j-").or(f.marker.as_ref().map(|m| m.job));
         let created = tag_num("grs-t-").or(f.marker.as_ref().map(|m| m.created));
-        let state = if f.res.lock.as_deref() == Some("clone") || f.res.tags.is_none() {
+        let state = if f.res.lock.as_deref() == Some("clone") || !configured(&f.res) {
             InstanceState::Creating
         } else {
             match f.res.status.as_deref() {
@@ -493,28 +622,52 @@ impl ProxmoxProvisioner {
         }
     }
 
-    /// Stop if needed, then destroy with purge; absent is success.
+    /// Stop if needed, then destroy with purge; absent is success. Only
+    /// for VMs whose marker was verified: an inherited `protection=1` (see
+    /// the module docs) is cleared on the way.
     async fn destroy_vm(&self, node: &str, vmid: u32, running: bool) -> Result<(), PveError> {
         if running {
             self.stop_vm(node, vmid).await?;
         }
-        for attempt in 0..3 {
+        let mut unprotected = false;
+        let mut lock_waits = 0u32;
+        let mut restops = 0u32;
+        loop {
             match self.client_ref().destroy(node, vmid).await {
-                Ok(upid) => {
-                    return match self.run_task(upid).await {
-                        Err(e) if e.is_vm_missing() => Ok(()),
-                        other => other,
-                    };
-                }
+                Ok(upid) => match self.run_task(upid).await {
+                    Err(e) if e.is_vm_missing() => return Ok(()),
+                    // The config lock is checked inside the destroy worker
+                    // (qemu-server `PVE/QemuServer.pm` `destroy_vm`:
+                    // `check_lock`): a clone or backup still holding it.
+                    Err(e) if e.is_lock_conflict() && lock_waits < 20 => {
+                        lock_waits += 1;
+                        tokio::time::sleep(Duration::from_millis(100 * u64::from(lock_waits)))
+                            .await;
+                    }
+                    other => return other,
+                },
                 Err(e) if e.is_vm_missing() => return Ok(()),
                 // Started meanwhile (or our snapshot was stale): stop again.
-                Err(e) if e.pve_text().contains("is running") && attempt < 2 => {
+                Err(e) if e.pve_text().contains("is running") && restops < 2 => {
+                    restops += 1;
                     self.stop_vm(node, vmid).await?;
+                }
+                // `check_protection` (qemu-server `destroy_vm`): a
+                // protection the clone inherited from its template.
+                Err(e) if e.pve_text().contains("protection mode enabled") && !unprotected => {
+                    tracing::info!(
+                        node,
+                        vmid,
+                        "clearing the protection flag a clone inherited from its template"
+                    );
+                    self.client_ref()
+                        .set_config(node, vmid, &[Param::flag("protection", false)])
+                        .await?;
+                    unprotected = true;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
 
     /// Removes what a failed create made. Errors are logged, not returned:
@@ -561,9 +714,14 @@ impl ProxmoxProvisioner {
 
     /// Parameters of the config request after the clone. Public for the
     /// schema check.
+    ///
+    /// The tags replace whatever the clone inherited and end with
+    /// `grs-v-<vmid>`, the proof of configuration; `protection=0` clears an
+    /// inherited protection (which would make the VM undeletable).
     pub fn config_params(
         &self,
         spec: &InstanceSpec,
+        vmid: u32,
         marker: &Marker,
     ) -> Result<Vec<Param>, ProvisionerError> {
         let tags = [
@@ -572,8 +730,12 @@ impl ProxmoxProvisioner {
             self.tag_pool.clone(),
             format!("grs-j-{}", marker.job),
             format!("grs-t-{}", marker.created),
+            configured_tag(vmid),
         ];
-        let mut p = vec![Param::new("tags", tags.join(";"))];
+        let mut p = vec![
+            Param::new("tags", tags.join(";")),
+            Param::flag("protection", false),
+        ];
         match &spec.bootstrap {
             Bootstrap::CloudInit { seed_url } => {
                 // `nocloud-net`, not `nocloud`: cloud-init before 23.2 (Debian
@@ -680,10 +842,11 @@ impl ProxmoxProvisioner {
         let src_node = &self.pool.node;
         let src = self.pool.template_vmid;
         let mut lock_waits = 0u32;
+        let mut taken = BTreeSet::new();
         for _ in 0..20 {
             let lease = self
                 .backend
-                .lease_vmid()
+                .lease_vmid(&taken)
                 .await
                 .map_err(CloneFailure::from)?;
             let vmid = lease.vmid;
@@ -692,12 +855,15 @@ impl ProxmoxProvisioner {
                 Ok(u) => u,
                 Err(e) if e.is_vmid_taken() => {
                     tracing::debug!(instance = %spec.name, vmid, "VM id taken meanwhile; picking another");
+                    taken.insert(vmid);
                     continue;
                 }
-                Err(e) if e.is_lock_conflict() && lock_waits < 10 => {
+                Err(e) if e.is_lock_timeout() && lock_waits < 10 => {
                     // The client retried already; keep trying a while longer
                     // with a slower pace: parallel clones of one template
-                    // contend on its lock.
+                    // contend on its lock. (A config lock such as `backup`
+                    // lasts minutes: that goes back to the caller as
+                    // transient, to be retried with its longer backoff.)
                     lock_waits += 1;
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(lock_waits))).await;
                     continue;
@@ -715,13 +881,28 @@ impl ProxmoxProvisioner {
             };
             match client.wait_task(&upid).await {
                 Ok(()) => return Ok(vmid),
-                Err(e) if e.is_vmid_taken() => continue,
+                Err(e) if e.is_vmid_taken() => {
+                    taken.insert(vmid);
+                    continue;
+                }
                 Err(e) => {
                     // PVE removes a failed clone's VM itself; make sure.
                     if let Ok(Some((m, false))) = self.read_marker(target, vmid).await
                         && m == *marker
                     {
                         self.cleanup(&spec.name, target, vmid).await;
+                    }
+                    // Real PVE takes the template's lock and the storage's
+                    // cluster lock INSIDE the clone worker (qemu-server
+                    // `clone_vm`: `lock_config_shared`; pve-storage
+                    // `cluster_lock_storage`): contention is a failed task,
+                    // and passes like the synchronous kind.
+                    if e.is_lock_timeout() && lock_waits < 10 {
+                        lock_waits += 1;
+                        tracing::debug!(instance = %spec.name, vmid, error = %e, "clone task hit a lock; trying again");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(lock_waits)))
+                            .await;
+                        continue;
                     }
                     return Err(e.into());
                 }
@@ -817,7 +998,7 @@ impl ProxmoxProvisioner {
         vmid: u32,
         marker: &Marker,
     ) -> Result<(), ProvisionerError> {
-        let params = self.config_params(spec, marker)?;
+        let params = self.config_params(spec, vmid, marker)?;
         self.client_ref().set_config(node, vmid, &params).await?;
         self.start_and_bootstrap(spec, node, vmid).await
     }
@@ -859,12 +1040,52 @@ enum CloneFailure {
 impl From<PveError> for CloneFailure {
     fn from(e: PveError) -> Self {
         let t = e.pve_text();
-        if e.status() == Some(595) || t.contains("not online") || t.contains("No route to host") {
+        if e.status() == Some(595)
+            || (t.contains("not online") && !t.starts_with("storage"))
+            || t.contains("No route to host")
+        {
             CloneFailure::NodeDown(e)
+        } else if t.contains("uses local storage") || t.contains("non-shared storage") {
+            // The storage changed since `validate` checked it.
+            CloneFailure::Other(ProvisionerError::Config(format!(
+                "{e}; clones to another node need the template's disks on shared storage (see `validate`)"
+            )))
         } else {
             CloneFailure::Other(e.into())
         }
     }
+}
+
+/// The disks of a VM config as (key, storage id), as qemu-server's
+/// `clone_vm` sees them: drives except CD-ROMs (a cloud-init drive counts),
+/// not `unusedN`.
+fn template_disks(cfg: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+    cfg.iter()
+        .filter_map(|(k, v)| Some((k, v.as_str()?)))
+        .filter(|(k, v)| {
+            let bus = k.trim_end_matches(|c: char| c.is_ascii_digit());
+            let drive = matches!(bus, "scsi" | "virtio" | "sata" | "ide") && bus.len() < k.len()
+                || matches!(k.as_str(), "efidisk0" | "tpmstate0");
+            drive
+                && (!v.contains("media=cdrom") || v.contains("cloudinit"))
+                && !v.starts_with("none")
+        })
+        .filter_map(|(k, v)| {
+            v.split_once(':')
+                .map(|(sid, _)| (k.clone(), sid.to_owned()))
+        })
+        .collect()
+}
+
+/// The tag that says GRS configured VM `vmid` (see the module docs).
+fn configured_tag(vmid: u32) -> String {
+    format!("grs-v-{vmid}")
+}
+
+/// Whether GRS configured this VM: it carries the tag with its own id.
+fn configured(r: &Resource) -> bool {
+    r.vmid
+        .is_some_and(|id| r.tag_list().contains(&configured_tag(id).as_str()))
 }
 
 fn random_uuid() -> String {
@@ -957,6 +1178,7 @@ impl ProxmoxProvisioner {
                 "{key}: VM {vmid} on node {node} is not a template, and a linked clone needs one; convert it (qm template {vmid}) or set full_clone = true"
             )));
         }
+        self.check_storage().await?;
         tracing::info!(pool = %self.pool_name, node = %node, template = vmid, url = client.url(), "Proxmox pool validated");
         Ok(())
     }
@@ -977,8 +1199,21 @@ impl ProxmoxProvisioner {
                     )));
                 }
                 // Configured (tags and bootstrap are set in one call) but
-                // stopped: start it rather than make a second VM.
+                // stopped: start it rather than make a second VM, after
+                // checking the marker (tags can be copied) and writing this
+                // spec's configuration again (its seed may be newer).
                 InstanceState::Stopped => {
+                    let marker = match self.read_marker(&f.node, f.vmid).await? {
+                        Some((m, false)) if self.owns_marker(&m) => m,
+                        _ => {
+                            return Err(ProvisionerError::NotOwned {
+                                name: spec.name.clone(),
+                            });
+                        }
+                    };
+                    self.client_ref()
+                        .set_config(&f.node, f.vmid, &self.config_params(spec, f.vmid, &marker)?)
+                        .await?;
                     self.start_and_bootstrap(spec, &f.node, f.vmid).await?;
                     return Ok(Instance {
                         state: InstanceState::Running,
@@ -1008,6 +1243,13 @@ impl ProxmoxProvisioner {
             .memory_mib
             .map(|m| m << 20)
             .unwrap_or(template_mem);
+        // A pool that may place on other nodes than the template's needs
+        // its storage checked (done by `validate`, else here, once).
+        if self.cloneable.lock().unwrap().is_none()
+            && self.candidates().iter().any(|n| *n != self.pool.node)
+        {
+            self.check_storage().await?;
+        }
         let candidates = self.candidates();
         let mut exclude = HashSet::new();
         let marker = Marker {

@@ -11,9 +11,22 @@
 //! refused with PVE's 400 when it does not fit; violations are also kept for
 //! tests to assert on.
 //!
-//! Faults ([`Fault`]) can be injected: lock timeouts and lock contention on
-//! clone, failing and slow tasks, HTTP errors, dropped connections, tasks not
-//! yet visible.
+//! Modelled on the real sources (each handler cites its file and function):
+//! a clone copies every option of its source but qemu-server's skip list
+//! (`protection`, `tags`, ...); the source's lock and the storage's cluster
+//! lock are taken inside the clone task; a config lock (`backup`) refuses a
+//! clone synchronously; clones to another node need shared storage; destroy
+//! checks `protection` and, with `destroy-unreferenced-disks`, every
+//! storage; error text is in the status line's reason phrase, and in the
+//! body's `message` only on releases that have it ([`PveVersion`]: 7.4, 8.3,
+//! 8.4, 9.1).
+//!
+//! Faults ([`Fault`]) can be injected: lock timeouts and lock contention
+//! inside clone tasks, storage cluster-lock timeouts, failing and slow
+//! tasks, HTTP errors, dropped connections, tasks not yet visible; and state
+//! behind GRS's back: config locks ([`PveSim::set_lock`]), storages on and
+//! off line ([`PveSim::set_storage_online`]), option changes
+//! ([`PveSim::set_vm_config`]).
 //!
 //! Start one with [`PveSim::start`] (binds `127.0.0.1:0`), fill it with
 //! [`PveSim::add_node`] and [`PveSim::add_template`], point a client at
@@ -103,6 +116,56 @@ pub struct SimOptions {
     pub validate_requests: bool,
     /// PVE delays a 401 by 3 s; the simulator by this.
     pub auth_failure_delay: Duration,
+    /// Which PVE release to answer as (see [`PveVersion`]).
+    pub version: PveVersion,
+}
+
+/// The PVE releases the simulator can answer as. They differ, for the calls
+/// GRS makes, in:
+/// - where an error's text is: every release puts its first line in the
+///   HTTP status line's reason phrase (pve-http-server
+///   `src/PVE/APIServer/AnyEvent.pm`, `response()`: `$msg =~ m/^(.*)$/m`);
+///   only libpve-http-server-perl 5.2.0 (January 2025, commit 9a2112e
+///   "fix #6503: return api handler errors in the json body", first in PVE
+///   8.4) also writes it to the body's `message` field
+///   (`Formatter/Standard.pm`, `prepare_response_data`). 7.4 and 8.0 to 8.3
+///   answer `{"data":null}` (plus `errors` for parameter errors);
+/// - the `/version` answer (`7.4-3`, `8.3.0`, ...).
+///
+/// `/cluster/resources` has carried `tags` since 7.3 (pve-manager d18b6982)
+/// and `lock` since 6.0 (f79372c0), storages' `shared` flag since 2018
+/// (1ce3fa3b), so 7.4 is the oldest release whose answers GRS can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PveVersion {
+    /// 7.4 (Debian 11, libpve-http-server-perl 4.2).
+    V7_4,
+    /// 8.0 to 8.3 (Debian 12, libpve-http-server-perl 5.0/5.1).
+    V8_3,
+    /// 8.4 (libpve-http-server-perl 5.2: `message` in error bodies).
+    V8_4,
+    /// 9.x (Debian 13).
+    V9_1,
+}
+
+impl PveVersion {
+    /// Every version, oldest first (for tests that run against each).
+    pub const ALL: [PveVersion; 4] = [Self::V7_4, Self::V8_3, Self::V8_4, Self::V9_1];
+
+    /// Whether error bodies carry `message` (libpve-http-server-perl >= 5.2).
+    pub fn message_in_body(self) -> bool {
+        matches!(self, Self::V8_4 | Self::V9_1)
+    }
+
+    /// The `/version` answer.
+    fn version_json(self) -> Value {
+        let (version, release) = match self {
+            Self::V7_4 => ("7.4-3", "7.4"),
+            Self::V8_3 => ("8.3.0", "8.3"),
+            Self::V8_4 => ("8.4.1", "8.4"),
+            Self::V9_1 => ("9.1.1", "9.1"),
+        };
+        json!({"version": version, "release": release, "repoid": "0123abcd"})
+    }
 }
 
 impl Default for SimOptions {
@@ -115,6 +178,7 @@ impl Default for SimOptions {
             clone_parallelism: 4,
             validate_requests: true,
             auth_failure_delay: Duration::ZERO,
+            version: PveVersion::V9_1,
         }
     }
 }
@@ -122,16 +186,26 @@ impl Default for SimOptions {
 /// A fault to inject.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    /// The next `times` clone requests fail with PVE's lock timeout
-    /// (`can't lock file '/var/lock/qemu-server/lock-N.conf' - got timeout`).
+    /// The next `times` clone TASKS fail with PVE's lock timeout on the
+    /// source (`can't lock file '/var/lock/qemu-server/lock-N.conf' - got
+    /// timeout`): the HTTP call answers a UPID, the lock is taken in the
+    /// worker (qemu-server `clone_vm`, `lock_config_shared`).
     CloneLockTimeout {
         /// How many.
         times: u32,
     },
-    /// Every clone request fails with a lock timeout with this probability.
+    /// Every clone task fails with that lock timeout with this probability.
     CloneLockContention {
         /// 0.0 to 1.0.
         probability: f64,
+    },
+    /// The next `times` clone tasks fail on the storage's cluster lock
+    /// (`clone failed: cfs-lock 'storage-X' error: got lock request
+    /// timeout`, pve-storage `cluster_lock_storage` on shared storage) after
+    /// the new VM was made; the worker removes it.
+    CloneStorageLockTimeout {
+        /// How many.
+        times: u32,
     },
     /// The next `times` tasks of type `kind` (`qmclone`, `qmstart`, ...) end
     /// with `message` as exit status.
@@ -233,6 +307,22 @@ pub struct SimVm {
     pub agent_files: Vec<(String, String)>,
     /// Commands run through the agent.
     pub agent_execs: Vec<Vec<String>>,
+    /// A destroy freed its disks but died before removing its config.
+    pub disks_freed: bool,
+}
+
+/// A simulated storage (one entry of `storage.cfg`, content `images`).
+#[derive(Debug, Clone)]
+pub struct SimStorage {
+    /// Storage id.
+    pub id: String,
+    /// Shared between nodes (RBD, NFS, ...): needed for clones to another
+    /// node.
+    pub shared: bool,
+    /// Reachable? (An NFS share that is down: `storage 'X' is not online`.)
+    pub online: bool,
+    /// The plugin (`lvmthin`, `rbd`, `nfs`, ...).
+    pub plugintype: String,
 }
 
 impl SimVm {
@@ -283,6 +373,7 @@ struct SimTask {
 #[derive(Debug, Default)]
 struct Faults {
     clone_lock_timeouts: u32,
+    clone_storage_lock_timeouts: u32,
     clone_contention: f64,
     fail_tasks: Vec<(String, u32, String)>,
     slow: Duration,
@@ -298,6 +389,7 @@ struct Faults {
 struct SimState {
     nodes: BTreeMap<String, SimNode>,
     vms: BTreeMap<u32, SimVm>,
+    storages: BTreeMap<String, SimStorage>,
     tasks: HashMap<String, SimTask>,
     faults: Faults,
     requests: u64,
@@ -389,9 +481,20 @@ impl PveSim {
         } else {
             (None, None, None)
         };
+        let mut state = SimState::default();
+        // Every PVE node has the local LVM-thin storage of the installer.
+        state.storages.insert(
+            "local-lvm".into(),
+            SimStorage {
+                id: "local-lvm".into(),
+                shared: false,
+                online: true,
+                plugintype: "lvmthin".into(),
+            },
+        );
         let shared = Arc::new(Shared {
             opts,
-            state: Mutex::new(SimState::default()),
+            state: Mutex::new(state),
             clone_slots: Mutex::new(HashMap::new()),
             schema: ApiSchema::bundled(),
         });
@@ -471,14 +574,53 @@ impl PveSim {
         }
     }
 
-    /// Adds a template with a disk, 2 GiB of memory, 2 cores, `net0` and the
-    /// guest agent enabled.
+    /// Adds a template with a disk on the node-local `local-lvm`, 2 GiB of
+    /// memory, 2 cores, `net0` and the guest agent enabled.
     pub fn add_template(&self, node: &str, vmid: u32, name: &str) {
         self.add_vm(node, vmid, name, true);
     }
 
-    /// Adds a VM (or template) behind GRS's back, e.g. a foreign one.
+    /// Adds a template whose disk is on `storage` (see [`Self::add_storage`]).
+    pub fn add_template_on(&self, node: &str, vmid: u32, name: &str, storage: &str) {
+        self.add_vm_on(node, vmid, name, true, storage);
+    }
+
+    /// Adds a storage (content `images`), on every node.
+    pub fn add_storage(&self, id: &str, shared: bool, plugintype: &str) {
+        self.lock().storages.insert(
+            id.to_owned(),
+            SimStorage {
+                id: id.to_owned(),
+                shared,
+                online: true,
+                plugintype: plugintype.to_owned(),
+            },
+        );
+    }
+
+    /// Takes a storage off or on line.
+    pub fn set_storage_online(&self, id: &str, online: bool) {
+        if let Some(st) = self.lock().storages.get_mut(id) {
+            st.online = online;
+        }
+    }
+
+    /// Sets or clears a VM's config lock behind GRS's back (`backup` while
+    /// vzdump runs for the whole backup).
+    pub fn set_lock(&self, vmid: u32, lock: Option<&str>) {
+        if let Some(vm) = self.lock().vms.get_mut(&vmid) {
+            vm.lock = lock.map(str::to_owned);
+        }
+    }
+
+    /// Adds a VM (or template) behind GRS's back, e.g. a foreign one, with
+    /// its disk on `local-lvm`.
     pub fn add_vm(&self, node: &str, vmid: u32, name: &str, template: bool) {
+        self.add_vm_on(node, vmid, name, template, "local-lvm");
+    }
+
+    /// Adds a VM (or template) with its disk on `storage`.
+    pub fn add_vm_on(&self, node: &str, vmid: u32, name: &str, template: bool, storage: &str) {
         let mut config = BTreeMap::new();
         config.insert("name".into(), name.to_owned());
         config.insert("memory".into(), "2048".into());
@@ -489,9 +631,9 @@ impl PveSim {
         );
         config.insert("agent".into(), "enabled=1".into());
         let disk = if template {
-            format!("local-lvm:base-{vmid}-disk-0,size=8G")
+            format!("{storage}:base-{vmid}-disk-0,size=8G")
         } else {
-            format!("local-lvm:vm-{vmid}-disk-0,size=8G")
+            format!("{storage}:vm-{vmid}-disk-0,size=8G")
         };
         config.insert("scsi0".into(), disk);
         if template {
@@ -517,6 +659,7 @@ impl PveSim {
                 agent_ready_at: None,
                 agent_files: Vec::new(),
                 agent_execs: Vec::new(),
+                disks_freed: false,
             },
         );
     }
@@ -535,6 +678,7 @@ impl PveSim {
         match fault {
             Fault::CloneLockTimeout { times } => f.clone_lock_timeouts += times,
             Fault::CloneLockContention { probability } => f.clone_contention = probability,
+            Fault::CloneStorageLockTimeout { times } => f.clone_storage_lock_timeouts += times,
             Fault::FailTask {
                 kind,
                 times,
@@ -743,18 +887,33 @@ fn take_lost_answer(shared: &Shared, path: &str) -> bool {
     take_matching(&mut shared.state.lock().unwrap().faults.lost_answers, path)
 }
 
-/// PVE's error answer: status, `{"data":null,"message":"...\n"}`.
-fn pve_error(status: u16, message: &str) -> Response {
-    pve_error_with(status, message, None)
+/// PVE's error answer: the status line carries the first line of the
+/// message as reason phrase (pve-http-server `AnyEvent.pm`, `response()`;
+/// every release), the body is `{"data":null}`, plus `"message":"...\n"` on
+/// releases with libpve-http-server-perl >= 5.2 ([`PveVersion`]), plus
+/// `errors` for parameter errors (`Formatter/Standard.pm`,
+/// `prepare_response_data`).
+fn pve_error(v: PveVersion, status: u16, message: &str) -> Response {
+    pve_error_with(v, status, message, None)
 }
 
-fn pve_error_with(status: u16, message: &str, errors: Option<Value>) -> Response {
-    let mut body = json!({"data": null, "message": format!("{message}\n")});
+fn pve_error_with(v: PveVersion, status: u16, message: &str, errors: Option<Value>) -> Response {
+    let mut body = json!({"data": null});
+    if v.message_in_body() {
+        body["message"] = json!(format!("{message}\n"));
+    }
     if let Some(e) = errors {
         body["errors"] = e;
     }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, axum::Json(body)).into_response()
+    let mut resp = (code, axum::Json(body)).into_response();
+    let first = message.lines().next().unwrap_or("").trim();
+    if !first.is_empty()
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(first.as_bytes().to_vec())
+    {
+        resp.extensions_mut().insert(reason);
+    }
+    resp
 }
 
 fn ok(data: Value) -> Response {
@@ -791,8 +950,10 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     let body = axum::body::to_bytes(req.into_body(), 1 << 20)
         .await
         .unwrap_or_default();
+    let v = sh.opts.version;
     let Some(path) = path_full.strip_prefix("/api2/json") else {
         return pve_error(
+            v,
             501,
             &format!("Method '{method} {path_full}' not implemented"),
         );
@@ -825,12 +986,12 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             _ => {
                 sh.state.lock().unwrap().requests += 1;
                 tokio::time::sleep(sh.opts.auth_failure_delay).await;
-                return pve_error(401, "authentication failure");
+                return pve_error(v, 401, "authentication failure");
             }
         },
         None => {
             sh.state.lock().unwrap().requests += 1;
-            return pve_error(401, "No ticket");
+            return pve_error(v, 401, "No ticket");
         }
     };
 
@@ -861,29 +1022,34 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             }
         }
         if let Some((status, message)) = hit {
-            return pve_error(status, &message);
+            return pve_error(v, status, &message);
         }
     }
     if sh.opts.validate_requests
-        && let Err(v) = sh.schema.check(method.as_str(), &path, &params)
+        && let Err(violation) = sh.schema.check(method.as_str(), &path, &params)
     {
-        sh.state.lock().unwrap().violations.push(v.to_string());
-        if v.unknown_endpoint {
-            return pve_error(501, &format!("Method '{method} {path}' not implemented"));
+        sh.state
+            .lock()
+            .unwrap()
+            .violations
+            .push(violation.to_string());
+        if violation.unknown_endpoint {
+            return pve_error(v, 501, &format!("Method '{method} {path}' not implemented"));
         }
-        let errs: serde_json::Map<String, Value> = v
+        let errs: serde_json::Map<String, Value> = violation
             .errors
             .iter()
             .map(|(k, m)| (k.clone(), Value::String(format!("{m}\n"))))
             .collect();
         return pve_error_with(
+            v,
             400,
             "Parameter verification failed.",
             Some(Value::Object(errs)),
         );
     }
     let (Some(template), Some((_, vars))) = (template, found) else {
-        return pve_error(501, &format!("Method '{method} {path}' not implemented"));
+        return pve_error(v, 501, &format!("Method '{method} {path}' not implemented"));
     };
     let mut p: HashMap<String, Vec<String>> = HashMap::new();
     for (k, v) in vars.into_iter().chain(params) {
@@ -892,7 +1058,7 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     let r = dispatch(&sh, &method, &template, &p, &user).await;
     match r {
         Ok(v) => ok(v),
-        Err(Fail(status, m)) => pve_error(status, &m),
+        Err(Fail(status, m)) => pve_error(v, status, &m),
     }
 }
 
@@ -937,9 +1103,7 @@ async fn dispatch(
         }
     }
     match (method.as_str(), template) {
-        ("GET", "/version") => {
-            Ok(json!({"version": "9.1.1", "release": "9.1", "repoid": "0123abcd"}))
-        }
+        ("GET", "/version") => Ok(sh.opts.version.version_json()),
         ("GET", "/nodes") => Ok(nodes_list(sh)),
         ("GET", "/cluster/resources") => Ok(resources(sh, one(p, "type"))),
         ("GET", "/cluster/nextid") => nextid(sh, p),
@@ -958,7 +1122,7 @@ async fn dispatch(
         | ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown") => {
             stop_vm(sh, &node, vmid_of(p), user)
         }
-        ("DELETE", "/nodes/{node}/qemu/{vmid}") => destroy_vm(sh, &node, vmid_of(p), user),
+        ("DELETE", "/nodes/{node}/qemu/{vmid}") => destroy_vm(sh, &node, vmid_of(p), user, p),
         ("GET", "/nodes/{node}/tasks/{upid}/status") => {
             task_status(sh, &node, one(p, "upid").unwrap_or(""))
         }
@@ -1027,6 +1191,20 @@ fn resources(sh: &Shared, kind: Option<&str>) -> Value {
     }
     if kind.is_none_or(|k| k == "node") {
         out.extend(s.nodes.values().map(|n| node_stats(&s, n)));
+    }
+    // One entry per node and storage, `shared` since pve-manager 1ce3fa3b
+    // (PVE/API2Tools.pm `extract_storage_stats`).
+    if kind.is_none_or(|k| k == "storage") {
+        for n in s.nodes.values() {
+            for st in s.storages.values() {
+                out.push(json!({
+                    "id": format!("storage/{}/{}", n.name, st.id), "type": "storage",
+                    "node": n.name, "storage": st.id, "shared": u8::from(st.shared),
+                    "plugintype": st.plugintype, "content": "images,rootdir",
+                    "status": if n.online && st.online { "available" } else { "unknown" },
+                }));
+            }
+        }
     }
     Value::Array(out)
 }
@@ -1253,21 +1431,77 @@ where
     upid
 }
 
+/// Options `clone_vm` does not copy from the source (qemu-server
+/// `src/PVE/API2/Qemu.pm`, `clone_vm`, `$load_and_check`: "do not copy
+/// snapshot related info", `unusedN`; `template` is deleted in `$clonefn`).
+/// EVERYTHING else is copied: `protection`, `tags`, `description` (unless the
+/// request names one), `smbios1` (with a new uuid), `onboot`, `hookscript`, ...
+const CLONE_SKIPPED: [&str; 9] = [
+    "snapshots",
+    "parent",
+    "snaptime",
+    "vmstate",
+    "snapstate",
+    "runningcpu",
+    "runningmachine",
+    "running-nets-host-mtu",
+    "template",
+];
+
+/// The disks of a config: (key, storage id). CD-ROMs and `none` are not
+/// disks (`drive_is_cdrom`).
+fn disks(config: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    config
+        .iter()
+        .filter(|(k, v)| {
+            let bus = k.trim_end_matches(|c: char| c.is_ascii_digit());
+            (matches!(bus, "scsi" | "virtio" | "sata" | "ide") && bus.len() < k.len()
+                || matches!(k.as_str(), "efidisk0" | "tpmstate0"))
+                // `drive_is_cdrom($drive, 1)`: a cloud-init drive is cloned.
+                && (!v.contains("media=cdrom") || v.contains("cloudinit"))
+                && !v.starts_with("none")
+        })
+        .filter_map(|(k, v)| {
+            v.split_once(':')
+                .map(|(sid, _)| (k.clone(), sid.to_owned()))
+        })
+        .collect()
+}
+
+/// Replaces the `uuid=` of an `smbios1` value (`$clonefn`: "auto generate a
+/// new uuid"), keeping the rest (a template's `serial` survives).
+fn new_smbios_uuid(old: Option<&String>, vmid: u32) -> String {
+    let mut parts: Vec<String> = old
+        .map(|o| {
+            o.split(',')
+                .filter(|p| !p.starts_with("uuid="))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    parts.insert(0, format!("uuid=00000000-0000-4000-8000-{vmid:012}"));
+    parts.join(",")
+}
+
+/// `POST .../clone`, after qemu-server `PVE/API2/Qemu.pm` `clone_vm`:
+/// - synchronously (`$load_and_check` runs before `fork_worker`): the pool,
+///   the target node, `storage` (shared when there is a target: `can't clone
+///   to non-shared storage`), the source's config lock (`check_lock`: `VM is
+///   locked (backup)` during a backup), linked vs full, local storage with a
+///   target (`can't clone VM to node 'X' (VM uses local storage)`), the new
+///   id;
+/// - in the worker: the source's config lock (`lock_config_shared`, 1 s:
+///   `can't lock file '/var/lock/qemu-server/lock-N.conf' - got timeout`,
+///   a FAILED TASK, nothing made), then the new VM (`lock: clone`) and its
+///   disks; a storage lock failing there (`cfs-lock 'storage-X' error: got
+///   lock request timeout`, pve-storage `cluster_lock_storage`) ends the task
+///   with `clone failed: ...` after removing the new VM.
 fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user: &str) -> HResult {
     let src = vmid_of(p);
     let newid: u32 = one(p, "newid").and_then(|v| v.parse().ok()).unwrap_or(0);
     let target = one(p, "target").filter(|t| *t != node).map(str::to_owned);
-    let (full, dur) = {
+    let (full, dur, in_task) = {
         let mut s = sh.state.lock().unwrap();
-        let contention = s.faults.clone_contention;
-        if s.faults.clone_lock_timeouts > 0
-            || (contention > 0.0 && rand::rng().random_bool(contention.min(1.0)))
-        {
-            s.faults.clone_lock_timeouts = s.faults.clone_lock_timeouts.saturating_sub(1);
-            return Err(Fail::e500(format!(
-                "can't lock file '/var/lock/qemu-server/lock-{src}.conf' - got timeout"
-            )));
-        }
         if let Some(pool) = one(p, "pool")
             && !s.resource_pools.contains(pool)
         {
@@ -1282,10 +1516,18 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
                 _ => {}
             }
         }
-        let source = find(&mut s, node, src)?.clone();
-        if source.lock.is_some() && source.lock.as_deref() != Some("clone") {
-            locked(&source)?;
+        if let Some(sid) = one(p, "storage") {
+            let Some(st) = s.storages.get(sid) else {
+                return Err(Fail::e500(format!("storage '{sid}' does not exist")));
+            };
+            if target.is_some() && !st.shared {
+                return Err(Fail::e500(format!(
+                    "can't clone to non-shared storage '{sid}'"
+                )));
+            }
         }
+        let source = find(&mut s, node, src)?.clone();
+        locked(&source)?;
         let full = flag(p, "full").unwrap_or(!source.template);
         if one(p, "storage").is_some() && !full {
             return Err(Fail::e500(
@@ -1297,15 +1539,62 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
                 "Linked clone feature is not supported for drive 'scsi0'",
             ));
         }
+        let source_disks = disks(&source.config);
+        let shared_vm = source_disks
+            .iter()
+            .all(|(_, sid)| s.storages.get(sid).is_some_and(|st| st.shared));
+        if let Some(t) = &target
+            && !shared_vm
+        {
+            return Err(Fail::e500(format!(
+                "can't clone VM to node '{t}' (VM uses local storage)"
+            )));
+        }
         if s.vms.contains_key(&newid) {
             return Err(Fail::e500(format!(
                 "unable to create VM {newid}: config file already exists"
             )));
         }
+        let d = &sh.opts.durations;
+        let dur = if full { d.full_clone } else { d.linked_clone };
+        // The source's lock is taken in the worker: its timeout fails the
+        // task, and no VM is made.
+        let contention = s.faults.clone_contention;
+        if s.faults.clone_lock_timeouts > 0
+            || (contention > 0.0 && rand::rng().random_bool(contention.min(1.0)))
+        {
+            s.faults.clone_lock_timeouts = s.faults.clone_lock_timeouts.saturating_sub(1);
+            let msg =
+                format!("can't lock file '/var/lock/qemu-server/lock-{src}.conf' - got timeout");
+            drop(s);
+            let upid = spawn_task(
+                sh,
+                node,
+                "qmclone",
+                src,
+                user,
+                dur / 4,
+                None,
+                move |_, _| Err(msg),
+            );
+            return Ok(json!(upid));
+        }
+        let storage_lock = if s.faults.clone_storage_lock_timeouts > 0 {
+            s.faults.clone_storage_lock_timeouts -= 1;
+            let sid = one(p, "storage")
+                .map(str::to_owned)
+                .or_else(|| source_disks.first().map(|(_, sid)| sid.clone()))
+                .unwrap_or_else(|| "local-lvm".into());
+            Some(format!(
+                "clone failed: cfs-lock 'storage-{sid}' error: got lock request timeout"
+            ))
+        } else {
+            None
+        };
         let mut config: BTreeMap<String, String> = source
             .config
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "template" | "description" | "tags"))
+            .filter(|(k, _)| !CLONE_SKIPPED.contains(&k.as_str()) && !k.starts_with("unused"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         config.insert(
@@ -1314,16 +1603,23 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("Copy-of-VM-{}", source.name())),
         );
-        if let Some(d) = one(p, "description") {
+        // `if ($param->{description})`: an empty one keeps the source's.
+        if let Some(d) = one(p, "description").filter(|d| !d.is_empty()) {
             config.insert("description".into(), d.to_owned());
         }
         if let Some(pool) = one(p, "pool") {
             config.insert("pool".into(), pool.to_owned());
         }
-        config.insert(
-            "scsi0".into(),
-            format!("local-lvm:vm-{newid}-disk-0,size=8G"),
-        );
+        let smbios = new_smbios_uuid(config.get("smbios1"), newid);
+        config.insert("smbios1".into(), smbios);
+        for (i, (key, sid)) in source_disks.iter().enumerate() {
+            let sid = if full {
+                one(p, "storage").unwrap_or(sid)
+            } else {
+                sid
+            };
+            config.insert(key.clone(), format!("{sid}:vm-{newid}-disk-{i},size=8G"));
+        }
         let vm = SimVm {
             vmid: newid,
             node: target.clone().unwrap_or_else(|| node.to_owned()),
@@ -1334,11 +1630,11 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
             agent_ready_at: None,
             agent_files: Vec::new(),
             agent_execs: Vec::new(),
+            disks_freed: false,
         };
         s.vms.insert(newid, vm);
         s.note_peaks();
-        let d = &sh.opts.durations;
-        (full, if full { d.full_clone } else { d.linked_clone })
+        (full, dur, storage_lock)
     };
     let slot = {
         let mut slots = sh.clone_slots.lock().unwrap();
@@ -1356,15 +1652,14 @@ fn clone_vm(sh: &Arc<Shared>, node: &str, p: &HashMap<String, Vec<String>>, user
         dur,
         Some(slot),
         move |s, injected| {
-            if let Some(m) = injected {
-                // PVE removes what a failed clone made.
+            if let Some(m) = injected.map(|m| format!("clone failed: {m}")).or(in_task) {
+                // `$clonefn` frees the new volumes and unlinks the config.
                 s.vms.remove(&newid);
-                return Err(format!("clone failed: {m}"));
+                return Err(m);
             }
             match s.vms.get_mut(&newid) {
                 Some(vm) => {
                     vm.lock = None;
-                    let _ = full;
                     Ok(())
                 }
                 None => Err(format!("clone failed: VM {newid} vanished")),
@@ -1446,16 +1741,38 @@ fn stop_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
     )))
 }
 
-fn destroy_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
-    {
-        let mut s = sh.state.lock().unwrap();
-        let vm = find(&mut s, node, vmid)?;
-        locked(vm)?;
+/// `DELETE .../qemu/{vmid}`, after qemu-server `PVE/API2/Qemu.pm`
+/// `destroy_vm` and `PVE/QemuServer.pm` `destroy_vm`: `$early_checks`
+/// (config exists, `check_protection`: `can't remove VM N - protection mode
+/// enabled`, running: `VM N is running - destroy failed`) run before the
+/// worker and again inside it; the worker then checks the config lock, frees
+/// the VM's own disks and, with `destroy-unreferenced-disks=1`, lists every
+/// storage (pve-storage `vdisk_list` -> `activate_storage_list`), which dies
+/// on one that is offline (`storage 'X' is not online`) AFTER the own disks
+/// are freed and BEFORE the config is removed: the VM stays, disks gone.
+fn destroy_vm(
+    sh: &Arc<Shared>,
+    node: &str,
+    vmid: u32,
+    user: &str,
+    p: &HashMap<String, Vec<String>>,
+) -> HResult {
+    fn early_checks(s: &mut SimState, node: &str, vmid: u32) -> Result<(), Fail> {
+        let vm = find(s, node, vmid)?;
+        if vm.config.get("protection").is_some_and(|v| v == "1") {
+            return Err(Fail::e500(format!(
+                "can't remove VM {vmid} - protection mode enabled"
+            )));
+        }
         if vm.running {
             return Err(Fail::e500(format!("VM {vmid} is running - destroy failed")));
         }
+        Ok(())
     }
+    early_checks(&mut sh.state.lock().unwrap(), node, vmid)?;
+    let unreferenced = flag(p, "destroy-unreferenced-disks").unwrap_or(false);
     let dur = sh.opts.durations.destroy;
+    let node2 = node.to_owned();
     Ok(json!(spawn_task(
         sh,
         node,
@@ -1467,6 +1784,13 @@ fn destroy_vm(sh: &Arc<Shared>, node: &str, vmid: u32, user: &str) -> HResult {
         move |s, injected| {
             if let Some(m) = injected {
                 return Err(m);
+            }
+            early_checks(s, &node2, vmid).map_err(|Fail(_, m)| m)?;
+            let vm = find(s, &node2, vmid).map_err(|Fail(_, m)| m)?;
+            locked(vm).map_err(|Fail(_, m)| m)?;
+            vm.disks_freed = true;
+            if unreferenced && let Some(off) = s.storages.values().find(|st| !st.online) {
+                return Err(format!("storage '{}' is not online", off.id));
             }
             s.vms.remove(&vmid);
             Ok(())

@@ -19,6 +19,8 @@ use crate::sim::{PveSim, SimOptions};
 
 /// The template every fixture has.
 pub const TEMPLATE_VMID: u32 = 9000;
+/// The shared storage the template of a multi-node fixture is on.
+pub const SHARED_STORAGE: &str = "ceph-rbd";
 /// The pool name of the fixture's provisioner.
 pub const POOL: &str = "linux";
 /// The installation id of the fixture's provisioner.
@@ -86,7 +88,19 @@ impl SimFixture {
         for n in nodes {
             sim.add_node(&n.name, n.mem_gib);
         }
-        sim.add_template(&nodes[0].name, TEMPLATE_VMID, "runner-template");
+        // Clones to other nodes need the template on shared storage (PVE
+        // refuses them otherwise), as a real multi-node set-up has it.
+        if nodes.len() > 1 {
+            sim.add_storage(SHARED_STORAGE, true, "rbd");
+            sim.add_template_on(
+                &nodes[0].name,
+                TEMPLATE_VMID,
+                "runner-template",
+                SHARED_STORAGE,
+            );
+        } else {
+            sim.add_template(&nodes[0].name, TEMPLATE_VMID, "runner-template");
+        }
         let mut conn = conn_config(&sim);
         if nodes.len() > 1 || nodes.iter().any(|n| n.max_instances.is_some()) {
             conn.nodes = nodes

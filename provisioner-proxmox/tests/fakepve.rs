@@ -30,12 +30,19 @@ struct FakePve {
 
 /// Starts fakepve, or says why it cannot (and whether that fails the test).
 async fn start_fakepve(faults: &str) -> Option<FakePve> {
+    start_fakepve_with(faults, &[]).await
+}
+
+/// Starts fakepve with extra environment (`FAKEPVE_TEMPLATE_CONFIG`,
+/// `FAKEPVE_VMS`, see `fakepve_server.py`).
+async fn start_fakepve_with(faults: &str, env: &[(&str, String)]) -> Option<FakePve> {
     let python = std::env::var("GRS_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fakepve_server.py");
     let spawned = tokio::process::Command::new(&python)
         .arg(script)
         .arg("0.02")
         .env("FAKEPVE_FAULTS", faults)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -121,12 +128,14 @@ impl Harness for FakeHarness {
             Err(_) => false,
         }
     }
+    /// Panics when fakepve cannot be asked: an API failure must fail the
+    /// check, not count as "it exists" (which made "a foreign VM survives"
+    /// pass without looking).
     async fn exists_at_all(&self, name: &str) -> bool {
-        self.admin
-            .resources(Some("vm"))
-            .await
-            .map(|rs| rs.iter().any(|r| r.name.as_deref() == Some(name)))
-            .unwrap_or(true)
+        match self.admin.resources(Some("vm")).await {
+            Ok(rs) => rs.iter().any(|r| r.name.as_deref() == Some(name)),
+            Err(e) => panic!("cannot list fakepve's VMs to look for {name}: {e}"),
+        }
     }
 }
 
@@ -270,5 +279,102 @@ async fn task_failures_on_fakepve_carry_the_task_log() {
     assert!(
         e.to_string().contains("UPID") || e.status().is_some(),
         "{e}"
+    );
+}
+
+/// fakepve's clone copies the template's options as qemu-server does
+/// (`CLONE_SKIP`), protection and tags included, and its destroy checks
+/// protection: a protected, tagged template must not make GRS's VMs
+/// undeletable, nor make a never-configured clone look ready.
+#[tokio::test]
+async fn a_protected_tagged_template_and_a_never_configured_clone_on_fakepve() {
+    let marker = grs_provisioner_proxmox::provisioner::Marker {
+        installation: "grs-fakepve".into(),
+        pool: "linux".into(),
+        job: 61,
+        created: 1_700_000_000,
+    };
+    let vms = serde_json::json!([{
+        "vmid": 4100, "name": "grs-conf-61",
+        "config": {
+            "memory": "512", "tags": "debian;runner", "protection": "1",
+            "description": marker.description(),
+            "scsi0": "local-lvm:vm-4100-disk-0,size=8G",
+        },
+    }]);
+    let env = [
+        (
+            "FAKEPVE_TEMPLATE_CONFIG",
+            r#"{"protection": "1", "tags": "debian;runner"}"#.to_owned(),
+        ),
+        ("FAKEPVE_VMS", vms.to_string()),
+    ];
+    let Some(fake) = start_fakepve_with("", &env).await else {
+        return;
+    };
+    let p =
+        ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap();
+    let admin = PveClient::new(&fake.conn).unwrap();
+    let seeded = |name: &str, job| {
+        let mut s = spec("linux", name, job);
+        s.bootstrap = Bootstrap::CloudInit {
+            seed_url: SecretString::from(format!("https://gw.example/cloud-init/tok{job}/")),
+        };
+        s
+    };
+    p.create(&seeded("grs-conf-60", 60)).await.unwrap();
+    p.delete("grs-conf-60").await.unwrap();
+
+    // The half-made clone is replaced: the VM that runs has its seed.
+    p.create(&seeded("grs-conf-61", 61)).await.unwrap();
+    let found: Vec<_> = admin
+        .resources(Some("vm"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.name.as_deref() == Some("grs-conf-61"))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let cfg = admin
+        .vm_config("pve1", found[0].vmid.unwrap())
+        .await
+        .unwrap();
+    let smbios = cfg.get("smbios1").and_then(|v| v.as_str()).unwrap_or("");
+    assert!(
+        smbios.contains("serial="),
+        "started without its seed: {smbios}"
+    );
+    p.delete("grs-conf-61").await.unwrap();
+    let names: Vec<String> = admin
+        .resources(Some("vm"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.name)
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "grs-conf-60" || n == "grs-conf-61"),
+        "{names:?}"
+    );
+}
+
+/// A template under backup (`VM is locked (backup)`, fakepve's catalogue)
+/// is a transient failure, never a permanent one.
+#[tokio::test]
+async fn a_template_under_backup_is_transient_on_fakepve() {
+    let Some(fake) = start_fakepve("template-locked:1000").await else {
+        return;
+    };
+    let p =
+        ProxmoxProvisioner::new(&fake.conn, "linux", &pool(), "grs-fakepve", "grs-conf").unwrap();
+    let e = p
+        .create(&spec("linux", "grs-conf-62", 62))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ProvisionerError::Transient(m) if m.contains("VM is locked (backup)")),
+        "{e:?}"
     );
 }

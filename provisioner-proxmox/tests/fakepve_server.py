@@ -5,6 +5,10 @@ once it listens, then serves until its standard input closes (the test
 process ended or dropped it).
 
 Usage: python3 fakepve_server.py [TIME_SCALE]
+
+Environment: FAKEPVE_FAULTS (comma-separated KIND:TIMES: clone-lock,
+template-locked), FAKEPVE_TEMPLATE_CONFIG (JSON object merged into the
+template's config), FAKEPVE_VMS (JSON list of {vmid, name, config}).
 """
 
 import asyncio
@@ -40,6 +44,16 @@ async def main():
             pve.fail('POST', '/clone', status=500,
                      message="can't lock file '/var/lock/qemu-server/lock-9000.conf' - got timeout",
                      times=int(times or 1))
+        elif kind == 'template-locked':
+            # fakepve's own catalogue entry: `VM is locked (backup)`.
+            pve.fail('POST', '/clone', error='locked', times=int(times or 1))
+    # Extra template options (JSON object), e.g. protection and tags, which
+    # a clone inherits.
+    template = next(vm for vm in pve.vms if vm.vmid == 9000)
+    template.config.update(json.loads(os.environ.get('FAKEPVE_TEMPLATE_CONFIG') or '{}'))
+    # Extra VMs (JSON list of {vmid, name, config}) on pve1.
+    for vm in json.loads(os.environ.get('FAKEPVE_VMS') or '[]'):
+        pve.add_vm(vm['vmid'], vm['name'], node='pve1', config=vm['config'])
     tmp = tempfile.mkdtemp(prefix='grs-fakepve-')
     certfile, keyfile, der = make_cert(tmp, hosts=(host,))
     await pve.start(certfile, keyfile)

@@ -21,8 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
+use grs_provisioner::Bootstrap;
 use grs_provisioner::conformance::spec;
-use grs_provisioner::{Bootstrap, Provisioner};
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::privileges::{
     REQUIRED_PRIVILEGES, pveum_commands, role_privileges_for,
@@ -114,7 +114,9 @@ fn config_option_privilege(opt: &str) -> &'static str {
         "cores" | "sockets" | "cpu" => "VM.Config.CPU",
         "memory" | "balloon" => "VM.Config.Memory",
         "smbios1" => "VM.Config.HWType",
-        "agent" | "description" | "name" | "tags" | "onboot" => "VM.Config.Options",
+        // `protection` is in `$generaloptions` too (GRS clears a protection
+        // the clone inherited from its template).
+        "agent" | "description" | "name" | "tags" | "onboot" | "protection" => "VM.Config.Options",
         o if o.starts_with("net") => "VM.Config.Network",
         other => {
             panic!("PUT config option {other} has no rule here; read $check_vm_modify_config_perm")

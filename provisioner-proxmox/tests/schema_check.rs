@@ -15,7 +15,7 @@ use grs_provisioner::conformance::spec;
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::schema::{ApiSchema, ENDPOINTS_JSON};
 use grs_provisioner_proxmox::sim::{Fault, SimOptions, TaskDurations};
-use grs_provisioner_proxmox::testing::{NodeSpec, POOL, SimFixture};
+use grs_provisioner_proxmox::testing::{self, NodeSpec, POOL, SimFixture};
 use secrecy::SecretString;
 
 fn shared_fixture() -> Option<PathBuf> {
@@ -70,7 +70,8 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
     // Everything optional switched on.
     let mut full = f.pool.clone();
     full.full_clone = true;
-    full.storage = Some("local-lvm".into());
+    // Shared: PVE refuses a full clone to another node onto local storage.
+    full.storage = Some(testing::SHARED_STORAGE.into());
     full.resource_pool = Some("ci/linux".into());
     full.target_node = Some("pve2".into());
     full.cores = Some(4);
@@ -177,7 +178,7 @@ async fn every_request_the_client_can_send_fits_the_official_schema() {
         "net0",
         "agent",
         "purge",
-        "destroy-unreferenced-disks",
+        "protection",
         "file",
         "content",
         "command",

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use grs_provisioner::conformance::spec;
-use grs_provisioner::{Bootstrap, InstanceSpec, Provisioner, ProvisionerError};
+use grs_provisioner::{Bootstrap, InstanceSpec, ProvisionerError};
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::sim::{Fault, SimOptions, TaskDurations};
 use grs_provisioner_proxmox::testing::{NodeSpec, POOL, SimFixture};

@@ -1,8 +1,13 @@
 //! The behaviour every [`Store`] must show.
 //!
-//! Each check takes a fresh, empty store. The memory store runs them in its
-//! unit tests; the Redis store runs them against a real Redis server (each
-//! check under a key prefix of its own), in `tests/store_redis.rs`.
+//! Each check takes a fresh, empty store and is its own test (declared with
+//! [`store_conformance_checks!`](crate::store_conformance_checks)), so a run
+//! reports every failing check, not the first. The memory store runs them in
+//! its unit tests, with tokio's clock paused (its time is tokio's: checks of
+//! claim timeouts, leases and token expiry take no real time); the Redis
+//! store runs them against a real Redis server (each check under a key
+//! prefix of its own, in real time: Redis keeps its own clock), in
+//! `tests/store_redis.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +49,7 @@ const KEEP: Duration = Duration::from_secs(3600);
 
 macro_rules! checks {
     ($($name:ident),* $(,)?) => {
-        /// Every check's name, for the test harnesses.
+        /// Every check's name.
         pub const ALL: &[&str] = &[$(stringify!($name)),*];
 
         /// Runs the check called `name` on `store`.
@@ -57,37 +62,63 @@ macro_rules! checks {
     };
 }
 
-checks!(
-    a_routed_queued_job_is_recorded_and_queued_once,
-    redelivery_is_a_duplicate_and_changes_nothing,
-    unrouted_jobs_are_recorded_and_not_queued,
-    completed_before_queued_never_provisions,
-    provision_then_completion_tears_down_exactly_once,
-    capacity_is_never_exceeded_and_released_on_teardown,
-    concurrent_begin_provision_never_exceeds_capacity,
-    a_redelivered_provision_entry_takes_no_second_slot,
-    a_job_completed_during_creation_is_torn_down_after_it,
-    a_job_taken_by_another_runner_is_recorded_on_that_instance,
-    failure_fails_the_job_and_queues_cleanup,
-    unacked_entries_are_claimed_by_another_worker,
-    touched_entries_are_not_claimed,
-    acked_entries_leave_the_queue,
-    paused_pools_hold_their_jobs,
-    pool_overrides_persist_and_merge,
-    bootstrap_tokens_resolve_until_revoked,
-    list_jobs_filters_and_pages_newest_first,
-    watch_streams_transitions,
-    the_job_returned_is_the_job_recorded,
-    a_batch_does_exactly_what_the_same_events_one_by_one_do,
-    a_batch_is_applied_in_order,
-    an_empty_batch_does_nothing,
-    a_batch_queues_each_routed_job_once_in_its_pool,
-    a_lease_has_one_holder_at_a_time,
-    an_expired_lease_goes_to_the_next_caller,
-    renewing_a_lease_extends_it,
-    only_the_holder_releases_a_lease,
-    an_empty_store_lists_no_instances,
-);
+/// Calls macro `$callback` with the names of every store conformance check
+/// (`a_routed_queued_job_is_recorded_and_queued_once, ...`): a harness
+/// declares one test per check with it, so each failure is reported on
+/// its own. This is the one list of the checks.
+///
+/// ```ignore
+/// macro_rules! my_store_tests {
+///     ($($name:ident),* $(,)?) => {$(
+///         #[tokio::test]
+///         async fn $name() {
+///             conformance::run(stringify!($name), make_store()).await
+///         }
+///     )*};
+/// }
+/// grs_control_plane::store_conformance_checks!(my_store_tests);
+/// ```
+#[macro_export]
+macro_rules! store_conformance_checks {
+    ($callback:ident) => {
+        $callback! {
+            a_routed_queued_job_is_recorded_and_queued_once,
+            redelivery_is_a_duplicate_and_changes_nothing,
+            unrouted_jobs_are_recorded_and_not_queued,
+            completed_before_queued_never_provisions,
+            provision_then_completion_tears_down_exactly_once,
+            capacity_is_never_exceeded_and_released_on_teardown,
+            concurrent_begin_provision_never_exceeds_capacity,
+            a_redelivered_provision_entry_takes_no_second_slot,
+            a_job_completed_during_creation_is_torn_down_after_it,
+            a_job_taken_by_another_runner_is_recorded_on_that_instance,
+            failure_fails_the_job_and_queues_cleanup,
+            unacked_entries_are_claimed_by_another_worker,
+            touched_entries_are_not_claimed,
+            acked_entries_leave_the_queue,
+            paused_pools_hold_their_jobs,
+            pool_overrides_persist_and_merge,
+            bootstrap_tokens_resolve_until_revoked,
+            list_jobs_filters_and_pages_newest_first,
+            watch_streams_transitions,
+            the_job_returned_is_the_job_recorded,
+            a_batch_does_exactly_what_the_same_events_one_by_one_do,
+            a_batch_is_applied_in_order,
+            an_empty_batch_does_nothing,
+            a_batch_queues_each_routed_job_once_in_its_pool,
+            a_lease_has_one_holder_at_a_time,
+            an_expired_lease_goes_to_the_next_caller,
+            renewing_a_lease_extends_it,
+            only_the_holder_releases_a_lease,
+            an_empty_store_lists_no_instances,
+            a_runner_named_by_a_queued_or_waiting_event_is_not_recorded,
+            a_transition_tells_the_reason_it_recorded,
+            concurrent_events_for_one_job_apply_one_at_a_time,
+        }
+    };
+}
+
+store_conformance_checks!(checks);
 
 async fn queue_one(store: &dyn Store, job: u64) {
     let r = store
@@ -1672,4 +1703,132 @@ async fn an_empty_store_lists_no_instances(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Found by the differential test (tests/store_differential.rs): the Redis
+/// store recorded the runner of a new job's `queued` event, the memory store
+/// did not, and SubmitJobEvent answered the latter while GetJob read the
+/// former.
+async fn a_runner_named_by_a_queued_or_waiting_event_is_not_recorded(store: Arc<dyn Store>) {
+    for (i, action) in [JobAction::Queued, JobAction::Waiting]
+        .into_iter()
+        .enumerate()
+    {
+        let job = 700 + i as u64;
+        let mut ev = event(&format!("d{job}"), action, job);
+        ev.runner_id = 42;
+        ev.runner_name = "grs-999".into();
+        let r = store.submit_event(&ev, Some("linux"), 1000).await.unwrap();
+        let recorded = store.get_job(job).await.unwrap();
+        assert_eq!(r.job, recorded, "{action:?}: the answer is the record");
+        let recorded = recorded.unwrap();
+        assert_eq!(
+            (recorded.runner_name.as_str(), recorded.runner_id),
+            ("", 0),
+            "{action:?}"
+        );
+    }
+}
+
+/// Found by the differential test: the memory store sent a job's standing
+/// reason with every transition (e.g. an unrouted job's with its
+/// `in_progress`), the Redis store none for transitions of recorded jobs,
+/// even when the transition recorded one.
+async fn a_transition_tells_the_reason_it_recorded(store: Arc<dyn Store>) {
+    let mut watch = store.watch(None).await.unwrap();
+    queue_one(&*store, 710).await;
+    store
+        .submit_event(
+            &event("c710", JobAction::Completed, 710),
+            Some("linux"),
+            1001,
+        )
+        .await
+        .unwrap();
+    store
+        .submit_event(&event("q711", JobAction::Queued, 711), None, 1002)
+        .await
+        .unwrap();
+    store
+        .submit_event(&event("p711", JobAction::InProgress, 711), None, 1003)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(Ok(Event::Job {
+                job_id, to, reason, ..
+            }))) => seen.push((job_id, to, reason)),
+            other => panic!("{other:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (710, JobState::Queued, String::new()),
+            (
+                710,
+                JobState::Completed,
+                "completed while queued; no instance made".to_owned()
+            ),
+            (
+                711,
+                JobState::Unrouted,
+                "no pool serves all of the labels [self-hosted, Linux]".to_owned()
+            ),
+            (711, JobState::InProgress, String::new()),
+        ]
+    );
+}
+
+/// Events for one job arriving at once (several gateway replicas, several
+/// control-plane replicas) apply one after another: the first `queued`
+/// counts, the others are stale, and the job is queued once. On Redis this
+/// is the revision check of the job record at work (a decision made on a
+/// record another writer changed meanwhile is redone).
+async fn concurrent_events_for_one_job_apply_one_at_a_time(store: Arc<dyn Store>) {
+    let tasks = (0..12).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .submit_event(
+                    &event(&format!("race-{i}"), JobAction::Queued, 720),
+                    Some("linux"),
+                    1000 + i,
+                )
+                .await
+                .unwrap()
+                .outcome
+        })
+    });
+    let outcomes: Vec<SubmitOutcome> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == SubmitOutcome::Accepted)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(depth(&*store, &Queue::Provision("linux".into())).await, 1);
+    // And two writers of different records touching one instance: a
+    // runner taking job 721 while job 720's instance is provisioned.
+    let name = provision(&*store, 720).await;
+    let mut started = event("p721", JobAction::InProgress, 721);
+    started.runner_name = name.clone();
+    let mut done = event("c720", JobAction::Completed, 720);
+    done.runner_name = name.clone();
+    let (a, b) = tokio::join!(
+        store.submit_event(&started, Some("linux"), 3000),
+        store.submit_event(&done, Some("linux"), 3000),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let inst = store.get_instance(&name).await.unwrap().unwrap();
+    // Whichever came first, both took effect on the one record.
+    assert_eq!(inst.assigned_job_id, 721, "{a:?} {b:?}");
+    assert_eq!(inst.state, InstanceState::PendingDelete);
 }

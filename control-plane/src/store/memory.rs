@@ -1,50 +1,93 @@
 //! [`Store`] in process memory: for `grs demo` and fast tests.
 //!
 //! One mutex guards everything, which makes every method atomic like the
-//! Redis store's scripts. Queues mimic Redis streams with a consumer group:
-//! entries wait in order, are held by a consumer until acknowledged, and can
-//! be claimed once idle.
+//! Redis store's scripts. Every change to jobs, instances, capacity, tokens
+//! and overrides is decided by [`rules`](super::rules) and applied here as
+//! the [`Change`]s it returns: this file holds no rule of its own. Queues
+//! mimic Redis streams with a consumer group: entries wait in order, are
+//! held by a consumer until acknowledged, and can be claimed once idle.
+//!
+//! Time (idle entries, token expiry, leases) is tokio's clock, so tests of
+//! timeouts run with paused time instead of sleeping. Deleted instances and
+//! ended jobs are kept until the process ends (no retention).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
 
+use super::rules::{self, Change, PoolState, Read, Records, Tx};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreResult,
-    SubmitResult,
+    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
+    StoreResult, SubmitResult,
 };
 use crate::model::{
-    Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
-    PoolOverrides, SubmitOutcome, apply_event, instance_is_created,
+    Event, InstanceRecord, InstanceState, Job, JobEvent, JobState, Millis, PoolOverrides,
 };
 
 #[derive(Debug, Default)]
 struct MemQueue {
     next_seq: u64,
-    waiting: VecDeque<(String, QueueItem)>,
-    /// id → (item, consumer, last delivered or touched)
-    pending: BTreeMap<String, (QueueItem, String, Instant)>,
+    waiting: VecDeque<(u64, QueueItem)>,
+    /// seq → (item, consumer, last delivered or touched); ordered by seq as
+    /// a stream's pending entries are by id.
+    pending: BTreeMap<u64, (QueueItem, String, Instant)>,
+}
+
+/// Entry ids look like Redis stream ids.
+fn entry_id(seq: u64) -> String {
+    format!("{seq}-0")
+}
+
+fn entry_seq(id: &str) -> Option<u64> {
+    id.strip_suffix("-0")?.parse().ok()
 }
 
 #[derive(Debug, Default)]
 struct State {
-    deliveries: HashMap<String, Millis>,
+    deliveries: HashSet<String>,
     jobs: HashMap<u64, Job>,
     /// Jobs in recording order, for newest-first listing.
     job_order: Vec<u64>,
     instances: BTreeMap<String, InstanceRecord>,
     live: HashMap<String, BTreeSet<String>>,
     overrides: HashMap<String, PoolOverrides>,
+    /// token hash → (instance, expiry)
     bootstrap: HashMap<String, (String, Instant)>,
     bootstrap_by_instance: HashMap<String, String>,
     queues: BTreeMap<Queue, MemQueue>,
     /// lease name → (holder, expiry)
     leases: HashMap<String, (String, Instant)>,
+}
+
+impl Records for State {
+    fn delivery_seen(&self, id: &str) -> Read<bool> {
+        Ok(self.deliveries.contains(id))
+    }
+
+    fn job(&self, id: u64) -> Read<Option<Job>> {
+        Ok(self.jobs.get(&id).cloned())
+    }
+
+    fn instance(&self, name: &str) -> Read<Option<InstanceRecord>> {
+        Ok(self.instances.get(name).cloned())
+    }
+
+    fn token(&self, name: &str) -> Read<Option<String>> {
+        Ok(self.bootstrap_by_instance.get(name).cloned())
+    }
+
+    fn pool(&self, pool: &str) -> Read<PoolState> {
+        Ok(PoolState {
+            overrides: self.overrides.get(pool).cloned().unwrap_or_default(),
+            in_use: self.live.get(pool).map_or(0, |l| l.len() as u32),
+        })
+    }
 }
 
 /// In-memory [`Store`].
@@ -71,91 +114,109 @@ impl MemoryStore {
         }
     }
 
-    fn emit(&self, e: Event) {
-        // No watcher is fine.
-        let _ = self.events.send(e);
-    }
-
-    fn push(&self, s: &mut State, q: Queue, item: QueueItem) {
-        let mq = s.queues.entry(q).or_default();
-        mq.next_seq += 1;
-        mq.waiting.push_back((format!("{}-0", mq.next_seq), item));
-        self.notify.notify_waiters();
-    }
-
-    fn set_instance_state(
+    /// Decides with `decide` (one group per call of it, `n` calls) under
+    /// the lock and applies what it decided: atomic, like the Redis store's
+    /// one script.
+    fn transact<T>(
         &self,
-        inst: &mut InstanceRecord,
-        to: InstanceState,
-        reason: &str,
-        now: Millis,
-    ) {
-        let from = inst.state;
-        inst.state = to;
-        inst.updated_at = now;
-        if !reason.is_empty() {
-            inst.reason = reason.to_owned();
+        n: usize,
+        decide: impl Fn(&mut Tx<'_>, usize) -> Read<T>,
+    ) -> StoreResult<Vec<T>> {
+        let mut s = self.state.lock().unwrap();
+        let (results, groups) = {
+            let mut tx = Tx::new(&*s);
+            let mut results = Vec::with_capacity(n);
+            for i in 0..n {
+                results.push(decide(&mut tx, i).map_err(|key| StoreError::Corrupt {
+                    key: format!("{key:?}"),
+                    message: "the memory store holds every record, yet this one was missing".into(),
+                })?);
+                tx.end_group();
+            }
+            (results, tx.into_groups())
+        };
+        for change in groups.into_iter().flat_map(|g| g.changes) {
+            self.apply(&mut s, change);
         }
-        self.emit(Event::Instance {
-            at: now,
-            name: inst.name.clone(),
-            pool: inst.pool.clone(),
-            from: Some(from),
-            to,
-            reason: reason.to_owned(),
-        });
+        Ok(results)
     }
 
-    fn set_job_state(&self, job: &mut Job, to: JobState, reason: &str, now: Millis) {
-        let from = job.state;
-        job.state = to;
-        job.updated_at = now;
-        if !reason.is_empty() {
-            job.reason = reason.to_owned();
-        }
-        self.emit(Event::Job {
-            at: now,
-            job_id: job.job_id,
-            pool: job.pool.clone(),
-            from: Some(from),
-            to,
-            reason: reason.to_owned(),
-        });
+    /// [`transact`](Self::transact) for one decision.
+    fn transact_one<T>(&self, decide: impl Fn(&mut Tx<'_>) -> Read<T>) -> StoreResult<T> {
+        self.transact(1, |tx, _| decide(tx))?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt {
+                key: "transact".into(),
+                message: "no result".into(),
+            })
     }
 
-    /// Queues `name` for teardown if it exists and is not on its way out.
-    fn teardown_locked(
-        &self,
-        s: &mut State,
-        name: &str,
-        reason: &str,
-        now: Millis,
-    ) -> Option<bool> {
-        let inst = s.instances.get_mut(name)?;
-        if matches!(
-            inst.state,
-            InstanceState::PendingDelete | InstanceState::Deleting | InstanceState::Deleted
-        ) {
-            return Some(false);
+    fn apply(&self, s: &mut State, change: Change) {
+        match change {
+            Change::Delivery(id) => {
+                s.deliveries.insert(id);
+            }
+            Change::Job { before, after } => {
+                if before.is_none() {
+                    s.job_order.push(after.job_id);
+                }
+                s.jobs.insert(after.job_id, after);
+            }
+            Change::Instance { after, .. } => {
+                s.instances.insert(after.name.clone(), after);
+            }
+            // Kept until the process ends.
+            Change::Retain { .. } => {}
+            Change::TakeSlot { pool, instance } => {
+                s.live.entry(pool).or_default().insert(instance);
+            }
+            Change::ReleaseSlot { pool, instance } => {
+                if let Some(live) = s.live.get_mut(&pool) {
+                    live.remove(&instance);
+                }
+            }
+            Change::Push(q, item) => {
+                let mq = s.queues.entry(q).or_default();
+                mq.next_seq += 1;
+                mq.waiting.push_back((mq.next_seq, item));
+                self.notify.notify_waiters();
+            }
+            Change::Emit(e) => {
+                // No watcher is fine.
+                let _ = self.events.send(e);
+            }
+            Change::BindToken {
+                instance,
+                token_hash,
+                ttl,
+            } => {
+                s.bootstrap
+                    .insert(token_hash.clone(), (instance.clone(), Instant::now() + ttl));
+                s.bootstrap_by_instance.insert(instance, token_hash);
+            }
+            Change::DropToken {
+                instance,
+                token_hash,
+            } => {
+                s.bootstrap.remove(&token_hash);
+                s.bootstrap_by_instance.remove(&instance);
+            }
+            Change::Overrides { pool, overrides } => {
+                s.overrides.insert(pool, overrides);
+                // Capacity or pause changed: wake workers waiting on it.
+                self.notify.notify_waiters();
+            }
         }
-        self.set_instance_state(inst, InstanceState::PendingDelete, reason, now);
-        self.push(
-            s,
-            Queue::Teardown,
-            QueueItem::Teardown {
-                instance: name.to_owned(),
-            },
-        );
-        Some(true)
     }
 
     fn deliver(mq: &mut MemQueue, consumer: &str) -> Option<Delivery> {
-        let (id, item) = mq.waiting.pop_front()?;
-        mq.pending.insert(
-            id.clone(),
-            (item.clone(), consumer.to_owned(), Instant::now()),
-        );
-        Some(Delivery { id, item })
+        let (seq, item) = mq.waiting.pop_front()?;
+        mq.pending
+            .insert(seq, (item.clone(), consumer.to_owned(), Instant::now()));
+        Some(Delivery {
+            id: entry_id(seq),
+            item,
+        })
     }
 }
 
@@ -171,87 +232,17 @@ impl Store for MemoryStore {
         routed_pool: Option<&str>,
         now: Millis,
     ) -> StoreResult<SubmitResult> {
-        let mut s = self.state.lock().unwrap();
-        if s.deliveries.contains_key(&ev.delivery_id) {
-            return Ok(SubmitResult {
-                outcome: SubmitOutcome::DuplicateDelivery,
-                job: s.jobs.get(&ev.job_id).cloned(),
-                teardown: None,
-            });
-        }
-        s.deliveries.insert(ev.delivery_id.clone(), now);
-        let existing = s.jobs.get(&ev.job_id);
-        let applied = apply_event(existing, ev, routed_pool, now);
-        if applied.outcome != SubmitOutcome::Accepted {
-            return Ok(SubmitResult {
-                outcome: applied.outcome,
-                job: Some(applied.job),
-                teardown: None,
-            });
-        }
-        let job = applied.job;
-        if applied.from.is_none() {
-            s.job_order.push(job.job_id);
-        }
-        self.emit(Event::Job {
-            at: now,
-            job_id: job.job_id,
-            pool: job.pool.clone(),
-            from: applied.from,
-            to: job.state,
-            reason: job.reason.clone(),
-        });
-        if applied.enqueue_provision {
-            self.push(
-                &mut s,
-                Queue::Provision(job.pool.clone()),
-                QueueItem::Provision { job_id: job.job_id },
-            );
-        }
-        let mut teardown = None;
-        match ev.action {
-            JobAction::InProgress if !ev.runner_name.is_empty() => {
-                if let Some(inst) = s.instances.get_mut(&ev.runner_name) {
-                    inst.assigned_job_id = job.job_id;
-                    inst.updated_at = now;
-                }
-                if let Some(h) = s.bootstrap_by_instance.remove(&ev.runner_name) {
-                    s.bootstrap.remove(&h);
-                }
-            }
-            JobAction::Completed => {
-                let target = if !ev.runner_name.is_empty() {
-                    Some(ev.runner_name.clone())
-                } else {
-                    s.instances
-                        .get(&job.instance_name)
-                        .filter(|i| i.assigned_job_id == 0)
-                        .map(|i| i.name.clone())
-                };
-                if let Some(name) = target {
-                    let created = s
-                        .instances
-                        .get(&name)
-                        .is_some_and(|i| instance_is_created(i.state));
-                    if created
-                        && self.teardown_locked(
-                            &mut s,
-                            &name,
-                            &format!("job {} completed", job.job_id),
-                            now,
-                        ) == Some(true)
-                    {
-                        teardown = Some(name);
-                    }
-                }
-            }
-            _ => {}
-        }
-        s.jobs.insert(job.job_id, job.clone());
-        Ok(SubmitResult {
-            outcome: SubmitOutcome::Accepted,
-            job: Some(job),
-            teardown,
+        self.transact_one(|tx| rules::submit(tx, ev, routed_pool, now))
+    }
+
+    async fn submit_events(
+        &self,
+        batch: &[(&JobEvent, Option<&str>)],
+        now: Millis,
+    ) -> StoreResult<Vec<SubmitResult>> {
+        self.transact(batch.len(), |tx, i| {
+            let (ev, routed_pool) = batch[i];
+            rules::submit(tx, ev, routed_pool, now)
         })
     }
 
@@ -313,99 +304,11 @@ impl Store for MemoryStore {
         limits: &PoolLimits,
         now: Millis,
     ) -> StoreResult<BeginProvision> {
-        let mut s = self.state.lock().unwrap();
-        let Some(job) = s.jobs.get(&job_id).cloned() else {
-            return Ok(BeginProvision::Skip(format!(
-                "job {job_id} is not recorded"
-            )));
-        };
-        let (job_state, pool) = (job.state, job.pool.clone());
-        if let Some(inst) = s.instances.get(name) {
-            if !matches!(
-                inst.state,
-                InstanceState::PendingCreate | InstanceState::Creating
-            ) {
-                return Ok(BeginProvision::Skip(format!(
-                    "instance {name} is {}",
-                    inst.state
-                )));
-            }
-            // A creation that did not finish (its worker died): finish it,
-            // unless the job ended meanwhile; then remove what may exist.
-            if job_state.is_terminal() {
-                let reason = format!("job {job_id} is {job_state}");
-                self.teardown_locked(&mut s, name, &reason, now);
-                return Ok(BeginProvision::Skip(reason));
-            }
-            let inst = inst.clone();
-            let job = s.jobs.get_mut(&job_id).unwrap_or_else(|| unreachable!());
-            job.attempts += 1;
-            return Ok(BeginProvision::Proceed {
-                instance: inst,
-                attempts: job.attempts,
-            });
-        }
-        if let Some(skip) = provision_skip_reason(&job) {
-            return Ok(BeginProvision::Skip(skip));
-        }
-        let ov = s.overrides.get(&pool).cloned().unwrap_or_default();
-        if ov.paused.unwrap_or(limits.paused) {
-            return Ok(BeginProvision::Paused);
-        }
-        let max = ov.max_instances.unwrap_or(limits.max_instances) as usize;
-        let live = s.live.entry(pool.clone()).or_default();
-        if live.len() >= max {
-            return Ok(BeginProvision::NoCapacity);
-        }
-        live.insert(name.to_owned());
-        let inst = InstanceRecord {
-            name: name.to_owned(),
-            pool: pool.clone(),
-            job_id,
-            assigned_job_id: 0,
-            state: InstanceState::PendingCreate,
-            provider_id: String::new(),
-            location: String::new(),
-            reason: String::new(),
-            created_at: now,
-            updated_at: now,
-        };
-        s.instances.insert(name.to_owned(), inst.clone());
-        self.emit(Event::Instance {
-            at: now,
-            name: name.to_owned(),
-            pool,
-            from: None,
-            to: InstanceState::PendingCreate,
-            reason: String::new(),
-        });
-        let job = s.jobs.get_mut(&job_id).unwrap_or_else(|| unreachable!());
-        job.instance_name = name.to_owned();
-        job.attempts += 1;
-        let attempts = job.attempts;
-        if job.state == JobState::Queued {
-            let mut j = job.clone();
-            self.set_job_state(&mut j, JobState::Provisioning, "", now);
-            s.jobs.insert(job_id, j);
-        }
-        Ok(BeginProvision::Proceed {
-            instance: inst,
-            attempts,
-        })
+        self.transact_one(|tx| rules::begin_provision(tx, job_id, name, limits, now))
     }
 
     async fn mark_creating(&self, name: &str, now: Millis) -> StoreResult<()> {
-        let mut s = self.state.lock().unwrap();
-        if let Some(inst) = s
-            .instances
-            .get_mut(name)
-            .filter(|i| i.state == InstanceState::PendingCreate)
-        {
-            let mut i = inst.clone();
-            self.set_instance_state(&mut i, InstanceState::Creating, "", now);
-            *inst = i;
-        }
-        Ok(())
+        self.transact_one(|tx| rules::mark_creating(tx, name, now))
     }
 
     async fn finish_provision(
@@ -416,38 +319,9 @@ impl Store for MemoryStore {
         location: &str,
         now: Millis,
     ) -> StoreResult<bool> {
-        let mut s = self.state.lock().unwrap();
-        let Some(inst) = s.instances.get_mut(name) else {
-            return Ok(false);
-        };
-        if !matches!(
-            inst.state,
-            InstanceState::PendingCreate | InstanceState::Creating
-        ) {
-            return Ok(false);
-        }
-        inst.provider_id = provider_id.to_owned();
-        inst.location = location.to_owned();
-        let mut i = inst.clone();
-        self.set_instance_state(&mut i, InstanceState::Running, "", now);
-        let assigned = i.assigned_job_id;
-        s.instances.insert(name.to_owned(), i);
-        let Some(job) = s.jobs.get(&job_id).cloned() else {
-            return Ok(false);
-        };
-        if job.state == JobState::Provisioning {
-            let mut j = job;
-            self.set_job_state(&mut j, JobState::Provisioned, "", now);
-            s.jobs.insert(job_id, j);
-        } else if job.state == JobState::Completed && assigned == 0 {
-            return Ok(self.teardown_locked(
-                &mut s,
-                name,
-                &format!("job {job_id} completed while its instance was created"),
-                now,
-            ) == Some(true));
-        }
-        Ok(false)
+        self.transact_one(|tx| {
+            rules::finish_provision(tx, job_id, name, provider_id, location, now)
+        })
     }
 
     async fn fail_provision(
@@ -457,19 +331,7 @@ impl Store for MemoryStore {
         reason: &str,
         now: Millis,
     ) -> StoreResult<()> {
-        let mut s = self.state.lock().unwrap();
-        if let Some(job) = s
-            .jobs
-            .get(&job_id)
-            .cloned()
-            .filter(|j| !j.state.is_terminal())
-        {
-            let mut j = job;
-            self.set_job_state(&mut j, JobState::Failed, reason, now);
-            s.jobs.insert(job_id, j);
-        }
-        self.teardown_locked(&mut s, name, reason, now);
-        Ok(())
+        self.transact_one(|tx| rules::fail_provision(tx, job_id, name, reason, now))
     }
 
     async fn enqueue_teardown(
@@ -478,60 +340,25 @@ impl Store for MemoryStore {
         reason: &str,
         now: Millis,
     ) -> StoreResult<Option<bool>> {
-        let mut s = self.state.lock().unwrap();
-        Ok(self.teardown_locked(&mut s, name, reason, now))
+        self.transact_one(|tx| rules::teardown(tx, name, reason, now))
     }
 
     async fn begin_teardown(&self, name: &str, now: Millis) -> StoreResult<Option<InstanceRecord>> {
-        let mut s = self.state.lock().unwrap();
-        let Some(inst) = s.instances.get_mut(name) else {
-            return Ok(None);
-        };
-        match inst.state {
-            InstanceState::Deleted => Ok(None),
-            InstanceState::Deleting => Ok(Some(inst.clone())),
-            _ => {
-                let mut i = inst.clone();
-                self.set_instance_state(&mut i, InstanceState::Deleting, "", now);
-                *inst = i.clone();
-                Ok(Some(i))
-            }
-        }
+        self.transact_one(|tx| rules::begin_teardown(tx, name, now))
     }
 
     async fn finish_teardown(
         &self,
         name: &str,
         reason: &str,
-        _retention: Duration,
+        retention: Duration,
         now: Millis,
     ) -> StoreResult<()> {
-        let mut s = self.state.lock().unwrap();
-        let Some(inst) = s.instances.get(name).cloned() else {
-            return Ok(());
-        };
-        if inst.state == InstanceState::Deleted {
-            return Ok(());
-        }
-        let mut i = inst;
-        self.set_instance_state(&mut i, InstanceState::Deleted, reason, now);
-        if let Some(live) = s.live.get_mut(&i.pool) {
-            live.remove(name);
-        }
-        if let Some(h) = s.bootstrap_by_instance.remove(name) {
-            s.bootstrap.remove(&h);
-        }
-        s.instances.insert(name.to_owned(), i);
-        Ok(())
+        self.transact_one(|tx| rules::finish_teardown(tx, name, reason, retention, now))
     }
 
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()> {
-        let mut s = self.state.lock().unwrap();
-        if let Some(inst) = s.instances.get_mut(name) {
-            inst.reason = reason.to_owned();
-            inst.updated_at = now;
-        }
-        Ok(())
+        self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
     }
 
     async fn read(
@@ -540,7 +367,7 @@ impl Store for MemoryStore {
         consumer: &str,
         block: Duration,
     ) -> StoreResult<Option<Delivery>> {
-        let deadline = tokio::time::Instant::now() + block;
+        let deadline = Instant::now() + block;
         loop {
             // Register interest before checking, so a push between the check
             // and the wait is not missed.
@@ -569,7 +396,7 @@ impl Store for MemoryStore {
         let mq = s.queues.entry(queue.clone()).or_default();
         let now = Instant::now();
         let mut out = Vec::new();
-        for (id, (item, owner, at)) in mq.pending.iter_mut() {
+        for (seq, (item, owner, at)) in mq.pending.iter_mut() {
             if out.len() >= count {
                 break;
             }
@@ -577,7 +404,7 @@ impl Store for MemoryStore {
                 *owner = consumer.to_owned();
                 *at = now;
                 out.push(Delivery {
-                    id: id.clone(),
+                    id: entry_id(*seq),
                     item: item.clone(),
                 });
             }
@@ -587,13 +414,13 @@ impl Store for MemoryStore {
 
     async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<()> {
         let mut s = self.state.lock().unwrap();
-        if let Some((_, owner, at)) = s
-            .queues
-            .entry(queue.clone())
-            .or_default()
-            .pending
-            .get_mut(id)
-        {
+        if let Some((_, owner, at)) = entry_seq(id).and_then(|seq| {
+            s.queues
+                .entry(queue.clone())
+                .or_default()
+                .pending
+                .get_mut(&seq)
+        }) {
             *owner = consumer.to_owned();
             *at = Instant::now();
         }
@@ -602,11 +429,13 @@ impl Store for MemoryStore {
 
     async fn ack(&self, queue: &Queue, id: &str) -> StoreResult<()> {
         let mut s = self.state.lock().unwrap();
-        s.queues
-            .entry(queue.clone())
-            .or_default()
-            .pending
-            .remove(id);
+        if let Some(seq) = entry_seq(id) {
+            s.queues
+                .entry(queue.clone())
+                .or_default()
+                .pending
+                .remove(&seq);
+        }
         Ok(())
     }
 
@@ -648,15 +477,7 @@ impl Store for MemoryStore {
         pool: &str,
         update: &PoolOverrides,
     ) -> StoreResult<PoolOverrides> {
-        let mut s = self.state.lock().unwrap();
-        let o = s.overrides.entry(pool.to_owned()).or_default();
-        o.paused = update.paused.or(o.paused);
-        o.min_idle = update.min_idle.or(o.min_idle);
-        o.max_instances = update.max_instances.or(o.max_instances);
-        let o = o.clone();
-        // Capacity or pause changed: wake workers waiting on it.
-        self.notify.notify_waiters();
-        Ok(o)
+        self.transact_one(|tx| rules::update_pool_overrides(tx, pool, update))
     }
 
     async fn put_bootstrap_token(
@@ -665,18 +486,7 @@ impl Store for MemoryStore {
         instance: &str,
         ttl: Duration,
     ) -> StoreResult<()> {
-        let mut s = self.state.lock().unwrap();
-        if let Some(old) = s
-            .bootstrap_by_instance
-            .insert(instance.to_owned(), token_hash.to_owned())
-        {
-            s.bootstrap.remove(&old);
-        }
-        s.bootstrap.insert(
-            token_hash.to_owned(),
-            (instance.to_owned(), Instant::now() + ttl),
-        );
-        Ok(())
+        self.transact_one(|tx| rules::put_bootstrap_token(tx, token_hash, instance, ttl))
     }
 
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>> {
@@ -688,11 +498,7 @@ impl Store for MemoryStore {
     }
 
     async fn revoke_bootstrap_token(&self, instance: &str) -> StoreResult<()> {
-        let mut s = self.state.lock().unwrap();
-        if let Some(h) = s.bootstrap_by_instance.remove(instance) {
-            s.bootstrap.remove(&h);
-        }
-        Ok(())
+        self.transact_one(|tx| rules::revoke_bootstrap_token(tx, instance))
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
@@ -738,17 +544,6 @@ impl Store for MemoryStore {
     }
 }
 
-/// Why a provision entry for `job` needs no work, if it needs none.
-fn provision_skip_reason(job: &Job) -> Option<String> {
-    match job.state {
-        JobState::Queued | JobState::Provisioning => None,
-        // A runner of the pool took the job before its own instance was
-        // made: that runner was made for another job, which now needs one.
-        JobState::InProgress if job.instance_name.is_empty() => None,
-        s => Some(format!("job {} is {s}", job.job_id)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -756,10 +551,16 @@ mod tests {
     use super::MemoryStore;
     use crate::store::conformance;
 
-    #[tokio::test]
-    async fn memory_store_passes_the_store_conformance_suite() {
-        for name in conformance::ALL {
-            conformance::run(name, Arc::new(MemoryStore::new())).await;
-        }
+    /// One test per conformance check, on tokio's paused clock: sleeps in
+    /// the checks advance it at once, and the store's timeouts follow it.
+    macro_rules! memory_store_conformance {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test(start_paused = true)]
+            async fn $name() {
+                conformance::run(stringify!($name), Arc::new(MemoryStore::new())).await;
+            }
+        )*};
     }
+
+    crate::store_conformance_checks!(memory_store_conformance);
 }

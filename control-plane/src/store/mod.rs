@@ -30,6 +30,7 @@
 pub mod conformance;
 mod memory;
 mod redis;
+pub mod rules;
 
 use std::time::Duration;
 

@@ -4,7 +4,8 @@
 //!    task durations and production polling settings, counted by the
 //!    simulator (every request, retries and task polls included).
 //! 2. N concurrent creates (default 50) on three nodes whose maximums add
-//!    up to N, with lock contention on clone injected: all must succeed,
+//!    up to N, with lock contention on clone injected INSIDE the clone task
+//!    (as real PVE takes the template's lock in the worker): all must succeed,
 //!    never above a node's maximum; wall time against the simulator's own
 //!    lower bound.
 //!
@@ -27,7 +28,7 @@ struct Args {
     /// Concurrent creates.
     #[arg(long, default_value_t = 50)]
     concurrent: usize,
-    /// Probability that a clone request hits a lock timeout.
+    /// Probability that a clone task fails on the template's lock.
     #[arg(long, default_value_t = 0.3)]
     contention: f64,
 }
@@ -167,12 +168,16 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(0);
     println!("## {n} concurrent creates with lock contention\n");
     println!(
-        "Three nodes with maximums {maxes:?} (sum {n}); every clone request fails with PVE's `can't lock file ... got timeout` with probability {}; clones of the template run 4 at a time (storage lock); default task durations.\n",
+        "Three nodes with maximums {maxes:?} (sum {n}), the template on shared storage; every clone TASK fails with PVE's `can't lock file ... got timeout` with probability {} (the HTTP call answers a UPID: qemu-server takes the template's lock in the clone worker); clones of the template run 4 at a time (storage lock); default task durations.\n",
         args.contention
     );
     println!("| measure | value |\n|---|---|");
     println!("| creates succeeded | {ok} / {n} |");
     println!("| clone requests (incl. lock-timeout retries) | {clone_calls} |");
+    println!(
+        "| clone tasks failed on the lock | {} |",
+        f.sim.task_count("qmclone").saturating_sub(n)
+    );
     println!("| API requests in total | {requests} |");
     for (i, node) in ["pve1", "pve2", "pve3"].iter().enumerate() {
         println!(

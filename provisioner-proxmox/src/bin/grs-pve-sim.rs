@@ -77,14 +77,17 @@ async fn main() -> anyhow::Result<()> {
         let (name, mem) = n.split_once(':').unwrap_or((n, "64"));
         sim.add_node(name, mem.parse().context("--node NAME:MEMORY_GIB")?);
     }
+    sim.add_storage("ceph-rbd", true, "rbd");
     for t in &args.templates {
         let parts: Vec<&str> = t.split(':').collect();
         anyhow::ensure!(parts.len() >= 2, "--template NODE:VMID[:NAME]");
         let vmid = parts[1].parse().context("--template NODE:VMID[:NAME]")?;
-        sim.add_template(
+        // On shared storage, so that clones may go to every node.
+        sim.add_template_on(
             parts[0],
             vmid,
             parts.get(2).copied().unwrap_or("runner-template"),
+            "ceph-rbd",
         );
     }
     println!("url: {}", sim.url());
