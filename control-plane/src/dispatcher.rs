@@ -152,16 +152,19 @@ async fn handle(
                     labels: pool.config.labels.clone(),
                     bootstrap,
                 };
-                with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec)).await
+                let r =
+                    with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec))
+                        .await;
+                ctx.metrics.provisioner_call(
+                    pool.config.provisioner.kind(),
+                    "create",
+                    started.elapsed(),
+                    &r,
+                );
+                r
             }
             Err(e) => Err(e),
         };
-        ctx.metrics.provisioner_call(
-            pool.config.provisioner.kind(),
-            "create",
-            started.elapsed(),
-            &created,
-        );
         match created {
             Ok(made) => {
                 let torn = ctx

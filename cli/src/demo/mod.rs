@@ -567,6 +567,11 @@ fn write_addresses(system: &System, out: &mut impl Write) -> std::io::Result<()>
     writeln!(out, "  gateway metrics       {gw}/metrics")?;
     writeln!(
         out,
+        "  control-plane metrics http://{}/metrics",
+        system.metrics_addr
+    )?;
+    writeln!(
+        out,
         "  PVE simulator         {}  (API token {})",
         system.pve.url(),
         system.pve.token_id()
@@ -585,7 +590,7 @@ fn write_addresses(system: &System, out: &mut impl Write) -> std::io::Result<()>
     )?;
     writeln!(out, "  grs --server http://{grpc} jobs list")?;
     writeln!(out, "  grs --server http://{grpc} events")?;
-    writeln!(out, "  curl -s {gw}/metrics")?;
+    writeln!(out, "  curl -s http://{}/metrics", system.metrics_addr)?;
     out.flush()
 }
 

@@ -153,6 +153,8 @@ pub struct System {
     /// Where the gateway serves HTTP (`/webhook`, `/cloud-init/…`,
     /// `/metrics`, `/healthz`).
     pub gateway_addr: SocketAddr,
+    /// Where the control plane serves its Prometheus metrics (`/metrics`).
+    pub metrics_addr: SocketAddr,
     /// What the store is, in words (`memory`, `redis://… prefix …`).
     pub store_description: String,
     api: Option<ControlPlaneClient<Channel>>,
@@ -211,8 +213,16 @@ impl System {
         let cp_listener = bind("the control plane").await?;
         let cp_addr = local_addr(&cp_listener, "the control plane")?;
         let gw_url = format!("http://{gw_addr}");
+        // The control plane binds its metrics port itself: take a free one
+        // (released just before; another process could take it meanwhile,
+        // which start-up would report).
+        let metrics_addr = {
+            let probe = bind("the control plane's metrics").await?;
+            local_addr(&probe, "the control plane's metrics")?
+        };
 
-        let (config, pools) = control_plane_config(&opts, &pve, &github, &gw_url)?;
+        let (mut config, pools) = control_plane_config(&opts, &pve, &github, &gw_url)?;
+        config.control_plane.metrics_listen = Some(metrics_addr);
         let (store, store_description): (Arc<dyn Store>, String) = match &opts.store {
             StoreChoice::Memory => (Arc::new(MemoryStore::new()), "memory".into()),
             StoreChoice::Redis { url, prefix } => {
@@ -280,6 +290,7 @@ impl System {
             instance_prefix: opts.instance_prefix,
             control_plane_addr: cp_addr,
             gateway_addr: gw_addr,
+            metrics_addr,
             store_description,
             api: None,
             cp_stop,
