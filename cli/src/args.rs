@@ -96,9 +96,11 @@ pub enum Command {
     Stats,
     /// Stream job and instance transitions as they happen, until Ctrl-C.
     Events(EventsArgs),
-    // `grs demo` (the whole system in one process against simulators) will
-    // be one more variant here; it talks to no server, so `run` connects per
-    // command, not up front.
+    /// Run the whole of GRS in this process against a simulated Proxmox VE
+    /// and GitHub, fire jobs through it, show progress and a summary. Talks
+    /// to no server: the connection options do not apply (--output json
+    /// prints the summary as JSON).
+    Demo(crate::demo::DemoArgs),
 }
 
 /// `grs jobs ...`

@@ -34,6 +34,10 @@ pub enum CliError {
     /// Output could not be written (exit 1; a closed pipe is not reported).
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// `grs demo` failed or was interrupted (exit 1, or 130 when
+    /// interrupted).
+    #[error("demo: {0}")]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
@@ -43,6 +47,7 @@ impl CliError {
             Self::Usage(_) => EX_USAGE,
             Self::Unavailable(_) => EX_UNAVAILABLE,
             Self::Server(_) | Self::Output(_) => 1,
+            Self::Demo(e) => e.exit_code(),
         }
     }
 

@@ -10,6 +10,8 @@
 //!   (1 server error, 2 usage, 69 control plane unreachable).
 //! - [`view`]: the JSON form of the API's messages (`--output json`).
 //! - [`table`]: tables, details and human times (`--output table`).
+//! - [`demo`]: `grs demo`, the whole system in one process on simulators
+//!   ([`demo::System`] is also how the end-to-end tests assemble it).
 //!
 //! Start reading at [`run`]. `main.rs` only parses the command line, calls
 //! [`run`] with stdout and Ctrl-C, and turns its error into an exit code;
@@ -18,6 +20,7 @@
 pub mod args;
 mod client;
 mod commands;
+pub mod demo;
 pub mod error;
 pub mod table;
 pub mod view;
@@ -29,21 +32,30 @@ pub use args::{Cli, Command};
 pub use error::CliError;
 
 /// Runs one command, writing its output to `out`. `shutdown` ends
-/// `grs events` (main passes Ctrl-C/SIGTERM); other commands ignore it.
+/// `grs events` and `grs demo` (main passes Ctrl-C/SIGTERM); other commands
+/// ignore it.
 pub async fn run(
     cli: Cli,
     out: &mut impl Write,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CliError> {
     let format = cli.global.output;
-    // Every command so far talks to the control plane; `grs demo` will not.
-    let conn = client::Connection::connect(&cli.global).await?;
+    // `grs demo` runs its own control plane; every other command talks to
+    // one. Its log file is set up by `main` (before the runtime).
+    let global = &cli.global;
+    let connect = || client::Connection::connect(global);
     match cli.command {
-        Command::Jobs(cmd) => commands::jobs(&conn, cmd, format, out).await?,
-        Command::Instances(cmd) => commands::instances(&conn, cmd, format, out).await?,
-        Command::Pools(cmd) => commands::pools(&conn, cmd, format, out).await?,
-        Command::Stats => commands::stats(&conn, format, out).await?,
-        Command::Events(args) => commands::events(&conn, args, format, out, shutdown).await?,
+        Command::Jobs(cmd) => commands::jobs(&connect().await?, cmd, format, out).await?,
+        Command::Instances(cmd) => commands::instances(&connect().await?, cmd, format, out).await?,
+        Command::Pools(cmd) => commands::pools(&connect().await?, cmd, format, out).await?,
+        Command::Stats => commands::stats(&connect().await?, format, out).await?,
+        Command::Events(args) => {
+            commands::events(&connect().await?, args, format, out, shutdown).await?
+        }
+        Command::Demo(args) => {
+            let log_file = (!args.verbose).then(|| args.log_path());
+            demo::run(args, format, log_file, out, shutdown).await?
+        }
     }
     out.flush()?;
     Ok(())

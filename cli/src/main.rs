@@ -6,16 +6,29 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use grs::Command;
 
 fn main() -> ExitCode {
     // Usage errors: clap prints them and exits with 2.
     let cli = grs::Cli::parse();
-    grs_config::process::init_logging();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-    {
+    // `grs demo` runs the whole system: its logs go to a file (or stderr
+    // with --verbose) so the progress display stays readable, and it gets
+    // a runtime with a worker per core. Every other command is one client.
+    let runtime = if let Command::Demo(args) = &cli.command {
+        if let Err(e) = grs::demo::init_logging(args) {
+            eprintln!("grs: {e}");
+            return ExitCode::FAILURE;
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        grs_config::process::init_logging();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime.context("cannot start the async runtime") {
         Ok(r) => r,
         Err(e) => {
             eprintln!("grs: {e:#}");

@@ -69,7 +69,7 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
     )
     .unwrap();
     assert!(
-        serial.starts_with("ds=nocloud;s=http://gw.example:8080/cloud-init/"),
+        serial.starts_with("ds=nocloud-net;s=http://gw.example:8080/cloud-init/"),
         "{serial}"
     );
     assert!(

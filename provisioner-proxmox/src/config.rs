@@ -330,7 +330,8 @@ pub(crate) fn validate_node_name(name: &str) -> Result<(), String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootstrapMode {
-    /// SMBIOS serial pointing cloud-init's NoCloud datasource at the gateway.
+    /// SMBIOS serial `ds=nocloud-net;s=<seed URL>` pointing cloud-init's
+    /// NoCloud datasource (network mode) at the gateway.
     #[default]
     CloudInit,
     /// QEMU guest agent writes the runner config and starts the runner.

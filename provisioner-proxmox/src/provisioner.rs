@@ -56,6 +56,10 @@ use crate::config::{BootstrapMode, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig}
 use crate::error::PveError;
 use crate::placement::{self, Placement};
 
+/// What the SMBIOS serial says before the seed URL: cloud-init's NoCloud
+/// datasource in network mode, seed from (`s=`) the URL that follows.
+pub const SEED_PREFIX: &str = "ds=nocloud-net;s=";
+
 /// Prefix of the machine-readable marker line in a VM's description.
 pub const MARKER_PREFIX: &str = "grs-owner: ";
 
@@ -572,7 +576,16 @@ impl ProxmoxProvisioner {
         let mut p = vec![Param::new("tags", tags.join(";"))];
         match &spec.bootstrap {
             Bootstrap::CloudInit { seed_url } => {
-                let seed = format!("ds=nocloud;s={}", seed_url.expose_secret());
+                // `nocloud-net`, not `nocloud`: cloud-init before 23.2 (Debian
+                // 12 ships 22.4) maps `ds=nocloud` to dsmode local whatever
+                // the seed (DataSourceNoCloud.py load_cmdline_data at tag
+                // 22.4.2), and its network stage then exits ("[net] Exiting.
+                // datasource ... in local mode", cmd/main.py main_init), so the
+                // http seed is never applied. `ds=nocloud-net` is network mode
+                // in every version (23.2+ also infers it from an http `s=`,
+                // commit f146fe717). Proven with the real 22.4 package by
+                // tests/tests/cloud_init_real.rs.
+                let seed = format!("{SEED_PREFIX}{}", seed_url.expose_secret());
                 let b64 = base64::engine::general_purpose::STANDARD.encode(seed);
                 let value = format!("uuid={},serial={b64},base64=1", random_uuid());
                 if value.len() > 512 {

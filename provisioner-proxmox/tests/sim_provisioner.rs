@@ -75,7 +75,7 @@ async fn a_created_vm_is_a_linked_clone_marked_and_bootstrapped_for_cloud_init()
         .unwrap();
     assert_eq!(
         String::from_utf8(decoded).unwrap(),
-        format!("ds=nocloud;s={seed}")
+        format!("ds=nocloud-net;s={seed}")
     );
     assert!(vm.config["scsi0"].contains(&format!("vm-{}-disk", vm.vmid)));
     assert_eq!(f.sim.task_count("qmclone"), 1);
@@ -523,7 +523,7 @@ async fn secrets_never_appear_in_errors() {
     };
     let e = f.provisioner.create(&s).await.unwrap_err();
     let b64 = base64::engine::general_purpose::STANDARD
-        .encode("ds=nocloud;s=https://gw/cloud-init/TOPSECRETTOKEN/");
+        .encode("ds=nocloud-net;s=https://gw/cloud-init/TOPSECRETTOKEN/");
     for text in [
         e.to_string(),
         format!("{e:?}"),

@@ -3,25 +3,18 @@
 //! seed; the "VM" fetches its user-data through the gateway and boots a
 //! one-job runner from the JIT config in it; GitHub runs the job on it and
 //! says so; the VM is destroyed. Everything over real sockets: GitHub and
-//! Proxmox are the simulators GRS ships.
+//! Proxmox are the simulators GRS ships, assembled by `grs::demo::System`
+//! (as `grs demo` runs them).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use grs_control_plane::config::ProvisionerConfig;
-use grs_control_plane::pools::Pools;
-use grs_control_plane::store::MemoryStore;
-use grs_control_plane::testing::{
-    RunningControlPlane, eventually, test_config, wait_for_no_instances_in_use,
-};
-use grs_github::GitHubConfig;
-use grs_github::sim::{GitHubSim, NewJob, SimConfig, SimJobStatus};
+use grs::demo::fleet::seed_url;
+use grs::demo::{PoolSpec, System, SystemOptions};
+use grs_control_plane::testing::{eventually, wait_for_no_instances_in_use};
+use grs_github::sim::{NewJob, SimJobStatus};
 use grs_proto::v1 as pb;
-use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
-use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
-use secrecy::SecretString;
-use tokio_util::sync::CancellationToken;
+use grs_provisioner_proxmox::sim::TaskDurations;
 
 /// Everything every component logs, at every level, kept for inspection.
 #[derive(Clone, Default)]
@@ -56,99 +49,40 @@ impl LogCapture {
     }
 }
 
-/// The seed URL in a simulated VM's SMBIOS serial.
-fn seed_url(smbios1: &str) -> String {
-    let serial = smbios1
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("serial="))
-        .expect("an SMBIOS serial");
-    let decoded = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(serial)
-            .unwrap(),
-    )
-    .unwrap();
-    decoded
-        .strip_prefix("ds=nocloud;s=")
-        .expect("a NoCloud seed")
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
     let logs = LogCapture::install();
-    // GitHub.
-    let github = GitHubSim::start(SimConfig {
+    // GitHub and Proxmox (the simulators), the control plane and the
+    // gateway, wired as `grs demo` wires them; no simulated VMs boot by
+    // themselves here: this test boots the one VM step by step.
+    let system = System::start(SystemOptions {
+        pools: PoolSpec::demo_pools()[..1].to_vec(),
+        pve_durations: TaskDurations::fast(),
         job_duration: Duration::from_millis(300),
-        ..SimConfig::default()
+        time_scale: 0.02,
+        installation_id: "grs-e2e".into(),
+        ..SystemOptions::default()
     })
     .await
-    .unwrap();
-    // Proxmox.
-    let pve = SimFixture::single_node().await;
-    // Gateway listener first: the control plane hands VMs its URL.
-    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw_url = format!("http://{}", gw_listener.local_addr().unwrap());
-
-    let mut config = test_config();
-    config.control_plane.installation_id = "grs-e2e".into();
-    config.control_plane.gateway_url = Some(gw_url.clone());
-    config.proxmox = Some(pve.conn.clone());
-    config.github = Some(GitHubConfig {
-        api_url: github.url(),
-        organization: Some("grs-sim".into()),
-        token: Some(SecretString::from(
-            "ghp_simulated_personal_access_token".to_owned(),
-        )),
-        ..GitHubConfig::default()
-    });
-    config.pools.get_mut("linux").unwrap().provisioner =
-        ProvisionerConfig::Proxmox(pve.pool.clone());
-    config.validate().unwrap();
-    let pools = Pools::from_config(&config).unwrap();
-    let registrar = grs_control_plane::github::GitHubRegistrar::new(
-        grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap(),
-    );
-    let cp = RunningControlPlane::start(grs_control_plane::server::ControlPlane {
-        config,
-        store: Arc::new(MemoryStore::new()),
-        pools,
-        registrar: Some(Arc::new(registrar)),
-    })
-    .await;
-
-    let gw_config = GatewayConfig {
-        control_plane_url: cp.url(),
-        ..GatewayConfig::default()
-    };
-    let secrets = ResolvedSecrets {
-        webhook_secret: SecretString::from(github.webhook_secret()),
-        auth_token: None,
-        tls_ca_pem: None,
-    };
-    let gw_stop = CancellationToken::new();
-    let gw = tokio::spawn(grs_webhook_gateway::run_with(
-        gw_config,
-        secrets,
-        gw_listener,
-        gw_stop.clone().cancelled_owned(),
-    ));
-    github.set_webhook_url(format!("{gw_url}/webhook"));
+    .expect("the system starts");
+    let (github, pve) = (&system.github, &system.pve);
+    let gw_url = system.gateway_url();
+    let template = system.pools[0].template_vmid;
 
     // GitHub queues a job: its webhook flows to a clone on Proxmox.
     let job = github
         .queue_job(NewJob::labels(["self-hosted", "linux"]))
         .await;
-    let name = format!("grs-{}", job.id);
+    let name = system.instance_name(job.id);
     let vm = eventually("the VM to run on Proxmox", Duration::from_secs(20), || {
-        let vms = pve.sim.vms_named(&name);
+        let vms = pve.vms_named(&name);
         async move { vms.into_iter().find(|v| v.running) }
     })
     .await;
-    assert_ne!(vm.vmid, TEMPLATE_VMID);
+    assert_ne!(vm.vmid, template);
 
     // The VM boots: cloud-init fetches its documents from the seed URL.
-    let seed = seed_url(vm.config.get("smbios1").expect("smbios1"));
+    let seed = seed_url(vm.config.get("smbios1").expect("smbios1")).expect("a NoCloud seed");
     assert!(seed.starts_with(&format!("{gw_url}/cloud-init/")), "{seed}");
     let http = reqwest::Client::new();
     let meta = http.get(format!("{seed}meta-data")).send().await.unwrap();
@@ -187,12 +121,12 @@ async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
 
     // Completed → the VM is destroyed, the slot freed, the template untouched.
     eventually("the VM destroyed", Duration::from_secs(20), || {
-        let gone = pve.sim.vms_named(&name).is_empty();
+        let gone = pve.vms_named(&name).is_empty();
         async move { gone.then_some(()) }
     })
     .await;
-    assert!(pve.sim.vm(TEMPLATE_VMID).is_some());
-    let mut c = cp.client().await;
+    assert!(pve.vm(template).is_some());
+    let mut c = system.client().await.unwrap();
     let recorded = c
         .get_job(pb::GetJobRequest { job_id: job.id })
         .await
@@ -211,14 +145,12 @@ async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
         404
     );
     assert!(
-        pve.sim.schema_violations().is_empty(),
+        pve.schema_violations().is_empty(),
         "{:?}",
-        pve.sim.schema_violations()
+        pve.schema_violations()
     );
-
-    gw_stop.cancel();
-    gw.await.unwrap().unwrap();
-    cp.shutdown().await.unwrap();
+    let (webhook_secret, pve_secret) = (github.webhook_secret(), pve.token_secret().to_owned());
+    system.shutdown().await.unwrap();
 
     // No secret in any log line, at any level, of any component.
     let logs = logs.text();
@@ -233,12 +165,12 @@ async fn a_queued_job_runs_on_its_own_vm_which_is_destroyed_afterwards() {
         .unwrap()
         .to_owned();
     for (what, secret) in [
-        ("webhook secret", github.webhook_secret()),
+        ("webhook secret", webhook_secret),
         (
             "GitHub token",
             "ghp_simulated_personal_access_token".to_owned(),
         ),
-        ("PVE token secret", pve.sim.token_secret().to_owned()),
+        ("PVE token secret", pve_secret),
         ("bootstrap token", token),
         ("JIT runner config", jit.clone()),
     ] {
