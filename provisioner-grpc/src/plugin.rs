@@ -151,6 +151,17 @@ impl Plugin {
     /// Starts supervising `cmd`, asking it to listen on `socket`. Returns at
     /// once; see [`wait_running`](Self::wait_running).
     pub fn spawn(cmd: PluginCommand, socket: PathBuf, opts: SupervisorOptions) -> Self {
+        Self::spawn_into(cmd, socket, opts, Arc::new(Mutex::new(None)))
+    }
+
+    /// [`spawn`](Self::spawn), publishing the plugin's address in `address`
+    /// (a cell a [`Target::Plugin`] client already reads).
+    pub fn spawn_into(
+        cmd: PluginCommand,
+        socket: PathBuf,
+        opts: SupervisorOptions,
+        address: Arc<Mutex<Option<Address>>>,
+    ) -> Self {
         let name = cmd
             .command
             .first()
@@ -161,7 +172,6 @@ impl Plugin {
                     .unwrap_or_else(|| p.clone())
             })
             .unwrap_or_default();
-        let address = Arc::new(Mutex::new(None));
         let (tx, rx) = watch::channel(PluginState::Starting);
         let starts = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
@@ -206,10 +216,29 @@ impl Plugin {
         self.state.borrow().clone()
     }
 
+    /// A receiver of the plugin's state changes.
+    pub fn state_watch(&self) -> watch::Receiver<PluginState> {
+        self.state.clone()
+    }
+
     /// Waits until the plugin runs; fails on its first failed start (or
     /// after `timeout`), with the reason.
     pub async fn wait_running(&self, timeout: Duration) -> Result<u32, PluginError> {
         let mut rx = self.state.clone();
+        Self::wait_running_on(&mut rx, timeout)
+            .await
+            .map_err(|message| PluginError::Start {
+                name: self.name.clone(),
+                message,
+            })
+    }
+
+    /// [`wait_running`](Self::wait_running) on a state receiver; the error
+    /// is the reason alone.
+    pub async fn wait_running_on(
+        rx: &mut watch::Receiver<PluginState>,
+        timeout: Duration,
+    ) -> Result<u32, String> {
         let wait = async {
             loop {
                 match rx.borrow_and_update().clone() {
@@ -223,13 +252,9 @@ impl Plugin {
                 }
             }
         };
-        let r = tokio::time::timeout(timeout, wait)
+        tokio::time::timeout(timeout, wait)
             .await
-            .unwrap_or_else(|_| Err(format!("not running after {timeout:?}")));
-        r.map_err(|message| PluginError::Start {
-            name: self.name.clone(),
-            message,
-        })
+            .unwrap_or_else(|_| Err(format!("not running after {timeout:?}")))
     }
 
     /// Waits until the plugin has been started `n` times and runs (tests:

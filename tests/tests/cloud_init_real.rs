@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use grs_control_plane::config::ProvisionerConfig;
-use grs_control_plane::pools::Pools;
+use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{RunningControlPlane, eventually, test_config};
 use grs_github::GitHubConfig;
@@ -97,7 +97,6 @@ async fn the_real_cloud_init_reads_the_seed_as_network_mode_and_accepts_the_user
     let mut config = test_config();
     config.control_plane.installation_id = "grs-ci".into();
     config.control_plane.gateway_url = Some(gw_url.clone());
-    config.proxmox = Some(pve.conn.clone());
     config.github = Some(GitHubConfig {
         api_url: github.url(),
         organization: Some("grs-sim".into()),
@@ -107,9 +106,24 @@ async fn the_real_cloud_init_reads_the_seed_as_network_mode_and_accepts_the_user
         ..GitHubConfig::default()
     });
     config.pools.get_mut("linux").unwrap().provisioner =
-        ProvisionerConfig::Proxmox(pve.pool.clone());
+        Some(ProvisionerConfig::with_settings("proxmox", &pve.pool).unwrap());
     config.validate().unwrap();
-    let pools = Pools::from_config(&config).unwrap();
+    // The in-process Proxmox backend, as the grs-control-plane binary
+    // registers it.
+    let (conn, installation) = (
+        pve.conn.clone(),
+        config.control_plane.installation_id.clone(),
+    );
+    let prefix = config.control_plane.instance_prefix.clone();
+    let registry = ProvisionerRegistry::new().with(
+        "proxmox",
+        Arc::new(move || {
+            let b = grs_provisioner_proxmox::ProxmoxBackend::new(&conn, &installation, &prefix)
+                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
+            Ok(Arc::new(b) as Arc<dyn grs_provisioner::Provisioner>)
+        }),
+    );
+    let pools = Pools::from_config(&config, &registry).unwrap();
     let registrar = grs_control_plane::github::GitHubRegistrar::new(
         grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap(),
     );
