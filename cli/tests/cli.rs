@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use grs::{Cli, CliError};
-use grs_control_plane::config::{
-    Config, FakeProvisionerConfig, PoolConfig, ProvisionerConfig, StoreKind,
-};
-use grs_control_plane::pools::Pools;
+use grs_control_plane::config::{Config, PoolConfig, ProvisionerConfig, StoreKind};
+use grs_control_plane::pools::{Pools, ProvisionerRegistry, fake_factory};
 use grs_control_plane::server::{self, ControlPlane};
 use grs_control_plane::store::MemoryStore;
 use grs_proto::v1 as pb;
@@ -70,16 +68,15 @@ async fn start(setup: Setup) -> Server {
             labels: LABELS.iter().map(|l| l.to_string()).collect(),
             max_instances: 4,
             paused: setup.paused,
-            provisioner: ProvisionerConfig::Fake(FakeProvisionerConfig {
-                create_delay: Duration::ZERO,
-            }),
+            provisioner: Some(ProvisionerConfig::fake()),
             ..PoolConfig::default()
         },
     );
     config.validate().expect("valid test configuration");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let pools = Pools::from_config(&config).expect("test pools are valid");
+    let registry = ProvisionerRegistry::new().with("fake", fake_factory());
+    let pools = Pools::from_config(&config, &registry).expect("test pools are valid");
     let tls = config.control_plane.tls_cert_file.is_some();
     let cp = ControlPlane {
         config,

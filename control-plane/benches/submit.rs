@@ -88,7 +88,8 @@ async fn main() {
         config,
         "[control_plane]\nlisten = \"127.0.0.1:{port}\"\nstore = \"redis\"\n\
          [redis]\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\n\
-         [pools.linux]\nlabels = [\"self-hosted\", \"linux\", \"x64\"]\nmax_instances = 4\npaused = true\n",
+         [pools.linux]\nlabels = [\"self-hosted\", \"linux\", \"x64\"]\nmax_instances = 4\npaused = true\n\
+         [pools.linux.provisioner]\ntype = \"fake\"\n",
         redis_url()
     )
     .unwrap();

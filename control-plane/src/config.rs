@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use grs_config::ConfigError;
 use grs_github::GitHubConfig;
-use grs_provisioner_proxmox::{ProxmoxConfig, ProxmoxPoolConfig};
+use grs_provisioner::PoolDocument;
+use grs_provisioner_grpc::Address;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-/// Everything `grs-control-plane` reads. Sections of other binaries in the
-/// same file are ignored.
+/// Everything the control plane library reads. Sections of other binaries in
+/// the same file are ignored, and so are the sections of in-process backends
+/// (`[proxmox]`): the binary that registers a backend reads its section.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
@@ -25,8 +27,6 @@ pub struct Config {
     pub redis: RedisConfig,
     /// `[pools.<name>]`
     pub pools: BTreeMap<String, PoolConfig>,
-    /// `[proxmox]`: the PVE connection, needed by pools of `type = "proxmox"`.
-    pub proxmox: Option<ProxmoxConfig>,
     /// `[github]`: where runners are registered. Without it, instances get
     /// no runner registration from GRS (their template must bring one) and
     /// `user-data` cannot be served.
@@ -221,8 +221,9 @@ pub struct PoolConfig {
     /// The template's text, read from `user_data_template_file` at start-up.
     #[serde(skip)]
     pub user_data_template: Option<String>,
-    /// The backend making its instances.
-    pub provisioner: ProvisionerConfig,
+    /// The backend making its instances (`[pools.<name>.provisioner]`).
+    /// Required: a pool without one is a configuration error.
+    pub provisioner: Option<ProvisionerConfig>,
 }
 
 impl Default for PoolConfig {
@@ -237,45 +238,165 @@ impl Default for PoolConfig {
             runner_dir: "/home/runner/actions-runner".into(),
             user_data_template_file: None,
             user_data_template: None,
-            provisioner: ProvisionerConfig::default(),
+            provisioner: None,
         }
     }
 }
 
-/// `[pools.<name>.provisioner]`, selected by `type`.
+/// `[pools.<name>.provisioner]`: which backend makes the pool's instances
+/// (`type`), and the pool's settings for it.
+///
+/// Every key but the ones below is the pool's [`PoolDocument`], handed to
+/// the backend as it is: GRS needs no code for a backend it does not know.
+/// - `type`: an in-process backend registered by the binary (`fake`,
+///   `proxmox`), `grpc` (a plugin GRS reaches at `endpoint`), or `plugin` (a
+///   plugin executable GRS starts itself: `command`).
+/// - `endpoint` (`grpc` only): `http://HOST:PORT` or `unix:/PATH`.
+/// - `command` (`plugin` only): program and arguments.
+/// - `call_timeout`, `create_timeout` (`grpc`, `plugin`): deadlines of the
+///   calls to the plugin (default 30s; 15m for create and delete).
+///
+/// Pools with the same `endpoint` (or `command`) share one connection (and
+/// one process).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ProvisionerConfig {
-    /// In-memory fake (demo, tests): `type = "fake"`.
-    Fake(FakeProvisionerConfig),
-    /// Proxmox VE: `type = "proxmox"`, settings as in
-    /// [`ProxmoxPoolConfig`]; the connection is `[proxmox]`.
-    Proxmox(ProxmoxPoolConfig),
-}
-
-impl Default for ProvisionerConfig {
-    fn default() -> Self {
-        Self::Fake(FakeProvisionerConfig::default())
-    }
+pub struct ProvisionerConfig {
+    /// The backend: `fake`, `proxmox`, `grpc`, `plugin`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `type = "grpc"`: where the plugin listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `type = "plugin"`: the executable and its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Deadline of a plugin call (`grpc`, `plugin`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    pub call_timeout: Option<Duration>,
+    /// Deadline of a plugin's create, delete and remove-all (`grpc`, `plugin`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    pub create_timeout: Option<Duration>,
+    /// The rest: the pool's settings for the backend.
+    #[serde(flatten)]
+    pub document: PoolDocument,
 }
 
 impl ProvisionerConfig {
-    /// The `type` tag.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Fake(_) => "fake",
-            Self::Proxmox(_) => "proxmox",
+    /// A section of `type = kind` with no settings.
+    pub fn new(kind: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            endpoint: None,
+            command: None,
+            call_timeout: None,
+            create_timeout: None,
+            document: PoolDocument::new(),
         }
     }
-}
 
-/// Settings of the fake provisioner.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FakeProvisionerConfig {
-    /// Simulated boot time of each instance.
-    #[serde(with = "humantime_serde")]
-    pub create_delay: Duration,
+    /// `type = "fake"`, the in-memory backend (demo, tests).
+    pub fn fake() -> Self {
+        Self::new("fake")
+    }
+
+    /// A section of `type = kind` whose document is `settings` serialized
+    /// (e.g. a backend's typed pool settings).
+    pub fn with_settings<T: Serialize>(
+        kind: impl Into<String>,
+        settings: &T,
+    ) -> Result<Self, serde_json::Error> {
+        let mut c = Self::new(kind);
+        match serde_json::to_value(settings)? {
+            serde_json::Value::Object(m) => c.document = m,
+            other => {
+                return Err(serde::ser::Error::custom(format!(
+                    "pool settings must serialize to a table, not {other}"
+                )));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Whether GRS reaches this backend over gRPC.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.kind.as_str(), "grpc" | "plugin")
+    }
+
+    /// Checks the keys GRS reads itself; errors name the key.
+    fn validate(&self, pool: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("pools.{pool}.provisioner.{k}");
+        if self.kind.trim().is_empty() {
+            return Err(ConfigError::key(key("type"), "must name a backend"));
+        }
+        match self.kind.as_str() {
+            "grpc" => {
+                let e = self.endpoint.as_deref().ok_or_else(|| {
+                    ConfigError::key(
+                        key("endpoint"),
+                        "type = \"grpc\" needs the plugin's endpoint (http://HOST:PORT or unix:/PATH)",
+                    )
+                })?;
+                Address::parse(e).map_err(|e| ConfigError::key(key("endpoint"), e.to_string()))?;
+                if self.command.is_some() {
+                    return Err(ConfigError::key(
+                        key("command"),
+                        "is for type = \"plugin\"; a grpc pool's plugin is started by someone else",
+                    ));
+                }
+            }
+            "plugin" => {
+                if self
+                    .command
+                    .as_ref()
+                    .is_none_or(|c| c.is_empty() || c[0].is_empty())
+                {
+                    return Err(ConfigError::key(
+                        key("command"),
+                        "type = \"plugin\" needs the plugin's command (program and arguments)",
+                    ));
+                }
+                if self.endpoint.is_some() {
+                    return Err(ConfigError::key(
+                        key("endpoint"),
+                        "is for type = \"grpc\"; GRS gives a plugin it starts its own socket",
+                    ));
+                }
+            }
+            other => {
+                for (k, set) in [
+                    ("endpoint", self.endpoint.is_some()),
+                    ("command", self.command.is_some()),
+                    ("call_timeout", self.call_timeout.is_some()),
+                    ("create_timeout", self.create_timeout.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::key(
+                            key(k),
+                            format!(
+                                "is for type = \"grpc\" or \"plugin\", not for the in-process backend {other:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        for (k, v) in [
+            ("call_timeout", self.call_timeout),
+            ("create_timeout", self.create_timeout),
+        ] {
+            if v.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::key(key(k), "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -450,23 +571,19 @@ impl Config {
             if pool.labels.iter().any(|l| l.trim().is_empty()) {
                 return Err(ConfigError::key(key("labels"), "labels must not be empty"));
             }
-            if let ProvisionerConfig::Proxmox(p) = &pool.provisioner {
-                let conn = self.proxmox.as_ref().ok_or_else(|| {
-                    ConfigError::key(
-                        "proxmox",
-                        format!(
-                            "pool {name} has type = \"proxmox\" but there is no [proxmox] section"
-                        ),
-                    )
-                })?;
-                conn.validate()
-                    .map_err(|e| ConfigError::key(e.key, e.message))?;
-                p.validate(name).map_err(|e| {
-                    ConfigError::key(e.key.replace(".proxmox.", ".provisioner."), e.message)
-                })?;
-                if p.bootstrap == grs_provisioner_proxmox::BootstrapMode::GuestAgent {
-                    crate::guest_agent::check_pool(self.github.is_some(), pool)
-                        .map_err(|(k, m)| ConfigError::key(key(k), m))?;
+            match &pool.provisioner {
+                None => {
+                    return Err(ConfigError::key(
+                        key("provisioner"),
+                        "every pool needs a [pools.<name>.provisioner] section with its type (e.g. type = \"fake\", \"proxmox\", \"grpc\" or \"plugin\")",
+                    ));
+                }
+                Some(p) => {
+                    p.validate(name)?;
+                    if crate::guest_agent::requested(p) {
+                        crate::guest_agent::check_pool(self.github.is_some(), pool)
+                            .map_err(|(k, m)| ConfigError::key(key(k), m))?;
+                    }
                 }
             }
             if pool.min_idle > pool.max_instances {
@@ -505,107 +622,100 @@ mod tests {
     }
 
     #[test]
-    fn a_proxmox_pool_reads_its_settings_and_the_connection() {
-        let c = load(
-            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\n\
-             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlan=20\nbridge='vmbr0'\n",
-        );
-        // No token secret anywhere: the error says where to put one.
-        let e = c.unwrap_err().to_string();
-        assert!(
-            e.contains("proxmox.token_id") || e.contains("token secret"),
-            "{e}"
-        );
-        let e = load(
-            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\ntoken_secret_file='/etc/hostname'\n\
-             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlna=20\n",
-        )
+    fn bad_values_name_their_key() {
+        let fake = "[pools.l.provisioner]\ntype='fake'\n";
+        let e = load(&format!(
+            "[pools.l]\nlabels=['a']\nmin_idle=5\nmax_instances=2\n{fake}"
+        ))
         .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("pools.linux.provisioner") && e.contains("vlna"),
-            "{e}"
-        );
-        let c = load(
-            "[proxmox]\nurl='https://pve1:8006'\ntoken_id='grs@pve!scaler'\ntoken_secret_file='/etc/hostname'\n\
-             [pools.linux]\nlabels=['self-hosted']\n[pools.linux.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\nvlan=20\nbridge='vmbr0'\n",
-        )
-        .unwrap();
-        match &c.pools["linux"].provisioner {
-            ProvisionerConfig::Proxmox(p) => {
-                assert_eq!((p.template_vmid, p.vlan), (9000, Some(20)))
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn the_examples_commented_proxmox_pool_is_valid_once_uncommented() {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grs.toml"))
-                .unwrap();
-        let tail = &text[text
-            .find("# [proxmox]")
-            .expect("a commented [proxmox] section")..];
-        let uncommented: String = tail
-            .lines()
-            .filter(|l| !l.starts_with("# #"))
-            .map(|l| {
-                l.strip_prefix("# ")
-                    .or_else(|| l.strip_prefix('#'))
-                    .unwrap_or(l)
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace("AA:BB:...:FF", &["AB"; 32].join(":"))
-            .replace(
-                "token_id = \"grs@pve!scaler\"",
-                "token_id = \"grs@pve!scaler\"\ntoken_secret_file = \"/etc/hostname\"",
-            );
-        let c = load(&uncommented).unwrap();
-        assert!(matches!(
-            c.pools["proxmox-linux"].provisioner,
-            ProvisionerConfig::Proxmox(_)
-        ));
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let e = load("[pools.linux]\nlabels=['a']\nmin_idle=5\nmax_instances=2\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("pools.linux.min_idle"), "{e}");
-        let e = load("[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n")
-            .unwrap_err()
-            .to_string();
+        assert!(e.contains("pools.l.min_idle"), "{e}");
+        let e = load(&format!(
+            "[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n{fake}"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("control_plane.instance_prefix"), "{e}");
-        let e = load("[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='vmware'\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("pools.l.provisioner") && e.contains("vmware"),
-            "{e}"
-        );
-        let e = load("[control_plane]\nclaim_timeout='soon'\n[pools.l]\nlabels=['a']\n")
-            .unwrap_err()
-            .to_string();
+        let e = load(&format!(
+            "[control_plane]\nclaim_timeout='soon'\n[pools.l]\nlabels=['a']\n{fake}"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("control_plane.claim_timeout"), "{e}");
-        let e = load("[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\n").unwrap_err().to_string();
-        assert!(e.contains("[proxmox]"), "{e}");
         let e = load("").unwrap_err().to_string();
         assert!(e.contains("pools"), "{e}");
     }
 
     #[test]
+    fn a_pool_without_a_provisioner_is_an_error_not_a_fake() {
+        let e = load("[pools.l]\nlabels=['a']\n").unwrap_err().to_string();
+        assert!(
+            e.contains("pools.l.provisioner") && e.contains("type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_provisioner_section_is_type_keys_for_grs_and_a_document_for_the_backend() {
+        let c = load(
+            "[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='proxmox'\nnode='pve1'\ntemplate_vmid=9000\n",
+        )
+        .unwrap();
+        let p = c.pools["l"].provisioner.as_ref().unwrap();
+        assert_eq!(p.kind, "proxmox");
+        assert_eq!(
+            serde_json::Value::Object(p.document.clone()),
+            serde_json::json!({"node": "pve1", "template_vmid": 9000})
+        );
+        let c = load(
+            "[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='grpc'\nendpoint='unix:/run/grs/p.sock'\ncall_timeout='5s'\nzone='eu'\n",
+        )
+        .unwrap();
+        let p = c.pools["l"].provisioner.as_ref().unwrap();
+        assert_eq!(p.endpoint.as_deref(), Some("unix:/run/grs/p.sock"));
+        assert_eq!(p.call_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(
+            serde_json::Value::Object(p.document.clone()),
+            serde_json::json!({"zone": "eu"})
+        );
+        for (section, key) in [
+            ("type='grpc'", "pools.l.provisioner.endpoint"),
+            (
+                "type='grpc'\nendpoint='localhost:7000'",
+                "pools.l.provisioner.endpoint",
+            ),
+            ("type='plugin'", "pools.l.provisioner.command"),
+            ("type='plugin'\ncommand=[]", "pools.l.provisioner.command"),
+            (
+                "type='plugin'\ncommand=['p']\nendpoint='unix:/x'",
+                "pools.l.provisioner.endpoint",
+            ),
+            ("type='fake'\ncommand=['p']", "pools.l.provisioner.command"),
+            (
+                "type='plugin'\ncommand=['p']\ncreate_timeout='0s'",
+                "pools.l.provisioner.create_timeout",
+            ),
+            ("type=''", "pools.l.provisioner.type"),
+        ] {
+            let e = load(&format!(
+                "[pools.l]\nlabels=['a']\n[pools.l.provisioner]\n{section}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(key), "{section}: {e}");
+        }
+    }
+
+    #[test]
     fn reconciler_durations_default_and_are_checked() {
-        let c = load("[pools.l]\nlabels=['a']\n").unwrap();
+        let c = load("[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='fake'\n").unwrap();
         let cp = &c.control_plane;
         assert_eq!(cp.reconcile_interval, Duration::from_secs(30));
         assert_eq!(cp.bootstrap_timeout, Duration::from_secs(15 * 60));
         assert_eq!(cp.max_lifetime, Duration::from_secs(8 * 3600));
         assert_eq!(cp.orphan_grace, Duration::from_secs(10 * 60));
         let c = load(
-            "[control_plane]\nreconcile_interval='5s'\nbootstrap_timeout='20m'\nmax_lifetime='2d'\norphan_grace='1h'\n[pools.l]\nlabels=['a']\n",
+            "[control_plane]\nreconcile_interval='5s'\nbootstrap_timeout='20m'\nmax_lifetime='2d'\norphan_grace='1h'\n[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='fake'\n",
         )
         .unwrap();
         assert_eq!(c.control_plane.max_lifetime, Duration::from_secs(2 * 86400));
@@ -616,7 +726,7 @@ mod tests {
             "orphan_grace",
         ] {
             let e = load(&format!(
-                "[control_plane]\n{key}='0s'\n[pools.l]\nlabels=['a']\n"
+                "[control_plane]\n{key}='0s'\n[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='fake'\n"
             ))
             .unwrap_err()
             .to_string();
@@ -625,14 +735,14 @@ mod tests {
                 "{e}"
             );
             let e = load(&format!(
-                "[control_plane]\n{key}='often'\n[pools.l]\nlabels=['a']\n"
+                "[control_plane]\n{key}='often'\n[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='fake'\n"
             ))
             .unwrap_err()
             .to_string();
             assert!(e.contains(&format!("control_plane.{key}")), "{e}");
         }
         let e = load(
-            "[control_plane]\nbootstrap_timeout='2h'\nmax_lifetime='2h'\n[pools.l]\nlabels=['a']\n",
+            "[control_plane]\nbootstrap_timeout='2h'\nmax_lifetime='2h'\n[pools.l]\nlabels=['a']\n[pools.l.provisioner]\ntype='fake'\n",
         )
         .unwrap_err()
         .to_string();

@@ -156,7 +156,7 @@ async fn handle(
                     with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec))
                         .await;
                 ctx.metrics.provisioner_call(
-                    pool.config.provisioner.kind(),
+                    pool.provisioner.kind(),
                     "create",
                     started.elapsed(),
                     &r,

@@ -18,7 +18,6 @@
 //! shell reads and deletes it before `exec`, as the cloud-init template does.
 
 use grs_provisioner::{Bootstrap, ProvisionerError};
-use grs_provisioner_proxmox::BootstrapMode;
 
 use crate::config::ProvisionerConfig;
 use crate::pools::Pool;
@@ -28,10 +27,22 @@ use crate::worker::RunnerRegistrar;
 /// module docs).
 pub const STAGING_PATH: &str = "/root/.grs-jitconfig";
 
+/// Whether a pool's provisioner section asks for the guest-agent bootstrap:
+/// `bootstrap = "guest-agent"` among its settings (the Proxmox backend's
+/// key; any backend that takes [`Bootstrap::GuestAgent`] may use it). The
+/// control plane reads this one setting of the otherwise opaque document
+/// because it, not the backend, mints the runner registration.
+pub fn requested(provisioner: &ProvisionerConfig) -> bool {
+    provisioner
+        .document
+        .get("bootstrap")
+        .and_then(|v| v.as_str())
+        == Some("guest-agent")
+}
+
 /// Whether `pool` wants its runner config through the guest agent.
 pub fn wanted(pool: &Pool) -> bool {
-    matches!(&pool.config.provisioner,
-        ProvisionerConfig::Proxmox(p) if p.bootstrap == BootstrapMode::GuestAgent)
+    pool.config.provisioner.as_ref().is_some_and(requested)
 }
 
 /// The command the agent runs (as root) to start the runner: move the

@@ -1,15 +1,86 @@
 //! Configured pools, their provisioners, and label routing.
+//!
+//! Backends come from three places, by the pool's `provisioner.type`:
+//! - in-process backends, built by a [`ProvisionerRegistry`] the binary
+//!   fills (this library knows none but the ones it is given: the
+//!   `grs-control-plane` binary registers `fake` and `proxmox`);
+//! - `grpc`: a plugin GRS reaches at an endpoint ([`GrpcProvisioner`]);
+//! - `plugin`: a plugin executable GRS starts, supervises and stops itself
+//!   ([`Plugin`]), reached over a unix socket.
+//!
+//! One backend object serves every pool of its kind (same `type`, or same
+//! `endpoint`/`command`); each pool's section is its
+//! [`PoolDocument`](grs_provisioner::PoolDocument),
+//! checked by the backend.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use grs_provisioner::{FakeProvisioner, Provisioner};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use grs_config::ConfigError;
-use grs_provisioner_proxmox::ProxmoxBackend;
+use grs_provisioner::{FakeProvisioner, Provisioner, ProvisionerError};
+use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, SupervisorOptions};
+use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target};
 
 use crate::config::{Config, PoolConfig, ProvisionerConfig};
 use crate::store::PoolLimits;
+
+/// Builds an in-process backend. Called once per `type`, when the first
+/// pool of that type is configured; errors name the key to fix.
+pub type ProvisionerFactory =
+    Arc<dyn Fn() -> Result<Arc<dyn Provisioner>, ConfigError> + Send + Sync>;
+
+/// In-process backends by `type`, filled by the binary.
+#[derive(Clone, Default)]
+pub struct ProvisionerRegistry {
+    factories: BTreeMap<String, ProvisionerFactory>,
+}
+
+impl std::fmt::Debug for ProvisionerRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.factories.keys()).finish()
+    }
+}
+
+impl ProvisionerRegistry {
+    /// An empty registry (only `grpc` and `plugin` pools work).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `factory` for `type = kind` (replacing an earlier one).
+    pub fn register(&mut self, kind: impl Into<String>, factory: ProvisionerFactory) {
+        self.factories.insert(kind.into(), factory);
+    }
+
+    /// [`register`](Self::register), by value.
+    pub fn with(mut self, kind: impl Into<String>, factory: ProvisionerFactory) -> Self {
+        self.register(kind, factory);
+        self
+    }
+
+    /// The registered types.
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+}
+
+/// The factory of the in-memory fake (`type = "fake"`): one
+/// [`FakeProvisioner`] for all fake pools.
+pub fn fake_factory() -> ProvisionerFactory {
+    Arc::new(|| Ok(Arc::new(FakeProvisioner::new()) as Arc<dyn Provisioner>))
+}
+
+/// A plugin to start, and where its client looks for it.
+#[derive(Debug)]
+struct PluginSlot {
+    /// The first pool using it, for error messages.
+    pool: String,
+    command: Vec<String>,
+    address: Arc<Mutex<Option<Address>>>,
+    running: Option<Plugin>,
+}
 
 /// One configured pool with its backend.
 #[derive(Debug, Clone)]
@@ -60,10 +131,26 @@ impl Pool {
     }
 }
 
-/// All pools of this control plane, by name.
+/// All pools of this control plane, by name, and the plugin processes
+/// serving them.
 #[derive(Debug, Clone, Default)]
 pub struct Pools {
     pools: BTreeMap<String, Pool>,
+    plugins: Arc<Mutex<Vec<PluginSlot>>>,
+}
+
+/// `pools.<name>.provisioner[.<key>]` and the message of a backend's
+/// configuration error (backends name the key themselves when they can).
+fn backend_config_error(pool: &str, e: ProvisionerError) -> ConfigError {
+    let key = format!("pools.{pool}.provisioner");
+    let message = match e {
+        ProvisionerError::Config(m) | ProvisionerError::InvalidSpec(m) => m,
+        other => other.to_string(),
+    };
+    match message.split_once(": ") {
+        Some((k, rest)) if k.starts_with(&key) && !k.contains(' ') => ConfigError::key(k, rest),
+        _ => ConfigError::key(key, message),
+    }
 }
 
 impl Pools {
@@ -71,49 +158,176 @@ impl Pools {
     pub fn new(pools: impl IntoIterator<Item = Pool>) -> Self {
         Self {
             pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            plugins: Arc::default(),
         }
     }
 
-    /// Builds each configured pool's backend from its `type`: one backend
-    /// per kind, shared by the pools of that kind. Errors name the pool's
-    /// key; no request is made (see `Provisioner::validate_pool`).
-    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
-        let cp = &config.control_plane;
+    /// Builds each configured pool's backend from its `type` and gives it
+    /// the pool's document ([`Provisioner::configure_pool`]). Errors name
+    /// the pool's key. Makes no request and starts no process (see
+    /// [`start_plugins`](Self::start_plugins) and
+    /// [`Provisioner::validate_pool`]); must run within a tokio runtime
+    /// (gRPC clients are made here, connecting lazily).
+    pub fn from_config(
+        config: &Config,
+        registry: &ProvisionerRegistry,
+    ) -> Result<Self, ConfigError> {
+        let mut backends: BTreeMap<String, Arc<dyn Provisioner>> = BTreeMap::new();
+        let mut plugins = Vec::new();
         let mut pools = Vec::new();
-        let mut proxmox: Option<Arc<ProxmoxBackend>> = None;
         for (name, cfg) in &config.pools {
-            let provisioner: Arc<dyn Provisioner> = match &cfg.provisioner {
-                ProvisionerConfig::Fake(f) => {
-                    let p = FakeProvisioner::new();
-                    p.set_create_delay(f.create_delay);
-                    Arc::new(p)
-                }
-                ProvisionerConfig::Proxmox(p) => {
-                    let key = format!("pools.{name}.provisioner");
-                    let backend = match &proxmox {
-                        Some(b) => b.clone(),
-                        None => {
-                            let conn = config.proxmox.as_ref().ok_or_else(|| {
-                                ConfigError::key(
-                                    "proxmox",
-                                    format!("pool {name} needs a [proxmox] section"),
-                                )
-                            })?;
-                            let b =
-                                ProxmoxBackend::new(conn, &cp.installation_id, &cp.instance_prefix)
-                                    .map_err(|e| ConfigError::key(&key, e.to_string()))?;
-                            proxmox.insert(Arc::new(b)).clone()
-                        }
-                    };
-                    backend
-                        .add_pool(name, p)
-                        .map_err(|e| ConfigError::key(&key, e.to_string()))?;
-                    backend
+            let key = format!("pools.{name}.provisioner");
+            let pc = cfg.provisioner.as_ref().ok_or_else(|| {
+                ConfigError::key(&key, "every pool needs a provisioner section with its type")
+            })?;
+            let id = match pc.kind.as_str() {
+                "grpc" => format!("grpc {}", pc.endpoint.as_deref().unwrap_or_default()),
+                "plugin" => format!("plugin {:?}", pc.command),
+                kind => kind.to_owned(),
+            };
+            let provisioner = match backends.get(&id) {
+                Some(p) => p.clone(),
+                None => {
+                    let made = Self::build(name, pc, registry, &mut plugins)?;
+                    backends.insert(id, made.clone());
+                    made
                 }
             };
+            provisioner
+                .configure_pool(name, &pc.document)
+                .map_err(|e| backend_config_error(name, e))?;
             pools.push(Pool::new(name.clone(), cfg.clone(), provisioner));
         }
-        Ok(Self::new(pools))
+        let mut made = Self::new(pools);
+        made.plugins = Arc::new(Mutex::new(plugins));
+        Ok(made)
+    }
+
+    fn build(
+        pool: &str,
+        pc: &ProvisionerConfig,
+        registry: &ProvisionerRegistry,
+        plugins: &mut Vec<PluginSlot>,
+    ) -> Result<Arc<dyn Provisioner>, ConfigError> {
+        let key = |k: &str| format!("pools.{pool}.provisioner.{k}");
+        let defaults = ClientOptions::default();
+        let opts = ClientOptions {
+            call_timeout: pc.call_timeout.unwrap_or(defaults.call_timeout),
+            create_timeout: pc.create_timeout.unwrap_or(defaults.create_timeout),
+            ..defaults
+        };
+        Ok(match pc.kind.as_str() {
+            "grpc" => {
+                let endpoint = pc.endpoint.as_deref().unwrap_or_default();
+                let addr = Address::parse(endpoint)
+                    .map_err(|e| ConfigError::key(key("endpoint"), e.to_string()))?;
+                Arc::new(GrpcProvisioner::new(Target::Fixed(addr), opts))
+            }
+            "plugin" => {
+                let command = pc.command.clone().unwrap_or_default();
+                if command.first().is_none_or(|p| p.is_empty()) {
+                    return Err(ConfigError::key(
+                        key("command"),
+                        "must name the plugin's program",
+                    ));
+                }
+                let address = Arc::new(Mutex::new(None));
+                plugins.push(PluginSlot {
+                    pool: pool.to_owned(),
+                    command,
+                    address: address.clone(),
+                    running: None,
+                });
+                Arc::new(GrpcProvisioner::new(Target::Plugin(address), opts))
+            }
+            kind => {
+                let factory = registry.factories.get(kind).ok_or_else(|| {
+                    let known: Vec<&str> = registry.kinds().chain(["grpc", "plugin"]).collect();
+                    ConfigError::key(
+                        key("type"),
+                        format!(
+                            "unknown provisioner type {kind:?}; this binary knows: {}",
+                            known.join(", ")
+                        ),
+                    )
+                })?;
+                factory()?
+            }
+        })
+    }
+
+    /// Starts the plugin processes of `type = "plugin"` pools, each with a
+    /// unix socket in `socket_dir`, and waits until each has printed its
+    /// handshake line. An error names the first pool using the plugin.
+    /// Crashed plugins are restarted by their supervisors until
+    /// [`stop_plugins`](Self::stop_plugins).
+    pub async fn start_plugins(
+        &self,
+        socket_dir: &std::path::Path,
+        opts: &SupervisorOptions,
+    ) -> Result<(), ConfigError> {
+        let mut waits = Vec::new();
+        {
+            let mut slots = self.plugins.lock().unwrap();
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if slot.running.is_some() {
+                    continue;
+                }
+                let socket: PathBuf = socket_dir.join(format!("plugin-{i}.sock"));
+                let plugin = Plugin::spawn_into(
+                    PluginCommand {
+                        command: slot.command.clone(),
+                        env: Vec::new(),
+                    },
+                    socket,
+                    opts.clone(),
+                    slot.address.clone(),
+                );
+                waits.push((slot.pool.clone(), plugin.state_watch()));
+                slot.running = Some(plugin);
+            }
+        }
+        for (pool, mut state) in waits {
+            Plugin::wait_running_on(&mut state, opts.start_timeout + Duration::from_secs(1))
+                .await
+                .map_err(|m| {
+                    ConfigError::key(
+                        format!("pools.{pool}.provisioner.command"),
+                        format!("the plugin did not start: {m}"),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stops every plugin process (stdin closed, killed after the grace
+    /// period) and waits for them.
+    pub async fn stop_plugins(&self) {
+        let running: Vec<Plugin> = self
+            .plugins
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter_map(|s| s.running.take())
+            .collect();
+        for p in running {
+            p.shutdown().await;
+        }
+    }
+
+    /// Every distinct backend, with the pools it serves.
+    pub fn backends(&self) -> Vec<(Arc<dyn Provisioner>, Vec<String>)> {
+        let mut out: Vec<(Arc<dyn Provisioner>, Vec<String>)> = Vec::new();
+        for pool in self.pools.values() {
+            match out
+                .iter_mut()
+                .find(|(b, _)| Arc::ptr_eq(b, &pool.provisioner))
+            {
+                Some((_, names)) => names.push(pool.name.clone()),
+                None => out.push((pool.provisioner.clone(), vec![pool.name.clone()])),
+            }
+        }
+        out
     }
 
     /// The pool for a job's labels: every label of the job among the pool's

@@ -59,7 +59,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                     pool.provisioner.delete(&instance.pool, &name),
                 )
                 .await;
-                let backend = pool.config.provisioner.kind();
+                let backend = pool.provisioner.kind();
                 ctx.metrics
                     .provisioner_call(backend, "delete", started.elapsed(), &r);
                 r

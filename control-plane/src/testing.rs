@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::config::{Config, PoolConfig, StoreKind};
+use crate::config::{Config, PoolConfig, ProvisionerConfig, StoreKind};
 use crate::pools::{Pool, Pools};
 use crate::server::{self, ControlPlane, ServerError};
 use crate::store::{RedisStore, RedisStoreOptions, Store};
@@ -77,6 +77,7 @@ pub fn test_config() -> Config {
         PoolConfig {
             labels: vec!["self-hosted".into(), "linux".into(), "x64".into()],
             max_instances: 3,
+            provisioner: Some(ProvisionerConfig::fake()),
             ..PoolConfig::default()
         },
     )]);

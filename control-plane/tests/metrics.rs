@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use grs_control_plane::pools::Pools;
+use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, job_event, submit, test_config, wait_for_job,
@@ -48,7 +48,9 @@ async fn a_job_shows_in_the_metrics() {
     config.control_plane.metrics_listen = Some(metrics_addr);
     config.control_plane.reconcile_interval = Duration::from_millis(200);
     config.validate().unwrap();
-    let pools = Pools::from_config(&config).unwrap();
+    let registry =
+        ProvisionerRegistry::new().with("fake", grs_control_plane::pools::fake_factory());
+    let pools = Pools::from_config(&config, &registry).unwrap();
     let cp = RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
         .await;
     let mut api = cp.client().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use grs_control_plane::config::ProvisionerConfig;
 use grs_control_plane::guest_agent::{STAGING_PATH, start_command};
-use grs_control_plane::pools::Pools;
+use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::server::ControlPlane;
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
@@ -48,8 +48,8 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
     let mut config = test_config();
     config.control_plane.installation_id = "grs-ga".into();
     config.control_plane.gateway_url = gateway_url.map(Into::into);
-    config.proxmox = Some(fx.conn.clone());
-    config.pools.get_mut("linux").unwrap().provisioner = ProvisionerConfig::Proxmox(pool);
+    config.pools.get_mut("linux").unwrap().provisioner =
+        Some(ProvisionerConfig::with_settings("proxmox", &pool).unwrap());
     // A guest-agent pool needs [github] (checked at start-up); the
     // registrar below stands in for the client built from it.
     let e = config.validate().unwrap_err();
@@ -64,7 +64,21 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
         ..grs_github::GitHubConfig::default()
     });
     config.validate().unwrap();
-    let pools = Pools::from_config(&config).unwrap();
+    // As the binary registers it: one backend for the [proxmox] connection.
+    let (conn, installation) = (
+        fx.conn.clone(),
+        config.control_plane.installation_id.clone(),
+    );
+    let prefix = config.control_plane.instance_prefix.clone();
+    let registry = ProvisionerRegistry::new().with(
+        "proxmox",
+        Arc::new(move || {
+            let b = grs_provisioner_proxmox::ProxmoxBackend::new(&conn, &installation, &prefix)
+                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
+            Ok(Arc::new(b) as Arc<dyn grs_provisioner::Provisioner>)
+        }),
+    );
+    let pools = Pools::from_config(&config, &registry).unwrap();
     let cp = RunningControlPlane::start(ControlPlane {
         config,
         store: Arc::new(MemoryStore::new()),

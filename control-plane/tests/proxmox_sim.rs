@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use base64::Engine;
 use grs_control_plane::config::ProvisionerConfig;
-use grs_control_plane::pools::Pools;
+use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, job_event, submit, test_config,
     wait_for_no_instances_in_use,
 };
 use grs_proto::v1::{self as pb, JobAction};
+use grs_provisioner::Provisioner;
+use grs_provisioner_proxmox::ProxmoxBackend;
 use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,11 +25,24 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
     let mut config = test_config();
     config.control_plane.installation_id = "grs-it".into();
     config.control_plane.gateway_url = Some("http://gw.example:8080".into());
-    config.proxmox = Some(fx.conn.clone());
     config.pools.get_mut("linux").unwrap().provisioner =
-        ProvisionerConfig::Proxmox(fx.pool.clone());
+        Some(ProvisionerConfig::with_settings("proxmox", &fx.pool).unwrap());
     config.validate().unwrap();
-    let pools = Pools::from_config(&config).unwrap();
+    // As the binary registers it: one backend for the [proxmox] connection.
+    let (conn, installation) = (
+        fx.conn.clone(),
+        config.control_plane.installation_id.clone(),
+    );
+    let prefix = config.control_plane.instance_prefix.clone();
+    let registry = ProvisionerRegistry::new().with(
+        "proxmox",
+        Arc::new(move || {
+            let b = ProxmoxBackend::new(&conn, &installation, &prefix)
+                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
+            Ok(Arc::new(b) as Arc<dyn Provisioner>)
+        }),
+    );
+    let pools = Pools::from_config(&config, &registry).unwrap();
     for p in pools.iter() {
         p.provisioner.validate_pool(&p.name).await.unwrap();
     }

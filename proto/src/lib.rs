@@ -3,8 +3,12 @@
 //! - [`v1`]: `grs.v1.ControlPlane`, the control plane's API for the webhook
 //!   gateway and operators (source: `grs/v1/control_plane.proto`, where every
 //!   message and field is documented).
-//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every GRS `.proto`,
-//!   for server reflection (grpcurl works with no `.proto` at hand).
+//! - [`provisioner::v1`]: `grs.provisioner.v1.Provisioner`, the protocol
+//!   of provisioner plugins (source: `grs/provisioner/v1/provisioner.proto`;
+//!   guide: `docs/provisioner-plugins.md`).
+//! - [`FILE_DESCRIPTOR_SET`], [`PROVISIONER_FILE_DESCRIPTOR_SET`]: the
+//!   encoded descriptors of each service's `.proto`, for server reflection
+//!   (grpcurl works with no `.proto` at hand).
 //!
 //! The code is generated at build time by protox + tonic-prost-build: no
 //! system `protoc` is needed.
@@ -15,9 +19,24 @@ pub mod v1 {
     tonic::include_proto!("grs.v1");
 }
 
-/// Encoded `FileDescriptorSet` of the GRS protos, for `tonic-reflection`.
+/// `grs.provisioner.v1`: the provisioner plugin protocol.
+pub mod provisioner {
+    /// Version 1.
+    #[allow(missing_docs, clippy::all, missing_debug_implementations)]
+    pub mod v1 {
+        tonic::include_proto!("grs.provisioner.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of `grs.v1`, for `tonic-reflection` on the
+/// control plane.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/grs_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of `grs.provisioner.v1`, for
+/// `tonic-reflection` on provisioner plugins.
+pub const PROVISIONER_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/grs_provisioner_descriptor.bin"));
 
 /// `EventError` is a `tonic::Status` carried inside a `SubmitJobEvents`
 /// result: the one conversion each way, for the server and its clients.

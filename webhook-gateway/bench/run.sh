@@ -64,6 +64,8 @@ key_prefix = "grsbench-cp"
 labels = ["self-hosted", "k8s"]
 max_instances = 4
 paused = true
+[pools.bench.provisioner]
+type = "fake"
 TOML
   RUST_LOG=warn "$BIN/grs-control-plane" --config "$OUT/cp-bench.toml" >"$OUT/control-plane.log" 2>&1 & pids+=($!); CP_PID=$!
   CP_URL=http://127.0.0.1:50161

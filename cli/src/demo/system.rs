@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use grs_control_plane::config::{Config, PoolConfig, ProvisionerConfig, StoreKind};
 use grs_control_plane::github::GitHubRegistrar;
-use grs_control_plane::pools::Pools;
+use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::server::{self, ControlPlane, ServerError};
 use grs_control_plane::store::{MemoryStore, RedisStore, RedisStoreOptions, Store};
 use grs_github::GitHubConfig;
 use grs_github::sim::{GitHubSim, SimConfig};
 use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use grs_provisioner_proxmox::sim::{PveSim, SimOptions, TaskDurations};
-use grs_provisioner_proxmox::{NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
+use grs_provisioner_proxmox::{NodeConfig, ProxmoxBackend, ProxmoxConfig, ProxmoxPoolConfig};
 use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
@@ -409,7 +409,6 @@ fn control_plane_config(
     cp.retry_backoff_max = scaled(cp.retry_backoff_max, f, Duration::from_millis(200));
     // Ended jobs of a demo need not outlive it by a week in someone's Redis.
     config.redis.job_retention = Duration::from_secs(3600);
-    config.proxmox = Some(conn);
     config.github = Some(GitHubConfig {
         api_url: github.url(),
         organization: Some(SimConfig::default().organization),
@@ -428,7 +427,7 @@ fn control_plane_config(
                 PoolConfig {
                     labels: p.labels.clone(),
                     max_instances: p.max_instances,
-                    provisioner: ProvisionerConfig::Proxmox(prov),
+                    provisioner: ProvisionerConfig::with_settings("proxmox", &prov).ok(),
                     ..PoolConfig::default()
                 },
             )
@@ -437,7 +436,21 @@ fn control_plane_config(
     config
         .validate()
         .map_err(|e| DemoError::Start("the control plane's configuration", e.to_string()))?;
-    let pools = Pools::from_config(&config)
+    // The in-process Proxmox backend over the simulator's connection, as
+    // the grs-control-plane binary registers it.
+    let (installation, prefix) = (
+        config.control_plane.installation_id.clone(),
+        config.control_plane.instance_prefix.clone(),
+    );
+    let registry = ProvisionerRegistry::new().with(
+        "proxmox",
+        Arc::new(move || {
+            let b = ProxmoxBackend::new(&conn, &installation, &prefix)
+                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
+            Ok(Arc::new(b) as Arc<dyn grs_provisioner::Provisioner>)
+        }),
+    );
+    let pools = Pools::from_config(&config, &registry)
         .map_err(|e| DemoError::Start("the control plane's pools", e.to_string()))?;
     Ok((config, pools))
 }
