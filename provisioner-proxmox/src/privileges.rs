@@ -129,9 +129,9 @@ pub const REQUIRED_PRIVILEGES: &[Grant] = &[
     },
     Grant {
         path: "/storage/{storage}",
-        privileges: &["Datastore.AllocateSpace"],
+        privileges: &["Datastore.AllocateSpace", "Datastore.Audit"],
         need: Need::Always,
-        needed_by: "POST .../clone (every storage the clone's disks go to)",
+        needed_by: "POST .../clone (every storage the clone's disks go to); GET /cluster/resources: the storage's `shared` flag, checked at start-up (hidden without Datastore.Audit)",
     },
     Grant {
         path: "/sdn/zones/localnetwork/{bridge}",

@@ -270,6 +270,12 @@ async fn the_documented_privileges_are_exactly_what_the_calls_grs_makes_need() {
                     add("/vms/{template_vmid}", "VM.Audit");
                     add("/vms/{newid}", "VM.Audit");
                     add("/nodes/{node}", "Sys.Audit");
+                    // ... and a storage only with Datastore.Audit on it
+                    // (`next if !$rpcenv->check($authuser,
+                    // "/storage/$storeid", ['Datastore.Audit'], 1)`): the
+                    // start-up check that the template's disks are on
+                    // shared storage reads them there.
+                    add("/storage/{storage}", "Datastore.Audit");
                 }
                 "GET /pools" => {
                     assert!(

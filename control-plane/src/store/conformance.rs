@@ -92,6 +92,7 @@ macro_rules! store_conformance_checks {
             a_redelivered_provision_entry_takes_no_second_slot,
             a_job_completed_during_creation_is_torn_down_after_it,
             a_job_taken_by_another_runner_is_recorded_on_that_instance,
+            a_job_that_completed_on_another_jobs_runner_still_gets_its_instance,
             failure_fails_the_job_and_queues_cleanup,
             unacked_entries_are_claimed_by_another_worker,
             touched_entries_are_not_claimed,
@@ -633,6 +634,54 @@ async fn a_job_taken_by_another_runner_is_recorded_on_that_instance(store: Arc<d
         store.get_instance(&b).await.unwrap().unwrap().state,
         InstanceState::Running
     );
+}
+
+/// GitHub gives job 70 to the runner made for job 71 before 70's own
+/// provision entry is reached (its pool was full), and 70 completes there:
+/// that runner goes, so job 71, still queued on GitHub, has no runner
+/// unless 70's entry still makes an instance (which GitHub then hands to
+/// 71). Before this check the entry was skipped as "job is completed" and
+/// job 71 waited for ever (seen in `grs demo` with a small pool).
+async fn a_job_that_completed_on_another_jobs_runner_still_gets_its_instance(
+    store: Arc<dyn Store>,
+) {
+    queue_one(&*store, 70).await;
+    queue_one(&*store, 71).await;
+    let b = provision(&*store, 71).await;
+    let mut started = event("p70", JobAction::InProgress, 70);
+    started.runner_name = b.clone();
+    store
+        .submit_event(&started, Some("linux"), 3000)
+        .await
+        .unwrap();
+    let mut done = event("c70", JobAction::Completed, 70);
+    done.runner_name = b.clone();
+    let r = store
+        .submit_event(&done, Some("linux"), 3001)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some(b.as_str()));
+    // Job 70's own entry now makes an instance, and keeps it once made.
+    let a = provision(&*store, 70).await;
+    assert_eq!(
+        store.get_instance(&a).await.unwrap().unwrap().state,
+        InstanceState::Running,
+        "the instance owed to job 71 stays up for it"
+    );
+    // A job that completed without ever running (cancelled) still makes
+    // nothing.
+    queue_one(&*store, 72).await;
+    store
+        .submit_event(&event("c72", JobAction::Completed, 72), Some("linux"), 3002)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .begin_provision(72, "grs-72", &LIMITS, 3003)
+            .await
+            .unwrap(),
+        BeginProvision::Skip(_)
+    ));
 }
 
 async fn failure_fails_the_job_and_queues_cleanup(store: Arc<dyn Store>) {

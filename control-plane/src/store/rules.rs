@@ -518,6 +518,13 @@ pub fn teardown(tx: &mut Tx<'_>, name: &str, why: &str, now: Millis) -> Read<Opt
     Ok(Some(true))
 }
 
+/// Whether `job` ran on a runner other than `own_instance` (its own
+/// instance's name, or "" when it has none): that runner was made for
+/// another job, so an instance made for `job` is owed to that other job.
+fn ran_on_another_runner(job: &Job, own_instance: &str) -> bool {
+    !job.runner_name.is_empty() && job.runner_name != own_instance
+}
+
 /// Why a provision entry for `job` needs no work, if it needs none.
 fn provision_skip_reason(job: &Job) -> Option<String> {
     match job.state {
@@ -525,6 +532,13 @@ fn provision_skip_reason(job: &Job) -> Option<String> {
         // A runner of the pool took the job before its own instance was
         // made: that runner was made for another job, which now needs one.
         JobState::InProgress if job.instance_name.is_empty() => None,
+        // The same, when the job has already completed on that runner: the
+        // runner is torn down with the completion, and the job it was made
+        // for would otherwise wait for ever (found by `grs demo` under a
+        // full pool: the entry was skipped as "job is completed").
+        JobState::Completed if job.instance_name.is_empty() && ran_on_another_runner(job, "") => {
+            None
+        }
         s => Some(reason::job_is(job.job_id, s)),
     }
 }
@@ -549,7 +563,8 @@ pub fn begin_provision(
         }
         // A creation that did not finish (its worker died): finish it,
         // unless the job ended meanwhile; then remove what may exist.
-        if job.state.is_terminal() {
+        let owed = job.state == JobState::Completed && ran_on_another_runner(&job, name);
+        if job.state.is_terminal() && !owed {
             let why = reason::job_is(job_id, job.state);
             teardown(tx, name, &why, now)?;
             return Ok(BeginProvision::Skip(why));
@@ -650,7 +665,10 @@ pub fn finish_provision(
     };
     if job.state == JobState::Provisioning {
         tx.move_job(job, JobState::Provisioned, "", now, |_| {});
-    } else if job.state == JobState::Completed && inst.assigned_job_id == 0 {
+    } else if job.state == JobState::Completed
+        && inst.assigned_job_id == 0
+        && !ran_on_another_runner(&job, name)
+    {
         return Ok(
             teardown(tx, name, &reason::completed_during_creation(job_id), now)? == Some(true),
         );
