@@ -462,27 +462,44 @@ async fn a_redis_killed_and_restarted_mid_flow_loses_no_accepted_job() {
     cp.shutdown().await.unwrap();
 }
 
-/// Issue 8, item 5: a transient failure lasting longer than a few attempts
-/// (a template under backup, a node rebooting) is retried, with capped
-/// backoff, while the job still wants a runner; with the defaults (no
-/// attempt cap, a 2h deadline), ten failures in a row still end in a runner.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_failures_are_retried_past_three_attempts_until_the_deadline() {
-    let Some(store) = redis_store("retried_until_deadline").await else {
-        return;
-    };
+/// A control plane on a fresh Redis prefix whose fake backend fails its
+/// next `failures` creates transiently, with `tune` applied to the
+/// `[control_plane]` retry settings; `None` without Redis (as
+/// `redis_store`). The third value flushes the prefix afterwards.
+async fn failing_control_plane(
+    test: &str,
+    failures: usize,
+    tune: impl FnOnce(&mut grs_control_plane::config::ControlPlaneConfig),
+) -> Option<(RunningControlPlane, Arc<FakeProvisioner>, RedisStore)> {
+    let store = redis_store(test).await?;
     let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
     let fake = Arc::new(FakeProvisioner::new());
-    fake.fail_next_creates(10, grs_provisioner::fake::InjectedFailure::Transient);
+    fake.fail_next_creates(failures, grs_provisioner::fake::InjectedFailure::Transient);
     let mut config = redis_config();
-    config.control_plane.retry_backoff = Duration::from_millis(10);
-    config.control_plane.retry_backoff_max = Duration::from_millis(40);
+    tune(&mut config.control_plane);
     let cp = RunningControlPlane::start(control_plane(
         config,
         Arc::new(store),
         fake_pools(&redis_config(), &fake),
     ))
     .await;
+    Some((cp, fake, cleanup))
+}
+
+/// Issue 8, item 5: a transient failure lasting longer than a few attempts
+/// (a template under backup, a node rebooting) is retried, with capped
+/// backoff, while the job still wants a runner; with the defaults (no
+/// attempt cap, a 2h deadline), ten failures in a row still end in a runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_past_three_attempts_until_the_deadline() {
+    let Some((cp, fake, cleanup)) = failing_control_plane("retried_until_deadline", 10, |c| {
+        c.retry_backoff = Duration::from_millis(10);
+        c.retry_backoff_max = Duration::from_millis(40);
+    })
+    .await
+    else {
+        return;
+    };
     let mut c = cp.client().await;
     submit(&mut c, job_event("a", JobAction::Queued, 711)).await;
     wait_for_job(&c, 711, pb::JobState::Provisioned, Duration::from_secs(20)).await;
@@ -495,22 +512,15 @@ async fn transient_failures_are_retried_past_three_attempts_until_the_deadline()
 /// the last error and how long it was tried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_failing_transiently_past_its_deadline_fails_with_the_reason() {
-    let Some(store) = redis_store("past_deadline").await else {
+    let Some((cp, _fake, cleanup)) = failing_control_plane("past_deadline", 10_000, |c| {
+        c.retry_deadline = Duration::from_millis(1500);
+        c.retry_backoff = Duration::from_millis(50);
+        c.retry_backoff_max = Duration::from_millis(200);
+    })
+    .await
+    else {
         return;
     };
-    let cleanup = redis_store_at(&grs_control_plane::testing::redis_url(), store.prefix());
-    let fake = Arc::new(FakeProvisioner::new());
-    fake.fail_next_creates(10_000, grs_provisioner::fake::InjectedFailure::Transient);
-    let mut config = redis_config();
-    config.control_plane.retry_deadline = Duration::from_millis(1500);
-    config.control_plane.retry_backoff = Duration::from_millis(50);
-    config.control_plane.retry_backoff_max = Duration::from_millis(200);
-    let cp = RunningControlPlane::start(control_plane(
-        config,
-        Arc::new(store),
-        fake_pools(&redis_config(), &fake),
-    ))
-    .await;
     let mut c = cp.client().await;
     submit(&mut c, job_event("a", JobAction::Queued, 712)).await;
     let job = wait_for_job(&c, 712, pb::JobState::Failed, Duration::from_secs(20)).await;
