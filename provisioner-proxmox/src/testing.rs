@@ -139,6 +139,25 @@ impl SimFixture {
         Self::start(opts, &[NodeSpec::new("pve1", 64, None)]).await
     }
 
+    /// A two-node fixture (`pve1`, `pve2`: 64 GiB, at most 10 VMs each)
+    /// with fast tasks over TLS and `opts`' other settings: what the
+    /// whole-life-cycle request checks (schema, privileges) run on.
+    pub async fn two_nodes(opts: SimOptions) -> Self {
+        let opts = SimOptions {
+            tls: true,
+            durations: crate::sim::TaskDurations::fast(),
+            ..opts
+        };
+        Self::start(
+            opts,
+            &[
+                NodeSpec::new("pve1", 64, Some(10)),
+                NodeSpec::new("pve2", 64, Some(10)),
+            ],
+        )
+        .await
+    }
+
     /// Another provisioner on the same simulator with a different pool
     /// config (the connection, hence client and placement, is shared).
     pub fn provisioner_with(&self, pool: &ProxmoxPoolConfig) -> Arc<ProxmoxProvisioner> {

@@ -28,8 +28,8 @@ use grs_provisioner_proxmox::privileges::{
     REQUIRED_PRIVILEGES, pveum_commands, role_privileges_for,
 };
 use grs_provisioner_proxmox::schema::{ApiSchema, ENDPOINTS_JSON};
-use grs_provisioner_proxmox::sim::{SimOptions, TaskDurations};
-use grs_provisioner_proxmox::testing::{NodeSpec, POOL, SimFixture, TEMPLATE_VMID};
+use grs_provisioner_proxmox::sim::SimOptions;
+use grs_provisioner_proxmox::testing::{POOL, SimFixture, TEMPLATE_VMID};
 use secrecy::SecretString;
 use serde_json::Value;
 
@@ -166,19 +166,7 @@ fn apidoc_permissions(tree: &Value, method: &str, path: &str) -> Option<Value> {
 
 #[tokio::test]
 async fn the_documented_privileges_are_exactly_what_the_calls_grs_makes_need() {
-    let opts = SimOptions {
-        tls: true,
-        durations: TaskDurations::fast(),
-        ..SimOptions::default()
-    };
-    let f = SimFixture::start(
-        opts,
-        &[
-            NodeSpec::new("pve1", 64, Some(10)),
-            NodeSpec::new("pve2", 64, Some(10)),
-        ],
-    )
-    .await;
+    let f = SimFixture::two_nodes(SimOptions::default()).await;
     let log = f.provisioner.client().record_requests();
 
     // Every pool option on, cloud-init bootstrap: the whole life cycle.

@@ -14,8 +14,8 @@ use grs_provisioner::Bootstrap;
 use grs_provisioner::conformance::spec;
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::schema::{ApiSchema, ENDPOINTS_JSON};
-use grs_provisioner_proxmox::sim::{Fault, SimOptions, TaskDurations};
-use grs_provisioner_proxmox::testing::{self, NodeSpec, POOL, SimFixture};
+use grs_provisioner_proxmox::sim::{Fault, SimOptions};
+use grs_provisioner_proxmox::testing::{self, POOL, SimFixture};
 use secrecy::SecretString;
 
 fn shared_fixture() -> Option<PathBuf> {
@@ -51,19 +51,10 @@ fn the_bundled_schema_is_the_shared_fixture() {
 
 #[tokio::test]
 async fn every_request_the_client_can_send_fits_the_official_schema() {
-    let opts = SimOptions {
-        tls: true,
-        durations: TaskDurations::fast(),
+    let f = SimFixture::two_nodes(SimOptions {
         validate_requests: false,
         ..SimOptions::default()
-    };
-    let f = SimFixture::start(
-        opts,
-        &[
-            NodeSpec::new("pve1", 64, Some(10)),
-            NodeSpec::new("pve2", 64, Some(10)),
-        ],
-    )
+    })
     .await;
     let log = f.provisioner.client().record_requests();
 
