@@ -149,6 +149,9 @@ pub struct Reconciler {
     registrar: Option<Arc<dyn RunnerRegistrar>>,
     /// Where [`run`] counts actions and leadership.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Lost webhooks and unrouted jobs, looked for by the leader after its
+    /// passes ([`crate::recovery`]).
+    recovery: Option<crate::recovery::Recovery>,
 }
 
 /// `d` in milliseconds, saturating.
@@ -175,7 +178,14 @@ impl Reconciler {
             undated_orphans: HashMap::new(),
             registrar: None,
             metrics: None,
+            recovery: None,
         }
+    }
+
+    /// Runs `recovery` after each pass while leading ([`run`]).
+    pub fn with_recovery(mut self, recovery: crate::recovery::Recovery) -> Self {
+        self.recovery = Some(recovery);
+        self
     }
 
     /// Counts every pass's actions and this replica's leadership in
@@ -357,6 +367,9 @@ impl Reconciler {
     /// leader starts from the store and the backends anyway).
     fn forget(&mut self) {
         self.undated_orphans.clear();
+        if let Some(r) = &mut self.recovery {
+            r.forget();
+        }
     }
 }
 
@@ -393,6 +406,12 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     m.reconciler_actions("orphan_deleted", r.orphans_deleted.len());
                     m.reconciler_actions("busy_kept", r.busy_kept.len());
                     m.reconciler_actions("failure", r.failures.len());
+                }
+                if let Some(recovery) = &mut reconciler.recovery {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = recovery.run_if_due() => {}
+                    }
                 }
                 match pass {
                     Ok(report) if report.is_quiet() => {
@@ -565,6 +584,7 @@ mod tests {
             registrar: None,
             shutdown: stop.clone(),
             metrics: Default::default(),
+            github: None,
         };
         let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
         eventually("the VM deleted", Duration::from_secs(3), || async {

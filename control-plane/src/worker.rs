@@ -41,6 +41,13 @@ pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
         let _ = name;
         Ok(None)
     }
+
+    /// The REST client behind this registrar, if it is GitHub's: the
+    /// control plane then checks job status and recovers lost webhooks
+    /// through the same client (one token cache, one set of metrics).
+    fn github_client(&self) -> Option<grs_github::GitHubClient> {
+        None
+    }
 }
 
 /// Worker settings, taken from `[control_plane]`.
@@ -113,6 +120,9 @@ pub struct WorkerContext {
     pub shutdown: CancellationToken,
     /// This replica's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Job status from GitHub before a VM is spent, when `[github]` is
+    /// configured (`None`: not checked).
+    pub github: Option<crate::github::GitHubJobs>,
 }
 
 /// How a worker left an entry.

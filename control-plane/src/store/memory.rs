@@ -361,6 +361,10 @@ impl Store for MemoryStore {
         self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
     }
 
+    async fn note_job_waiting(&self, job_id: u64, reason: &str, now: Millis) -> StoreResult<()> {
+        self.transact_one(|tx| rules::note_job_waiting(tx, job_id, reason, now))
+    }
+
     async fn read(
         &self,
         queue: &Queue,

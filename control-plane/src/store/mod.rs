@@ -301,6 +301,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a teardown problem on the instance (it stays queued).
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()>;
 
+    /// Records why a job that has not ended still waits (a create that
+    /// failed and is retried, ...), shown by `GetJob`; "" clears it. An
+    /// ended job keeps its reason. Idempotent.
+    async fn note_job_waiting(&self, job_id: u64, reason: &str, now: Millis) -> StoreResult<()>;
+
     /// Next entry of `queue` for `consumer`, waiting up to `block`.
     async fn read(
         &self,

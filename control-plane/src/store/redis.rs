@@ -474,6 +474,13 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn note_job_waiting(&self, job_id: u64, reason: &str, now: Millis) -> StoreResult<()> {
+        self.transact_one(vec![Key::Job(job_id)], now, |tx| {
+            rules::note_job_waiting(tx, job_id, reason, now)
+        })
+        .await
+    }
+
     async fn read(
         &self,
         queue: &Queue,
