@@ -156,13 +156,7 @@ async fn handle(
         let bootstrap = if guest_agent::wanted(pool) {
             guest_agent::bootstrap(ctx.registrar.as_deref(), &name, pool).await
         } else {
-            Ok(match &ctx.settings.gateway_url {
-                Some(url) => Bootstrap::CloudInit {
-                    seed_url: bootstrap::issue(&*ctx.store, url, &name, ctx.settings.bootstrap_ttl)
-                        .await?,
-                },
-                None => Bootstrap::None,
-            })
+            cloud_init_bootstrap(ctx, &name, pool).await?
         };
         tracing::info!(job_id, instance = %name, pool = pool_name, attempt = attempts, "creating instance");
         let started = std::time::Instant::now();
@@ -317,4 +311,38 @@ async fn check_github(
         }
     }
     Ok(())
+}
+
+/// The cloud-init bootstrap of a new instance: a bootstrap token and, with
+/// `[github]`, the runner's JIT config minted now and stored sealed under
+/// the token (see [`bootstrap`]), so the VM gets it even if GitHub is
+/// unreachable when it boots. A failure to mint is a failed create
+/// (retried like one). Store errors are the caller's.
+async fn cloud_init_bootstrap(
+    ctx: &WorkerContext,
+    name: &str,
+    pool: &crate::pools::Pool,
+) -> StoreResult<Result<Bootstrap, ProvisionerError>> {
+    let Some(url) = &ctx.settings.gateway_url else {
+        return Ok(Ok(Bootstrap::None));
+    };
+    let jit = match &ctx.registrar {
+        Some(r) => match r
+            .jit_config(name, &pool.config.labels, pool.config.runner_group_id)
+            .await
+        {
+            Ok(jit) => Some(jit),
+            Err(e) => return Ok(Err(ProvisionerError::Transient(e))),
+        },
+        None => None,
+    };
+    let seed_url = bootstrap::issue_with_secret(
+        &*ctx.store,
+        url,
+        name,
+        ctx.settings.bootstrap_ttl,
+        jit.as_ref(),
+    )
+    .await?;
+    Ok(Ok(Bootstrap::CloudInit { seed_url }))
 }

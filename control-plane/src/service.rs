@@ -560,7 +560,14 @@ impl ControlPlane for ControlPlaneService {
             .map_err(store_status)?
             .ok_or_else(not_found)?;
         let pool = self.pools.get(&instance.pool).ok_or_else(not_found)?;
-        let (content, content_type) = self.bootstrap_docs.render(doc, &instance, pool).await.map_err(|e| {
+        let jit = if doc == pb::BootstrapDocument::UserData {
+            bootstrap::sealed_secret(&*self.store, &r.token, &name)
+                .await
+                .map_err(store_status)?
+        } else {
+            None
+        };
+        let (content, content_type) = self.bootstrap_docs.render(doc, &instance, pool, jit).await.map_err(|e| {
             tracing::warn!(instance = %name, document = ?doc, error = %e, "cannot render bootstrap document");
             Status::unavailable(format!("cannot render {doc:?} for {name}: {e}"))
         })?;

@@ -461,3 +461,120 @@ async fn events_from_outside_the_configured_scope_are_answered_counted_and_not_p
     cp.shutdown().await.unwrap();
     sim.shutdown().await;
 }
+
+/// Issue 10, item 4: the runner's registration is ready before the VM asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jit_config_is_minted_at_provision_and_served_the_same_while_github_is_down() {
+    use grs_control_plane::github::GitHubRegistrar;
+    use grs_control_plane::server::ControlPlane;
+    use secrecy::ExposeSecret;
+
+    let sim = sim(None).await;
+    let config = config_for(&sim, |c| {
+        c.control_plane.gateway_url = Some("http://gw.example:8080".into());
+    });
+    let registrar = GitHubRegistrar::new(
+        grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap(),
+    );
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let fake = Arc::new(FakeProvisioner::new());
+    let pools = fake_pools(&config, &fake);
+    let ttl = config.control_plane.bootstrap_ttl;
+    let cp = RunningControlPlane::start(ControlPlane {
+        config,
+        store: store.clone(),
+        pools,
+        registrar: Some(Arc::new(registrar)),
+    })
+    .await;
+    let mut api = cp.client().await;
+    let job = sim.queue_job(NewJob::labels(LABELS)).await;
+    submit(&mut api, queued_event(&job, "q")).await;
+    let j = wait_for_job(
+        &api,
+        job.id,
+        pb::JobState::Provisioned,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Minted when the instance was made: its runner is registered (not yet
+    // online) before any VM asked for user-data.
+    let runners = sim.runners();
+    assert_eq!(runners.len(), 1, "{runners:?}");
+    assert_eq!(runners[0].name, j.instance_name);
+    assert!(!runners[0].online);
+
+    // The token the VM got (a new one stands in for it here: the fake
+    // backend keeps no seed URL) with a config sealed under it.
+    let jit = SecretString::from("c2ltdWxhdGVkLWppdC1jb25maWc=".to_owned());
+    let seed = grs_control_plane::bootstrap::issue_with_secret(
+        &*store,
+        "http://gw.example:8080",
+        &j.instance_name,
+        ttl,
+        Some(&jit),
+    )
+    .await
+    .unwrap();
+    let token = seed
+        .expose_secret()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    // GitHub is down while the VM boots and fetches twice.
+    for _ in 0..20 {
+        sim.inject(grs_github::sim::Fault::Status(502));
+    }
+    let mut docs = Vec::new();
+    for _ in 0..2 {
+        let d = api
+            .get_bootstrap_document(pb::GetBootstrapDocumentRequest {
+                token: token.clone(),
+                document: pb::BootstrapDocument::UserData as i32,
+            })
+            .await
+            .expect("user-data served without GitHub")
+            .into_inner();
+        assert_eq!(d.instance_name, j.instance_name);
+        docs.push(d.content);
+    }
+    assert_eq!(docs[0], docs[1], "the same document on a repeated fetch");
+    let text = String::from_utf8(docs[0].clone()).unwrap();
+    assert!(text.contains(jit.expose_secret()), "{text}");
+    assert_eq!(sim.runners().len(), 1, "nothing minted at fetch time");
+    cp.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
+
+/// The Redis store keeps a sealed secret under its token's hash for the
+/// token's lifetime, like the memory store.
+#[tokio::test]
+async fn the_redis_store_keeps_a_sealed_secret_for_its_ttl() {
+    let Some(store) = grs_control_plane::testing::redis_store("bootstrap_secret").await else {
+        return;
+    };
+    assert_eq!(store.bootstrap_secret("h1").await.unwrap(), None);
+    store
+        .put_bootstrap_secret("h1", "sealed-1", Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.bootstrap_secret("h1").await.unwrap().as_deref(),
+        Some("sealed-1")
+    );
+    eventually("the secret to expire", Duration::from_secs(5), || {
+        let store = &store;
+        async move {
+            store
+                .bootstrap_secret("h1")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    store.flush_prefix().await.unwrap();
+}

@@ -354,6 +354,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         ttl: Duration,
     ) -> StoreResult<()>;
 
+    /// Stores `sealed` (a secret sealed under a bootstrap token, see
+    /// [`bootstrap::issue_with_secret`](crate::bootstrap::issue_with_secret))
+    /// under the token's hash for `ttl`.
+    async fn put_bootstrap_secret(
+        &self,
+        token_hash: &str,
+        sealed: &str,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+
+    /// What [`put_bootstrap_secret`](Store::put_bootstrap_secret) stored
+    /// under a token's hash, if it has not expired.
+    async fn bootstrap_secret(&self, token_hash: &str) -> StoreResult<Option<String>>;
+
     /// The instance a bootstrap token's hash is bound to, if still valid.
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>>;
 

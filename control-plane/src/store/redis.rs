@@ -549,6 +549,33 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn put_bootstrap_secret(
+        &self,
+        token_hash: &str,
+        sealed: &str,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        redis::cmd("SET")
+            .arg(self.key(&["bootstrap-secret", token_hash]))
+            .arg(sealed)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn bootstrap_secret(&self, token_hash: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        redis::cmd("GET")
+            .arg(self.key(&["bootstrap-secret", token_hash]))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>> {
         let mut conn = self.conn().await?;
         redis::cmd("GET")
