@@ -408,9 +408,16 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     m.reconciler_actions("failure", r.failures.len());
                 }
                 if let Some(recovery) = &mut reconciler.recovery {
+                    // Bounded, so a slow GitHub does not let the lease
+                    // lapse; a pass cut short is redone (idempotent).
+                    let limit = interval.max(Duration::from_secs(2));
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = recovery.run_if_due() => {}
+                        r = tokio::time::timeout(limit, recovery.run_if_due()) => {
+                            if r.is_err() {
+                                tracing::warn!(limit_ms = limit.as_millis() as u64, "recovery pass cut short; the next one starts over");
+                            }
+                        }
                     }
                 }
                 match pass {

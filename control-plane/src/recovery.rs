@@ -255,8 +255,10 @@ impl Recovery {
             return Ok(());
         };
         let now = tokio::time::Instant::now();
+        // A guid asked for longer ago whose attempts all failed since (the
+        // receiver was still down) is asked for again.
         self.asked
-            .retain(|_, at| now.duration_since(*at) < REDELIVERY_REASK.max(self.settings.lookback));
+            .retain(|_, at| now.duration_since(*at) < REDELIVERY_REASK);
         let since = SystemTime::now() - self.settings.lookback;
         // guid → the newest attempt id, for guids with no successful attempt.
         let mut failed: HashMap<String, u64> = HashMap::new();
