@@ -50,6 +50,9 @@ use tower::ServiceExt;
 
 use crate::schema::ApiSchema;
 
+mod access;
+pub use access::AclEntry;
+
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
 
@@ -398,6 +401,8 @@ struct SimState {
     pid: u32,
     peak_per_node: BTreeMap<String, usize>,
     resource_pools: std::collections::BTreeSet<String>,
+    /// The token's ACL (`GET /access/permissions`); `None`: GRS's role on `/`.
+    token_acl: Option<Vec<AclEntry>>,
 }
 
 impl SimState {
@@ -998,6 +1003,18 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     let latency = sh.state.lock().unwrap().faults.latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
+    }
+    // Outside the bundled schema extract: checks its parameters itself.
+    if method == Method::GET && path == "/access/permissions" {
+        sh.state.lock().unwrap().requests += 1;
+        let mut p: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in params {
+            p.entry(k).or_default().push(v);
+        }
+        return match access::permissions(&sh, &p, &user) {
+            Ok(data) => ok(data),
+            Err(Fail(status, m)) => pve_error(v, status, &m),
+        };
     }
     let found = sh.schema.find(method.as_str(), &path);
     let template = found.as_ref().map(|(e, _)| e.path.clone());
