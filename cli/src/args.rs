@@ -16,13 +16,18 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 /// Operate GRS (GitHub Runner Scaler): inspect jobs, instances and pools,
 /// change pools, and watch transitions, over the control plane's gRPC API.
 #[derive(Debug, Parser)]
-#[command(name = "grs", version, propagate_version = true, after_help = "Examples:
+#[command(
+    name = "grs",
+    version,
+    propagate_version = true,
+    after_help = "Examples:
   grs stats                                 # queue depths and capacity in use
   grs top                                   # live view until q or Ctrl-C
   grs --server https://cp.example:50051 --ca-file ca.pem jobs list
   GRS_TOKEN=... grs pools pause linux
   grs doctor --config /etc/grs/grs.toml     # is this installation set up right?
-  grs completions bash > /etc/bash_completion.d/grs")]
+  grs completions bash > /etc/bash_completion.d/grs"
+)]
 pub struct Cli {
     /// Flags every subcommand takes.
     #[command(flatten)]
@@ -90,19 +95,28 @@ pub enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// GitHub Actions jobs GRS recorded.
-    #[command(subcommand, after_help = "Examples:
+    #[command(
+        subcommand,
+        after_help = "Examples:
   grs jobs list --state queued
-  grs jobs get 4711")]
+  grs jobs get 4711"
+    )]
     Jobs(JobsCommand),
     /// The short-lived VMs GRS made for jobs.
-    #[command(subcommand, after_help = "Examples:
+    #[command(
+        subcommand,
+        after_help = "Examples:
   grs instances list --pool linux
-  grs instances delete grs-4711")]
+  grs instances delete grs-4711"
+    )]
     Instances(InstancesCommand),
     /// Pools: labels served by a provisioner, with a capacity.
-    #[command(subcommand, after_help = "Examples:
+    #[command(
+        subcommand,
+        after_help = "Examples:
   grs pools list
-  grs pools set linux --max-instances 8")]
+  grs pools set linux --max-instances 8"
+    )]
     Pools(PoolsCommand),
     /// Queue depths, and capacity in use per pool.
     #[command(after_help = "Examples:
@@ -416,7 +430,10 @@ mod tests {
                 .skip_while(|w| w.contains('='))
                 .collect::<Vec<_>>()
                 .join(" ");
-            assert!(command.starts_with("grs"), "`{path}`: first example {first:?}");
+            assert!(
+                command.starts_with("grs"),
+                "`{path}`: first example {first:?}"
+            );
         }
     }
 

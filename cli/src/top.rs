@@ -87,7 +87,10 @@ async fn snapshot(conn: &Connection, pool: &str) -> Result<Snapshot, CliError> {
         include_deleted: false,
     };
     let instances = conn
-        .call(subject, |mut api| async move { api.list_instances(req).await })
+        .call(
+            subject,
+            |mut api| async move { api.list_instances(req).await },
+        )
         .await?
         .instances;
     Ok(Snapshot {
@@ -131,7 +134,14 @@ fn render(
             .entry(instance_state(i.state))
             .or_default() += 1;
     }
-    let mut p = Table::new(&["POOL", "STATUS", "IN USE", "QUEUED", "MIN IDLE", "INSTANCES"]);
+    let mut p = Table::new(&[
+        "POOL",
+        "STATUS",
+        "IN USE",
+        "QUEUED",
+        "MIN IDLE",
+        "INSTANCES",
+    ]);
     for pool in &s.pools {
         let states = by_state
             .get(pool.name.as_str())
@@ -161,7 +171,11 @@ fn render(
             i.name.clone(),
             instance_state(i.state),
             or_dash(&i.pool),
-            id_or_dash(if i.assigned_job_id != 0 { i.assigned_job_id } else { i.job_id }),
+            id_or_dash(if i.assigned_job_id != 0 {
+                i.assigned_job_id
+            } else {
+                i.job_id
+            }),
             or_dash(&i.location),
             ago(i.updated_at.as_ref(), s.at),
         ]);
@@ -229,14 +243,19 @@ pub(crate) async fn run(
     let req = pb::WatchEventsRequest { pool: pool.clone() };
     let subject = (!pool.is_empty()).then(|| Subject::Pool(pool.clone()));
     let mut stream = conn
-        .call(subject, |mut api| async move { api.watch_events(req).await })
+        .call(
+            subject,
+            |mut api| async move { api.watch_events(req).await },
+        )
         .await?;
     let mut screen = if terminal {
         Some(Screen::enter()?)
     } else {
         None
     };
-    let mut keys = screen.as_ref().map(|_| crossterm::event::EventStream::new());
+    let mut keys = screen
+        .as_ref()
+        .map(|_| crossterm::event::EventStream::new());
     let mut events: VecDeque<String> = VecDeque::new();
     let mut tick = tokio::time::interval(args.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -348,7 +367,12 @@ impl Screen {
         server: &str,
     ) -> Result<(), CliError> {
         use crossterm::{cursor, queue, terminal};
-        let (w, h) = terminal::size().unwrap_or((80, 24));
+        // A terminal that does not know its size (0×0, as a bare pty
+        // reports) is drawn as the classic 80×24.
+        let (w, h) = match terminal::size() {
+            Ok((w, h)) if w > 0 && h > 0 => (w, h),
+            _ => (80, 24),
+        };
         // Room for the instance rows: the height minus everything else.
         let fixed = 14 + snap.pools.len() + events.len().max(1);
         let rows = (h as usize).saturating_sub(fixed).max(1);

@@ -807,7 +807,10 @@ async fn top_once_shows_queues_pools_and_instances() {
     wait_instances(&s, 2).await;
 
     let out = s.grs(&["top", "--once"]).await.unwrap();
-    assert!(out.starts_with(&format!("grs top — {} — 20", s.url)), "{out}");
+    assert!(
+        out.starts_with(&format!("grs top — {} — 20", s.url)),
+        "{out}"
+    );
     let q = row(&out, "provision");
     assert_eq!(q.split_whitespace().count(), 3, "{out}");
     let pool = row(&out, "linux");
@@ -820,7 +823,11 @@ async fn top_once_shows_queues_pools_and_instances() {
 
     let doc = s.grs_json(&["top", "--once"]).await;
     assert_eq!(doc["pools"]["pools"][0]["name"], "linux", "{doc}");
-    assert_eq!(doc["instances"]["instances"].as_array().unwrap().len(), 2, "{doc}");
+    assert_eq!(
+        doc["instances"]["instances"].as_array().unwrap().len(),
+        2,
+        "{doc}"
+    );
     assert!(doc["stats"]["provision_queue_depth"].is_number(), "{doc}");
 }
 
@@ -877,8 +884,14 @@ async fn the_top_binary_redraws_on_events_when_piped_and_exits_0_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if std::process::Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIPPED top_on_a_terminal_quits_on_q_and_restores_the_terminal: no `script` (util-linux)");
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED top_on_a_terminal_quits_on_q_and_restores_the_terminal: no `script` (util-linux)"
+        );
         return;
     }
     let s = start(Setup::default()).await;
@@ -912,7 +925,10 @@ async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
         seen.extend_from_slice(&buf[..n]);
     }
     let screen = String::from_utf8_lossy(&seen).into_owned();
-    assert!(screen.contains("\x1b[?1049h"), "alternate screen entered: {screen:?}");
+    assert!(
+        screen.contains("\x1b[?1049h"),
+        "alternate screen entered: {screen:?}"
+    );
     assert!(screen.contains("q: quit"), "{screen:?}");
     stdin.write_all(b"q").await.unwrap();
     stdin.flush().await.unwrap();
@@ -924,7 +940,10 @@ async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
     stdout.read_to_end(&mut rest).await.unwrap();
     let rest = String::from_utf8_lossy(&rest);
     assert_eq!(status.code(), Some(0), "{rest:?}");
-    assert!(rest.contains("\x1b[?1049l"), "alternate screen left: {rest:?}");
+    assert!(
+        rest.contains("\x1b[?1049l"),
+        "alternate screen left: {rest:?}"
+    );
     assert!(rest.contains("\x1b[?25h"), "cursor shown: {rest:?}");
 }
 
@@ -945,7 +964,11 @@ async fn completions_are_written_for_every_shell_and_bash_parses_them() {
         .arg(&script)
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     // Loaded, it completes subcommands.
     let probe = format!(
         "source {}; COMP_WORDS=(grs do); COMP_CWORD=1; COMP_LINE='grs do'; COMP_POINT=6; _grs grs do grs; echo \"${{COMPREPLY[@]}}\"",
@@ -956,6 +979,10 @@ async fn completions_are_written_for_every_shell_and_bash_parses_them() {
         .output()
         .unwrap();
     let words = String::from_utf8_lossy(&out.stdout);
-    assert!(words.split_whitespace().any(|w| w == "doctor"), "{words:?} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        words.split_whitespace().any(|w| w == "doctor"),
+        "{words:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(grs_bin(&["completions", "tcsh"], &[]).await.code == 2);
 }

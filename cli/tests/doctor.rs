@@ -40,9 +40,11 @@ impl PrivateRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (install redis-server to run these tests)");
+        // Owned at once, so it is killed even if it never comes up.
+        let redis = Self { dir, child };
         for _ in 0..200 {
             if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-                return Self { dir, child };
+                return redis;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -270,7 +272,10 @@ async fn an_unreadable_configuration_is_the_only_check() {
     let (report, code) = doctor_at(&path).await;
     assert_eq!(code, 1);
     assert_eq!(report.lines().count(), 1, "{report}");
-    assert!(line(&report, "✗", "configuration").contains("pools.linux"), "{report}");
+    assert!(
+        line(&report, "✗", "configuration").contains("pools.linux"),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -279,7 +284,9 @@ async fn redis_unreachable_is_a_failure_and_persistence_is_skipped() {
     i.redis_url = format!("unix://{}/nothing-here.sock", i.dir.path().display());
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["Redis reachable"]);
-    assert!(line(&report, "✗", "Redis reachable").contains("fix: start Redis, or correct redis.url"));
+    assert!(
+        line(&report, "✗", "Redis reachable").contains("fix: start Redis, or correct redis.url")
+    );
     assert!(line(&report, "-", "Redis persistence").contains("not reachable"));
 }
 
@@ -291,7 +298,10 @@ async fn redis_without_persistence_says_so_and_how_to_turn_it_on() {
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["Redis persistence"]);
     let l = line(&report, "✗", "Redis persistence");
-    assert!(l.contains("WARNING: persistence is off: appendonly is \"no\""), "{l}");
+    assert!(
+        l.contains("WARNING: persistence is off: appendonly is \"no\""),
+        "{l}"
+    );
     assert!(l.contains("CONFIG SET appendonly yes"), "{l}");
 }
 
@@ -302,7 +312,10 @@ async fn a_pinned_fingerprint_that_does_not_match_names_the_key() {
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["PVE API"]);
     let l = line(&report, "✗", "PVE API");
-    assert!(l.contains("TLS verification") && l.contains("fix: the certificate is not the pinned one"), "{l}");
+    assert!(
+        l.contains("TLS verification") && l.contains("fix: the certificate is not the pinned one"),
+        "{l}"
+    );
     assert!(line(&report, "-", "PVE template (pool linux)").contains("not reachable"));
     line(&report, "-", "PVE privileges (pool linux)");
 }
@@ -315,7 +328,10 @@ async fn a_wrong_token_secret_is_an_authentication_failure() {
     let (report, code) = doctor_at(&path).await;
     assert_fails_only(&report, code, &["PVE API"]);
     let l = line(&report, "✗", "PVE API");
-    assert!(l.contains("authentication failed") && l.contains("fix: check proxmox.token_id"), "{l}");
+    assert!(
+        l.contains("authentication failed") && l.contains("fix: check proxmox.token_id"),
+        "{l}"
+    );
 }
 
 #[tokio::test]
@@ -335,7 +351,10 @@ async fn a_token_without_a_needed_privilege_gets_the_pveum_command() {
     assert_fails_only(&report, code, &["PVE privileges"]);
     let l = line(&report, "✗", "PVE privileges (pool linux)");
     assert!(l.contains("lacks VM.Clone on /vms/9000"), "{l}");
-    assert!(l.contains("pveum acl modify /vms/9000 -token 'root@pam!grs' -role GRS"), "{l}");
+    assert!(
+        l.contains("pveum acl modify /vms/9000 -token 'root@pam!grs' -role GRS"),
+        "{l}"
+    );
 }
 
 #[tokio::test]
@@ -363,7 +382,10 @@ async fn a_missing_template_names_the_key() {
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["PVE template"]);
     let l = line(&report, "✗", "PVE template (pool linux)");
-    assert!(l.contains("template_vmid") && l.contains("9999 does not exist"), "{l}");
+    assert!(
+        l.contains("template_vmid") && l.contains("9999 does not exist"),
+        "{l}"
+    );
     // Its config cannot be read, so privileges cannot be resolved.
     line(&report, "-", "PVE privileges (pool linux)");
 }
@@ -376,7 +398,10 @@ async fn a_vm_that_is_not_a_template_says_how_to_convert_it() {
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["PVE template"]);
     let l = line(&report, "✗", "PVE template (pool linux)");
-    assert!(l.contains("is not a template") && l.contains("qm template 9100"), "{l}");
+    assert!(
+        l.contains("is not a template") && l.contains("qm template 9100"),
+        "{l}"
+    );
 }
 
 #[tokio::test]
@@ -401,8 +426,10 @@ async fn clones_placed_on_another_node_need_shared_storage() {
 #[tokio::test]
 async fn an_app_without_runner_permission_is_told_which() {
     let i = Install::start(Auth::App).await;
-    i.github
-        .set_app_permissions(&[("actions", "read"), ("organization_self_hosted_runners", "read")]);
+    i.github.set_app_permissions(&[
+        ("actions", "read"),
+        ("organization_self_hosted_runners", "read"),
+    ]);
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["GitHub permissions"]);
     let l = line(&report, "✗", "GitHub permissions");
@@ -421,9 +448,16 @@ async fn an_app_with_the_wrong_installation_fails_its_credentials() {
         .replace("installation_id = 77", "installation_id = 78");
     std::fs::write(&path, text).unwrap();
     let (report, code) = doctor_at(&path).await;
-    assert_fails_only(&report, code, &["GitHub credentials", "GitHub runners API", "GitHub webhook"]);
+    assert_fails_only(
+        &report,
+        code,
+        &["GitHub credentials", "GitHub runners API", "GitHub webhook"],
+    );
     let l = line(&report, "✗", "GitHub credentials");
-    assert!(l.contains("404") && l.contains("github.app.installation_id"), "{l}");
+    assert!(
+        l.contains("404") && l.contains("github.app.installation_id"),
+        "{l}"
+    );
     line(&report, "-", "GitHub permissions");
 }
 
@@ -434,18 +468,28 @@ async fn an_app_not_subscribed_to_workflow_job_is_told_to_tick_it() {
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["GitHub webhook"]);
     let l = line(&report, "✗", "GitHub webhook");
-    assert!(l.contains("does not subscribe to workflow_job") && l.contains("Workflow job"), "{l}");
+    assert!(
+        l.contains("does not subscribe to workflow_job") && l.contains("Workflow job"),
+        "{l}"
+    );
 }
 
 #[tokio::test]
 async fn an_app_webhook_pointing_elsewhere_names_both_urls() {
     let i = Install::start(Auth::App).await;
-    i.github.set_webhook_url("https://old-gateway.example/webhook");
+    i.github
+        .set_webhook_url("https://old-gateway.example/webhook");
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["GitHub webhook"]);
     let l = line(&report, "✗", "GitHub webhook");
     assert!(l.contains("https://old-gateway.example/webhook"), "{l}");
-    assert!(l.contains(&format!("{}/webhook (from control_plane.gateway_url)", i.gateway_url)), "{l}");
+    assert!(
+        l.contains(&format!(
+            "{}/webhook (from control_plane.gateway_url)",
+            i.gateway_url
+        )),
+        "{l}"
+    );
 }
 
 #[tokio::test]
@@ -465,7 +509,10 @@ async fn an_organisation_webhook_without_workflow_job_is_told_to_tick_it() {
     let (report, code) = i.doctor().await;
     assert_fails_only(&report, code, &["GitHub webhook"]);
     let l = line(&report, "✗", "GitHub webhook");
-    assert!(l.contains("does not send workflow_job") && l.contains("Workflow jobs"), "{l}");
+    assert!(
+        l.contains("does not send workflow_job") && l.contains("Workflow jobs"),
+        "{l}"
+    );
 }
 
 #[tokio::test]
@@ -474,7 +521,10 @@ async fn an_unreachable_gateway_fails_with_its_key() {
     i.gateway_stop.cancel();
     // Wait for the listener to close.
     for _ in 0..100 {
-        if reqwest::get(format!("{}/healthz", i.gateway_url)).await.is_err() {
+        if reqwest::get(format!("{}/healthz", i.gateway_url))
+            .await
+            .is_err()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -484,7 +534,10 @@ async fn an_unreachable_gateway_fails_with_its_key() {
     // reachability check fails.
     assert_fails_only(&report, code, &["gateway reachable"]);
     let l = line(&report, "✗", "gateway reachable");
-    assert!(l.contains("/healthz") && l.contains("control_plane.gateway_url"), "{l}");
+    assert!(
+        l.contains("/healthz") && l.contains("control_plane.gateway_url"),
+        "{l}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,9 +557,16 @@ async fn the_binary_exits_1_on_a_failure_and_0_when_healthy() {
     })
     .await
     .unwrap();
-    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
     i.github.set_app_events(&[]);
-    let bad = tokio::task::spawn_blocking(move || run(path)).await.unwrap();
+    let bad = tokio::task::spawn_blocking(move || run(path))
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(1), "{stdout}");
     line(&stdout, "✗", "GitHub webhook");

@@ -86,7 +86,11 @@ pub fn required_privileges(
         None => ("/vms".to_owned(), true),
     };
     let placement: Vec<String> = if nodes.is_empty() {
-        vec![pool.target_node.clone().unwrap_or_else(|| pool.node.clone())]
+        vec![
+            pool.target_node
+                .clone()
+                .unwrap_or_else(|| pool.node.clone()),
+        ]
     } else {
         nodes.iter().map(|n| n.name.clone()).collect()
     };
@@ -108,7 +112,10 @@ pub fn required_privileges(
         let paths: Vec<(String, bool)> = match grant.path {
             "/vms/{template_vmid}" => vec![(format!("/vms/{}", pool.template_vmid), false)],
             "/vms/{newid}" => vec![new_vms.clone()],
-            "/nodes/{node}" => placement.iter().map(|n| (format!("/nodes/{n}"), false)).collect(),
+            "/nodes/{node}" => placement
+                .iter()
+                .map(|n| (format!("/nodes/{n}"), false))
+                .collect(),
             "/storage/{storage}" => storages
                 .iter()
                 .map(|s| (format!("/storage/{s}"), false))

@@ -26,12 +26,16 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
         Ok(s) => Check::fail(
             NAME,
             format!("GET {url}: {s} ({key})"),
-            format!("{key} must point at the webhook gateway (grs-webhook-gateway serves /healthz)"),
+            format!(
+                "{key} must point at the webhook gateway (grs-webhook-gateway serves /healthz)"
+            ),
         ),
         Err(e) => Check::fail(
             NAME,
             format!("GET {url}: {e} ({key})"),
-            format!("start grs-webhook-gateway, or correct {key}; GitHub and the VMs must reach it there"),
+            format!(
+                "start grs-webhook-gateway, or correct {key}; GitHub and the VMs must reach it there"
+            ),
         ),
     }]
 }

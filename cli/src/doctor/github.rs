@@ -24,7 +24,13 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
     };
     let client = match GitHubClient::new(gh) {
         Ok(c) => c,
-        Err(e) => return vec![Check::fail(CREDENTIALS, e.to_string(), "correct the [github] key named above")],
+        Err(e) => {
+            return vec![Check::fail(
+                CREDENTIALS,
+                e.to_string(),
+                "correct the [github] key named above",
+            )];
+        }
     };
     let at = match client.scope() {
         Scope::Organization(o) => format!("organisation {o}"),
@@ -34,7 +40,13 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
     // Credentials and what they grant.
     let mut events: Option<Vec<String>> = None;
     if client.is_app() {
-        match bounded(timeout, "GET /app/installations/{id}", client.app_installation()).await {
+        match bounded(
+            timeout,
+            "GET /app/installations/{id}",
+            client.app_installation(),
+        )
+        .await
+        {
             Ok(Some(inst)) => {
                 out.push(Check::pass(
                     CREDENTIALS,
@@ -71,13 +83,19 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
                     e,
                     "check github.app.app_id, github.app.installation_id and the private key (github.app.private_key_file or GRS_GITHUB_APP_PRIVATE_KEY)",
                 ));
-                out.push(Check::skip(PERMISSIONS, "the app's installation cannot be read"));
+                out.push(Check::skip(
+                    PERMISSIONS,
+                    "the app's installation cannot be read",
+                ));
             }
         }
     } else {
         match bounded(timeout, "the runners endpoint", client.token_scopes()).await {
             Ok(Some(scopes)) => {
-                out.push(Check::pass(CREDENTIALS, format!("personal access token at {}", gh.api_url)));
+                out.push(Check::pass(
+                    CREDENTIALS,
+                    format!("personal access token at {}", gh.api_url),
+                ));
                 let missing = inspect::missing_pat_scopes(client.scope(), &scopes);
                 out.push(if missing.is_empty() {
                     Check::pass(PERMISSIONS, format!("token scopes {}", scopes.join(", ")))
@@ -109,14 +127,16 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
         }
     }
     // The runners endpoint, as the reconciler and teardown call it.
-    out.push(match bounded(timeout, "list runners", client.list_runners(None)).await {
-        Ok(r) => Check::pass(RUNNERS, format!("{} runners registered at {at}", r.len())),
-        Err(e) => Check::fail(
-            RUNNERS,
-            e,
-            format!("the credentials must manage self-hosted runners at {at}"),
-        ),
-    });
+    out.push(
+        match bounded(timeout, "list runners", client.list_runners(None)).await {
+            Ok(r) => Check::pass(RUNNERS, format!("{} runners registered at {at}", r.len())),
+            Err(e) => Check::fail(
+                RUNNERS,
+                e,
+                format!("the credentials must manage self-hosted runners at {at}"),
+            ),
+        },
+    );
     out.push(webhook(loaded, &client, events, timeout).await);
     out
 }
@@ -128,7 +148,9 @@ async fn webhook(
     app_events: Option<Vec<String>>,
     timeout: Duration,
 ) -> Check {
-    let expected = loaded.gateway_url().map(|(key, base)| (key, format!("{base}/webhook")));
+    let expected = loaded
+        .gateway_url()
+        .map(|(key, base)| (key, format!("{base}/webhook")));
     let matches = |url: Option<&str>| match (&expected, url) {
         (Some((_, want)), Some(got)) => got.trim_end_matches('/') == want,
         (None, _) => true,
@@ -139,21 +161,36 @@ async fn webhook(
         .map(|(key, u)| format!("{u} (from {key})"))
         .unwrap_or_else(|| "the gateway's /webhook".into());
     if client.is_app() {
-        let config = match bounded(timeout, "GET /app/hook/config", client.app_hook_config()).await {
+        let config = match bounded(timeout, "GET /app/hook/config", client.app_hook_config()).await
+        {
             Ok(Some(c)) => c,
             Ok(None) => return Check::skip(WEBHOOK, "not an app"),
-            Err(e) => return Check::fail(WEBHOOK, e, "the app's webhook must be readable with its JWT (check app_id and key)"),
+            Err(e) => {
+                return Check::fail(
+                    WEBHOOK,
+                    e,
+                    "the app's webhook must be readable with its JWT (check app_id and key)",
+                );
+            }
         };
         let url = config.url.as_deref().filter(|u| !u.is_empty());
         let has_event = app_events
             .as_ref()
             .is_some_and(|e| e.iter().any(|e| e == "workflow_job"));
         return match (matches(url), has_event) {
-            (true, true) => Check::pass(WEBHOOK, format!("the app sends workflow_job to {}", url.unwrap_or("-"))),
+            (true, true) => Check::pass(
+                WEBHOOK,
+                format!("the app sends workflow_job to {}", url.unwrap_or("-")),
+            ),
             (false, _) => Check::fail(
                 WEBHOOK,
-                format!("the app's webhook URL is {}, not {want_words}", url.unwrap_or("unset")),
-                format!("set the app's Webhook URL to {want_words} (app settings > General), content type JSON, with the webhook secret"),
+                format!(
+                    "the app's webhook URL is {}, not {want_words}",
+                    url.unwrap_or("unset")
+                ),
+                format!(
+                    "set the app's Webhook URL to {want_words} (app settings > General), content type JSON, with the webhook secret"
+                ),
             ),
             (true, false) => Check::fail(
                 WEBHOOK,
@@ -178,11 +215,19 @@ async fn webhook(
         .collect();
     let sends = |h: &&Webhook| h.active && h.events.iter().any(|e| e == "workflow_job" || e == "*");
     match (to_gateway.is_empty(), to_gateway.iter().find(|h| sends(h))) {
-        (_, Some(h)) => Check::pass(WEBHOOK, format!("webhook {} sends workflow_job to {want_words}", h.id)),
+        (_, Some(h)) => Check::pass(
+            WEBHOOK,
+            format!("webhook {} sends workflow_job to {want_words}", h.id),
+        ),
         (true, None) => Check::fail(
             WEBHOOK,
-            format!("no webhook points at {want_words} ({} webhooks found)", hooks.len()),
-            format!("add a webhook: payload URL {want_words}, content type application/json, the webhook secret, event \"Workflow jobs\""),
+            format!(
+                "no webhook points at {want_words} ({} webhooks found)",
+                hooks.len()
+            ),
+            format!(
+                "add a webhook: payload URL {want_words}, content type application/json, the webhook secret, event \"Workflow jobs\""
+            ),
         ),
         (false, None) => Check::fail(
             WEBHOOK,

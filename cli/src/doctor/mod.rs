@@ -247,7 +247,11 @@ pub async fn checks(args: &DoctorArgs, timeout: Duration) -> Vec<Check> {
     let pools: Vec<&str> = loaded.config.pools.keys().map(String::as_str).collect();
     let mut out = vec![Check::pass(
         "configuration",
-        format!("{path} is valid ({} pools: {})", pools.len(), pools.join(", ")),
+        format!(
+            "{path} is valid ({} pools: {})",
+            pools.len(),
+            pools.join(", ")
+        ),
     )];
     out.extend(redis::checks(&loaded.config, timeout).await);
     out.extend(pve::checks(&loaded, timeout).await);

@@ -94,14 +94,22 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
         Err(e) => {
             out.push(Check::fail(API, e.clone(), api_fix(&e, &conn)));
             for n in &configured {
-                out.push(Check::skip(format!("PVE template (pool {n})"), "the PVE API is not reachable"));
-                out.push(Check::skip(format!("PVE privileges (pool {n})"), "the PVE API is not reachable"));
+                out.push(Check::skip(
+                    format!("PVE template (pool {n})"),
+                    "the PVE API is not reachable",
+                ));
+                out.push(Check::skip(
+                    format!("PVE privileges (pool {n})"),
+                    "the PVE API is not reachable",
+                ));
             }
             return out;
         }
     };
     for name in configured {
-        let Some(p) = backend.pool(name) else { continue };
+        let Some(p) = backend.pool(name) else {
+            continue;
+        };
         let pool_cfg: ProxmoxPoolConfig = match serde_json::from_value(serde_json::Value::Object(
             pools
                 .iter()
@@ -120,7 +128,11 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
                     "VM {} on node {} is a {}, clonable where placement puts clones",
                     pool_cfg.template_vmid,
                     pool_cfg.node,
-                    if pool_cfg.full_clone { "VM (full clones)" } else { "template" }
+                    if pool_cfg.full_clone {
+                        "VM (full clones)"
+                    } else {
+                        "template"
+                    }
                 ),
             )),
             Err(e) => out.push(Check::fail(
@@ -148,7 +160,10 @@ fn api_fix(err: &str, conn: &ProxmoxConfig) -> String {
             conn.token_id
         )
     } else {
-        format!("make {} reachable from here (proxmox.url; port 8006)", conn.url)
+        format!(
+            "make {} reachable from here (proxmox.url; port 8006)",
+            conn.url
+        )
     }
 }
 
@@ -203,7 +218,11 @@ async fn privileges(
             ),
         );
     }
-    Check::fail(name, missing_words(&conn.token_id, &missing), fix_words(conn, &missing))
+    Check::fail(
+        name,
+        missing_words(&conn.token_id, &missing),
+        fix_words(conn, &missing),
+    )
 }
 
 /// `token lacks VM.Clone on /vms/9000 (POST .../clone); ...`

@@ -28,7 +28,7 @@ pub(super) async fn checks(config: &Config, timeout: Duration) -> Vec<Check> {
             .map(|_| conn)
     })
     .await;
-    let mut conn = match conn {
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             return vec![
@@ -55,7 +55,6 @@ pub(super) async fn checks(config: &Config, timeout: Duration) -> Vec<Check> {
     };
     let appendonly = bounded(timeout, "CONFIG GET appendonly", get("appendonly")).await;
     let save = bounded(timeout, "CONFIG GET save", get("save")).await;
-    let _ = &mut conn;
     out.push(match (appendonly, save) {
         (Ok(a), _) if a == "yes" => Check::pass(PERSISTENT, "appendonly yes (AOF)"),
         (Ok(a), save) => {

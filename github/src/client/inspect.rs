@@ -130,7 +130,9 @@ impl GitHubClient {
     pub async fn webhooks(&self) -> Result<Vec<Webhook>, GitHubError> {
         let path = match &self.inner.scope {
             Scope::Organization(org) => format!("/orgs/{org}/hooks?per_page=100"),
-            Scope::Repository { owner, name } => format!("/repos/{owner}/{name}/hooks?per_page=100"),
+            Scope::Repository { owner, name } => {
+                format!("/repos/{owner}/{name}/hooks?per_page=100")
+            }
         };
         self.call(Method::GET, &path, None::<&()>).await
     }

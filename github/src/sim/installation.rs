@@ -82,7 +82,10 @@ pub(super) fn pat_scopes(sim: &GitHubSim, headers: &HeaderMap) -> Option<String>
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("token ")))?;
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("token "))
+        })?;
     let st = sim.lock();
     if st.cfg.pat.as_deref() == Some(token) {
         st.setup.pat_scopes.clone()
@@ -105,7 +108,7 @@ pub(super) fn app_endpoint(
     let st = sim.lock();
     match segs {
         ["app", "installations", id] => Some(match check_app_jwt(&st, jwt) {
-            Err(resp) => resp,
+            Err(message) => err(StatusCode::UNAUTHORIZED, message),
             Ok(()) if id.parse::<u64>().ok() != Some(st.cfg.installation_id) => {
                 err(StatusCode::NOT_FOUND, "Not Found")
             }
@@ -120,7 +123,7 @@ pub(super) fn app_endpoint(
             .into_response(),
         }),
         ["app", "hook", "config"] => Some(match check_app_jwt(&st, jwt) {
-            Err(resp) => resp,
+            Err(message) => err(StatusCode::UNAUTHORIZED, message),
             Ok(()) => axum::Json(json!({
                 "url": st.cfg.webhook_url.clone().unwrap_or_default(),
                 "content_type": "json",

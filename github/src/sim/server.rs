@@ -168,8 +168,8 @@ fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
     if installation.parse::<u64>().ok() != Some(st.cfg.installation_id) {
         return err(StatusCode::NOT_FOUND, "Not Found");
     }
-    if let Err(resp) = check_app_jwt(&st, jwt) {
-        return resp;
+    if let Err(message) = check_app_jwt(&st, jwt) {
+        return err(StatusCode::UNAUTHORIZED, message);
     }
     let token = format!("ghs_{:036x}", rand::random::<u128>());
     let expires = SystemTime::now() + st.cfg.token_ttl;
@@ -187,8 +187,8 @@ fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
 
 /// Checks an app JWT as GitHub does (the signature when the simulator has
 /// the public key; the issuer; issued in the past with at most ten minutes
-/// of life); the error answer when it fails.
-pub(super) fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), Response> {
+/// of life); GitHub's 401 message when it fails.
+pub(super) fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), &'static str> {
     #[derive(Deserialize)]
     struct Claims {
         iss: serde_json::Value,
@@ -223,10 +223,7 @@ pub(super) fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), Response
         .unwrap_or_default()
         .as_secs();
     let Some(c) = claims else {
-        return Err(err(
-            StatusCode::UNAUTHORIZED,
-            "A JSON web token could not be decoded",
-        ));
+        return Err("A JSON web token could not be decoded");
     };
     let iss = match &c.iss {
         serde_json::Value::String(s) => s.clone(),
@@ -234,10 +231,7 @@ pub(super) fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), Response
     };
     // GitHub's rules: issued in the past, at most ten minutes of life.
     if iss != st.cfg.app_id || c.iat > now + 5 || c.exp > c.iat + 600 + 60 || c.exp <= now {
-        return Err(err(
-            StatusCode::UNAUTHORIZED,
-            "'Expiration time' claim ('exp') is too far in the future",
-        ));
+        return Err("'Expiration time' claim ('exp') is too far in the future");
     }
     Ok(())
 }

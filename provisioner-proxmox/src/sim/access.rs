@@ -75,7 +75,8 @@ fn acl(sh: &Shared) -> Vec<AclEntry> {
 fn covers(acl_path: &str, propagate: bool, path: &str) -> bool {
     acl_path == path
         || propagate
-            && (acl_path == "/" || path.starts_with(&format!("{}/", acl_path.trim_end_matches('/'))))
+            && (acl_path == "/"
+                || path.starts_with(&format!("{}/", acl_path.trim_end_matches('/'))))
 }
 
 /// Privilege → propagate at `path`.
@@ -104,12 +105,17 @@ pub(super) fn permissions(sh: &Shared, p: &HashMap<String, Vec<String>>, user: &
     if let Some(k) = p.keys().find(|k| !matches!(k.as_str(), "path" | "userid")) {
         return Err(Fail(
             400,
-            format!("Parameter verification failed. ({k}: property is not defined in schema and the schema does not allow additional properties)"),
+            format!(
+                "Parameter verification failed. ({k}: property is not defined in schema and the schema does not allow additional properties)"
+            ),
         ));
     }
     let one = |k: &str| p.get(k).and_then(|v| v.first()).map(String::as_str);
     if one("userid").is_some_and(|u| u != user) {
-        return Err(Fail(403, "Permission check failed (/access, Sys.Audit)".into()));
+        return Err(Fail(
+            403,
+            "Permission check failed (/access, Sys.Audit)".into(),
+        ));
     }
     let acl = acl(sh);
     if let Some(path) = one("path").filter(|p| !p.is_empty()) {
@@ -120,10 +126,19 @@ pub(super) fn permissions(sh: &Shared, p: &HashMap<String, Vec<String>>, user: &
             json!({ path: as_json(perms) })
         });
     }
-    let mut paths: Vec<String> = ["/", "/access", "/access/groups", "/nodes", "/pool", "/sdn", "/storage", "/vms"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let mut paths: Vec<String> = [
+        "/",
+        "/access",
+        "/access/groups",
+        "/nodes",
+        "/pool",
+        "/sdn",
+        "/storage",
+        "/vms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     paths.extend(acl.iter().map(|e| e.path.clone()));
     let mut out = serde_json::Map::new();
     for path in paths {
