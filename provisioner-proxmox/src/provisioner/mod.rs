@@ -448,7 +448,9 @@ impl ProxmoxProvisioner {
 /// The disks of a VM config as (key, storage id), as qemu-server's
 /// `clone_vm` sees them: drives except CD-ROMs (a cloud-init drive counts),
 /// not `unusedN`.
-fn template_disks(cfg: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+pub(crate) fn template_disks(
+    cfg: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, String)> {
     cfg.iter()
         .filter_map(|(k, v)| Some((k, v.as_str()?)))
         .filter(|(k, v)| {
