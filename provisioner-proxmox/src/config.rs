@@ -30,6 +30,7 @@
 //! bootstrap = "cloud-init" # or "guest-agent", "none"
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -112,6 +113,18 @@ pub struct ProxmoxConfig {
     /// Longest interval between two polls of a task's status.
     #[serde(default = "d_task_poll_max", with = "humantime_serde")]
     pub task_poll_max: Duration,
+    /// How long each type of task (`qmclone`, `qmstart`, `qmstop`,
+    /// `qmdestroy`, ...) is expected to take before GRS has seen one on this
+    /// cluster: the first status poll of such a task comes then. From the
+    /// first task on GRS learns the real durations (per type, per template
+    /// for clones); a type not listed is first polled after 1 s. Keys given
+    /// here replace the default of that type only.
+    #[serde(
+        default = "d_task_expected",
+        deserialize_with = "expected_tasks::deserialize",
+        serialize_with = "expected_tasks::serialize"
+    )]
+    pub task_expected: BTreeMap<String, Duration>,
     /// Nodes GRS may place VMs on, with their limits. Empty: only the
     /// pool's template node (or its `target_node`).
     #[serde(default)]
@@ -151,7 +164,50 @@ fn d_retry_max_delay() -> Duration {
     Duration::from_secs(8)
 }
 fn d_task_poll_min() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(20)
+}
+/// Typical durations on a small cluster with local LVM-thin storage: a
+/// linked clone of a template about a second, a start half a second, a hard
+/// stop and a destroy a few hundred milliseconds.
+fn d_task_expected() -> BTreeMap<String, Duration> {
+    [
+        ("qmclone", 1000),
+        ("qmstart", 500),
+        ("qmstop", 200),
+        ("qmshutdown", 200),
+        ("qmdestroy", 300),
+    ]
+    .into_iter()
+    .map(|(k, ms)| (k.to_owned(), Duration::from_millis(ms)))
+    .collect()
+}
+
+/// `task_expected`: a table of humantime durations; the keys given are
+/// laid over the defaults.
+mod expected_tasks {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let given = BTreeMap::<String, humantime_serde::Serde<Duration>>::deserialize(d)?;
+        let mut all = super::d_task_expected();
+        all.extend(given.into_iter().map(|(k, v)| (k, v.into_inner())));
+        Ok(all)
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        m: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|(k, v)| (k, humantime_serde::Serde::from(*v)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
 }
 fn d_task_poll_max() -> Duration {
     Duration::from_secs(2)
@@ -179,6 +235,7 @@ impl ProxmoxConfig {
             retry_max_delay: d_retry_max_delay(),
             task_poll_min: d_task_poll_min(),
             task_poll_max: d_task_poll_max(),
+            task_expected: d_task_expected(),
             nodes: Vec::new(),
         }
     }
@@ -230,6 +287,23 @@ impl ProxmoxConfig {
                 "proxmox.task_poll_max",
                 "must not be shorter than task_poll_min",
             ));
+        }
+        for (kind, d) in &self.task_expected {
+            if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(ConfigError::new(
+                    format!("proxmox.task_expected.{kind}"),
+                    "not a PVE task type (lower-case letters, e.g. qmclone)",
+                ));
+            }
+            if d.is_zero() || *d > self.task_timeout {
+                return Err(ConfigError::new(
+                    format!("proxmox.task_expected.{kind}"),
+                    format!(
+                        "must be greater than zero and at most task_timeout ({})",
+                        humantime_serde::re::humantime::format_duration(self.task_timeout)
+                    ),
+                ));
+            }
         }
         if self.retry_attempts == 0 {
             return Err(ConfigError::new(

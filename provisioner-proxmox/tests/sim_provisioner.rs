@@ -352,7 +352,6 @@ async fn placement_spreads_over_nodes_skips_a_down_node_and_honours_maximums() {
     let opts = SimOptions {
         tls: false,
         durations: TaskDurations::fast(),
-        clone_parallelism: 8,
         ..SimOptions::default()
     };
     let nodes = [
@@ -768,7 +767,6 @@ async fn creating_a_stopped_instance_again_starts_it_instead_of_making_another()
 async fn concurrent_creates_under_lock_contention_all_succeed_within_node_maximums() {
     let opts = SimOptions {
         durations: TaskDurations::fast(),
-        clone_parallelism: 3,
         ..SimOptions::default()
     };
     let nodes = [

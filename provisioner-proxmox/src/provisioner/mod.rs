@@ -62,6 +62,7 @@
 
 mod create;
 mod delete;
+mod gate;
 mod ownership;
 
 use std::collections::{BTreeSet, HashSet};
@@ -91,6 +92,8 @@ pub(crate) struct Backend {
     client: PveClient,
     placement: Placement,
     vmids: Mutex<BTreeSet<u32>>,
+    /// Clones in flight per template (see [`gate`]).
+    gates: gate::CloneGates,
 }
 
 impl Backend {
@@ -102,6 +105,7 @@ impl Backend {
             client,
             placement: Placement::default(),
             vmids: Mutex::new(BTreeSet::new()),
+            gates: gate::CloneGates::default(),
         }))
     }
 }
@@ -248,6 +252,15 @@ impl ProxmoxProvisioner {
             &self.installation_id,
             &self.prefix,
         ))
+    }
+
+    /// How many clones of this pool's template GRS runs at once now (learned,
+    /// see the `gate` module).
+    pub fn clone_concurrency(&self) -> usize {
+        self.backend
+            .gates
+            .of(&self.pool.node, self.pool.template_vmid)
+            .limit()
     }
 
     /// The pool this provisioner serves.
