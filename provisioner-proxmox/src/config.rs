@@ -430,6 +430,15 @@ pub struct ProxmoxPoolConfig {
     /// picks among `[proxmox].nodes` (or uses the template's node).
     #[serde(default)]
     pub target_node: Option<String>,
+    /// Copies of the template on other nodes, by node (`pve2 = 9001`): a VM
+    /// placed on such a node is cloned from the copy there, on that node.
+    /// Clones then neither cross nodes (no shared storage needed) nor wait
+    /// for one template's storage lock: each node's local storage has its
+    /// own, so a burst clones on every node at once. The copies must be
+    /// kept in step with the template by the operator (same image, same
+    /// options); GRS checks that each exists and is a template.
+    #[serde(default)]
+    pub template_replicas: BTreeMap<String, u32>,
     /// Target storage for full clones (not allowed for linked clones).
     #[serde(default)]
     pub storage: Option<String>,
@@ -474,6 +483,7 @@ impl ProxmoxPoolConfig {
             template_vmid,
             full_clone: false,
             target_node: None,
+            template_replicas: BTreeMap::new(),
             storage: None,
             resource_pool: None,
             cores: None,
@@ -498,6 +508,31 @@ impl ProxmoxPoolConfig {
         }
         if let Some(t) = &self.target_node {
             validate_node_name(t).map_err(|m| ConfigError::new(k("target_node"), m))?;
+            if !self.template_replicas.is_empty() {
+                return Err(ConfigError::new(
+                    k("template_replicas"),
+                    "cannot be combined with target_node (every VM goes to that one node)",
+                ));
+            }
+        }
+        for (node, vmid) in &self.template_replicas {
+            let key = k(&format!("template_replicas.{node}"));
+            validate_node_name(node).map_err(|m| ConfigError::new(key.clone(), m))?;
+            if !(100..=999_999_999).contains(vmid) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{vmid} is not a VM id (100 to 999999999)"),
+                ));
+            }
+            if *node == self.node && *vmid != self.template_vmid {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "node {node} holds the template itself ({}); a second template there would never be used",
+                        self.template_vmid
+                    ),
+                ));
+            }
         }
         if let Some(s) = &self.storage {
             if !self.full_clone {
@@ -685,6 +720,55 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().contains("vlna"), "{e}");
+    }
+
+    #[test]
+    fn task_expected_lays_the_given_types_over_the_defaults_and_is_checked() {
+        let c: ProxmoxConfig = serde_json::from_value(serde_json::json!({
+            "url": "https://pve:8006", "token_id": "a@b!c",
+            "task_expected": {"qmclone": "3s", "vzdump": "1m"}
+        }))
+        .unwrap();
+        assert_eq!(c.task_expected["qmclone"], Duration::from_secs(3));
+        assert_eq!(c.task_expected["vzdump"], Duration::from_secs(60));
+        assert_eq!(c.task_expected["qmstart"], Duration::from_millis(500));
+        let mut c = conn();
+        c.task_expected.insert("qmstart".into(), Duration::ZERO);
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "proxmox.task_expected.qmstart"
+        );
+        let mut c = conn();
+        c.task_expected
+            .insert("QM start".into(), Duration::from_secs(1));
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "proxmox.task_expected.QM start"
+        );
+    }
+
+    #[test]
+    fn template_replicas_are_checked() {
+        let mut p = ProxmoxPoolConfig::new("pve1", 9000);
+        p.template_replicas.insert("pve2".into(), 9001);
+        p.validate("linux").unwrap();
+        p.template_replicas.insert("pve1".into(), 9005);
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.template_replicas.pve1"
+        );
+        p.template_replicas.remove("pve1");
+        p.template_replicas.insert("pve3".into(), 5);
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.template_replicas.pve3"
+        );
+        p.template_replicas.remove("pve3");
+        p.target_node = Some("pve2".into());
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.template_replicas"
+        );
     }
 
     #[test]

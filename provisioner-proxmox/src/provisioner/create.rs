@@ -31,7 +31,7 @@ impl ProxmoxProvisioner {
             Param::flag("full", self.pool.full_clone),
             Param::new("description", marker.description()),
         ];
-        if target != self.pool.node {
+        if target != self.source_for(target).0 {
             p.push(Param::new("target", target));
         }
         if let Some(pool) = &self.pool.resource_pool {
@@ -170,8 +170,7 @@ impl ProxmoxProvisioner {
         marker: &Marker,
     ) -> Result<u32, CloneFailure> {
         let client = self.client_ref();
-        let src_node = &self.pool.node;
-        let src = self.pool.template_vmid;
+        let (src_node, src) = self.source_for(target);
         let mut lock_waits = 0u32;
         let mut taken = BTreeSet::new();
         // At most as many clones of this template at once as make PVE
