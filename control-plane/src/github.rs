@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use grs_github::GitHubClient;
 use secrecy::SecretString;
 
-use crate::worker::RunnerRegistrar;
+use crate::worker::{RunnerRegistrar, RunnerRegistration};
 
 /// Runner registrations through a [`GitHubClient`] (a GitHub App or a PAT, an
 /// organisation or a repository, github.com or Enterprise Server).
@@ -56,6 +56,35 @@ impl RunnerRegistrar for GitHubRegistrar {
             .await
             .map_err(|e| format!("cannot look up the runner {name}: {e}"))?;
         Ok(Some(runners.iter().any(|r| r.name == name && r.busy)))
+    }
+
+    async fn offline_runners(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+        let runners = self
+            .client
+            .list_runners(None)
+            .await
+            .map_err(|e| format!("cannot list the runner registrations: {e}"))?;
+        Ok(Some(
+            runners
+                .into_iter()
+                .filter(|r| r.name.starts_with(prefix) && r.status == "offline")
+                .map(|r| RunnerRegistration {
+                    id: r.id,
+                    name: r.name,
+                    busy: r.busy,
+                })
+                .collect(),
+        ))
+    }
+
+    async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+        self.client
+            .delete_runner(id)
+            .await
+            .map_err(|e| format!("cannot remove the runner registration {id}: {e}"))
     }
 }
 

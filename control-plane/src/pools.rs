@@ -127,6 +127,7 @@ impl Pool {
         PoolLimits {
             max_instances: self.config.max_instances,
             paused: self.config.paused,
+            min_idle: self.config.min_idle,
         }
     }
 }

@@ -155,6 +155,11 @@ pub async fn run(
             workers.spawn(dispatcher::run(ctx.clone(), pool.name.clone(), consumer));
         }
     }
+    // Every replica keeps every pool's warm pool; the store keeps them
+    // from overshooting it together.
+    for pool in pools.iter() {
+        workers.spawn(crate::warm::run(ctx.clone(), pool.name.clone()));
+    }
     for i in 0..config.control_plane.teardown_workers {
         workers.spawn(teardown::run(
             ctx.clone(),

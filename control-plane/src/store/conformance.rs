@@ -43,6 +43,7 @@ pub fn event(delivery: &str, action: JobAction, job_id: u64) -> JobEvent {
 const LIMITS: PoolLimits = PoolLimits {
     max_instances: 2,
     paused: false,
+    min_idle: 0,
 };
 const BLOCK: Duration = Duration::from_millis(200);
 const KEEP: Duration = Duration::from_secs(3600);
@@ -1262,7 +1263,7 @@ fn event_of_run(e: &Event, base: u64) -> bool {
 async fn scenario_setup(store: &dyn Store, base: u64) {
     let roomy = PoolLimits {
         max_instances: 10,
-        paused: false,
+        ..LIMITS
     };
     for job in [base + 5, base + 8] {
         queue_one(store, job).await;

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::rules::{self, Change, PoolState, Read, Records, Tx};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
     StoreResult, SubmitResult,
 };
 use crate::model::{
@@ -56,6 +56,8 @@ struct State {
     job_order: Vec<u64>,
     instances: BTreeMap<String, InstanceRecord>,
     live: HashMap<String, BTreeSet<String>>,
+    /// Each pool's warm set.
+    warm: HashMap<String, BTreeSet<String>>,
     overrides: HashMap<String, PoolOverrides>,
     /// token hash → (instance, expiry)
     bootstrap: HashMap<String, (String, Instant)>,
@@ -86,6 +88,7 @@ impl Records for State {
         Ok(PoolState {
             overrides: self.overrides.get(pool).cloned().unwrap_or_default(),
             in_use: self.live.get(pool).map_or(0, |l| l.len() as u32),
+            warm: self.warm.get(pool).cloned().unwrap_or_default(),
         })
     }
 }
@@ -174,6 +177,16 @@ impl MemoryStore {
                 if let Some(live) = s.live.get_mut(&pool) {
                     live.remove(&instance);
                 }
+            }
+            Change::WarmAdd { pool, instance } => {
+                s.warm.entry(pool).or_default().insert(instance);
+                self.notify.notify_waiters();
+            }
+            Change::WarmRemove { pool, instance } => {
+                if let Some(warm) = s.warm.get_mut(&pool) {
+                    warm.remove(&instance);
+                }
+                self.notify.notify_waiters();
             }
             Change::Push(q, item) => {
                 let mq = s.queues.entry(q).or_default();
@@ -359,6 +372,36 @@ impl Store for MemoryStore {
 
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()> {
         self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
+    }
+
+    async fn call_off_teardown(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        self.transact_one(|tx| rules::call_off_teardown(tx, name, reason, now))
+    }
+
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm> {
+        self.transact_one(|tx| rules::begin_warm(tx, pool, name, limits, now))
+    }
+
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .warm
+            .get(pool)
+            .map(|w| w.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn read(

@@ -142,6 +142,31 @@ pub enum BeginProvision {
     NoCapacity,
     /// The pool is paused: keep the entry and try again later.
     Paused,
+    /// An idle warm instance of the pool was bound to the job (the job is
+    /// provisioned): no instance to make; ack.
+    Warm {
+        /// The warm instance, now bound to the job.
+        instance: InstanceRecord,
+    },
+}
+
+/// What [`Store::begin_warm`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BeginWarm {
+    /// Make this warm instance: recorded (pending_create), its capacity
+    /// slot taken, counted in the warm pool.
+    Proceed {
+        /// The instance record.
+        instance: InstanceRecord,
+    },
+    /// The warm pool holds `min_idle` instances (made or being made).
+    Enough,
+    /// The pool is full.
+    NoCapacity,
+    /// The pool is paused.
+    Paused,
+    /// The name is taken (a retry of a call that went through).
+    Skip(String),
 }
 
 /// Configured facts about a pool the store needs to decide.
@@ -151,6 +176,8 @@ pub struct PoolLimits {
     pub max_instances: u32,
     /// Whether configuration starts it paused.
     pub paused: bool,
+    /// Configured warm pool size (before overrides).
+    pub min_idle: u32,
 }
 
 /// Queue depths for `GetStats`.
@@ -297,6 +324,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         retention: Duration,
         now: Millis,
     ) -> StoreResult<()>;
+
+    /// Calls off the queued teardown of `name` (pending_delete → running,
+    /// `reason` recorded): GitHub says its runner is busy with a job, which
+    /// the teardown would kill. Its queue entry then finds nothing to do.
+    /// False if it was not pending deletion.
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis)
+    -> StoreResult<bool>;
+
+    /// Records a new warm instance `name` of `pool` if the pool's warm pool
+    /// is short of its `min_idle` (override, else `limits`), the pool is
+    /// not paused and has a free slot: the slot is taken and the instance
+    /// counted in the warm pool in one atomic step, so replicas filling the
+    /// same pool never overshoot. The caller makes it, then calls
+    /// [`finish_provision`](Store::finish_provision) (job id 0) or
+    /// [`fail_provision`](Store::fail_provision).
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm>;
+
+    /// The pool's idle warm instances (its warm pool), by name.
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>>;
 
     /// Records a teardown problem on the instance (it stays queued).
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()>;

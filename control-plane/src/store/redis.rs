@@ -9,6 +9,7 @@
 //! | `P:instance:<name>` | hash | an [`InstanceRecord`], `bootstrap` (its token's hash, or empty) and `rev`; expires after deletion |
 //! | `P:instances` | set | instance names (listing) |
 //! | `P:pool:<pool>:live` | set | live instance names: the pool's capacity in use |
+//! | `P:pool:<pool>:warm` | set | the pool's idle warm instances (its warm pool, `min_idle`) |
 //! | `P:pool:<pool>:settings` | hash | operator overrides (`paused`, `min_idle`, `max_instances`) and `rev` |
 //! | `P:queue:provision:<pool>` | stream, group `dispatchers` | jobs waiting for an instance (field `job_id`) |
 //! | `P:queue:teardown` | stream, group `teardown` | instances to destroy (field `instance`) |
@@ -63,7 +64,7 @@ use tokio::sync::OnceCell;
 
 use super::rules::{self, Key};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult, SubmitResult,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult, SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
@@ -504,6 +505,44 @@ impl Store for RedisStore {
 
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth> {
         self.queue_depth_of(queue).await
+    }
+
+    async fn call_off_teardown(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::call_off_teardown(tx, name, reason, now)
+        })
+        .await
+    }
+
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm> {
+        self.transact_one(
+            vec![Key::Pool(pool.to_owned()), Key::Instance(name.to_owned())],
+            now,
+            |tx| rules::begin_warm(tx, pool, name, limits, now),
+        )
+        .await
+    }
+
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.key(&["pool", pool, "warm"]))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        names.sort();
+        Ok(names)
     }
 
     async fn pool_in_use(&self, pool: &str) -> StoreResult<u32> {

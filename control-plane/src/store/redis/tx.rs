@@ -25,7 +25,7 @@ use redis::Value;
 use super::RedisStore;
 use super::conn::unavailable;
 use super::encoding::{
-    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash,
+    as_string, changed, items, corrupt, event_fields, hash_of, instance_fields, instance_from_hash,
     job_fields, job_from_hash, overrides_from_hash,
 };
 use crate::model::{InstanceRecord, Job, JobState, Millis};
@@ -205,7 +205,9 @@ impl RedisStore {
                     pipe.cmd("HGETALL")
                         .arg(self.key(&["pool", pool, "settings"]))
                         .cmd("SCARD")
-                        .arg(self.key(&["pool", pool, "live"]));
+                        .arg(self.key(&["pool", pool, "live"]))
+                        .cmd("SMEMBERS")
+                        .arg(self.key(&["pool", pool, "warm"]));
                 }
             }
         }
@@ -236,12 +238,14 @@ impl RedisStore {
                     let h = hash_of(&next());
                     let rev = h.get("rev").cloned().unwrap_or_default();
                     let in_use = u32::try_from(int(&next())).unwrap_or(u32::MAX);
+                    let warm = items(next()).iter().filter_map(as_string).collect();
                     snap.pools.insert(
                         pool.clone(),
                         (
                             PoolState {
                                 overrides: overrides_from_hash(&h),
                                 in_use,
+                                warm,
                             },
                             rev,
                         ),
@@ -293,6 +297,9 @@ impl RedisStore {
                 ),
                 Seen::InUse { pool, count } => {
                     ("c", self.key(&["pool", pool, "live"]), count.to_string())
+                }
+                Seen::Warm { pool, count } => {
+                    ("c", self.key(&["pool", pool, "warm"]), count.to_string())
                 }
             };
             args.push(kind);
@@ -372,6 +379,20 @@ impl RedisStore {
                 w.op([
                     "m".into(),
                     self.key(&["pool", pool, "live"]),
+                    instance.clone(),
+                ]);
+            }
+            Change::WarmAdd { pool, instance } => {
+                w.op([
+                    "a".into(),
+                    self.key(&["pool", pool, "warm"]),
+                    instance.clone(),
+                ]);
+            }
+            Change::WarmRemove { pool, instance } => {
+                w.op([
+                    "m".into(),
+                    self.key(&["pool", pool, "warm"]),
                     instance.clone(),
                 ]);
             }
