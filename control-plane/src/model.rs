@@ -316,6 +316,7 @@ impl InstanceRecord {
             reason: self.reason.clone(),
             created_at: to_timestamp(self.created_at),
             updated_at: to_timestamp(self.updated_at),
+            warm: self.warm,
         }
     }
 }

@@ -622,10 +622,7 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     m.reconciler_actions("busy_kept", r.busy_kept.len());
                     m.reconciler_actions("warm_recycled", r.warm_recycled.len());
                     m.reconciler_actions("warm_surplus", r.warm_surplus.len());
-                    m.reconciler_actions(
-                        "offline_runner_removed",
-                        r.offline_runners_removed.len(),
-                    );
+                    m.reconciler_actions("offline_runner_removed", r.offline_runners_removed.len());
                     m.reconciler_actions("removed_pool_vm", r.removed_pool_vms.len());
                     m.reconciler_actions("failure", r.failures.len());
                 }
@@ -700,9 +697,13 @@ mod tests {
     }
 
     fn setup() -> Setup {
+        setup_with(test_config())
+    }
+
+    fn setup_with(config: crate::config::Config) -> Setup {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let fake = Arc::new(FakeProvisioner::new());
-        let pools = fake_pools(&test_config(), &fake);
+        let pools = fake_pools(&config, &fake);
         let settings = ReconcilerSettings {
             interval: Duration::from_millis(50),
             bootstrap_timeout: BOOTSTRAP,
@@ -821,6 +822,9 @@ mod tests {
     #[derive(Debug, Default)]
     struct Runners {
         busy: std::sync::Mutex<HashMap<String, Result<bool, String>>>,
+        offline: std::sync::Mutex<Vec<RunnerRegistration>>,
+        removed: std::sync::Mutex<Vec<u64>>,
+        prefixes: std::sync::Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
@@ -842,6 +846,18 @@ mod tests {
                 Some(Err(e)) => Err(e.clone()),
                 None => Ok(Some(false)),
             }
+        }
+        async fn offline_runners(
+            &self,
+            prefix: &str,
+        ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+            self.prefixes.lock().unwrap().push(prefix.to_owned());
+            Ok(Some(self.offline.lock().unwrap().clone()))
+        }
+        async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+            self.removed.lock().unwrap().push(id);
+            self.offline.lock().unwrap().retain(|r| r.id != id);
+            Ok(())
         }
     }
 
@@ -1023,6 +1039,208 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    /// Warm instance `name` of pool `linux` recorded and running at `now`
+    /// (as a warm keeper does it).
+    async fn warm(s: &Setup, name: &str, now: Millis) {
+        let mut limits = s.pools.get("linux").unwrap().limits();
+        limits.min_idle = 3;
+        let begun = s
+            .store
+            .begin_warm("linux", name, &limits, now)
+            .await
+            .unwrap();
+        assert!(
+            matches!(begun, crate::store::BeginWarm::Proceed { .. }),
+            "{begun:?}"
+        );
+        s.store
+            .finish_provision(0, name, "fake/w", "fake", now)
+            .await
+            .unwrap();
+    }
+
+    fn warm_config(min_idle: u32, idle_max_age: Duration) -> crate::config::Config {
+        let mut config = test_config();
+        let linux = config.pools.get_mut("linux").unwrap();
+        linux.min_idle = min_idle;
+        linux.idle_max_age = idle_max_age;
+        config
+    }
+
+    #[tokio::test]
+    async fn an_idle_warm_instance_is_recycled_at_idle_max_age_not_at_the_bootstrap_timeout() {
+        let mut s = setup_with(warm_config(1, Duration::from_millis(3_000)));
+        let t = 1_000_000;
+        warm(&s, "grs-wa", t).await;
+        let r = s.reconciler.reconcile_once(t + 2_999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        let r = s.reconciler.reconcile_once(t + 3_000).await.unwrap();
+        assert_eq!(r.warm_recycled, vec!["grs-wa".to_owned()], "{r:?}");
+        let (st, reason) = state(&s, "grs-wa").await;
+        assert_eq!(st, InstanceState::PendingDelete);
+        assert_eq!(
+            reason,
+            "idle warm instance recycled at its pool's idle_max_age of 3s"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_warm_instances_above_min_idle_are_torn_down_oldest_first() {
+        let mut s = setup_with(warm_config(3, Duration::from_secs(3600)));
+        let t = 1_000_000;
+        warm(&s, "grs-wa", t).await;
+        warm(&s, "grs-wb", t + 1).await;
+        warm(&s, "grs-wc", t + 2).await;
+        let r = s.reconciler.reconcile_once(t + 10).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        // An operator lowers min_idle on any replica: the store says so.
+        s.store
+            .update_pool_overrides(
+                "linux",
+                &crate::model::PoolOverrides {
+                    min_idle: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let r = s.reconciler.reconcile_once(t + 20).await.unwrap();
+        assert_eq!(
+            r.warm_surplus,
+            vec!["grs-wa".to_owned(), "grs-wb".to_owned()]
+        );
+        assert_eq!(s.store.pool_warm("linux").await.unwrap(), ["grs-wc"]);
+        let r = s.reconciler.reconcile_once(t + 30).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_warm_instance_nobody_finishes_making_is_torn_down_after_the_bootstrap_timeout() {
+        let mut s = setup_with(warm_config(1, Duration::from_secs(3600)));
+        let t = 1_000_000;
+        let limits = s.pools.get("linux").unwrap().limits();
+        s.store
+            .begin_warm("linux", "grs-wa", &limits, t)
+            .await
+            .unwrap();
+        s.store.mark_creating("grs-wa", t).await.unwrap();
+        let r = s.reconciler.reconcile_once(t + 999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        let r = s.reconciler.reconcile_once(t + 1_000).await.unwrap();
+        assert_eq!(r.bootstrap_timed_out, vec!["grs-wa".to_owned()], "{r:?}");
+        assert!(s.store.pool_warm("linux").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_warm_instance_given_a_job_gets_the_whole_bootstrap_timeout_from_then() {
+        let mut s = setup_with(warm_config(1, Duration::from_secs(3600)));
+        let t = 1_000_000;
+        warm(&s, "grs-wa", t).await;
+        s.store
+            .submit_event(&event("q-20", JobAction::Queued, 20), Some("linux"), t)
+            .await
+            .unwrap();
+        let limits = s.pools.get("linux").unwrap().limits();
+        let bound = t + 2_000;
+        let r = s
+            .store
+            .begin_provision(20, "grs-20", &limits, bound)
+            .await
+            .unwrap();
+        assert!(matches!(r, BeginProvision::Warm { .. }), "{r:?}");
+        let r = s.reconciler.reconcile_once(bound + 999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        let r = s.reconciler.reconcile_once(bound + 1_000).await.unwrap();
+        assert_eq!(r.bootstrap_timed_out, vec!["grs-wa".to_owned()], "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn offline_runner_registrations_of_no_live_instance_are_removed_within_budget() {
+        let mut s = setup();
+        let runners = Arc::new(Runners::default());
+        s.reconciler = Reconciler::new(
+            s.store.clone(),
+            s.pools.clone(),
+            s.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        let t = 1_000_000;
+        let live = provisioned(&s, 30, t).await;
+        {
+            let mut offline = runners.offline.lock().unwrap();
+            offline.push(RunnerRegistration {
+                id: 1,
+                name: live.clone(),
+                busy: false,
+            });
+            for i in 0..OFFLINE_RUNNER_BUDGET as u64 + 2 {
+                offline.push(RunnerRegistration {
+                    id: 100 + i,
+                    name: format!("grs-{}", 100 + i),
+                    busy: false,
+                });
+            }
+        }
+        let r = s.reconciler.reconcile_once(t + 10).await.unwrap();
+        assert_eq!(
+            r.offline_runners_removed.len(),
+            OFFLINE_RUNNER_BUDGET,
+            "{r:?}"
+        );
+        assert!(!r.offline_runners_removed.contains(&live), "{r:?}");
+        let r = s.reconciler.reconcile_once(t + 20).await.unwrap();
+        assert_eq!(r.offline_runners_removed.len(), 2, "{r:?}");
+        assert_eq!(
+            runners.removed.lock().unwrap().len(),
+            OFFLINE_RUNNER_BUDGET + 2
+        );
+        assert_eq!(
+            *runners.prefixes.lock().unwrap().last().unwrap(),
+            "grs-",
+            "only this installation's names are listed"
+        );
+    }
+
+    #[tokio::test]
+    async fn instances_and_vms_of_a_pool_removed_from_the_configuration_are_removed() {
+        let old = setup();
+        let t = now_ms();
+        let name = provisioned(&old, 40, t).await;
+        // The configuration no longer has pool linux; another pool uses
+        // the same backend.
+        let mut config = test_config();
+        let linux = config.pools.remove("linux").unwrap();
+        config.pools.insert("arm".into(), linux);
+        let pools = fake_pools(&config, &old.fake);
+        let mut r = Reconciler::new(
+            old.store.clone(),
+            pools.clone(),
+            old.reconciler.settings.clone(),
+        );
+        let report = r.reconcile_once(t + 10).await.unwrap();
+        assert_eq!(report.removed_pool_vms, vec![name.clone()], "{report:?}");
+        assert!(!old.fake.exists(&name));
+        assert_eq!(state(&old, &name).await.0, InstanceState::PendingDelete);
+        // Its teardown records it deleted without a provisioner.
+        let stop = CancellationToken::new();
+        let ctx = WorkerContext {
+            store: old.store.clone(),
+            pools,
+            settings: WorkerSettings::from_config(&test_config().control_plane),
+            registrar: None,
+            shutdown: stop.clone(),
+            metrics: Default::default(),
+        };
+        let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
+        eventually("the record deleted", Duration::from_secs(3), || async {
+            let (st, reason) = state(&old, &name).await;
+            (st == InstanceState::Deleted).then_some(reason)
+        })
+        .await;
+        stop.cancel();
+        worker.await.unwrap();
     }
 
     #[test]

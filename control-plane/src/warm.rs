@@ -55,7 +55,10 @@ pub const WARM_POLL: Duration = Duration::from_secs(1);
 /// The name of a new warm instance: `<prefix>-w<12 hex digits>` (random; a
 /// job's instance is `<prefix>-<digits>`, so the two never meet).
 pub fn warm_instance_name(prefix: &str) -> String {
-    format!("{prefix}-w{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+    format!(
+        "{prefix}-w{:012x}",
+        rand::random::<u64>() & 0xffff_ffff_ffff
+    )
 }
 
 /// Runs the warm keeper of `pool` until shutdown.
@@ -146,7 +149,10 @@ mod tests {
     fn warm_names_are_instance_names_that_no_job_id_makes() {
         let n = warm_instance_name("grs");
         grs_provisioner::validate_instance_name(&n).unwrap();
-        assert!(n.starts_with("grs-w") && n.len() == "grs-w".len() + 12, "{n}");
+        assert!(
+            n.starts_with("grs-w") && n.len() == "grs-w".len() + 12,
+            "{n}"
+        );
         assert_ne!(n, warm_instance_name("grs"));
     }
 }

@@ -23,8 +23,8 @@ use tokio::time::Instant;
 
 use super::rules::{self, Change, PoolState, Read, Records, Tx};
 use super::{
-    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
-    StoreResult, SubmitResult,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store,
+    StoreError, StoreResult, SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobEvent, JobState, Millis, PoolOverrides,
@@ -374,12 +374,7 @@ impl Store for MemoryStore {
         self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
     }
 
-    async fn call_off_teardown(
-        &self,
-        name: &str,
-        reason: &str,
-        now: Millis,
-    ) -> StoreResult<bool> {
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
         self.transact_one(|tx| rules::call_off_teardown(tx, name, reason, now))
     }
 

@@ -329,8 +329,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `reason` recorded): GitHub says its runner is busy with a job, which
     /// the teardown would kill. Its queue entry then finds nothing to do.
     /// False if it was not pending deletion.
-    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis)
-    -> StoreResult<bool>;
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool>;
 
     /// Records a new warm instance `name` of `pool` if the pool's warm pool
     /// is short of its `min_idle` (override, else `limits`), the pool is

@@ -64,7 +64,8 @@ use tokio::sync::OnceCell;
 
 use super::rules::{self, Key};
 use super::{
-    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult, SubmitResult,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult,
+    SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
@@ -507,12 +508,7 @@ impl Store for RedisStore {
         self.queue_depth_of(queue).await
     }
 
-    async fn call_off_teardown(
-        &self,
-        name: &str,
-        reason: &str,
-        now: Millis,
-    ) -> StoreResult<bool> {
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
         self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
             rules::call_off_teardown(tx, name, reason, now)
         })

@@ -538,11 +538,20 @@ pub fn submit(
             // goes back to the warm pool if it came from there (a job
             // cancelled before pickup does not cost the pool a runner).
             let target = if !ev.runner_name.is_empty() {
-                if tx
-                    .instance(&ev.runner_name)?
-                    .is_some_and(|i| is_warm_idle(&i))
-                {
-                    runner_took(tx, &mut job, &ev.runner_name, now)?;
+                match tx.instance(&ev.runner_name)? {
+                    Some(i) if is_warm_idle(&i) => {
+                        runner_took(tx, &mut job, &ev.runner_name, now)?;
+                    }
+                    // Its `in_progress` never came (or comes late): the
+                    // runner ran this job, so a late `in_progress` of
+                    // another job naming it calls nothing off.
+                    Some(i) if i.assigned_job_id == 0 => {
+                        let mut after = i.clone();
+                        after.assigned_job_id = job.job_id;
+                        after.updated_at = now;
+                        tx.put_instance(Some(i), after);
+                    }
+                    _ => {}
                 }
                 Some(ev.runner_name.clone())
             } else if !job.instance_name.is_empty() {

@@ -25,7 +25,7 @@ use redis::Value;
 use super::RedisStore;
 use super::conn::unavailable;
 use super::encoding::{
-    as_string, changed, items, corrupt, event_fields, hash_of, instance_fields, instance_from_hash,
+    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash, items,
     job_fields, job_from_hash, overrides_from_hash,
 };
 use crate::model::{InstanceRecord, Job, JobState, Millis};
