@@ -138,6 +138,13 @@ pub async fn run(
         None => None,
     };
 
+    // Per-node maximums hold across replicas: backends hold node places in
+    // the store.
+    let ledger = Arc::new(crate::pools::StoreNodeLedger::new(store.clone()));
+    for (backend, _) in pools.backends() {
+        backend.use_node_ledger(ledger.clone());
+    }
+
     // Workers.
     let replica = format!("{:08x}", rand::random::<u32>());
     let ctx = WorkerContext {

@@ -141,6 +141,14 @@ enum Op {
     /// A teardown called off (GitHub said the runner is busy): job
     /// instances 1..=4, then warm ones.
     CallOff(u8),
+    /// A backend holds a place on node1 for job instance n (seeing
+    /// `visible` other VMs there).
+    ReserveNode {
+        job: u64,
+        max: u32,
+        visible: u8,
+    },
+    ReleaseNode(u64),
     /// What the reconciler does to runners that took no job: every created
     /// instance with no job assigned is queued for teardown.
     ReconcileIdle,
@@ -220,6 +228,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1..=WARM, proptest::bool::weighted(0.8)).prop_map(|(n, ok)| Op::FinishWarm(n, ok)),
         1 => (1..=WARM).prop_map(Op::TeardownWarm),
         1 => (1..=JOBS as u8 + 1 + WARM).prop_map(Op::CallOff),
+        2 => (job(), 1u32..3, 0u8..2)
+            .prop_map(|(job, max, visible)| Op::ReserveNode { job, max, visible }),
+        1 => job().prop_map(Op::ReleaseNode),
         1 => Just(Op::ReconcileIdle),
     ]
 }
@@ -423,6 +434,19 @@ impl Side {
                         .unwrap()
                 )
             }
+            Op::ReserveNode { job, max, visible } => {
+                let visible: Vec<String> = (0..*visible).map(|v| format!("grs-seen{v}")).collect();
+                format!(
+                    "{:?}",
+                    s.reserve_node("node1", &instance(*job), *max, &visible)
+                        .await
+                        .unwrap()
+                )
+            }
+            Op::ReleaseNode(j) => format!(
+                "{:?}",
+                s.release_node("node1", &instance(*j)).await.unwrap()
+            ),
             Op::ReconcileIdle => {
                 let mut out = Vec::new();
                 for i in s.list_instances(None, false).await.unwrap() {
@@ -491,6 +515,10 @@ impl Side {
                 format!("{:?}", s.pool_overrides(pool).await.unwrap()),
             );
         }
+        put(
+            "node1 places".into(),
+            format!("{:?}", s.node_places("node1").await.unwrap()),
+        );
         for q in queues() {
             put(
                 format!("depth {q}"),

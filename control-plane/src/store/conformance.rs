@@ -125,6 +125,8 @@ macro_rules! store_conformance_checks {
             a_busy_runners_teardown_is_called_off,
             a_failed_or_torn_down_warm_instance_leaves_the_warm_pool,
             a_job_that_ran_elsewhere_does_not_fail_with_the_instance_it_gave_up,
+            node_places_hold_a_nodes_maximum_and_go_with_their_instance,
+            concurrent_node_reservations_never_exceed_the_maximum,
         }
     };
 }
@@ -2312,4 +2314,97 @@ async fn a_job_that_ran_elsewhere_does_not_fail_with_the_instance_it_gave_up(
     assert_eq!(job.state, JobState::InProgress);
     assert_eq!(job.instance_name, "grs-wa");
     assert!(warm(&*store).await.is_empty());
+}
+
+async fn node_places_hold_a_nodes_maximum_and_go_with_their_instance(store: Arc<dyn Store>) {
+    // Places are held for recorded instances (the dispatcher records one
+    // before its provisioner reserves).
+    queue_one(&*store, 860).await;
+    queue_one(&*store, 861).await;
+    for job in [860, 861] {
+        store
+            .begin_provision(job, &format!("grs-{job}"), &LIMITS, 2000)
+            .await
+            .unwrap();
+    }
+    assert!(store.reserve_node("pve1", "grs-860", 2, &[]).await.unwrap());
+    // Again: still held, nothing more taken.
+    assert!(store.reserve_node("pve1", "grs-860", 2, &[]).await.unwrap());
+    // A VM of this installation seen on the node counts, held or not.
+    let seen = ["grs-old".to_owned()];
+    assert!(
+        !store
+            .reserve_node("pve1", "grs-861", 2, &seen)
+            .await
+            .unwrap()
+    );
+    assert!(store.reserve_node("pve1", "grs-861", 2, &[]).await.unwrap());
+    assert_eq!(
+        store.node_places("pve1").await.unwrap(),
+        ["grs-860", "grs-861"]
+    );
+    // Other nodes are their own.
+    assert!(store.reserve_node("pve2", "grs-861", 1, &[]).await.unwrap());
+    store.release_node("pve2", "grs-861").await.unwrap();
+    assert!(store.node_places("pve2").await.unwrap().is_empty());
+    // Full.
+    assert!(!store.reserve_node("pve1", "grs-862", 2, &[]).await.unwrap());
+    // Made on pve1, torn down: its place goes with it.
+    store
+        .finish_provision(860, "grs-860", "pve1/101", "pve1", 2001)
+        .await
+        .unwrap();
+    store
+        .enqueue_teardown("grs-860", "test", 2002)
+        .await
+        .unwrap();
+    store
+        .begin_teardown("grs-860", 2003)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .finish_teardown("grs-860", "", KEEP, 2004)
+        .await
+        .unwrap();
+    assert_eq!(store.node_places("pve1").await.unwrap(), ["grs-861"]);
+    // A place whose instance was never recorded (or is gone) counts for
+    // nothing and is dropped.
+    assert!(
+        store
+            .reserve_node("pve1", "grs-ghost", 3, &[])
+            .await
+            .unwrap()
+    );
+    assert!(store.reserve_node("pve1", "grs-862", 2, &[]).await.unwrap());
+    assert_eq!(
+        store.node_places("pve1").await.unwrap(),
+        ["grs-861", "grs-862"]
+    );
+}
+
+async fn concurrent_node_reservations_never_exceed_the_maximum(store: Arc<dyn Store>) {
+    for job in 870..878 {
+        queue_one(&*store, job).await;
+        store
+            .begin_provision(job, &format!("grs-{job}"), &warm_limits(0, 10), 2000)
+            .await
+            .unwrap();
+    }
+    let tasks = (870..878).map(|job| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .reserve_node("pve1", &format!("grs-{job}"), 3, &[])
+                .await
+                .unwrap()
+        })
+    });
+    let held = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap())
+        .count();
+    assert_eq!(held, 3);
+    assert_eq!(store.node_places("pve1").await.unwrap().len(), 3);
 }

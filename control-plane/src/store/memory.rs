@@ -58,6 +58,8 @@ struct State {
     live: HashMap<String, BTreeSet<String>>,
     /// Each pool's warm set.
     warm: HashMap<String, BTreeSet<String>>,
+    /// The places held on each hypervisor node.
+    nodes: HashMap<String, BTreeSet<String>>,
     overrides: HashMap<String, PoolOverrides>,
     /// token hash → (instance, expiry)
     bootstrap: HashMap<String, (String, Instant)>,
@@ -90,6 +92,10 @@ impl Records for State {
             in_use: self.live.get(pool).map_or(0, |l| l.len() as u32),
             warm: self.warm.get(pool).cloned().unwrap_or_default(),
         })
+    }
+
+    fn node(&self, node: &str) -> Read<BTreeSet<String>> {
+        Ok(self.nodes.get(node).cloned().unwrap_or_default())
     }
 }
 
@@ -187,6 +193,14 @@ impl MemoryStore {
                     warm.remove(&instance);
                 }
                 self.notify.notify_waiters();
+            }
+            Change::NodeTake { node, instance } => {
+                s.nodes.entry(node).or_default().insert(instance);
+            }
+            Change::NodeRelease { node, instance } => {
+                if let Some(held) = s.nodes.get_mut(&node) {
+                    held.remove(&instance);
+                }
             }
             Change::Push(q, item) => {
                 let mq = s.queues.entry(q).or_default();
@@ -386,6 +400,31 @@ impl Store for MemoryStore {
         now: Millis,
     ) -> StoreResult<BeginWarm> {
         self.transact_one(|tx| rules::begin_warm(tx, pool, name, limits, now))
+    }
+
+    async fn reserve_node(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> StoreResult<bool> {
+        self.transact_one(|tx| rules::reserve_node(tx, node, instance, max, visible))
+    }
+
+    async fn release_node(&self, node: &str, instance: &str) -> StoreResult<()> {
+        self.transact_one(|tx| rules::release_node(tx, node, instance))
+    }
+
+    async fn node_places(&self, node: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node)
+            .map(|w| w.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>> {

@@ -27,6 +27,23 @@
 //! worker that died mid-job has its job redone. Delivery is therefore at
 //! least once, and every step a worker takes is idempotent.
 //!
+//! # Warm pools
+//! Each pool's idle warm instances (made for no job, runner idle, not on
+//! their way out) form its warm set, kept in step with the instance
+//! records by every write of an instance ([`rules::is_warm_idle`]). Warm
+//! keepers add to it only while it is below `min_idle`
+//! ([`Store::begin_warm`], atomic like capacity), and a queued job is bound
+//! to a running member instead of a new instance
+//! ([`Store::begin_provision`]).
+//!
+//! # Node places
+//! Backends that cap instances per hypervisor node hold a place on the
+//! node in the store before creating a VM there
+//! ([`Store::reserve_node`], through the provisioner's
+//! [`NodeLedger`](grs_provisioner::NodeLedger)), so replicas never exceed a
+//! node's maximum together; the place is released when the instance is
+//! recorded deleted.
+//!
 //! # Capacity
 //! A pool's capacity is the set of its live instance names: a slot is taken
 //! by adding the name (only while the set is smaller than the pool's
@@ -348,6 +365,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The pool's idle warm instances (its warm pool), by name.
     async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>>;
+
+    /// Holds a place on hypervisor node `node` for `instance` if fewer than
+    /// `max` instances hold one or are `visible` there (see
+    /// [`NodeLedger::reserve`](grs_provisioner::NodeLedger::reserve)).
+    /// Atomic across replicas; a place whose instance is deleted or gone is
+    /// released on the way. [`finish_teardown`](Store::finish_teardown)
+    /// releases the place of the node an instance ran on (its `location`).
+    async fn reserve_node(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> StoreResult<bool>;
+
+    /// Releases `instance`'s place on `node`. Idempotent.
+    async fn release_node(&self, node: &str, instance: &str) -> StoreResult<()>;
+
+    /// The instances holding a place on `node`, by name.
+    async fn node_places(&self, node: &str) -> StoreResult<Vec<String>>;
 
     /// Records a teardown problem on the instance (it stays queued).
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()>;

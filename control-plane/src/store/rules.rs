@@ -39,6 +39,8 @@ pub enum Key {
     Instance(String),
     /// A pool's overrides and capacity in use.
     Pool(String),
+    /// The places held on a hypervisor node.
+    Node(String),
 }
 
 /// A read: `Err(key)` when the store has not loaded `key` (the Redis store
@@ -77,6 +79,8 @@ pub trait Records {
     fn token(&self, name: &str) -> Read<Option<String>>;
     /// Pool `pool`.
     fn pool(&self, pool: &str) -> Read<PoolState>;
+    /// The instances holding a place on hypervisor node `node`.
+    fn node(&self, node: &str) -> Read<BTreeSet<String>>;
 }
 
 /// One change to make. Applied in order; each store knows how.
@@ -156,6 +160,20 @@ pub enum Change {
         /// The instance.
         instance: String,
     },
+    /// Hold a place on hypervisor node `node` for `instance`.
+    NodeTake {
+        /// The node.
+        node: String,
+        /// The instance.
+        instance: String,
+    },
+    /// Release `instance`'s place on hypervisor node `node`.
+    NodeRelease {
+        /// The node.
+        node: String,
+        /// The instance.
+        instance: String,
+    },
     /// Set a pool's overrides (the whole merged value).
     Overrides {
         /// The pool.
@@ -187,6 +205,13 @@ pub enum Seen {
         /// The count.
         count: u32,
     },
+    /// The number of places held on a node as the group saw it.
+    Node {
+        /// The node.
+        node: String,
+        /// The count.
+        count: u32,
+    },
 }
 
 /// The reads and changes of one group (one event of a batch, or one call).
@@ -211,6 +236,8 @@ struct Overlay {
     /// Instances added to (true) or removed from (false) each pool's warm
     /// set.
     warm: HashMap<String, BTreeMap<String, bool>>,
+    /// The same for the places held on each node.
+    nodes: HashMap<String, BTreeMap<String, bool>>,
 }
 
 /// A decision in progress over a store's [`Records`].
@@ -348,6 +375,38 @@ impl<'a> Tx<'a> {
             count: u32::try_from(set.len()).unwrap_or(u32::MAX),
         });
         Ok(set)
+    }
+
+    /// The instances holding a place on node `node`; read before writing
+    /// the node's places in the same group (as [`warm`](Self::warm)).
+    pub fn node(&mut self, node: &str) -> Read<BTreeSet<String>> {
+        let mut set = self.base.node(node)?;
+        for (name, present) in self.overlay.nodes.get(node).into_iter().flatten() {
+            if *present {
+                set.insert(name.clone());
+            } else {
+                set.remove(name);
+            }
+        }
+        self.current.seen.push(Seen::Node {
+            node: node.to_owned(),
+            count: u32::try_from(set.len()).unwrap_or(u32::MAX),
+        });
+        Ok(set)
+    }
+
+    fn node_place(&mut self, node: &str, instance: &str, held: bool) {
+        self.overlay
+            .nodes
+            .entry(node.to_owned())
+            .or_default()
+            .insert(instance.to_owned(), held);
+        let (node, instance) = (node.to_owned(), instance.to_owned());
+        self.change(if held {
+            Change::NodeTake { node, instance }
+        } else {
+            Change::NodeRelease { node, instance }
+        });
     }
 
     fn record_delivery(&mut self, id: &str) {
@@ -978,10 +1037,15 @@ pub fn finish_teardown(
         return Ok(());
     }
     let pool = inst.pool.clone();
-    tx.move_instance(inst, InstanceState::Deleted, why, now, |_| {});
+    let inst = tx.move_instance(inst, InstanceState::Deleted, why, now, |_| {});
     // Every instance not deleted holds its slot (taken when it was
     // recorded), so this releases exactly one.
     tx.release_slot(&pool, name);
+    // And the place it held on its node, if its backend keeps node places
+    // (released whether or not it holds one: no read needed).
+    if !inst.location.is_empty() {
+        tx.node_place(&inst.location, name, false);
+    }
     tx.drop_token(name)?;
     tx.change(Change::Retain {
         name: name.to_owned(),
@@ -1045,4 +1109,46 @@ pub fn update_pool_overrides(
         overrides: new.clone(),
     });
     Ok(new)
+}
+
+/// [`Store::reserve_node`](super::Store::reserve_node). A place whose
+/// instance is gone or deleted (its release was lost: a create cut short by
+/// a crash) no longer counts and is released here.
+pub fn reserve_node(
+    tx: &mut Tx<'_>,
+    node: &str,
+    instance: &str,
+    max: u32,
+    visible: &[String],
+) -> Read<bool> {
+    let held = tx.node(node)?;
+    if held.contains(instance) {
+        return Ok(true);
+    }
+    let mut count = visible
+        .iter()
+        .filter(|v| !held.contains(*v) && v.as_str() != instance)
+        .collect::<BTreeSet<_>>()
+        .len();
+    for name in &held {
+        if visible.contains(name) {
+            count += 1;
+            continue;
+        }
+        match tx.instance(name)? {
+            Some(i) if i.state != InstanceState::Deleted => count += 1,
+            _ => tx.node_place(node, name, false),
+        }
+    }
+    if count >= max as usize {
+        return Ok(false);
+    }
+    tx.node_place(node, instance, true);
+    Ok(true)
+}
+
+/// [`Store::release_node`](super::Store::release_node).
+pub fn release_node(tx: &mut Tx<'_>, node: &str, instance: &str) -> Read<()> {
+    tx.node_place(node, instance, false);
+    Ok(())
 }

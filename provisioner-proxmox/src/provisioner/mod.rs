@@ -91,6 +91,9 @@ pub(crate) struct Backend {
     client: PveClient,
     placement: Placement,
     vmids: Mutex<BTreeSet<u32>>,
+    /// The installation's node reservations, when the control plane gave
+    /// them ([`grs_provisioner::Provisioner::use_node_ledger`]).
+    pub(crate) ledger: Mutex<Option<Arc<dyn grs_provisioner::NodeLedger>>>,
 }
 
 impl Backend {
@@ -102,6 +105,7 @@ impl Backend {
             client,
             placement: Placement::default(),
             vmids: Mutex::new(BTreeSet::new()),
+            ledger: Mutex::new(None),
         }))
     }
 }
