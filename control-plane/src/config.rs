@@ -647,6 +647,19 @@ mod tests {
         .to_string();
         assert!(e.contains("pools.l.min_idle"), "{e}");
         let e = load(&format!(
+            "[pools.l]\nlabels=['a']\nidle_max_age='0s'\n{fake}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pools.l.idle_max_age"), "{e}");
+        let c = load(&format!(
+            "[pools.l]\nlabels=['a']\nmin_idle=1\nidle_max_age='20m'\n{fake}"
+        ))
+        .unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(20 * 60));
+        let c = load(&format!("[pools.l]\nlabels=['a']\n{fake}")).unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(3600));
+        let e = load(&format!(
             "[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n{fake}"
         ))
         .unwrap_err()

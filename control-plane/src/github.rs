@@ -138,4 +138,39 @@ mod tests {
         assert_eq!(registrar.runner_busy("grs-4243").await, Ok(Some(false)));
         sim.shutdown().await;
     }
+
+    #[tokio::test]
+    async fn offline_registrations_with_the_prefix_are_listed_and_removed_by_id() {
+        let sim = GitHubSim::start(SimConfig::default()).await.unwrap();
+        let client = GitHubClient::new(&grs_github::GitHubConfig {
+            api_url: sim.url(),
+            organization: Some("grs-sim".into()),
+            token: Some(SecretString::from(
+                "ghp_simulated_personal_access_token".to_owned(),
+            )),
+            ..grs_github::GitHubConfig::default()
+        })
+        .unwrap();
+        let registrar = GitHubRegistrar::new(client);
+        let labels = vec!["self-hosted".to_owned()];
+        // Registered, never booted: offline. One booted: online.
+        registrar.jit_config("grs-1", &labels, 1).await.unwrap();
+        registrar.jit_config("other-1", &labels, 1).await.unwrap();
+        let jit = registrar.jit_config("grs-2", &labels, 1).await.unwrap();
+        sim.boot_runner(jit.expose_secret()).await.unwrap();
+        let offline = registrar.offline_runners("grs-").await.unwrap().unwrap();
+        let names: Vec<&str> = offline.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["grs-1"]);
+        registrar.remove_runner_id(offline[0].id).await.unwrap();
+        assert!(
+            registrar
+                .offline_runners("grs-")
+                .await
+                .unwrap()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(sim.runners().iter().any(|r| r.name == "other-1"));
+        sim.shutdown().await;
+    }
 }

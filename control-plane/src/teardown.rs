@@ -189,7 +189,12 @@ async fn runner_check(ctx: &WorkerContext, name: &str) -> StoreResult<RunnerChec
     let Some(inst) = ctx.store.get_instance(name).await? else {
         return Ok(RunnerCheck::Clear);
     };
-    if inst.state != InstanceState::PendingDelete || ran_its_job(ctx, &inst).await? {
+    // No VM recorded made (its create failed and cleaned up after itself):
+    // no runner to ask about.
+    if inst.state != InstanceState::PendingDelete
+        || inst.provider_id.is_empty()
+        || ran_its_job(ctx, &inst).await?
+    {
         return Ok(RunnerCheck::Clear);
     }
     Ok(match registrar.runner_busy(name).await {
