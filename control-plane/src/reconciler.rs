@@ -397,6 +397,14 @@ impl Reconciler {
         } else {
             return Ok(());
         };
+        if is_warm_idle(inst) {
+            // Only while still idle: a job may be bound to it meanwhile.
+            if self.store.retire_warm(&inst.name, &reason, now).await? == Some(true) {
+                tracing::info!(instance = %inst.name, pool = %inst.pool, reason, "idle warm instance queued for teardown");
+                list.push(inst.name.clone());
+            }
+            return Ok(());
+        }
         self.queue_teardown(inst, &reason, now, list).await
     }
 
@@ -453,8 +461,10 @@ impl Reconciler {
             idle.sort_by_key(|i| (i.created_at, i.name.clone()));
             let reason = format!("idle warm instance above the pool's min_idle of {min_idle}");
             for inst in idle.into_iter().take(surplus) {
-                self.queue_teardown(inst, &reason, now, &mut report.warm_surplus)
-                    .await?;
+                if self.store.retire_warm(&inst.name, &reason, now).await? == Some(true) {
+                    tracing::info!(instance = %inst.name, pool = %pool.name, reason, "idle warm instance queued for teardown");
+                    report.warm_surplus.push(inst.name.clone());
+                }
             }
         }
         Ok(())

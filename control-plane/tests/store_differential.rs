@@ -417,7 +417,7 @@ impl Side {
             ),
             Op::TeardownWarm(n) => format!(
                 "{:?}",
-                s.enqueue_teardown(&warm(*n), "idle warm instance recycled", now)
+                s.retire_warm(&warm(*n), "idle warm instance recycled", now)
                     .await
                     .unwrap()
             ),

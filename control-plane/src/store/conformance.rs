@@ -2278,10 +2278,32 @@ async fn a_failed_or_torn_down_warm_instance_leaves_the_warm_pool(store: Arc<dyn
         .unwrap();
     assert_eq!(warm(&*store).await, ["grs-wb"]);
     store
-        .enqueue_teardown("grs-wb", "idle warm instance recycled", 1006)
+        .retire_warm("grs-wb", "idle warm instance recycled", 1006)
         .await
         .unwrap();
     assert!(warm(&*store).await.is_empty());
+    // A warm instance a job was bound to is not retired.
+    make_warm(&*store, "grs-wc").await;
+    queue_one(&*store, 890).await;
+    store
+        .begin_provision(890, "grs-890", &LIMITS, 1100)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .retire_warm("grs-wc", "idle warm instance recycled", 1101)
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store.get_instance("grs-wc").await.unwrap().unwrap().state,
+        InstanceState::Running
+    );
+    assert_eq!(
+        store.retire_warm("grs-none", "x", 1102).await.unwrap(),
+        None
+    );
 }
 
 /// Job 850's own instance went to the warm pool while being made (a warm

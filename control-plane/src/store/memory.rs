@@ -388,6 +388,15 @@ impl Store for MemoryStore {
         self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
     }
 
+    async fn retire_warm(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<bool>> {
+        self.transact_one(|tx| rules::retire_warm(tx, name, reason, now))
+    }
+
     async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
         self.transact_one(|tx| rules::call_off_teardown(tx, name, reason, now))
     }

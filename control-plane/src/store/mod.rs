@@ -342,6 +342,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: Millis,
     ) -> StoreResult<()>;
 
+    /// [`enqueue_teardown`](Store::enqueue_teardown), but only while `name`
+    /// is an idle warm instance (recycling, scale-down): a job bound to it
+    /// since the caller looked keeps it. `Some(false)` when it is not (or
+    /// already on its way out), `None` if unknown.
+    async fn retire_warm(&self, name: &str, reason: &str, now: Millis)
+    -> StoreResult<Option<bool>>;
+
     /// Calls off the queued teardown of `name` (pending_delete → running,
     /// `reason` recorded): GitHub says its runner is busy with a job, which
     /// the teardown would kill. Its queue entry then finds nothing to do.

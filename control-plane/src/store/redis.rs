@@ -521,6 +521,18 @@ impl Store for RedisStore {
         self.queue_depth_of(queue).await
     }
 
+    async fn retire_warm(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<bool>> {
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::retire_warm(tx, name, reason, now)
+        })
+        .await
+    }
+
     async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
         self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
             rules::call_off_teardown(tx, name, reason, now)

@@ -960,6 +960,17 @@ pub fn begin_teardown(tx: &mut Tx<'_>, name: &str, now: Millis) -> Read<Option<I
     })
 }
 
+/// [`Store::retire_warm`](super::Store::retire_warm): a teardown only
+/// while the instance is idle in its warm pool (a job may have been bound
+/// to it since the caller looked).
+pub fn retire_warm(tx: &mut Tx<'_>, name: &str, why: &str, now: Millis) -> Read<Option<bool>> {
+    match tx.instance(name)? {
+        None => Ok(None),
+        Some(i) if !is_warm_idle(&i) => Ok(Some(false)),
+        Some(_) => teardown(tx, name, why, now),
+    }
+}
+
 /// [`Store::call_off_teardown`](super::Store::call_off_teardown).
 pub fn call_off_teardown(tx: &mut Tx<'_>, name: &str, why: &str, now: Millis) -> Read<bool> {
     let Some(inst) = tx.instance(name)? else {
