@@ -178,6 +178,51 @@ pub struct RedisConfig {
     pub job_retention: Duration,
     /// Approximate number of events kept for `WatchEvents`.
     pub events_max: u64,
+    /// The Redis password (`AUTH`), kept out of `url`; wins over a password
+    /// in `url`. Secret: from `GRS_REDIS_PASSWORD` or `password_file`.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    /// File holding the Redis password.
+    pub password_file: Option<PathBuf>,
+    /// After every write, wait until this many replicas acknowledged it
+    /// (Redis `WAIT`) before answering; a write not replicated within
+    /// `wait_timeout` is answered UNAVAILABLE (the caller retries; the
+    /// replay is de-duplicated). 0, the default: answer once the primary has
+    /// it. With Sentinel, 1 keeps an accepted event through a failover.
+    pub wait_replicas: u32,
+    /// How long a write waits for `wait_replicas` acknowledgements.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// `[redis.sentinel]`: find the primary through Redis Sentinel instead
+    /// of `url`'s host and port.
+    pub sentinel: RedisSentinelConfig,
+}
+
+/// `[redis.sentinel]`: Redis Sentinel. On when `master_name` is set; `url`
+/// then supplies only the user name, password and database number of the
+/// data nodes, its host and port being unused (the sentinels name the
+/// primary, and a new one after a failover).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSentinelConfig {
+    /// The name the sentinels monitor the primary under (`sentinel monitor
+    /// <master_name> ...`). Empty: Sentinel is off.
+    pub master_name: String,
+    /// The sentinels, `host:port` each (26379 is Sentinel's usual port).
+    pub addresses: Vec<String>,
+    /// The sentinels' own password (their `requirepass`), if they have one.
+    /// Secret: from `GRS_REDIS_SENTINEL_PASSWORD` or `password_file`.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    /// File holding the sentinels' password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl RedisSentinelConfig {
+    /// Whether the primary is found through Sentinel.
+    pub fn enabled(&self) -> bool {
+        !self.master_name.is_empty()
+    }
 }
 
 impl Default for RedisConfig {
@@ -188,6 +233,11 @@ impl Default for RedisConfig {
             dedup_ttl: Duration::from_secs(4 * 24 * 3600),
             job_retention: Duration::from_secs(7 * 24 * 3600),
             events_max: 10_000,
+            password: None,
+            password_file: None,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(2),
+            sentinel: RedisSentinelConfig::default(),
         }
     }
 }
@@ -503,6 +553,7 @@ impl Config {
                 "must start with redis://, rediss:// or unix://",
             ));
         }
+        self.redis.validate_connection()?;
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::key(
                 "redis.key_prefix",
