@@ -81,11 +81,13 @@ impl SoakOptions {
     pub fn ci() -> Self {
         Self {
             jobs: 60,
-            rate: 15.0,
+            // Slow enough that the faults are spread over ~12 s of arrivals
+            // instead of striking all at once.
+            rate: 5.0,
             max_instances: 12,
             control_plane_kills: 2,
             redis_restarts: 1,
-            settle: Duration::from_secs(90),
+            settle: Duration::from_secs(60),
             ..Self::full()
         }
     }
@@ -171,6 +173,11 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         pve_time_scale: o.pve_time_scale,
         job_duration: o.job_duration,
         boot_delay: o.boot_delay,
+        // Long enough that a live worker is not mistaken for a dead one on
+        // a loaded machine (a reclaim of a live worker's entry makes two
+        // workers create the same instance: see the README), short enough
+        // that a killed replica's work is redone within the run.
+        claim_timeout: Duration::from_secs(10),
         ..WorldOptions::default()
     })
     .await?
@@ -205,15 +212,17 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         let github = world.github.clone();
         queued.spawn(async move { github.queue(LABELS, None).await });
         if rand::rng().random_bool(o.failing_tasks.clamp(0.0, 1.0)) {
-            let kind = if failing % 2 == 0 {
-                "qmclone"
+            // Failures that pass by themselves, as PVE words them (a
+            // storage or the cluster hiccuping): GRS retries them. A
+            // permanent one fails the job at once by design.
+            let (kind, message) = if failing % 2 == 0 {
+                ("qmclone", "storage 'ceph-rbd' is not online")
             } else {
-                "qmstart"
+                ("qmstart", "cluster not ready - no quorum?")
             };
             world
                 .pve
-                .inject(json!({"fault": "fail_task", "kind": kind, "times": 1,
-                    "message": "soak: injected task failure"}))
+                .inject(json!({"fault": "fail_task", "kind": kind, "times": 1, "message": message}))
                 .await?;
             failing += 1;
         }

@@ -552,11 +552,22 @@ template_vmid = {template}
                     .filter(|j| j.status != "completed")
                     .map(|j| format!("{} {}", j.id, j.status))
                     .collect();
+                let failures: Vec<String> = self
+                    .fleet
+                    .failures()
+                    .into_iter()
+                    .map(|(vm, why)| format!("{vm}: {why}"))
+                    .collect();
                 bail!(
-                    "{} of {} jobs not completed after {timeout:?}: {}",
+                    "{} of {} jobs not completed after {timeout:?}: {}\nVMs that did not start their runner: {}",
                     open.len(),
                     jobs.len(),
-                    open.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+                    open.iter().take(20).cloned().collect::<Vec<_>>().join(", "),
+                    if failures.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        failures.join("; ")
+                    }
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
