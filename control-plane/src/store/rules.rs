@@ -907,6 +907,24 @@ pub fn finish_provision(
         i.provider_id = provider_id.to_owned();
         i.location = location.to_owned();
     });
+    // Its runner already ran a job that has completed: that completion
+    // left the teardown to here (it came while this instance was being
+    // created, e.g. while a store write of the create was redone after a
+    // Redis restart). Without this the instance ran as idle until its
+    // maximum lifetime (found by the end-to-end Redis restart scenario).
+    if inst.assigned_job_id != 0
+        && tx
+            .job(inst.assigned_job_id)?
+            .is_some_and(|j| j.state == JobState::Completed)
+    {
+        if let Some(job) = tx.job(job_id)?
+            && job.state == JobState::Provisioning
+        {
+            tx.move_job(job, JobState::Provisioned, "", now, |_| {});
+        }
+        let why = reason::job_completed(inst.assigned_job_id);
+        return Ok(teardown(tx, name, &why, now)? == Some(true));
+    }
     let Some(job) = tx.job(job_id)? else {
         return Ok(false);
     };
