@@ -72,6 +72,10 @@ pub struct ControlPlaneConfig {
     /// PEM private key for TLS.
     pub tls_key_file: Option<PathBuf>,
     /// Dispatcher workers per pool in this replica (concurrent creates).
+    /// 0 (the default): one per instance the pool may have
+    /// (`max_instances`, at most 64), so creates are limited by what the
+    /// backend can take (the Proxmox provisioner sizes its own clone
+    /// concurrency), not by a constant here.
     pub dispatchers_per_pool: usize,
     /// Teardown workers in this replica (concurrent deletes).
     pub teardown_workers: usize,
@@ -166,7 +170,7 @@ impl Default for ControlPlaneConfig {
             auth_token_file: None,
             tls_cert_file: None,
             tls_key_file: None,
-            dispatchers_per_pool: 4,
+            dispatchers_per_pool: 0,
             teardown_workers: 4,
             claim_timeout: Duration::from_secs(60),
             max_attempts: 0,
@@ -280,8 +284,17 @@ pub struct PoolConfig {
     pub labels: Vec<String>,
     /// Most live instances at once.
     pub max_instances: u32,
-    /// Idle instances to keep ready (warm pool; used by the reconciler).
+    /// Warm pool: instances to keep booted with an idle runner of the pool's
+    /// labels, so a matching job starts without waiting for a clone. A job
+    /// takes one of them when one is idle (GitHub hands it to any idle
+    /// runner with its labels), and the pool is refilled. Counted within
+    /// `max_instances`. Live-adjustable (`UpdatePool`).
     pub min_idle: u32,
+    /// An idle warm instance this old is replaced by a fresh one, so
+    /// template and runner updates reach the warm pool (and a runner whose
+    /// registration went stale does not linger). Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub idle_max_age: Duration,
     /// Start paused: jobs queue, no instance starts until resumed.
     pub paused: bool,
     /// GitHub runner group id the runners join.
@@ -310,6 +323,7 @@ impl Default for PoolConfig {
             labels: Vec::new(),
             max_instances: 4,
             min_idle: 0,
+            idle_max_age: Duration::from_secs(3600),
             paused: false,
             runner_group_id: 1,
             runner_user: "runner".into(),
@@ -553,12 +567,6 @@ impl Config {
         }
         grs_provisioner::validate_instance_name(&cp.instance_prefix)
             .map_err(|e| ConfigError::key("control_plane.instance_prefix", e))?;
-        if cp.dispatchers_per_pool == 0 {
-            return Err(ConfigError::key(
-                "control_plane.dispatchers_per_pool",
-                "must be at least 1",
-            ));
-        }
         if cp.teardown_workers == 0 {
             return Err(ConfigError::key(
                 "control_plane.teardown_workers",
@@ -702,6 +710,12 @@ impl Config {
                     }
                 }
             }
+            if pool.idle_max_age.is_zero() {
+                return Err(ConfigError::key(
+                    key("idle_max_age"),
+                    "must be longer than 0s (e.g. \"1h\")",
+                ));
+            }
             if pool.min_idle > pool.max_instances {
                 return Err(ConfigError::key(
                     key("min_idle"),
@@ -746,6 +760,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("pools.l.min_idle"), "{e}");
+        let e = load(&format!(
+            "[pools.l]\nlabels=['a']\nidle_max_age='0s'\n{fake}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pools.l.idle_max_age"), "{e}");
+        let c = load(&format!(
+            "[pools.l]\nlabels=['a']\nmin_idle=1\nidle_max_age='20m'\n{fake}"
+        ))
+        .unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(20 * 60));
+        let c = load(&format!("[pools.l]\nlabels=['a']\n{fake}")).unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(3600));
         let e = load(&format!(
             "[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n{fake}"
         ))

@@ -41,6 +41,8 @@ pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 const API_VERSION: &str = "2022-11-28";
 
+pub mod inspect;
+
 /// What went wrong talking to GitHub. Never carries a credential.
 #[derive(Debug, thiserror::Error)]
 pub enum GitHubError {
@@ -511,11 +513,6 @@ impl GitHubClient {
         self.inner.hook.as_ref()
     }
 
-    /// Whether this client authenticates as a GitHub App (and so can use
-    /// the App's own endpoints, such as its webhook's deliveries).
-    pub fn is_app(&self) -> bool {
-        matches!(self.inner.auth, Auth::App(_))
-    }
 
     /// Mints a just-in-time config for a runner called `name` (the instance
     /// name) with `labels` (the pool's), in the configured runner group.

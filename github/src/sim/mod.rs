@@ -61,6 +61,7 @@
 //! failed, redeliverable) or get lost (never attempted, as in a GitHub
 //! incident: only a scan of queued jobs finds them).
 
+mod installation;
 mod server;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -329,6 +330,8 @@ pub(crate) struct State {
     pub(crate) tokens: HashMap<String, SystemTime>,
     pub(crate) token_mints: u64,
     pub(crate) faults: VecDeque<Fault>,
+    /// The app's grants and the webhooks, for `grs doctor`.
+    pub(crate) setup: installation::Setup,
     pub(crate) deliveries: Vec<DeliveryRecord>,
     bodies: HashMap<String, (String, Vec<u8>)>,
     next_delivery: u64,
@@ -380,6 +383,7 @@ impl GitHubSim {
                 tokens: HashMap::new(),
                 token_mints: 0,
                 faults: VecDeque::new(),
+                setup: installation::Setup::default(),
                 deliveries: Vec::new(),
                 bodies: HashMap::new(),
                 next_delivery: 1,

@@ -16,12 +16,20 @@ pub(super) fn router(sim: GitHubSim) -> Router {
     Router::new().fallback(
         move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let sim = sim.clone();
-            async move { handle(&sim, method, uri, headers, body).await }
+            async move {
+                let scopes = super::installation::pat_scopes(&sim, &headers);
+                let mut resp = handle(&sim, method, uri, headers, body).await;
+                // GitHub names a classic PAT's scopes on every answer.
+                if let Some(v) = scopes.and_then(|s| s.parse().ok()) {
+                    resp.headers_mut().insert("x-oauth-scopes", v);
+                }
+                resp
+            }
         },
     )
 }
 
-fn err(status: StatusCode, message: &str) -> Response {
+pub(super) fn err(status: StatusCode, message: &str) -> Response {
     (
         status,
         axum::Json(
@@ -76,6 +84,10 @@ async fn handle(
         && segs[3] == "access_tokens"
     {
         return access_token(sim, &bearer, segs[2]);
+    }
+    // The app's own endpoints (app JWT): its installation and webhook.
+    if let Some(resp) = super::installation::app_endpoint(sim, &method, &segs, &bearer) {
+        return resp;
     }
 
     // `/app/hook/...` takes the App's JWT; every other endpoint an
@@ -190,6 +202,7 @@ fn route(
         _ => return err(StatusCode::NOT_FOUND, "Not Found"),
     };
     match (method.clone(), rest) {
+        (Method::GET, ["hooks"]) => super::installation::hooks(sim),
         (Method::POST, ["actions", "runners", "generate-jitconfig"]) => generate_jit(sim, body),
         (Method::POST, ["actions", "runners", "registration-token"]) => {
             let expires = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
@@ -397,9 +410,32 @@ fn list_deliveries(
     resp
 }
 
-/// Checks an App JWT as GitHub does (issuer, signature when a public key is
-/// configured, issued in the past, at most ten minutes of life).
-fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), &'static str> {
+fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
+    let mut st = sim.lock();
+    if installation.parse::<u64>().ok() != Some(st.cfg.installation_id) {
+        return err(StatusCode::NOT_FOUND, "Not Found");
+    }
+    if let Err(message) = check_app_jwt(&st, jwt) {
+        return err(StatusCode::UNAUTHORIZED, message);
+    }
+    let token = format!("ghs_{:036x}", rand::random::<u128>());
+    let expires = SystemTime::now() + st.cfg.token_ttl;
+    st.tokens.insert(token.clone(), expires);
+    st.token_mints += 1;
+    let expires_at = time::OffsetDateTime::from(expires)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({ "token": token, "expires_at": expires_at })),
+    )
+        .into_response()
+}
+
+/// Checks an app JWT as GitHub does (the signature when the simulator has
+/// the public key; the issuer; issued in the past with at most ten minutes
+/// of life); GitHub's 401 message when it fails.
+pub(super) fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), &'static str> {
     #[derive(Deserialize)]
     struct Claims {
         iss: serde_json::Value,
@@ -445,28 +481,6 @@ fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), &'static str> {
         return Err("'Expiration time' claim ('exp') is too far in the future");
     }
     Ok(())
-}
-
-fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
-    let mut st = sim.lock();
-    if installation.parse::<u64>().ok() != Some(st.cfg.installation_id) {
-        return err(StatusCode::NOT_FOUND, "Not Found");
-    }
-    if let Err(why) = check_app_jwt(&st, jwt) {
-        return err(StatusCode::UNAUTHORIZED, why);
-    }
-    let token = format!("ghs_{:036x}", rand::random::<u128>());
-    let expires = SystemTime::now() + st.cfg.token_ttl;
-    st.tokens.insert(token.clone(), expires);
-    st.token_mints += 1;
-    let expires_at = time::OffsetDateTime::from(expires)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({ "token": token, "expires_at": expires_at })),
-    )
-        .into_response()
 }
 
 fn generate_jit(sim: &GitHubSim, body: &[u8]) -> Response {
