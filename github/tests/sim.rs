@@ -111,12 +111,13 @@ async fn a_booted_jit_runner_takes_a_matching_job_runs_it_and_goes_away() {
             == SimJobStatus::Completed)
             .await
     );
+    // Attempts are logged once answered: three of them, all answered.
     assert!(
-        sim.wait_until(Duration::from_secs(5), |s| s
-            .deliveries()
-            .iter()
-            .all(|d| d.status.is_some()))
-            .await
+        sim.wait_until(Duration::from_secs(5), |s| {
+            let d = s.deliveries();
+            d.len() == 3 && d.iter().all(|d| d.status.is_some())
+        })
+        .await
     );
     let seen = seen.lock().unwrap().clone();
     let actions: Vec<_> = seen
