@@ -578,3 +578,53 @@ async fn the_redis_store_keeps_a_sealed_secret_for_its_ttl() {
     .await;
     store.flush_prefix().await.unwrap();
 }
+
+/// A rerouted job is listed under its new pool by both stores (the Redis
+/// store's per-pool index is written when the pool is set, not only when
+/// the job is first recorded).
+#[tokio::test]
+async fn a_rerouted_job_is_listed_under_its_new_pool_by_both_stores() {
+    use grs_control_plane::model::{JobAction, JobEvent, JobState};
+    let Some(redis) = grs_control_plane::testing::redis_store("reroute_index").await else {
+        return;
+    };
+    let flush = grs_control_plane::testing::redis_store_at(
+        &grs_control_plane::testing::redis_url(),
+        redis.prefix(),
+    );
+    let stores: [(&str, Arc<dyn Store>); 2] = [
+        ("memory", Arc::new(MemoryStore::new())),
+        ("redis", Arc::new(redis)),
+    ];
+    for (kind, store) in stores {
+        let ev = |delivery: &str| JobEvent {
+            delivery_id: delivery.into(),
+            action: JobAction::Queued,
+            job_id: 6001,
+            run_id: 1,
+            run_attempt: 1,
+            labels: vec!["self-hosted".into(), "gpu".into()],
+            runner_id: 0,
+            runner_name: String::new(),
+            repository: "o/r".into(),
+            organization: "o".into(),
+            installation_id: 0,
+            conclusion: String::new(),
+            job_name: "build".into(),
+            workflow_name: "CI".into(),
+        };
+        store.submit_event(&ev("d1"), None, 1_000).await.unwrap();
+        let r = store
+            .submit_event(&ev("d2"), Some("gpu"), 2_000)
+            .await
+            .unwrap();
+        assert_eq!(r.job.unwrap().state, JobState::Queued, "{kind}");
+        let (listed, _) = store.list_jobs(Some("gpu"), None, 0, 10).await.unwrap();
+        assert_eq!(
+            listed.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+            [6001],
+            "{kind}"
+        );
+    }
+    flush.flush_prefix().await.unwrap();
+}

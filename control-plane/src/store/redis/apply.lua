@@ -10,6 +10,7 @@
 --   the number of writes, then per write: op and its arguments
 --     'h' key n f1 v1 ... fn vn   HSET the n fields, then HINCRBY rev 1
 --     'x' key seconds             EXPIRE
+--     'p' key                     PERSIST
 --     's' key value seconds       SET with EX
 --     'd' key                     DEL
 --     'a' key member              SADD
@@ -48,6 +49,8 @@ for g = 1, groups do
       redis.call('HINCRBY', key, 'rev', 1)
     elseif op == 'x' then
       redis.call('EXPIRE', key, nxt())
+    elseif op == 'p' then
+      redis.call('PERSIST', key)
     elseif op == 's' then
       local v = nxt()
       redis.call('SET', key, v, 'EX', nxt())

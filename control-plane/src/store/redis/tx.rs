@@ -377,6 +377,19 @@ impl RedisStore {
                         ]);
                     }
                 }
+                // An unrouted job a pool now serves (rules::submit) joins
+                // that pool's index, and lives on.
+                if let Some(b) = before
+                    && b.pool.is_empty()
+                    && !after.pool.is_empty()
+                {
+                    w.op([
+                        "z".into(),
+                        self.key(&["pool", &after.pool, "jobs"]),
+                        after.recorded_at.to_string(),
+                        after.job_id.to_string(),
+                    ]);
+                }
                 // An ended (or unroutable) job is kept for the retention
                 // period from when it got there.
                 let ends = matches!(
@@ -385,6 +398,12 @@ impl RedisStore {
                 );
                 if ends && before.as_ref().is_none_or(|b| b.state != after.state) {
                     w.op(["x".into(), jk, secs(self.opts.job_retention)]);
+                } else if !ends
+                    && before
+                        .as_ref()
+                        .is_some_and(|b| b.state == JobState::Unrouted)
+                {
+                    w.op(["p".into(), jk]);
                 }
             }
             Change::Instance { before, after } => {
