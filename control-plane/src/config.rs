@@ -72,6 +72,10 @@ pub struct ControlPlaneConfig {
     /// PEM private key for TLS.
     pub tls_key_file: Option<PathBuf>,
     /// Dispatcher workers per pool in this replica (concurrent creates).
+    /// 0 (the default): one per instance the pool may have
+    /// (`max_instances`, at most 64), so creates are limited by what the
+    /// backend can take (the Proxmox provisioner sizes its own clone
+    /// concurrency), not by a constant here.
     pub dispatchers_per_pool: usize,
     /// Teardown workers in this replica (concurrent deletes).
     pub teardown_workers: usize,
@@ -142,7 +146,7 @@ impl Default for ControlPlaneConfig {
             auth_token_file: None,
             tls_cert_file: None,
             tls_key_file: None,
-            dispatchers_per_pool: 4,
+            dispatchers_per_pool: 0,
             teardown_workers: 4,
             claim_timeout: Duration::from_secs(60),
             max_attempts: 0,
@@ -489,12 +493,6 @@ impl Config {
         }
         grs_provisioner::validate_instance_name(&cp.instance_prefix)
             .map_err(|e| ConfigError::key("control_plane.instance_prefix", e))?;
-        if cp.dispatchers_per_pool == 0 {
-            return Err(ConfigError::key(
-                "control_plane.dispatchers_per_pool",
-                "must be at least 1",
-            ));
-        }
         if cp.teardown_workers == 0 {
             return Err(ConfigError::key(
                 "control_plane.teardown_workers",
