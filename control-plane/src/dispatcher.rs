@@ -48,6 +48,23 @@ use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with
 /// pool.
 const CAPACITY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Most dispatcher workers one pool gets when their number is automatic.
+const MAX_AUTO_WORKERS: usize = 64;
+
+/// How many dispatcher workers `pool` gets: `configured`, or, when that is
+/// 0 (automatic, the default), one per instance the pool may have (at most
+/// [`MAX_AUTO_WORKERS`]). Creates then run as concurrently as the pool's
+/// capacity allows, and the backend limits what it sends on to the
+/// hypervisor by what that can take (the Proxmox provisioner sizes its own
+/// clone concurrency from how long clones take); a constant here would cap
+/// a burst below what the cluster could do.
+pub fn workers_for(configured: usize, pool: &crate::pools::Pool) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    (pool.config.max_instances as usize).clamp(1, MAX_AUTO_WORKERS)
+}
+
 /// Runs one dispatcher worker for `pool` until shutdown.
 pub async fn run(ctx: WorkerContext, pool: String, consumer: String) {
     run_queue_worker(
@@ -255,4 +272,32 @@ pub(crate) async fn create(
     ctx.metrics
         .provisioner_call(pool.provisioner.kind(), "create", started.elapsed(), &r);
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::PoolConfig;
+    use crate::pools::Pool;
+
+    fn pool(max_instances: u32) -> Pool {
+        Pool::new(
+            "p",
+            PoolConfig {
+                max_instances,
+                ..PoolConfig::default()
+            },
+            Arc::new(grs_provisioner::FakeProvisioner::new()),
+        )
+    }
+
+    #[test]
+    fn automatic_dispatchers_follow_the_pools_capacity_and_a_configured_count_wins() {
+        assert_eq!(workers_for(0, &pool(50)), 50);
+        assert_eq!(workers_for(0, &pool(0)), 1);
+        assert_eq!(workers_for(0, &pool(500)), MAX_AUTO_WORKERS);
+        assert_eq!(workers_for(4, &pool(50)), 4);
+    }
 }

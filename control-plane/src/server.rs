@@ -157,7 +157,7 @@ pub async fn run(
     };
     let mut workers = JoinSet::new();
     for pool in pools.iter() {
-        for i in 0..config.control_plane.dispatchers_per_pool {
+        for i in 0..dispatcher::workers_for(config.control_plane.dispatchers_per_pool, pool) {
             let consumer = format!("{replica}-dispatcher-{}-{i}", pool.name);
             workers.spawn(dispatcher::run(ctx.clone(), pool.name.clone(), consumer));
         }

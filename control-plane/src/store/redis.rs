@@ -59,9 +59,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{Client, Script, Value};
-use tokio::sync::OnceCell;
+use redis::aio::MultiplexedConnection;
+use redis::{Script, Value};
 
 use super::rules::{self, Key};
 use super::{
@@ -113,11 +112,9 @@ impl Default for RedisStoreOptions {
 
 /// Redis-backed [`Store`].
 pub struct RedisStore {
-    client: Client,
+    /// Where the primary is (`redis.url` or Sentinel); see [`conn`].
+    link: conn::Link,
     opts: RedisStoreOptions,
-    /// Connected on first use, so the control plane starts (and reports
-    /// NOT_SERVING) while Redis is down.
-    conn: OnceCell<ConnectionManager>,
     /// Connections for blocking reads.
     blocking: Mutex<Vec<MultiplexedConnection>>,
     scripts: Scripts,
@@ -136,14 +133,16 @@ impl RedisStore {
     /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`,
     /// `rediss://` for TLS). Checks the URL only; connects on first use.
     pub fn new(url: &str, opts: RedisStoreOptions) -> Result<Self, String> {
-        let client = Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
-        Ok(Self {
-            client,
+        Ok(Self::with_link(conn::Link::direct(url)?, opts))
+    }
+
+    fn with_link(link: conn::Link, opts: RedisStoreOptions) -> Self {
+        Self {
+            link,
             opts,
-            conn: OnceCell::new(),
             blocking: Mutex::new(Vec::new()),
             scripts: Scripts::new(),
-        })
+        }
     }
 
     /// The key prefix (another replica's store on the same prefix shares

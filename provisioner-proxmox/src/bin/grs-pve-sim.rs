@@ -37,9 +37,10 @@ struct Args {
     /// Scale every task duration (1.0 = realistic defaults, 0.05 = fast).
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
-    /// Clones of one template that run at once.
-    #[arg(long, default_value_t = 4)]
-    clone_parallelism: usize,
+    /// The part of a linked clone spent holding its storage's lock (clones
+    /// in one lock domain serialize on it).
+    #[arg(long, default_value_t = SimOptions::default().storage_lock_share)]
+    storage_lock_share: f64,
 }
 
 fn scale(d: Duration, f: f64) -> Duration {
@@ -66,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
             destroy: scale(d.destroy, f),
             agent_ready: scale(d.agent_ready, f),
         },
-        clone_parallelism: args.clone_parallelism,
+        storage_lock_share: args.storage_lock_share,
         ..SimOptions::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -26,7 +26,7 @@ mod endpoints;
 mod tasks;
 mod transport;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -157,6 +157,8 @@ pub struct PveClient {
     backoff_max: Duration,
     poll_min: Duration,
     poll_max: Duration,
+    /// `task_expected`: the first poll of a task class never seen.
+    task_expected: BTreeMap<String, Duration>,
     /// Learned task durations by task type, for adaptive polling.
     estimates: Mutex<HashMap<String, Estimate>>,
     /// Requests sent (attempts, retries included).
@@ -220,6 +222,7 @@ impl PveClient {
             backoff_max: conn.retry_max_delay,
             poll_min: conn.task_poll_min,
             poll_max: conn.task_poll_max,
+            task_expected: conn.task_expected.clone(),
             estimates: Mutex::new(HashMap::new()),
             sent: AtomicU64::new(0),
             recorder: Mutex::new(None),

@@ -19,37 +19,75 @@ pub struct TaskStatus {
     pub exitstatus: Option<String>,
 }
 
-/// The learned duration of a task type.
+/// What the client knows of how long a class of task takes (see
+/// [`task_class`]).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Estimate {
-    /// When to poll first.
-    duration: Duration,
+    /// When to poll first, counted from the wait's start: the latest end
+    /// recently seen, so one poll usually finds the task done.
+    first_poll: Duration,
     /// First polls in a row that found the task done.
     hits: u32,
+    /// Probes downwards since the last miss: each one twice as deep, so an
+    /// estimate far too long (a `task_expected` above this cluster's
+    /// durations) comes down in a few dozen tasks.
+    probes: u32,
+}
+
+/// First polls in a row that must find the task done before the estimate
+/// is probed downwards (by [`SHRINK`]). Fewer: a late estimate is corrected
+/// sooner (less latency) at the price of more misses (more calls).
+const HITS_BEFORE_SHRINK: u32 = 6;
+/// How much the first probe shortens the estimate (then 4 %, 8 %, 15 %,
+/// 28 % while they keep hitting).
+const SHRINK: f64 = 0.98;
+
+/// The class a task's duration is learned under: its type, and for clones
+/// the source too (clones of different templates and storages take
+/// different times). `UPID:node:pid:pstart:start:qmclone:<source>:user:`.
+fn task_class(upid: &Upid) -> String {
+    match upid.kind.as_str() {
+        "qmclone" => {
+            let source = upid.raw.split(':').nth(6).unwrap_or("");
+            format!("qmclone:{source}")
+        }
+        k => k.to_owned(),
+    }
 }
 
 impl PveClient {
     /// Waits for a task to end; `Ok` for `OK` and `WARNINGS: N`, otherwise
     /// [`PveError::Task`] with the end of the task log.
     ///
-    /// Polling adapts: the first poll comes when tasks of this type usually
-    /// end (learned per type, see `learn`; 1 s for a type not seen yet),
-    /// later ones back off from `task_poll_min` by x1.5 to `task_poll_max`.
+    /// # Latency against calls
+    /// A status poll (`GET /nodes/{node}/tasks/{upid}/status`) is cheap, but
+    /// PVE has no long-poll, so every poll is a call. The first poll comes
+    /// when tasks of this class recently ended (learned, see `learn`; before
+    /// the first one, `task_expected`, else 1 s): one call per task when the
+    /// estimate holds. A task still running then is polled every
+    /// `task_poll_min`, growing by x1.5 up to `task_poll_max`: a task just
+    /// over its estimate is seen within `task_poll_min`, a task far over it
+    /// costs a poll per doubling of the overrun. The estimate follows the
+    /// upper edge of recent durations (a miss raises it to when the task was
+    /// seen done; six hits in a row lower it by 2 %, the next six by 4 %, ...), so GRS's latency is at
+    /// most the spread of a class's durations plus `task_poll_min`, at
+    /// about one call per task.
+    ///
     /// A UPID PVE does not know yet is polled again.
     pub async fn wait_task(&self, upid: &Upid) -> Result<(), PveError> {
         let started = Instant::now();
         let deadline = started + self.task_timeout;
-        let estimate = self
-            .estimates
-            .lock()
-            .unwrap()
-            .get(&upid.kind)
-            .map(|e| e.duration);
-        // A task type never seen: first look after the 1 s most PVE clients
-        // poll at (or `task_poll_max`, if shorter); then learn.
-        let mut delay = estimate
-            .unwrap_or(Duration::from_secs(1).min(self.poll_max))
-            .clamp(self.poll_min, Duration::from_secs(30));
+        let class = task_class(upid);
+        let known = self.estimates.lock().unwrap().get(&class).copied();
+        let first = match known {
+            Some(e) => e.first_poll,
+            None => self
+                .task_expected
+                .get(&upid.kind)
+                .copied()
+                .unwrap_or(Duration::from_secs(1).min(self.poll_max)),
+        };
+        let mut delay = first.min(self.task_timeout);
         let mut step = self.poll_min;
         let mut last_running = Duration::ZERO;
         let mut polls = 0u32;
@@ -85,7 +123,7 @@ impl PveClient {
                 step = (step.mul_f32(1.5)).min(self.poll_max);
                 continue;
             }
-            self.learn(&upid.kind, polls, last_running, started.elapsed());
+            self.learn(&class, known, polls, last_running, started.elapsed());
             let exit = st.exitstatus.unwrap_or_default();
             if exit == "OK" || exit.starts_with("WARNINGS") {
                 return Ok(());
@@ -99,35 +137,64 @@ impl PveClient {
         }
     }
 
-    /// Updates the duration estimate of a task type.
+    /// Updates the estimate of a task class after a task ended.
     ///
-    /// A task seen running and then done brackets its duration: the
-    /// estimate becomes the middle of that bracket (plus `task_poll_min`, to err
-    /// late rather than early). A task done by the first poll only proves
-    /// the estimate was long enough: it shrinks, the faster the more first
-    /// polls in a row hit (0.98, 0.96, 0.92, ... down to x0.27), so an
-    /// estimate far too long converges in a few tasks while a good one
-    /// costs a miss only now and then.
-    fn learn(&self, kind: &str, polls: u32, last_running: Duration, done_by: Duration) {
-        let mut all = self.estimates.lock().unwrap();
-        let bracket = (last_running + done_by) / 2 + self.poll_min;
-        let next = match all.get(kind) {
-            Some(e) if polls == 1 => Estimate {
-                duration: e.duration.mul_f64(0.98f64.powi(1 << e.hits.min(3))),
-                hits: e.hits + 1,
-            },
-            // First of its kind and done by the first poll: it took at most
-            // that long.
+    /// - Missed (still running at the first poll, done by `done_by`): the
+    ///   estimate becomes `done_by`, a time by which such a task certainly
+    ///   ends (at most `task_poll_min` after it did), so the next one is
+    ///   caught by its first poll.
+    /// - Hit (done by the first poll): the estimate was long enough, maybe
+    ///   too long. After [`HITS_BEFORE_SHRINK`] hits in a row it is probed
+    ///   shorter (2 %, then 4 %, ... while probes keep hitting); a probe too
+    ///   short costs one miss.
+    /// - The first task of a class, done by the first poll: it took at most
+    ///   that long; keep it.
+    fn learn(
+        &self,
+        class: &str,
+        known: Option<Estimate>,
+        polls: u32,
+        last_running: Duration,
+        done_by: Duration,
+    ) {
+        let next = match known {
+            Some(e) if polls == 1 => {
+                let hits = e.hits + 1;
+                if hits >= HITS_BEFORE_SHRINK {
+                    Estimate {
+                        first_poll: e.first_poll.mul_f64(SHRINK.powi(1 << e.probes.min(4))),
+                        hits: 0,
+                        probes: e.probes + 1,
+                    }
+                } else {
+                    Estimate { hits, ..e }
+                }
+            }
             None if polls == 1 => Estimate {
-                duration: done_by.mul_f64(0.9),
-                hits: 1,
+                first_poll: done_by,
+                hits: 0,
+                probes: 0,
             },
             _ => Estimate {
-                duration: bracket,
+                first_poll: done_by.max(last_running),
                 hits: 0,
+                probes: 0,
             },
         };
-        all.insert(kind.to_owned(), next);
+        self.estimates
+            .lock()
+            .unwrap()
+            .insert(class.to_owned(), next);
+    }
+
+    /// The first poll of the next task of this class, when one was learned
+    /// (for tools and tests).
+    pub fn task_estimate(&self, class: &str) -> Option<Duration> {
+        self.estimates
+            .lock()
+            .unwrap()
+            .get(class)
+            .map(|e| e.first_poll)
     }
 
     /// The last `n` lines of a task's log.

@@ -31,7 +31,7 @@ impl ProxmoxProvisioner {
             Param::flag("full", self.pool.full_clone),
             Param::new("description", marker.description()),
         ];
-        if target != self.pool.node {
+        if target != self.source_for(target).0 {
             p.push(Param::new("target", target));
         }
         if let Some(pool) = &self.pool.resource_pool {
@@ -170,10 +170,13 @@ impl ProxmoxProvisioner {
         marker: &Marker,
     ) -> Result<u32, CloneFailure> {
         let client = self.client_ref();
-        let src_node = &self.pool.node;
-        let src = self.pool.template_vmid;
+        let (src_node, src) = self.source_for(target);
         let mut lock_waits = 0u32;
         let mut taken = BTreeSet::new();
+        // At most as many clones of this template at once as make PVE
+        // faster (see `gate`); the others wait here, without calls.
+        let gate = self.backend.gates.of(src_node, src);
+        let permit = gate.admit().await;
         for _ in 0..20 {
             let lease = self
                 .backend
@@ -182,6 +185,7 @@ impl ProxmoxProvisioner {
                 .map_err(CloneFailure::from)?;
             let vmid = lease.vmid;
             let params = self.clone_params(vmid, &spec.name, target, marker);
+            let sent = Instant::now();
             let upid = match client.clone_vm(src_node, src, &params).await {
                 Ok(u) => u,
                 Err(e) if e.is_vmid_taken() => {
@@ -211,7 +215,10 @@ impl ProxmoxProvisioner {
                 Err(e) => return Err(e.into()),
             };
             match client.wait_task(&upid).await {
-                Ok(()) => return Ok(vmid),
+                Ok(()) => {
+                    permit.succeeded(sent.elapsed());
+                    return Ok(vmid);
+                }
                 Err(e) if e.is_vmid_taken() => {
                     taken.insert(vmid);
                     continue;
@@ -229,6 +236,7 @@ impl ProxmoxProvisioner {
                     // `cluster_lock_storage`): contention is a failed task,
                     // and passes like the synchronous kind.
                     if e.is_lock_timeout() && lock_waits < 10 {
+                        gate.hit_lock();
                         lock_waits += 1;
                         tracing::debug!(instance = %spec.name, vmid, error = %e, "clone task hit a lock; trying again");
                         tokio::time::sleep(Duration::from_millis(200 * u64::from(lock_waits)))

@@ -62,6 +62,7 @@
 
 mod create;
 mod delete;
+mod gate;
 mod ownership;
 
 use std::collections::{BTreeSet, HashSet};
@@ -94,6 +95,8 @@ pub(crate) struct Backend {
     /// The installation's node reservations, when the control plane gave
     /// them ([`grs_provisioner::Provisioner::use_node_ledger`]).
     pub(crate) ledger: Mutex<Option<Arc<dyn grs_provisioner::NodeLedger>>>,
+    /// Clones in flight per template (see [`gate`]).
+    gates: gate::CloneGates,
 }
 
 impl Backend {
@@ -106,6 +109,7 @@ impl Backend {
             placement: Placement::default(),
             vmids: Mutex::new(BTreeSet::new()),
             ledger: Mutex::new(None),
+            gates: gate::CloneGates::default(),
         }))
     }
 }
@@ -254,6 +258,15 @@ impl ProxmoxProvisioner {
         ))
     }
 
+    /// How many clones of this pool's template GRS runs at once now (learned,
+    /// see the `gate` module).
+    pub fn clone_concurrency(&self) -> usize {
+        self.backend
+            .gates
+            .of(&self.pool.node, self.pool.template_vmid)
+            .limit()
+    }
+
     /// The pool this provisioner serves.
     pub fn pool_name(&self) -> &str {
         &self.pool_name
@@ -266,6 +279,15 @@ impl ProxmoxProvisioner {
 
     fn client_ref(&self) -> &PveClient {
         &self.backend.client
+    }
+
+    /// Where a VM placed on `target` is cloned from: the template's copy on
+    /// that node (`template_replicas`), else the template.
+    pub(crate) fn source_for<'a>(&'a self, target: &str) -> (&'a str, u32) {
+        match self.pool.template_replicas.get_key_value(target) {
+            Some((node, vmid)) => (node, *vmid),
+            None => (&self.pool.node, self.pool.template_vmid),
+        }
     }
 
     /// The nodes a new VM may go to: the configured ones, narrowed to those
@@ -330,7 +352,11 @@ impl ProxmoxProvisioner {
             *self.cloneable.lock().unwrap() = Some(wanted);
             return Ok(());
         };
-        let others: Vec<&String> = wanted.iter().filter(|n| *n != node).collect();
+        // A node with its own copy of the template clones locally.
+        let others: Vec<&String> = wanted
+            .iter()
+            .filter(|n| *n != node && !self.pool.template_replicas.contains_key(*n))
+            .collect();
         let (what, pve_says) = if key == "storage" {
             (
                 format!(
@@ -367,10 +393,15 @@ impl ProxmoxProvisioner {
             pool = %self.pool_name,
             template = vmid,
             storage = %sid,
-            "the template is on storage that is not shared: new VMs go to node {node} only, not to {}",
+            "the template is on storage that is not shared: new VMs go to node {node} (and nodes with a copy of the template) only, not to {}",
             others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         );
-        *self.cloneable.lock().unwrap() = Some(vec![node.clone()]);
+        let reachable = wanted
+            .iter()
+            .filter(|n| *n == node || self.pool.template_replicas.contains_key(*n))
+            .cloned()
+            .collect();
+        *self.cloneable.lock().unwrap() = Some(reachable);
         Ok(())
     }
 
@@ -443,6 +474,27 @@ impl ProxmoxProvisioner {
                 "{key}: VM {vmid} on node {node} is not a template, and a linked clone needs one; convert it (qm template {vmid}) or set full_clone = true"
             )));
         }
+        for (rnode, rvmid) in &self.pool.template_replicas {
+            let key = format!("pools.{}.proxmox.template_replicas.{rnode}", self.pool_name);
+            let Some(r) = guests.iter().find(|r| r.vmid == Some(*rvmid)) else {
+                return Err(ProvisionerError::Config(format!(
+                    "{key}: VM {rvmid} does not exist in the cluster at {}",
+                    client.url()
+                )));
+            };
+            if r.node.as_deref() != Some(rnode.as_str()) || !r.is_vm() {
+                return Err(ProvisionerError::Config(format!(
+                    "{key}: guest {rvmid} is not a QEMU VM on node {rnode} (it is a {} on node {})",
+                    r.kind,
+                    r.node.as_deref().unwrap_or("?")
+                )));
+            }
+            if !r.template && !self.pool.full_clone {
+                return Err(ProvisionerError::Config(format!(
+                    "{key}: VM {rvmid} on node {rnode} is not a template, and a linked clone needs one (qm template {rvmid})"
+                )));
+            }
+        }
         self.check_storage().await?;
         tracing::info!(pool = %self.pool_name, node = %node, template = vmid, url = client.url(), "Proxmox pool validated");
         Ok(())
@@ -452,7 +504,9 @@ impl ProxmoxProvisioner {
 /// The disks of a VM config as (key, storage id), as qemu-server's
 /// `clone_vm` sees them: drives except CD-ROMs (a cloud-init drive counts),
 /// not `unusedN`.
-fn template_disks(cfg: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+pub(crate) fn template_disks(
+    cfg: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, String)> {
     cfg.iter()
         .filter_map(|(k, v)| Some((k, v.as_str()?)))
         .filter(|(k, v)| {

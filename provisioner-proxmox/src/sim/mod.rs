@@ -37,6 +37,7 @@
 //! the HTTP server and the synchronous handlers, `tasks` the handlers that
 //! run as PVE tasks (UPIDs).
 
+mod access;
 mod api;
 mod faults;
 mod state;
@@ -53,6 +54,7 @@ use tokio::sync::watch;
 
 use crate::schema::ApiSchema;
 
+pub use access::AclEntry;
 pub use faults::Fault;
 use faults::Faults;
 use state::{Shared, SimState};
@@ -118,8 +120,25 @@ pub struct SimOptions {
     pub token_secret: String,
     /// Task durations.
     pub durations: TaskDurations,
-    /// Clones of one source that run at once (storage lock); more wait.
-    pub clone_parallelism: usize,
+    /// The part of a linked clone's time spent holding its storage's lock:
+    /// pve-storage `PVE/Storage.pm` `vdisk_clone` (and `vdisk_alloc` for a
+    /// full clone) runs the plugin's `clone_image` (`alloc_image`) inside
+    /// `cluster_lock_storage`, a file lock on the node
+    /// (`/var/lock/pve-manager/pve-storage-<id>`) for local storage, the
+    /// cluster-wide `cfs_lock_storage` for shared storage. Clones in one
+    /// such lock domain serialize on that part; the rest (activating
+    /// volumes, writing the config, a full clone's data copy) runs in
+    /// parallel. The template's own config lock does not serialize clones
+    /// of a stopped template: qemu-server `PVE/API2/Qemu.pm` `clone_vm`
+    /// takes it shared (`lock_config_shared`), exclusive only when the
+    /// source is running (`lock_config_full`).
+    pub storage_lock_share: f64,
+    /// How long a clone waits for its storage lock before its task fails
+    /// (`clone failed: can't lock file '...' - got timeout`, or
+    /// `cfs-lock 'storage-<id>' error: got lock request timeout`): 10 s,
+    /// pve-common `PVE/Tools.pm` `lock_file_full` and pve-cluster
+    /// `PVE/Cluster.pm` `$cfs_lock` when no timeout is given.
+    pub storage_lock_timeout: Duration,
     /// Refuse requests that do not fit the official schema (as PVE does).
     pub validate_requests: bool,
     /// PVE delays a 401 by 3 s; the simulator by this.
@@ -183,7 +202,8 @@ impl Default for SimOptions {
             token_id: "root@pam!grs".into(),
             token_secret: "00000000-0000-4000-8000-000000000000".into(),
             durations: TaskDurations::default(),
-            clone_parallelism: 4,
+            storage_lock_share: 0.25,
+            storage_lock_timeout: Duration::from_secs(10),
             validate_requests: true,
             auth_failure_delay: Duration::ZERO,
             version: PveVersion::V9_1,
@@ -264,7 +284,7 @@ impl PveSim {
         let shared = Arc::new(Shared {
             opts,
             state: Mutex::new(state),
-            clone_slots: Mutex::new(HashMap::new()),
+            storage_locks: Mutex::new(HashMap::new()),
             schema: ApiSchema::bundled(),
         });
         let (stop, stopped) = watch::channel(false);
@@ -536,13 +556,34 @@ impl PveSim {
             .count()
     }
 
-    /// The shortest wall time `n` concurrent linked clone-and-start cycles
-    /// can take here: clones of one template run `clone_parallelism` at a
-    /// time, then the last VM still has to start.
-    pub fn lower_bound_for_creates(&self, n: usize) -> Duration {
+    /// How long a linked clone holds its storage's lock (see
+    /// [`SimOptions::storage_lock_share`]).
+    pub fn storage_lock_hold(&self) -> Duration {
         let o = &self.shared.opts;
-        let waves = n.div_ceil(o.clone_parallelism.max(1)) as u32;
-        o.durations.linked_clone * waves + o.durations.start
+        o.durations
+            .linked_clone
+            .mul_f64(o.storage_lock_share.clamp(0.0, 1.0))
+    }
+
+    /// The shortest wall time `n` concurrent linked clone-and-start cycles
+    /// in ONE storage lock domain can take here: the clones hold the lock
+    /// one after the other, the last one then finishes its unlocked part,
+    /// and its VM still has to start.
+    pub fn lower_bound_for_creates(&self, n: usize) -> Duration {
+        self.lower_bound_for_creates_in(&[n])
+    }
+
+    /// The same for creates spread over several lock domains (`per_domain`:
+    /// how many clones each gets, e.g. one template replica per node on
+    /// local storage): the busiest domain sets the bound.
+    pub fn lower_bound_for_creates_in(&self, per_domain: &[usize]) -> Duration {
+        let o = &self.shared.opts;
+        let hold = self.storage_lock_hold();
+        let n = per_domain.iter().copied().max().unwrap_or(0) as u32;
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        hold * n + (o.durations.linked_clone - hold) + o.durations.start
     }
 
     /// Stops listening and closes every connection.

@@ -122,6 +122,8 @@ pub(super) struct SimState {
     pub(super) pid: u32,
     pub(super) peak_per_node: BTreeMap<String, usize>,
     pub(super) resource_pools: std::collections::BTreeSet<String>,
+    /// The token's ACL (`GET /access/permissions`); `None`: GRS's role on `/`.
+    pub(super) token_acl: Option<Vec<super::AclEntry>>,
 }
 
 impl SimState {
@@ -140,8 +142,9 @@ impl SimState {
 pub(super) struct Shared {
     pub(super) opts: SimOptions,
     pub(super) state: Mutex<SimState>,
-    /// Per clone source: the storage lock that serialises clones beyond
-    /// `clone_parallelism`.
-    pub(super) clone_slots: Mutex<HashMap<u32, Arc<Semaphore>>>,
+    /// The storage locks by lock name (`<node>:/var/lock/pve-manager/pve-storage-<id>`
+    /// for local storage, `cfs:storage-<id>` for shared storage), see
+    /// [`SimOptions::storage_lock_share`].
+    pub(super) storage_locks: Mutex<HashMap<String, Arc<Semaphore>>>,
     pub(super) schema: &'static ApiSchema,
 }

@@ -12,9 +12,58 @@ use tokio::sync::Semaphore;
 use super::api::{Fail, HResult, find, flag, locked, one, vmid_of};
 use super::state::{Shared, SimState, SimTask, SimVm};
 
+/// A storage lock a task takes for part of its run (pve-storage
+/// `cluster_lock_storage`, see [`SimOptions::storage_lock_share`]).
+pub(super) struct StorageLock {
+    lock: Arc<Semaphore>,
+    /// How long the task holds it (from the start of its run).
+    hold: Duration,
+    /// Longest wait for it; then `timeout_error` is the task's failure.
+    timeout: Duration,
+    timeout_error: String,
+}
+
+/// The storage lock a clone (or allocation) on `storage` run by a worker on
+/// `node` takes: per node for local storage, cluster-wide for shared.
+fn storage_lock(sh: &Shared, node: &str, storage: &str, shared: bool) -> StorageLock {
+    let (name, timeout_error) = if shared {
+        (
+            format!("cfs:storage-{storage}"),
+            format!("cfs-lock 'storage-{storage}' error: got lock request timeout"),
+        )
+    } else {
+        let file = format!("/var/lock/pve-manager/pve-storage-{storage}");
+        (
+            format!("{node}:{file}"),
+            format!("can't lock file '{file}' - got timeout"),
+        )
+    };
+    let lock = sh
+        .storage_locks
+        .lock()
+        .unwrap()
+        .entry(name)
+        .or_insert_with(|| Arc::new(Semaphore::new(1)))
+        .clone();
+    StorageLock {
+        lock,
+        hold: sh
+            .opts
+            .durations
+            .linked_clone
+            .mul_f64(sh.opts.storage_lock_share.clamp(0.0, 1.0)),
+        timeout: sh.opts.storage_lock_timeout,
+        timeout_error,
+    }
+}
+
 /// Registers a task and runs `body` after `dur` (plus injected slowness);
-/// `body` returns the exit status (`Ok` for OK). The arguments are the
-/// UPID's fields plus timing; a struct for them would only rename them.
+/// `body` returns the exit status (`Ok` for OK), and gets the injected
+/// failure, if any. With a storage lock, the first `hold` of `dur` is spent
+/// holding it (after waiting for it); not had within its timeout, the task
+/// fails with the lock's error after the 1 s `$clonefn`'s error path sleeps.
+/// The arguments are the UPID's fields plus timing; a struct for them would
+/// only rename them.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_task<F>(
     sh: &Arc<Shared>,
@@ -23,7 +72,7 @@ pub(super) fn spawn_task<F>(
     id: u32,
     user: &str,
     dur: Duration,
-    wait_for: Option<Arc<Semaphore>>,
+    storage_lock: Option<StorageLock>,
     body: F,
 ) -> String
 where
@@ -72,11 +121,21 @@ where
     let sh2 = sh.clone();
     let u2 = upid.clone();
     tokio::spawn(async move {
-        let _permit = match &wait_for {
-            Some(sem) => sem.clone().acquire_owned().await.ok(),
-            None => None,
-        };
-        tokio::time::sleep(dur + slow).await;
+        let mut injected = injected;
+        let mut rest = dur + slow;
+        if let Some(l) = storage_lock {
+            match tokio::time::timeout(l.timeout, l.lock.acquire_owned()).await {
+                Ok(Ok(_permit)) => {
+                    tokio::time::sleep(l.hold).await;
+                    rest = rest.saturating_sub(l.hold);
+                }
+                _ => {
+                    injected = injected.or(Some(l.timeout_error));
+                    rest = Duration::from_secs(1);
+                }
+            }
+        }
+        tokio::time::sleep(rest).await;
         let mut s = sh2.state.lock().unwrap();
         let r = body(&mut s, injected);
         s.note_peaks();
@@ -171,7 +230,7 @@ pub(super) fn clone_vm(
     let src = vmid_of(p);
     let newid: u32 = one(p, "newid").and_then(|v| v.parse().ok()).unwrap_or(0);
     let target = one(p, "target").filter(|t| *t != node).map(str::to_owned);
-    let (full, dur, in_task) = {
+    let (full, dur, in_task, lock_storage) = {
         let mut s = sh.state.lock().unwrap();
         if let Some(pool) = one(p, "pool")
             && !s.resource_pools.contains(pool)
@@ -305,15 +364,16 @@ pub(super) fn clone_vm(
         };
         s.vms.insert(newid, vm);
         s.note_peaks();
-        (full, dur, storage_lock)
+        // `vdisk_clone` locks the source volume's storage; `vdisk_alloc`
+        // (full clone) the target's.
+        let sid = if full { one(p, "storage") } else { None }
+            .map(str::to_owned)
+            .or_else(|| source_disks.first().map(|(_, sid)| sid.clone()))
+            .unwrap_or_else(|| "local-lvm".into());
+        let shared = s.storages.get(&sid).is_some_and(|st| st.shared);
+        (full, dur, storage_lock, (sid, shared))
     };
-    let slot = {
-        let mut slots = sh.clone_slots.lock().unwrap();
-        slots
-            .entry(src)
-            .or_insert_with(|| Arc::new(Semaphore::new(sh.opts.clone_parallelism.max(1))))
-            .clone()
-    };
+    let lock = storage_lock(sh, node, &lock_storage.0, lock_storage.1);
     let upid = spawn_task(
         sh,
         node,
@@ -321,7 +381,7 @@ pub(super) fn clone_vm(
         src,
         user,
         dur,
-        Some(slot),
+        Some(lock),
         move |s, injected| {
             if let Some(m) = injected.map(|m| format!("clone failed: {m}")).or(in_task) {
                 // `$clonefn` frees the new volumes and unlinks the config.

@@ -504,6 +504,7 @@ impl RedisStore {
             inv.arg(a);
         }
         let applied: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         usize::try_from(applied)
             .ok()
             .filter(|a| *a <= groups.len())
