@@ -56,6 +56,8 @@ pub struct WorldOptions {
     pub claim_timeout: Duration,
     /// `control_plane.reconcile_interval`.
     pub reconcile_interval: Duration,
+    /// The pool's `min_idle` (warm instances).
+    pub min_idle: u32,
     /// Extra `[control_plane]` lines (TOML), for a scenario's settings.
     pub extra_control_plane: String,
 }
@@ -71,6 +73,7 @@ impl Default for WorldOptions {
             boot_delay: Duration::from_millis(100),
             claim_timeout: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(1),
+            min_idle: 0,
             extra_control_plane: String::new(),
         }
     }
@@ -423,6 +426,7 @@ nodes = [{{ name = "{node}" }}]
 [pools.linux]
 labels = [{labels}]
 max_instances = {max}
+min_idle = {min_idle}
 
 [pools.linux.provisioner]
 type = "proxmox"
@@ -450,6 +454,7 @@ template_vmid = {template}
                 .collect::<Vec<_>>()
                 .join(", "),
             max = o.max_instances,
+            min_idle = o.min_idle,
             template = TEMPLATE,
         );
         let path = self.dir_path.as_path().join(format!("grs-{i}.toml"));
