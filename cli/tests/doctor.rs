@@ -27,9 +27,17 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start(appendonly: bool) -> Self {
+        Self::start_with(appendonly, None)
+    }
+
+    fn start_with(appendonly: bool, password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("redis.sock");
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args(["--port", "0", "--save", ""])
             .args(["--appendonly", if appendonly { "yes" } else { "no" }])
             .arg("--unixsocket")
@@ -303,6 +311,37 @@ async fn redis_without_persistence_says_so_and_how_to_turn_it_on() {
         "{l}"
     );
     assert!(l.contains("CONFIG SET appendonly yes"), "{l}");
+}
+
+#[tokio::test]
+async fn the_redis_password_is_sent_and_a_wrong_one_is_named_not_shown() {
+    let mut i = Install::start(Auth::App).await;
+    let locked = PrivateRedis::start_with(true, Some("redis-s3cret"));
+    i.redis_url = locked.url();
+    let path = i.config();
+    let pw = i.dir.path().join("redis-password");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[redis]\n",
+        &format!("[redis]\npassword_file = \"{}\"\n", pw.display()),
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(&pw, "redis-s3cret").unwrap();
+    let (report, code) = doctor_at(&path).await;
+    assert_eq!(code, 0, "{report}");
+    line(&report, "✓", "Redis persistence");
+
+    std::fs::write(&pw, "not-the-password").unwrap();
+    let (report, code) = doctor_at(&path).await;
+    assert_fails_only(&report, code, &["Redis reachable"]);
+    let l = line(&report, "✗", "Redis reachable");
+    assert!(
+        l.contains("Password authentication failed") && l.contains("redis.password"),
+        "{l}"
+    );
+    assert!(
+        !report.contains("not-the-password") && !report.contains("redis-s3cret"),
+        "{report}"
+    );
 }
 
 #[tokio::test]

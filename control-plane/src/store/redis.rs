@@ -71,6 +71,7 @@ use crate::model::{
 
 mod conn;
 mod encoding;
+mod inspect;
 mod queues;
 mod tx;
 
