@@ -574,7 +574,7 @@ async fn an_unreachable_gateway_fails_with_its_key() {
     assert_fails_only(&report, code, &["gateway reachable"]);
     let l = line(&report, "✗", "gateway reachable");
     assert!(
-        l.contains("/healthz") && l.contains("control_plane.gateway_url"),
+        l.contains("/healthz: connection refused") && l.contains("control_plane.gateway_url"),
         "{l}"
     );
 }
