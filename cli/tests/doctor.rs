@@ -463,6 +463,26 @@ async fn clones_placed_on_another_node_need_shared_storage() {
 }
 
 #[tokio::test]
+async fn clones_narrowed_to_the_template_node_are_a_warning_not_a_failure() {
+    let i = Install::start(Auth::App).await;
+    i.pve.add_node("pve2", 64);
+    let path = i.config();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "fingerprint = ",
+        "nodes = [{ name = \"pve1\" }, { name = \"pve2\" }]\nfingerprint = ",
+    );
+    std::fs::write(&path, text).unwrap();
+    let (report, code) = doctor_at(&path).await;
+    assert_eq!(code, 0, "{report}");
+    let l = line(&report, "!", "PVE template (pool linux)");
+    assert!(l.contains("clones go to pve1 only, never to pve2"), "{l}");
+    assert!(
+        l.contains("fix: move the template's disks to shared storage"),
+        "{l}"
+    );
+}
+
+#[tokio::test]
 async fn an_app_without_runner_permission_is_told_which() {
     let i = Install::start(Auth::App).await;
     i.github.set_app_permissions(&[
