@@ -94,6 +94,9 @@ pub(crate) struct Backend {
     vmids: Mutex<BTreeSet<u32>>,
     /// Clones in flight per template (see [`gate`]).
     gates: gate::CloneGates,
+    /// The installation's node reservations, when the control plane gave
+    /// them ([`grs_provisioner::Provisioner::use_node_ledger`]).
+    pub(crate) ledger: Mutex<Option<Arc<dyn grs_provisioner::NodeLedger>>>,
 }
 
 impl Backend {
@@ -106,6 +109,7 @@ impl Backend {
             placement: Placement::default(),
             vmids: Mutex::new(BTreeSet::new()),
             gates: gate::CloneGates::default(),
+            ledger: Mutex::new(None),
         }))
     }
 }
