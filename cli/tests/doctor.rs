@@ -273,6 +273,44 @@ async fn a_healthy_installation_passes_every_check() {
 }
 
 #[tokio::test]
+async fn json_output_lists_every_check_with_its_status_and_fix() {
+    let i = Install::start(Auth::App).await;
+    i.github.set_app_events(&[]);
+    let cli = Cli::try_parse_from([
+        "grs",
+        "-o",
+        "json",
+        "doctor",
+        "--config",
+        i.config().to_str().unwrap(),
+    ])
+    .unwrap();
+    let mut out = Vec::new();
+    let err = grs::run(cli, &mut out, std::future::pending())
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let checks = doc["checks"].as_array().unwrap();
+    assert!(checks.len() >= 10, "{doc}");
+    let webhook = checks
+        .iter()
+        .find(|c| c["name"] == "GitHub webhook")
+        .unwrap();
+    assert_eq!(webhook["status"], "fail", "{webhook}");
+    assert!(
+        webhook["fix"].as_str().unwrap().contains("Workflow job"),
+        "{webhook}"
+    );
+    let redis = checks
+        .iter()
+        .find(|c| c["name"] == "Redis persistence")
+        .unwrap();
+    assert_eq!(redis["status"], "pass", "{redis}");
+    assert!(redis["fix"].is_null(), "{redis}");
+}
+
+#[tokio::test]
 async fn an_unreadable_configuration_is_the_only_check() {
     let i = Install::start(Auth::App).await;
     let path = i.dir.path().join("bad.toml");
