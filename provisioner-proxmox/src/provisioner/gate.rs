@@ -28,7 +28,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// Clones queued in PVE below which the limit grows.
+/// Clones queued in PVE below which the limit grows. A few clones waiting
+/// in PVE keep its lock busy while GRS notices a clone ended and sends the
+/// next one (a poll and two calls later); they wait far less than the
+/// lock's 10 s timeout.
 const ALPHA: f64 = 3.0;
 /// Clones queued in PVE above which the limit shrinks.
 const BETA: f64 = 6.0;
