@@ -249,3 +249,50 @@ fn the_walk_sees_secrets_sections_and_pools() {
         assert!(k.iter().any(|x| x == want), "{want} not in {k:?}");
     }
 }
+
+/// The ```toml blocks of a doc.
+fn toml_blocks(doc: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut cur: Option<(usize, String)> = None;
+    for (i, line) in doc.lines().enumerate() {
+        match (&mut cur, line.trim()) {
+            (None, "```toml") => cur = Some((i + 2, String::new())),
+            (Some(_), "```") => out.extend(cur.take()),
+            (Some((_, text)), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn every_toml_example_in_the_docs_is_read_by_the_config_types() {
+    use grs_control_plane::config::Config;
+    use grs_webhook_gateway::ConfigFile;
+    let docs = [
+        (
+            "docs/operations.md",
+            include_str!("../../docs/operations.md"),
+        ),
+        ("docs/github.md", include_str!("../../docs/github.md")),
+    ];
+    let mut n = 0;
+    for (name, doc) in docs {
+        for (line, text) in toml_blocks(doc) {
+            n += 1;
+            let table: toml::Table = text
+                .parse()
+                .unwrap_or_else(|e| panic!("{name}:{line}: not TOML: {e}"));
+            // Unknown keys are errors in every section (deny_unknown_fields),
+            // so a misspelt key fails here.
+            grs_config::load_from::<Config, _>(Some(table.clone()), Vec::new())
+                .unwrap_or_else(|e| panic!("{name}:{line}: {e}"));
+            grs_config::load_from::<ConfigFile, _>(Some(table), Vec::new())
+                .unwrap_or_else(|e| panic!("{name}:{line}: {e}"));
+        }
+    }
+    assert!(n >= 3, "found {n} TOML examples");
+}

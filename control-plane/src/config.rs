@@ -256,8 +256,17 @@ pub struct PoolConfig {
     pub labels: Vec<String>,
     /// Most live instances at once.
     pub max_instances: u32,
-    /// Idle instances to keep ready (warm pool; used by the reconciler).
+    /// Warm pool: instances to keep booted with an idle runner of the pool's
+    /// labels, so a matching job starts without waiting for a clone. A job
+    /// takes one of them when one is idle (GitHub hands it to any idle
+    /// runner with its labels), and the pool is refilled. Counted within
+    /// `max_instances`. Live-adjustable (`UpdatePool`).
     pub min_idle: u32,
+    /// An idle warm instance this old is replaced by a fresh one, so
+    /// template and runner updates reach the warm pool (and a runner whose
+    /// registration went stale does not linger). Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub idle_max_age: Duration,
     /// Start paused: jobs queue, no instance starts until resumed.
     pub paused: bool,
     /// GitHub runner group id the runners join.
@@ -286,6 +295,7 @@ impl Default for PoolConfig {
             labels: Vec::new(),
             max_instances: 4,
             min_idle: 0,
+            idle_max_age: Duration::from_secs(3600),
             paused: false,
             runner_group_id: 1,
             runner_user: "runner".into(),
@@ -635,6 +645,12 @@ impl Config {
                     }
                 }
             }
+            if pool.idle_max_age.is_zero() {
+                return Err(ConfigError::key(
+                    key("idle_max_age"),
+                    "must be longer than 0s (e.g. \"1h\")",
+                ));
+            }
             if pool.min_idle > pool.max_instances {
                 return Err(ConfigError::key(
                     key("min_idle"),
@@ -679,6 +695,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("pools.l.min_idle"), "{e}");
+        let e = load(&format!(
+            "[pools.l]\nlabels=['a']\nidle_max_age='0s'\n{fake}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pools.l.idle_max_age"), "{e}");
+        let c = load(&format!(
+            "[pools.l]\nlabels=['a']\nmin_idle=1\nidle_max_age='20m'\n{fake}"
+        ))
+        .unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(20 * 60));
+        let c = load(&format!("[pools.l]\nlabels=['a']\n{fake}")).unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(3600));
         let e = load(&format!(
             "[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n{fake}"
         ))

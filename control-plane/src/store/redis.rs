@@ -9,6 +9,8 @@
 //! | `P:instance:<name>` | hash | an [`InstanceRecord`], `bootstrap` (its token's hash, or empty) and `rev`; expires after deletion |
 //! | `P:instances` | set | instance names (listing) |
 //! | `P:pool:<pool>:live` | set | live instance names: the pool's capacity in use |
+//! | `P:pool:<pool>:warm` | set | the pool's idle warm instances (its warm pool, `min_idle`) |
+//! | `P:node:<node>:places` | set | instances holding a place on a hypervisor node (per-node maximums across replicas) |
 //! | `P:pool:<pool>:settings` | hash | operator overrides (`paused`, `min_idle`, `max_instances`) and `rev` |
 //! | `P:queue:provision:<pool>` | stream, group `dispatchers` | jobs waiting for an instance (field `job_id`) |
 //! | `P:queue:teardown` | stream, group `teardown` | instances to destroy (field `instance`) |
@@ -62,7 +64,8 @@ use redis::{Script, Value};
 
 use super::rules::{self, Key};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult, SubmitResult,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult,
+    SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
@@ -155,6 +158,18 @@ impl RedisStore {
             k.push_str(p);
         }
         k
+    }
+
+    /// The members of set `key`, sorted.
+    async fn members(&self, key: &str) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        names.sort();
+        Ok(names)
     }
 
     /// Deletes every key under this store's prefix (tests and benchmarks
@@ -503,6 +518,68 @@ impl Store for RedisStore {
 
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth> {
         self.queue_depth_of(queue).await
+    }
+
+    async fn retire_warm(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<bool>> {
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::retire_warm(tx, name, reason, now)
+        })
+        .await
+    }
+
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::call_off_teardown(tx, name, reason, now)
+        })
+        .await
+    }
+
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm> {
+        self.transact_one(
+            vec![Key::Pool(pool.to_owned()), Key::Instance(name.to_owned())],
+            now,
+            |tx| rules::begin_warm(tx, pool, name, limits, now),
+        )
+        .await
+    }
+
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>> {
+        self.members(&self.key(&["pool", pool, "warm"])).await
+    }
+
+    async fn reserve_node(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> StoreResult<bool> {
+        self.transact_one(vec![Key::Node(node.to_owned())], now_ms(), |tx| {
+            rules::reserve_node(tx, node, instance, max, visible)
+        })
+        .await
+    }
+
+    async fn release_node(&self, node: &str, instance: &str) -> StoreResult<()> {
+        self.transact_one(vec![], now_ms(), |tx| {
+            rules::release_node(tx, node, instance)
+        })
+        .await
+    }
+
+    async fn node_places(&self, node: &str) -> StoreResult<Vec<String>> {
+        self.members(&self.key(&["node", node, "places"])).await
     }
 
     async fn pool_in_use(&self, pool: &str) -> StoreResult<u32> {

@@ -443,6 +443,9 @@ impl ProxmoxProvisioner {
             created: now_secs(),
         };
         let started = Instant::now();
+        // Nodes the installation's ledger says are full (other processes'
+        // VMs), for the error when no node is left.
+        let mut full = Vec::new();
         let (node, vmid) = loop {
             let reservation = self
                 .backend
@@ -459,16 +462,41 @@ impl ProxmoxProvisioner {
                     &self.nodes,
                 )
                 .map_err(|why| {
+                    let full = if full.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (full with other replicas' VMs: {})", full.join(", "))
+                    };
                     ProvisionerError::NoCapacity(format!(
-                        "no node has room for {}: {why}",
+                        "no node has room for {}: {why}{full}",
                         spec.name
                     ))
                 })?;
             let node = reservation.node.clone();
+            let ledger = match self.hold_in_ledger(spec, &node, &snapshot).await? {
+                Held::Refused => {
+                    tracing::info!(instance = %spec.name, node = %node, "node full across replicas; placing elsewhere");
+                    full.push(node.clone());
+                    exclude.insert(node);
+                    continue;
+                }
+                Held::Yes(ledger) => Some(ledger),
+                Held::NotNeeded => None,
+            };
+            let release = async |ledger: Option<
+                std::sync::Arc<dyn grs_provisioner::NodeLedger>,
+            >| {
+                if let Some(l) = ledger
+                    && let Err(e) = l.release(&node, &spec.name).await
+                {
+                    tracing::warn!(instance = %spec.name, node = %node, error = %e, "cannot release the node reservation; it lapses once the instance is recorded deleted");
+                }
+            };
             match self.clone_fresh(spec, &node, &marker).await {
                 Ok(vmid) => {
                     if let Err(e) = self.finish_create(spec, &node, vmid, &marker).await {
                         self.cleanup(&spec.name, &node, vmid).await;
+                        release(ledger).await;
                         return Err(e);
                     }
                     break (node, vmid);
@@ -477,10 +505,17 @@ impl ProxmoxProvisioner {
                 // others (the template's node itself cannot be replaced).
                 Err(CloneFailure::NodeDown(e)) if node != self.pool.node => {
                     tracing::warn!(instance = %spec.name, node = %node, error = %e, "target node unreachable; placing elsewhere");
+                    release(ledger).await;
                     exclude.insert(node);
                 }
-                Err(CloneFailure::NodeDown(e)) => return Err(e.into()),
-                Err(CloneFailure::Other(e)) => return Err(e),
+                Err(CloneFailure::NodeDown(e)) => {
+                    release(ledger).await;
+                    return Err(e.into());
+                }
+                Err(CloneFailure::Other(e)) => {
+                    release(ledger).await;
+                    return Err(e);
+                }
             }
         };
         tracing::info!(instance = %spec.name, pool = %self.pool_name, node = %node, vmid, elapsed = ?started.elapsed(), "instance created");
@@ -513,6 +548,53 @@ impl ProxmoxProvisioner {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a create holds a place in the installation's node ledger.
+enum Held {
+    /// It does (release it if the VM is not made there).
+    Yes(std::sync::Arc<dyn grs_provisioner::NodeLedger>),
+    /// The node is full with VMs other processes made or are making.
+    Refused,
+    /// No ledger, or the node has no maximum.
+    NotNeeded,
+}
+
+impl ProxmoxProvisioner {
+    /// Holds a place for `spec` on `node` (which has a configured maximum)
+    /// in the installation's node ledger, counting the VMs of this
+    /// installation visible there in `snapshot`. A ledger that cannot be
+    /// reached is a transient failure: retried like an unreachable PVE.
+    async fn hold_in_ledger(
+        &self,
+        spec: &InstanceSpec,
+        node: &str,
+        snapshot: &[crate::client::Resource],
+    ) -> Result<Held, ProvisionerError> {
+        let Some(max) = self
+            .nodes
+            .iter()
+            .find(|l| l.name == node)
+            .and_then(|l| l.max_instances)
+        else {
+            return Ok(Held::NotNeeded);
+        };
+        let Some(ledger) = self.backend.ledger.lock().unwrap().clone() else {
+            return Ok(Held::NotNeeded);
+        };
+        let visible: Vec<String> = placement::visible_on(snapshot, node, &self.tag_installation)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        match ledger.reserve(node, &spec.name, max, &visible).await {
+            Ok(true) => Ok(Held::Yes(ledger)),
+            Ok(false) => Ok(Held::Refused),
+            Err(e) => Err(ProvisionerError::Transient(format!(
+                "cannot reserve a place for {} on node {node}: {e}",
+                spec.name
+            ))),
+        }
     }
 }
 

@@ -94,6 +94,9 @@ pub(crate) struct Backend {
     vmids: Mutex<BTreeSet<u32>>,
     /// Clones in flight per template (see [`gate`]).
     gates: gate::CloneGates,
+    /// The installation's node reservations, when the control plane gave
+    /// them ([`grs_provisioner::Provisioner::use_node_ledger`]).
+    pub(crate) ledger: Mutex<Option<Arc<dyn grs_provisioner::NodeLedger>>>,
 }
 
 impl Backend {
@@ -106,6 +109,7 @@ impl Backend {
             placement: Placement::default(),
             vmids: Mutex::new(BTreeSet::new()),
             gates: gate::CloneGates::default(),
+            ledger: Mutex::new(None),
         }))
     }
 }
@@ -500,7 +504,9 @@ impl ProxmoxProvisioner {
 /// The disks of a VM config as (key, storage id), as qemu-server's
 /// `clone_vm` sees them: drives except CD-ROMs (a cloud-init drive counts),
 /// not `unusedN`.
-fn template_disks(cfg: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+pub(crate) fn template_disks(
+    cfg: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, String)> {
     cfg.iter()
         .filter_map(|(k, v)| Some((k, v.as_str()?)))
         .filter(|(k, v)| {

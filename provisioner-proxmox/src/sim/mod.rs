@@ -37,6 +37,7 @@
 //! the HTTP server and the synchronous handlers, `tasks` the handlers that
 //! run as PVE tasks (UPIDs).
 
+mod access;
 mod api;
 mod faults;
 mod state;
@@ -53,6 +54,7 @@ use tokio::sync::watch;
 
 use crate::schema::ApiSchema;
 
+pub use access::AclEntry;
 pub use faults::Fault;
 use faults::Faults;
 use state::{Shared, SimState};

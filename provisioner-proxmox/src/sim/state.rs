@@ -122,6 +122,8 @@ pub(super) struct SimState {
     pub(super) pid: u32,
     pub(super) peak_per_node: BTreeMap<String, usize>,
     pub(super) resource_pools: std::collections::BTreeSet<String>,
+    /// The token's ACL (`GET /access/permissions`); `None`: GRS's role on `/`.
+    pub(super) token_acl: Option<Vec<super::AclEntry>>,
 }
 
 impl SimState {

@@ -62,6 +62,8 @@ pub(super) struct Link {
     wait: Option<(u32, Duration)>,
 }
 
+// One per store, made once: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Target {
     /// `redis.url`.
     Direct {
@@ -71,7 +73,7 @@ enum Target {
         conn: OnceCell<ConnectionManager>,
     },
     /// `[redis.sentinel]`.
-    Sentinel(Box<SentinelLink>),
+    Sentinel(SentinelLink),
 }
 
 struct SentinelLink {
@@ -176,12 +178,12 @@ impl Link {
             .build()
             .map_err(|e| ConfigError::key("redis.sentinel", e.to_string()))?;
         Ok(Self {
-            target: Target::Sentinel(Box::new(SentinelLink {
+            target: Target::Sentinel(SentinelLink {
                 master_name: s.master_name.clone(),
                 addresses: s.addresses.clone(),
                 resolver: tokio::sync::Mutex::new(resolver),
                 current: RwLock::new(None),
-            })),
+            }),
             wait,
         })
     }

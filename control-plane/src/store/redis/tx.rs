@@ -18,14 +18,14 @@
 //! runner needs its job's instance, which only the job record names), and
 //! one when it writes nothing (redeliveries) on a snapshot read at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use redis::Value;
 
 use super::RedisStore;
 use super::conn::unavailable;
 use super::encoding::{
-    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash,
+    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash, items,
     job_fields, job_from_hash, overrides_from_hash,
 };
 use crate::model::{InstanceRecord, Job, JobState, Millis};
@@ -49,6 +49,8 @@ pub(super) struct Snapshot {
     instances: HashMap<String, (Option<InstanceRecord>, Option<String>, String)>,
     /// pool → (overrides and capacity in use, settings `rev`)
     pools: HashMap<String, (PoolState, String)>,
+    /// node → instances holding a place there
+    nodes: HashMap<String, BTreeSet<String>>,
     /// Reads it took; 1 means one atomic snapshot.
     rounds: u32,
 }
@@ -60,6 +62,7 @@ impl Snapshot {
             Key::Job(id) => self.jobs.contains_key(id),
             Key::Instance(name) => self.instances.contains_key(name),
             Key::Pool(pool) => self.pools.contains_key(pool),
+            Key::Node(node) => self.nodes.contains_key(node),
         }
     }
 
@@ -69,6 +72,7 @@ impl Snapshot {
         keys.extend(self.jobs.keys().copied().map(Key::Job));
         keys.extend(self.instances.keys().cloned().map(Key::Instance));
         keys.extend(self.pools.keys().cloned().map(Key::Pool));
+        keys.extend(self.nodes.keys().cloned().map(Key::Node));
         keys
     }
 }
@@ -107,6 +111,13 @@ impl Records for Snapshot {
             .get(pool)
             .map(|(p, _)| p.clone())
             .ok_or_else(|| Key::Pool(pool.to_owned()))
+    }
+
+    fn node(&self, node: &str) -> Read<BTreeSet<String>> {
+        self.nodes
+            .get(node)
+            .cloned()
+            .ok_or_else(|| Key::Node(node.to_owned()))
     }
 }
 
@@ -176,6 +187,10 @@ impl RedisStore {
         self.key(&["instance", name])
     }
 
+    fn node_key(&self, node: &str) -> String {
+        self.key(&["node", node, "places"])
+    }
+
     /// Reads `keys` not yet in `snap` in one atomic pipeline.
     pub(super) async fn load(&self, snap: &mut Snapshot, keys: &[Key]) -> StoreResult<()> {
         let mut todo: Vec<&Key> = Vec::new();
@@ -205,7 +220,12 @@ impl RedisStore {
                     pipe.cmd("HGETALL")
                         .arg(self.key(&["pool", pool, "settings"]))
                         .cmd("SCARD")
-                        .arg(self.key(&["pool", pool, "live"]));
+                        .arg(self.key(&["pool", pool, "live"]))
+                        .cmd("SMEMBERS")
+                        .arg(self.key(&["pool", pool, "warm"]));
+                }
+                Key::Node(node) => {
+                    pipe.cmd("SMEMBERS").arg(self.node_key(node));
                 }
             }
         }
@@ -232,16 +252,22 @@ impl RedisStore {
                     snap.instances
                         .insert(name.clone(), (instance_from_hash(&h, &key)?, token, rev));
                 }
+                Key::Node(node) => {
+                    let held = items(next()).iter().filter_map(as_string).collect();
+                    snap.nodes.insert(node.clone(), held);
+                }
                 Key::Pool(pool) => {
                     let h = hash_of(&next());
                     let rev = h.get("rev").cloned().unwrap_or_default();
                     let in_use = u32::try_from(int(&next())).unwrap_or(u32::MAX);
+                    let warm = items(next()).iter().filter_map(as_string).collect();
                     snap.pools.insert(
                         pool.clone(),
                         (
                             PoolState {
                                 overrides: overrides_from_hash(&h),
                                 in_use,
+                                warm,
                             },
                             rev,
                         ),
@@ -294,6 +320,18 @@ impl RedisStore {
                 Seen::InUse { pool, count } => {
                     ("c", self.key(&["pool", pool, "live"]), count.to_string())
                 }
+                Seen::Warm { pool, count } => {
+                    ("c", self.key(&["pool", pool, "warm"]), count.to_string())
+                }
+                // Node places are read as counts (Seen::Node), never as a
+                // stored record; this compares the snapshot's count all the
+                // same.
+                Seen::Stored(Key::Node(node)) => (
+                    "c",
+                    self.node_key(node),
+                    snap.nodes.get(node).map_or(0, |n| n.len()).to_string(),
+                ),
+                Seen::Node { node, count } => ("c", self.node_key(node), count.to_string()),
             };
             args.push(kind);
             args.push(key);
@@ -374,6 +412,26 @@ impl RedisStore {
                     self.key(&["pool", pool, "live"]),
                     instance.clone(),
                 ]);
+            }
+            Change::WarmAdd { pool, instance } => {
+                w.op([
+                    "a".into(),
+                    self.key(&["pool", pool, "warm"]),
+                    instance.clone(),
+                ]);
+            }
+            Change::WarmRemove { pool, instance } => {
+                w.op([
+                    "m".into(),
+                    self.key(&["pool", pool, "warm"]),
+                    instance.clone(),
+                ]);
+            }
+            Change::NodeTake { node, instance } => {
+                w.op(["a".into(), self.node_key(node), instance.clone()]);
+            }
+            Change::NodeRelease { node, instance } => {
+                w.op(["m".into(), self.node_key(node), instance.clone()]);
             }
             Change::Push(q, item) => {
                 let (key, _) = self.queue_key(q);
