@@ -513,7 +513,6 @@ impl GitHubClient {
         self.inner.hook.as_ref()
     }
 
-
     /// Mints a just-in-time config for a runner called `name` (the instance
     /// name) with `labels` (the pool's), in the configured runner group.
     pub async fn generate_jit_config(
