@@ -74,6 +74,7 @@ use crate::model::{
 
 mod conn;
 mod encoding;
+mod inspect;
 mod queues;
 mod tx;
 
