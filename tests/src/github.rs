@@ -95,7 +95,8 @@ pub struct JobView {
     pub started_ms: Option<u64>,
     /// When GitHub sent `completed`.
     pub completed_ms: Option<u64>,
-    /// `in_progress` deliveries GitHub sent for it (a job runs once: 1).
+    /// Distinct `in_progress` deliveries GitHub sent for it (a job runs
+    /// once: 1; a redelivery repeats a delivery id and does not count).
     pub starts: u32,
 }
 
@@ -118,6 +119,8 @@ struct JobTimes {
     started: Option<u64>,
     completed: Option<u64>,
     starts: u32,
+    /// `in_progress` delivery ids seen (a redelivery repeats one).
+    start_deliveries: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +228,11 @@ fn about(body: &[u8]) -> (String, u64) {
 
 async fn relay(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let (action, job_id) = about(&body);
+    let delivery_id = headers
+        .get("x-github-delivery")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let delivery = Delivery {
         headers: headers
             .iter()
@@ -246,7 +254,9 @@ async fn relay(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Statu
             }
             "in_progress" => {
                 t.started.get_or_insert(now);
-                t.starts += 1;
+                if t.start_deliveries.insert(delivery_id) {
+                    t.starts += 1;
+                }
             }
             "completed" => {
                 t.completed.get_or_insert(now);

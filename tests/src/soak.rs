@@ -53,9 +53,8 @@ pub struct SoakOptions {
 impl SoakOptions {
     /// The full soak of issue 10: 1,000 jobs, 10 control-plane kills, 3
     /// Redis restarts, 20 % lock timeouts, 5 % failing tasks, 10 %
-    /// duplicated, 10 % reordered deliveries. Lost deliveries are 0 %
-    /// here: see [`Self::lost`] (GRS recovers them only with lost-webhook
-    /// recovery).
+    /// duplicated, 10 % reordered and 2 % lost deliveries (GRS's recovery
+    /// pass runs every 5 s here).
     pub fn full() -> Self {
         Self {
             jobs: 1000,
@@ -68,7 +67,7 @@ impl SoakOptions {
             failing_tasks: 0.05,
             duplicated: 0.1,
             reordered: 0.1,
-            lost: 0.0,
+            lost: 0.02,
             job_duration: Duration::from_millis(500),
             pve_time_scale: 0.1,
             boot_delay: Duration::from_millis(300),
@@ -191,6 +190,8 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         // workers create the same instance: see the README), short enough
         // that a killed replica's work is redone within the run.
         claim_timeout: Duration::from_secs(10),
+        extra_control_plane:
+            "recovery_interval = \"5s\"\nrecovery_repositories = [\"grs-sim/app\"]".into(),
         ..WorldOptions::default()
     })
     .await?

@@ -412,6 +412,9 @@ shutdown_grace = "2s"
 [github]
 api_url = "{github}"
 organization = "grs-sim"
+# The simulator's organisation hook: GRS lists its failed deliveries and
+# asks for them again (lost-webhook recovery).
+hook_id = 1
 
 [proxmox]
 url = "{pve}"

@@ -418,3 +418,39 @@ async fn a_warm_runner_takes_a_job_at_once_and_the_pool_is_replenished() {
     assert_eq!(report.ran_once, 1);
     eprintln!("warm pickup: queued -> started {} ms", report.pickup_ms[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_queued_webhook_is_recovered() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(w) = world(WorldOptions {
+        name: "lost-webhook".into(),
+        extra_control_plane:
+            "recovery_interval = \"1s\"\nrecovery_repositories = [\"grs-sim/app\"]".into(),
+        ..WorldOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // The `queued` delivery never reaches a gateway (GitHub records it
+    // failed); GRS has to find the job on its own.
+    w.github
+        .set_faults(&grs_e2e::github::DeliveryFaults {
+            lose: 1.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let job = w.github.queue(LABELS, None).await.unwrap();
+    assert_eq!(w.github.relay_stats().await.unwrap().lost, 1);
+    w.github
+        .set_faults(&grs_e2e::github::DeliveryFaults::default())
+        .await
+        .unwrap();
+    let report = finish(w).await;
+    assert_eq!(report.ran_once, 1);
+    eprintln!(
+        "lost queued webhook of job {job}: queued -> started {} ms",
+        report.pickup_ms[0]
+    );
+}

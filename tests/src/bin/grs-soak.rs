@@ -49,9 +49,9 @@ struct Args {
     /// Probability of a reordered delivery.
     #[arg(long, default_value_t = 0.1)]
     reordered: f64,
-    /// Probability of a lost delivery (recovered only by GRS's lost-webhook
-    /// recovery; 0 by default).
-    #[arg(long, default_value_t = 0.0)]
+    /// Probability of a lost delivery (GitHub records it failed; GRS's
+    /// recovery pass has to find the job or redeliver it).
+    #[arg(long, default_value_t = 0.02)]
     lost: f64,
     /// How long each job runs.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
