@@ -422,6 +422,7 @@ token_id = "root@pam!grs"
 fingerprint = "{fp}"
 task_poll_min = {poll_min}
 task_poll_max = {poll_max}
+task_expected = {{ qmclone = {te_clone}, qmstart = {te_start}, qmstop = {te_stop}, qmdestroy = {te_destroy} }}
 retry_base_delay = "20ms"
 retry_max_delay = "200ms"
 nodes = [{{ name = "{node}" }}]
@@ -450,6 +451,12 @@ template_vmid = {template}
             fp = self.pve.fingerprint,
             poll_min = poll(0.2),
             poll_max = poll(1.0),
+            // The simulator's task durations at this scale (the defaults
+            // assume realistic ones).
+            te_clone = poll(1.0),
+            te_start = poll(0.5),
+            te_stop = poll(0.2),
+            te_destroy = poll(0.3),
             node = NODE,
             labels = LABELS
                 .iter()
