@@ -7,7 +7,8 @@
 //! JSON nor form · 400 body that does not parse (invalid or truncated JSON,
 //! no `workflow_job.id`, too many labels) · 204 event or action GRS ignores ·
 //! 200 ping · 202 the control plane durably recorded the event (also when it
-//! was stale) · 200 a replayed delivery id the control plane already had ·
+//! was stale) · 202 an event from outside the configured organisation,
+//! repository or App installation (answered, not recorded) · 200 a replayed delivery id the control plane already had ·
 //! 400 the control plane refused it as invalid · 503 the control plane is
 //! unreachable or timed out. Every non-2xx answer is logged with its
 //! reason and the delivery id; bodies and secrets never are. Accepted
@@ -233,7 +234,18 @@ async fn handle_webhook(
     };
     let action = job.job_action().as_str();
     let job_id = job.job_id;
-    match st.control_plane.submit(job.to_job_event(delivery_id)).await {
+    let event = match crate::convert::job_event(&job, delivery_id) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(delivery, event = event_label, "webhook refused: {e}");
+            return (
+                event_label,
+                "bad_request",
+                text(StatusCode::BAD_REQUEST, "malformed payload\n"),
+            );
+        }
+    };
+    match st.control_plane.submit(event).await {
         Ok(r) => {
             match pb::SubmitOutcome::try_from(r.outcome).unwrap_or(pb::SubmitOutcome::Unspecified) {
                 pb::SubmitOutcome::DuplicateDelivery => {
@@ -247,6 +259,19 @@ async fn handle_webhook(
                         event_label,
                         "duplicate",
                         text(StatusCode::OK, "duplicate delivery\n"),
+                    )
+                }
+                pb::SubmitOutcome::Foreign => {
+                    tracing::info!(
+                        delivery,
+                        job_id,
+                        action,
+                        "event from outside the configured organisation/repository/installation: not recorded"
+                    );
+                    (
+                        event_label,
+                        "foreign",
+                        text(StatusCode::ACCEPTED, "not this installation's\n"),
                     )
                 }
                 pb::SubmitOutcome::Stale => {
