@@ -107,6 +107,7 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
         }
     };
     for name in configured {
+        // Configured just above, so the backend has it.
         let Some(p) = backend.pool(name) else {
             continue;
         };
@@ -118,7 +119,16 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
                 .unwrap_or_default(),
         )) {
             Ok(c) => c,
-            Err(_) => continue, // configure_pool accepted it: cannot happen
+            // configure_pool accepted the same document: not expected, but
+            // a check that did not run must not look passed.
+            Err(e) => {
+                out.push(Check::fail(
+                    format!("PVE template (pool {name})"),
+                    format!("pools.{name}.provisioner: {e}"),
+                    "correct the key named above",
+                ));
+                continue;
+            }
         };
         let template = format!("PVE template (pool {name})");
         match bounded(timeout, "validating the template", p.validate()).await {
