@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CI="${CI:-1}"
-export GRS_REDIS_URL="${GRS_REDIS_URL:-redis://127.0.0.1:6379}"
+# Not GRS_REDIS_URL: that is the config override of redis.url, and every
+# binary and in-process config load under test would obey it.
+export GRS_TEST_REDIS_URL="${GRS_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
 say() { printf '\033[1m[test.sh]\033[0m %s\n' "$*" >&2; }
 
@@ -23,12 +25,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
-redis_host_port="${GRS_REDIS_URL#redis://}"
+redis_host_port="${GRS_TEST_REDIS_URL#redis://}"
 redis_host_port="${redis_host_port%%/*}"
 redis_host="${redis_host_port%%:*}"
 redis_port="${redis_host_port##*:}"
 if ! redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null 2>&1; then
-  say "no Redis answers at $GRS_REDIS_URL; starting one"
+  say "no Redis answers at $GRS_TEST_REDIS_URL; starting one"
   redis-server --daemonize yes --bind "$redis_host" --port "$redis_port" --save "" --appendonly no \
     --dir /tmp --logfile /tmp/grs-test-redis.log
   for _ in $(seq 50); do redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done

@@ -9,7 +9,7 @@
 //! 3. memory: the control plane's resident set with every accepted job
 //!    queued (the pool is paused, so nothing leaves the queue).
 //!
-//! Needs Redis at `GRS_REDIS_URL` (default `redis://127.0.0.1:6379`); keys go
+//! Needs Redis at `GRS_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); keys go
 //! under a fresh prefix, deleted at the end.
 
 use std::io::Write;

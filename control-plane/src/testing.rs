@@ -19,9 +19,11 @@ use crate::pools::{Pool, Pools};
 use crate::server::{self, ControlPlane, ServerError};
 use crate::store::{RedisStore, RedisStoreOptions, Store};
 
-/// The Redis URL tests use: `GRS_REDIS_URL`, else `redis://127.0.0.1:6379`.
+/// The Redis URL tests use: `GRS_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`.
+/// (Not `GRS_REDIS_URL`: that overrides `redis.url` in every config the
+/// tests load, `grs doctor`'s included.)
 pub fn redis_url() -> String {
-    std::env::var("GRS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    std::env::var("GRS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// A fresh key prefix for one test, so tests share a Redis without meeting.
@@ -53,7 +55,7 @@ pub async fn redis_store(test: &str) -> Option<RedisStore> {
             if std::env::var_os("CI").is_some() {
                 panic!("{why}: CI is set, so this test fails instead of skipping");
             }
-            eprintln!("SKIPPED {test}: {why}; set GRS_REDIS_URL or run scripts/test.sh");
+            eprintln!("SKIPPED {test}: {why}; set GRS_TEST_REDIS_URL or run scripts/test.sh");
             None
         }
     }
