@@ -12,7 +12,10 @@ use super::RedisStore;
 use crate::store::{StoreError, StoreResult};
 
 pub(super) fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable {
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    }
 }
 
 impl RedisStore {
