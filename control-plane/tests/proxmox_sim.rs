@@ -15,8 +15,6 @@ use grs_control_plane::testing::{
     wait_for_no_instances_in_use,
 };
 use grs_proto::v1::{self as pb, JobAction};
-use grs_provisioner::Provisioner;
-use grs_provisioner_proxmox::ProxmoxBackend;
 use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

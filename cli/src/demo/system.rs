@@ -22,7 +22,7 @@ use grs_github::GitHubConfig;
 use grs_github::sim::{GitHubSim, SimConfig};
 use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use grs_provisioner_proxmox::sim::{PveSim, SimOptions, TaskDurations};
-use grs_provisioner_proxmox::{NodeConfig, ProxmoxBackend, ProxmoxConfig, ProxmoxPoolConfig};
+use grs_provisioner_proxmox::{NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
