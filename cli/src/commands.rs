@@ -484,7 +484,7 @@ pub(crate) async fn events(
 
 /// One event as a line:
 /// `2026-11-27T21:09:38Z job 4711 (linux): queued → provisioning`.
-fn event_line(e: &pb::Event) -> String {
+pub(crate) fn event_line(e: &pb::Event) -> String {
     use pb::event::Kind;
     let at = view::system_time(e.at.as_ref())
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())

@@ -34,6 +34,9 @@ pub enum CliError {
     /// Output could not be written (exit 1; a closed pipe is not reported).
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// `grs doctor` found failures (exit 1); the report says which.
+    #[error("doctor: {0}")]
+    Checks(String),
     /// `grs demo` failed or was interrupted (exit 1, or 130 when
     /// interrupted).
     #[error("demo: {0}")]
@@ -46,7 +49,7 @@ impl CliError {
         match self {
             Self::Usage(_) => EX_USAGE,
             Self::Unavailable(_) => EX_UNAVAILABLE,
-            Self::Server(_) | Self::Output(_) => 1,
+            Self::Server(_) | Self::Output(_) | Self::Checks(_) => 1,
             Self::Demo(e) => e.exit_code(),
         }
     }

@@ -12,6 +12,9 @@
 //! - [`table`]: tables, details and human times (`--output table`).
 //! - [`demo`]: `grs demo`, the whole system in one process on simulators
 //!   ([`demo::System`] is also how the end-to-end tests assemble it).
+//! - [`top`]: `grs top`, a live view from `WatchEvents` and `GetStats`.
+//! - [`doctor`]: `grs doctor`, checks of a real installation (Redis, PVE,
+//!   GitHub, gateway), one line each.
 //!
 //! Start reading at [`run`]. `main.rs` only parses the command line, calls
 //! [`run`] with stdout and Ctrl-C, and turns its error into an exit code;
@@ -21,12 +24,16 @@ pub mod args;
 mod client;
 mod commands;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod table;
+pub mod top;
 pub mod view;
 
 use std::future::Future;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+
+use clap::CommandFactory;
 
 pub use args::{Cli, Command};
 pub use error::CliError;
@@ -51,6 +58,17 @@ pub async fn run(
         Command::Stats => commands::stats(&connect().await?, format, out).await?,
         Command::Events(args) => {
             commands::events(&connect().await?, args, format, out, shutdown).await?
+        }
+        Command::Top(args) => {
+            // Interactive only on a terminal (both ends: keys come in on
+            // stdin); `out` is then left alone and the screen drawn.
+            let terminal =
+                !args.once && std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+            top::run(&connect().await?, args, format, out, shutdown, terminal).await?
+        }
+        Command::Doctor(args) => doctor::run(args, global.timeout, format, out).await?,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "grs", out);
         }
         Command::Demo(args) => {
             let log_file = (!args.verbose).then(|| args.log_path());

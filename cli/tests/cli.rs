@@ -787,3 +787,202 @@ async fn https_servers_are_checked_against_the_ca_file() {
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("--ca-file"), "{run:?}");
 }
+
+/// Waits until the control plane lists `n` live instances.
+async fn wait_instances(s: &Server, n: usize) {
+    for _ in 0..200 {
+        if s.instances(false).await.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never {n} instances: {:?}", s.instances(false).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_shows_queues_pools_and_instances() {
+    let s = start(Setup::default()).await;
+    s.queue(4_000_000_901).await;
+    s.queue(4_000_000_902).await;
+    wait_instances(&s, 2).await;
+
+    let out = s.grs(&["top", "--once"]).await.unwrap();
+    assert!(
+        out.starts_with(&format!("grs top — {} — 20", s.url)),
+        "{out}"
+    );
+    let q = row(&out, "provision");
+    assert_eq!(q.split_whitespace().count(), 3, "{out}");
+    let pool = row(&out, "linux");
+    assert!(pool.contains("active") && pool.contains("2/4"), "{out}");
+    for id in ["4000000901", "4000000902"] {
+        let r = row(&out, &format!("grs-{id}"));
+        assert!(r.contains("linux") && r.contains(id), "{out}");
+    }
+    assert!(out.contains("RECENT EVENTS"), "{out}");
+
+    let doc = s.grs_json(&["top", "--once"]).await;
+    assert_eq!(doc["pools"]["pools"][0]["name"], "linux", "{doc}");
+    assert_eq!(
+        doc["instances"]["instances"].as_array().unwrap().len(),
+        2,
+        "{doc}"
+    );
+    assert!(doc["stats"]["provision_queue_depth"].is_number(), "{doc}");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_top_binary_redraws_on_events_when_piped_and_exits_0_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let s = start(Setup {
+        paused: true,
+        ..Setup::default()
+    })
+    .await;
+    // A long interval: a second snapshot this soon can only be an event's.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_grs"))
+        .args(["--server", &s.url, "top", "--interval", "1h"])
+        .env_remove("GRS_TOKEN")
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut wait_for = async |want: &str| loop {
+        let l = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no line {want:?} within 10s"))
+            .unwrap()
+            .expect("grs top still prints");
+        if l.contains(want) {
+            break;
+        }
+    };
+    // The first snapshot: no events yet.
+    wait_for("(none since grs top started)").await;
+    s.queue(4_000_000_911).await;
+    wait_for("job 4000000911 (linux): new → queued").await;
+    let pid = child.id().expect("still running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("grs top stops on SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// `grs top` on a terminal (a pseudo-terminal from `script`): the screen is
+/// drawn, `q` ends it with exit 0, and the terminal is restored (the
+/// alternate screen left, the cursor shown again).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED top_on_a_terminal_quits_on_q_and_restores_the_terminal: no `script` (util-linux)"
+        );
+        return;
+    }
+    let s = start(Setup::default()).await;
+    s.queue(4_000_000_921).await;
+    wait_instances(&s, 1).await;
+    let cmd = format!(
+        "{} --server {} top --interval 100ms",
+        env!("CARGO_BIN_EXE_grs"),
+        s.url
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("RUST_LOG", "off")
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the screen shows the instance.
+    while !String::from_utf8_lossy(&seen).contains("grs-4000000921") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
+            .await
+            .expect("the screen is drawn")
+            .unwrap();
+        assert!(n > 0, "ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let screen = String::from_utf8_lossy(&seen).into_owned();
+    assert!(
+        screen.contains("\x1b[?1049h"),
+        "alternate screen entered: {screen:?}"
+    );
+    assert!(screen.contains("q: quit"), "{screen:?}");
+    stdin.write_all(b"q").await.unwrap();
+    stdin.flush().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("grs top ends on q")
+        .unwrap();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).await.unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.contains("\x1b[?1049l"),
+        "alternate screen left: {rest:?}"
+    );
+    assert!(rest.contains("\x1b[?25h"), "cursor shown: {rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_are_written_for_every_shell_and_bash_parses_them() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let r = grs_bin(&["completions", shell], &[]).await;
+        assert_eq!(r.code, 0, "{shell}: {}", r.stderr);
+        for word in ["doctor", "top", "completions", "instances"] {
+            assert!(r.stdout.contains(word), "{shell} script lacks {word}");
+        }
+    }
+    let r = grs_bin(&["completions", "bash"], &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_file(dir.path(), "grs.bash", &r.stdout);
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Loaded, it completes subcommands.
+    let probe = format!(
+        "source {}; COMP_WORDS=(grs do); COMP_CWORD=1; COMP_LINE='grs do'; COMP_POINT=6; _grs grs do grs; echo \"${{COMPREPLY[@]}}\"",
+        script.display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &probe])
+        .output()
+        .unwrap();
+    let words = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        words.split_whitespace().any(|w| w == "doctor"),
+        "{words:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(grs_bin(&["completions", "tcsh"], &[]).await.code == 2);
+}

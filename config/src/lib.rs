@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
+pub mod keys;
 pub mod process;
 
 /// The exit code for bad configuration (`EX_USAGE` of sysexits.h).

@@ -72,6 +72,10 @@ pub struct ControlPlaneConfig {
     /// PEM private key for TLS.
     pub tls_key_file: Option<PathBuf>,
     /// Dispatcher workers per pool in this replica (concurrent creates).
+    /// 0 (the default): one per instance the pool may have
+    /// (`max_instances`, at most 64), so creates are limited by what the
+    /// backend can take (the Proxmox provisioner sizes its own clone
+    /// concurrency), not by a constant here.
     pub dispatchers_per_pool: usize,
     /// Teardown workers in this replica (concurrent deletes).
     pub teardown_workers: usize,
@@ -142,7 +146,7 @@ impl Default for ControlPlaneConfig {
             auth_token_file: None,
             tls_cert_file: None,
             tls_key_file: None,
-            dispatchers_per_pool: 4,
+            dispatchers_per_pool: 0,
             teardown_workers: 4,
             claim_timeout: Duration::from_secs(60),
             max_attempts: 0,
@@ -178,6 +182,51 @@ pub struct RedisConfig {
     pub job_retention: Duration,
     /// Approximate number of events kept for `WatchEvents`.
     pub events_max: u64,
+    /// The Redis password (`AUTH`), kept out of `url`; wins over a password
+    /// in `url`. Secret: from `GRS_REDIS_PASSWORD` or `password_file`.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    /// File holding the Redis password.
+    pub password_file: Option<PathBuf>,
+    /// After every write, wait until this many replicas acknowledged it
+    /// (Redis `WAIT`) before answering; a write not replicated within
+    /// `wait_timeout` is answered UNAVAILABLE (the caller retries; the
+    /// replay is de-duplicated). 0, the default: answer once the primary has
+    /// it. With Sentinel, 1 keeps an accepted event through a failover.
+    pub wait_replicas: u32,
+    /// How long a write waits for `wait_replicas` acknowledgements.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// `[redis.sentinel]`: find the primary through Redis Sentinel instead
+    /// of `url`'s host and port.
+    pub sentinel: RedisSentinelConfig,
+}
+
+/// `[redis.sentinel]`: Redis Sentinel. On when `master_name` is set; `url`
+/// then supplies only the user name, password and database number of the
+/// data nodes, its host and port being unused (the sentinels name the
+/// primary, and a new one after a failover).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSentinelConfig {
+    /// The name the sentinels monitor the primary under (`sentinel monitor
+    /// <master_name> ...`). Empty: Sentinel is off.
+    pub master_name: String,
+    /// The sentinels, `host:port` each (26379 is Sentinel's usual port).
+    pub addresses: Vec<String>,
+    /// The sentinels' own password (their `requirepass`), if they have one.
+    /// Secret: from `GRS_REDIS_SENTINEL_PASSWORD` or `password_file`.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    /// File holding the sentinels' password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl RedisSentinelConfig {
+    /// Whether the primary is found through Sentinel.
+    pub fn enabled(&self) -> bool {
+        !self.master_name.is_empty()
+    }
 }
 
 impl Default for RedisConfig {
@@ -188,6 +237,11 @@ impl Default for RedisConfig {
             dedup_ttl: Duration::from_secs(4 * 24 * 3600),
             job_retention: Duration::from_secs(7 * 24 * 3600),
             events_max: 10_000,
+            password: None,
+            password_file: None,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(2),
+            sentinel: RedisSentinelConfig::default(),
         }
     }
 }
@@ -202,8 +256,17 @@ pub struct PoolConfig {
     pub labels: Vec<String>,
     /// Most live instances at once.
     pub max_instances: u32,
-    /// Idle instances to keep ready (warm pool; used by the reconciler).
+    /// Warm pool: instances to keep booted with an idle runner of the pool's
+    /// labels, so a matching job starts without waiting for a clone. A job
+    /// takes one of them when one is idle (GitHub hands it to any idle
+    /// runner with its labels), and the pool is refilled. Counted within
+    /// `max_instances`. Live-adjustable (`UpdatePool`).
     pub min_idle: u32,
+    /// An idle warm instance this old is replaced by a fresh one, so
+    /// template and runner updates reach the warm pool (and a runner whose
+    /// registration went stale does not linger). Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub idle_max_age: Duration,
     /// Start paused: jobs queue, no instance starts until resumed.
     pub paused: bool,
     /// GitHub runner group id the runners join.
@@ -232,6 +295,7 @@ impl Default for PoolConfig {
             labels: Vec::new(),
             max_instances: 4,
             min_idle: 0,
+            idle_max_age: Duration::from_secs(3600),
             paused: false,
             runner_group_id: 1,
             runner_user: "runner".into(),
@@ -439,12 +503,6 @@ impl Config {
         }
         grs_provisioner::validate_instance_name(&cp.instance_prefix)
             .map_err(|e| ConfigError::key("control_plane.instance_prefix", e))?;
-        if cp.dispatchers_per_pool == 0 {
-            return Err(ConfigError::key(
-                "control_plane.dispatchers_per_pool",
-                "must be at least 1",
-            ));
-        }
         if cp.teardown_workers == 0 {
             return Err(ConfigError::key(
                 "control_plane.teardown_workers",
@@ -503,6 +561,7 @@ impl Config {
                 "must start with redis://, rediss:// or unix://",
             ));
         }
+        self.redis.validate_connection()?;
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::key(
                 "redis.key_prefix",
@@ -586,6 +645,12 @@ impl Config {
                     }
                 }
             }
+            if pool.idle_max_age.is_zero() {
+                return Err(ConfigError::key(
+                    key("idle_max_age"),
+                    "must be longer than 0s (e.g. \"1h\")",
+                ));
+            }
             if pool.min_idle > pool.max_instances {
                 return Err(ConfigError::key(
                     key("min_idle"),
@@ -630,6 +695,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("pools.l.min_idle"), "{e}");
+        let e = load(&format!(
+            "[pools.l]\nlabels=['a']\nidle_max_age='0s'\n{fake}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pools.l.idle_max_age"), "{e}");
+        let c = load(&format!(
+            "[pools.l]\nlabels=['a']\nmin_idle=1\nidle_max_age='20m'\n{fake}"
+        ))
+        .unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(20 * 60));
+        let c = load(&format!("[pools.l]\nlabels=['a']\n{fake}")).unwrap();
+        assert_eq!(c.pools["l"].idle_max_age, Duration::from_secs(3600));
         let e = load(&format!(
             "[control_plane]\ninstance_prefix='Bad_Prefix'\n[pools.l]\nlabels=['a']\n{fake}"
         ))

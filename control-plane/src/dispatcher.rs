@@ -4,10 +4,13 @@
 //! 1. Take the next entry of the pool's provision queue (or one a dead worker
 //!    left behind).
 //! 2. [`begin_provision`](crate::store::Store::begin_provision): the job must
-//!    still want an instance, the pool must be neither paused nor full; the
-//!    capacity slot and the instance record `<prefix>-<job id>` are taken in
-//!    the same atomic step. A paused or full pool keeps the entry (and its
-//!    place) and the worker waits.
+//!    still want an instance. An idle warm instance of the pool, if there is
+//!    one, is bound to the job and nothing is made (its runner takes the
+//!    job; the [warm keepers](crate::warm) refill the warm pool). Otherwise
+//!    the pool must be neither paused nor full; the capacity slot and the
+//!    instance record `<prefix>-<job id>` are taken in the same atomic step.
+//!    A paused or full pool keeps the entry (and its place) and the worker
+//!    waits.
 //! 3. Issue a bootstrap token, ask the provisioner to create the instance,
 //!    heartbeat the entry while it works.
 //! 4. [`finish_provision`](crate::store::Store::finish_provision), then
@@ -32,17 +35,35 @@
 //!   flight gets the shutdown grace period, then is dropped: its entry is
 //!   redone elsewhere.
 
-use grs_provisioner::{Bootstrap, InstanceSpec, ProvisionerError};
+use grs_provisioner::{Bootstrap, Instance, InstanceSpec, ProvisionerError};
 
 use crate::bootstrap;
 use crate::guest_agent;
 use crate::model::now_ms;
+use crate::pools::Pool;
 use crate::store::{BeginProvision, Delivery, Queue, QueueItem, StoreResult};
 use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
 
 /// How long a worker waits before asking again for room in a full or paused
 /// pool.
 const CAPACITY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Most dispatcher workers one pool gets when their number is automatic.
+const MAX_AUTO_WORKERS: usize = 64;
+
+/// How many dispatcher workers `pool` gets: `configured`, or, when that is
+/// 0 (automatic, the default), one per instance the pool may have (at most
+/// [`MAX_AUTO_WORKERS`]). Creates then run as concurrently as the pool's
+/// capacity allows, and the backend limits what it sends on to the
+/// hypervisor by what that can take (the Proxmox provisioner sizes its own
+/// clone concurrency from how long clones take); a constant here would cap
+/// a burst below what the cluster could do.
+pub fn workers_for(configured: usize, pool: &crate::pools::Pool) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    (pool.config.max_instances as usize).clamp(1, MAX_AUTO_WORKERS)
+}
 
 /// Runs one dispatcher worker for `pool` until shutdown.
 pub async fn run(ctx: WorkerContext, pool: String, consumer: String) {
@@ -100,6 +121,18 @@ async fn handle(
                 }
                 continue;
             }
+            BeginProvision::Warm { instance } => {
+                tracing::info!(job_id, pool = pool_name, instance = %instance.name, "job given an idle warm instance");
+                if let Ok(Some(job)) = ctx.store.get_job(job_id).await {
+                    ctx.metrics.stage(
+                        pool_name,
+                        crate::metrics::STAGE_QUEUED_TO_RUNNING,
+                        job.recorded_at,
+                        now_ms(),
+                    );
+                }
+                return Ok(Handled::Done);
+            }
             BeginProvision::Proceed { attempts, instance } => (attempts, instance.created_at),
         };
         let (attempts, recorded_at) = attempts;
@@ -126,45 +159,9 @@ async fn handle(
                 .await?;
             return Ok(Handled::Done);
         }
-        ctx.store.mark_creating(&name, now_ms()).await?;
-        // A guest-agent pool gets its runner config at create time (minted
-        // here, see crate::guest_agent); a failure to mint it is handled as
-        // a failed create.
-        let bootstrap = if guest_agent::wanted(pool) {
-            guest_agent::bootstrap(ctx.registrar.as_deref(), &name, pool).await
-        } else {
-            Ok(match &ctx.settings.gateway_url {
-                Some(url) => Bootstrap::CloudInit {
-                    seed_url: bootstrap::issue(&*ctx.store, url, &name, ctx.settings.bootstrap_ttl)
-                        .await?,
-                },
-                None => Bootstrap::None,
-            })
-        };
         tracing::info!(job_id, instance = %name, pool = pool_name, attempt = attempts, "creating instance");
         let started = std::time::Instant::now();
-        let created = match bootstrap {
-            Ok(bootstrap) => {
-                let spec = InstanceSpec {
-                    name: name.clone(),
-                    pool: pool_name.to_owned(),
-                    job_id,
-                    labels: pool.config.labels.clone(),
-                    bootstrap,
-                };
-                let r =
-                    with_heartbeat(ctx, &queue, consumer, &d.id, pool.provisioner.create(&spec))
-                        .await;
-                ctx.metrics.provisioner_call(
-                    pool.provisioner.kind(),
-                    "create",
-                    started.elapsed(),
-                    &r,
-                );
-                r
-            }
-            Err(e) => Err(e),
-        };
+        let created = create(ctx, pool, &name, job_id, Some((&queue, consumer, &d.id))).await?;
         match created {
             Ok(made) => {
                 let torn = ctx
@@ -225,5 +222,82 @@ async fn handle(
                 return Ok(Handled::Done);
             }
         }
+    }
+}
+
+/// Makes instance `name` of `pool` for job `job_id` (0: a warm instance):
+/// moves it to creating, gives it its bootstrap (a guest-agent pool gets its
+/// runner config at create time, minted here, see [`guest_agent`]; a failure
+/// to mint it is a failed create), and asks the pool's provisioner for it,
+/// telling the store every heartbeat that the queue entry `hold` (queue,
+/// consumer, entry id), if any, is still worked on. The outer error is the
+/// store's; the inner one the backend's.
+pub(crate) async fn create(
+    ctx: &WorkerContext,
+    pool: &Pool,
+    name: &str,
+    job_id: u64,
+    hold: Option<(&Queue, &str, &str)>,
+) -> StoreResult<Result<Instance, ProvisionerError>> {
+    ctx.store.mark_creating(name, now_ms()).await?;
+    let bootstrap = if guest_agent::wanted(pool) {
+        guest_agent::bootstrap(ctx.registrar.as_deref(), name, pool).await
+    } else {
+        Ok(match &ctx.settings.gateway_url {
+            Some(url) => Bootstrap::CloudInit {
+                seed_url: bootstrap::issue(&*ctx.store, url, name, ctx.settings.bootstrap_ttl)
+                    .await?,
+            },
+            None => Bootstrap::None,
+        })
+    };
+    let bootstrap = match bootstrap {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    let spec = InstanceSpec {
+        name: name.to_owned(),
+        pool: pool.name.clone(),
+        job_id,
+        labels: pool.config.labels.clone(),
+        bootstrap,
+    };
+    let started = std::time::Instant::now();
+    let r = match hold {
+        Some((queue, consumer, id)) => {
+            with_heartbeat(ctx, queue, consumer, id, pool.provisioner.create(&spec)).await
+        }
+        None => pool.provisioner.create(&spec).await,
+    };
+    ctx.metrics
+        .provisioner_call(pool.provisioner.kind(), "create", started.elapsed(), &r);
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::PoolConfig;
+    use crate::pools::Pool;
+
+    fn pool(max_instances: u32) -> Pool {
+        Pool::new(
+            "p",
+            PoolConfig {
+                max_instances,
+                ..PoolConfig::default()
+            },
+            Arc::new(grs_provisioner::FakeProvisioner::new()),
+        )
+    }
+
+    #[test]
+    fn automatic_dispatchers_follow_the_pools_capacity_and_a_configured_count_wins() {
+        assert_eq!(workers_for(0, &pool(50)), 50);
+        assert_eq!(workers_for(0, &pool(0)), 1);
+        assert_eq!(workers_for(0, &pool(500)), MAX_AUTO_WORKERS);
+        assert_eq!(workers_for(4, &pool(50)), 4);
     }
 }

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use grs_github::GitHubClient;
 use secrecy::SecretString;
 
-use crate::worker::RunnerRegistrar;
+use crate::worker::{RunnerRegistrar, RunnerRegistration};
 
 /// Runner registrations through a [`GitHubClient`] (a GitHub App or a PAT, an
 /// organisation or a repository, github.com or Enterprise Server).
@@ -57,6 +57,35 @@ impl RunnerRegistrar for GitHubRegistrar {
             .map_err(|e| format!("cannot look up the runner {name}: {e}"))?;
         Ok(Some(runners.iter().any(|r| r.name == name && r.busy)))
     }
+
+    async fn offline_runners(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+        let runners = self
+            .client
+            .list_runners(None)
+            .await
+            .map_err(|e| format!("cannot list the runner registrations: {e}"))?;
+        Ok(Some(
+            runners
+                .into_iter()
+                .filter(|r| r.name.starts_with(prefix) && r.status == "offline")
+                .map(|r| RunnerRegistration {
+                    id: r.id,
+                    name: r.name,
+                    busy: r.busy,
+                })
+                .collect(),
+        ))
+    }
+
+    async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+        self.client
+            .delete_runner(id)
+            .await
+            .map_err(|e| format!("cannot remove the runner registration {id}: {e}"))
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +136,41 @@ mod tests {
         assert_eq!(registrar.runner_busy(name).await, Ok(Some(true)));
         // Another runner's name is not this one's.
         assert_eq!(registrar.runner_busy("grs-4243").await, Ok(Some(false)));
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn offline_registrations_with_the_prefix_are_listed_and_removed_by_id() {
+        let sim = GitHubSim::start(SimConfig::default()).await.unwrap();
+        let client = GitHubClient::new(&grs_github::GitHubConfig {
+            api_url: sim.url(),
+            organization: Some("grs-sim".into()),
+            token: Some(SecretString::from(
+                "ghp_simulated_personal_access_token".to_owned(),
+            )),
+            ..grs_github::GitHubConfig::default()
+        })
+        .unwrap();
+        let registrar = GitHubRegistrar::new(client);
+        let labels = vec!["self-hosted".to_owned()];
+        // Registered, never booted: offline. One booted: online.
+        registrar.jit_config("grs-1", &labels, 1).await.unwrap();
+        registrar.jit_config("other-1", &labels, 1).await.unwrap();
+        let jit = registrar.jit_config("grs-2", &labels, 1).await.unwrap();
+        sim.boot_runner(jit.expose_secret()).await.unwrap();
+        let offline = registrar.offline_runners("grs-").await.unwrap().unwrap();
+        let names: Vec<&str> = offline.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["grs-1"]);
+        registrar.remove_runner_id(offline[0].id).await.unwrap();
+        assert!(
+            registrar
+                .offline_runners("grs-")
+                .await
+                .unwrap()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(sim.runners().iter().any(|r| r.name == "other-1"));
         sim.shutdown().await;
     }
 }

@@ -9,10 +9,13 @@
 //! - [`store`]: the [`Store`](store::Store) trait, on Redis (production) and
 //!   in memory (demo, tests), with its conformance suite.
 //! - [`dispatcher`]: provision queue → instance (capacity, retries, failure).
-//! - [`teardown`]: teardown queue → instance gone, capacity freed.
+//! - [`teardown`]: teardown queue → instance gone, capacity freed (after
+//!   asking GitHub that the runner is not busy, unless its job completed).
+//! - [`warm`]: warm keepers, filling each pool's warm pool (`min_idle`).
 //! - [`reconciler`]: the leader-elected pass that tears down what events
 //!   leave behind (runners that took no job, instances past their maximum
-//!   lifetime, orphan VMs).
+//!   lifetime, orphan VMs, idle warm instances too old or too many, offline
+//!   runner registrations, VMs of pools removed from the configuration).
 //! - [`worker`]: what the dispatcher and teardown share (claiming,
 //!   heartbeats, the [`RunnerRegistrar`](worker::RunnerRegistrar) view of
 //!   GitHub).
@@ -44,4 +47,5 @@ pub mod store;
 pub mod teardown;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod warm;
 pub mod worker;

@@ -150,7 +150,7 @@ async fn serve(config: Config, pools: Pools) -> anyhow::Result<()> {
                 events_max: config.redis.events_max,
                 ..RedisStoreOptions::default()
             };
-            let store = RedisStore::new(&config.redis.url, opts).context("redis.url")?;
+            let store = RedisStore::from_config(&config.redis, opts)?;
             if let Err(e) = store.ping().await {
                 tracing::warn!(error = %e, "Redis does not answer yet; serving NOT_SERVING until it does");
             }

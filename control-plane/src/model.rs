@@ -143,6 +143,15 @@ pub fn instance_state_to_proto(s: InstanceState) -> grs_proto::v1::InstanceState
     }
 }
 
+/// Whether an instance in state `s` may still serve a job: not queued for
+/// teardown, being deleted or deleted.
+pub fn instance_is_live(s: InstanceState) -> bool {
+    !matches!(
+        s,
+        InstanceState::PendingDelete | InstanceState::Deleting | InstanceState::Deleted
+    )
+}
+
 /// Whether the VM of an instance in state `s` has been made (so a teardown
 /// can be queued without racing its creation).
 pub fn instance_is_created(s: InstanceState) -> bool {
@@ -266,10 +275,19 @@ pub struct InstanceRecord {
     pub name: String,
     /// Its pool.
     pub pool: String,
-    /// The job it was made for.
+    /// The job it serves: the job it was made for, or, for a warm
+    /// instance, the job bound to it since; 0 for a warm instance no job
+    /// is bound to (idle in its pool's warm pool).
     pub job_id: u64,
     /// The job its runner took; 0 while idle.
     pub assigned_job_id: u64,
+    /// Made for the pool's warm pool (`min_idle`) rather than for a job.
+    pub warm: bool,
+    /// When `job_id` was bound to it (its creation for an instance made for
+    /// a job); 0 while no job is bound. The bootstrap timeout counts from
+    /// here, so a warm instance bound long after it booted gets the whole
+    /// timeout for its runner to take the job.
+    pub bound_at: Millis,
     /// Where it stands.
     pub state: InstanceState,
     /// The backend's id.
@@ -298,6 +316,7 @@ impl InstanceRecord {
             reason: self.reason.clone(),
             created_at: to_timestamp(self.created_at),
             updated_at: to_timestamp(self.updated_at),
+            warm: self.warm,
         }
     }
 }
@@ -467,6 +486,23 @@ pub mod reason {
     /// Why a provision entry needs no work: its instance is `state`.
     pub fn instance_is(name: &str, state: InstanceState) -> String {
         format!("instance {name} is {state}")
+    }
+
+    /// On a job bound to an idle warm instance instead of a new one.
+    pub fn warm_instance(name: &str) -> String {
+        format!("given the idle warm instance {name}")
+    }
+
+    /// On a warm instance a job's cancellation (or its runner's taking
+    /// another job) handed back to the warm pool.
+    pub fn back_to_warm_pool(job_id: u64) -> String {
+        format!("back in the warm pool (job {job_id} no longer needs it)")
+    }
+
+    /// On an instance whose teardown was called off: its runner took job
+    /// `job_id` (an `in_progress` that came after the teardown was queued).
+    pub fn teardown_called_off(job_id: u64) -> String {
+        format!("teardown called off: its runner took job {job_id}")
     }
 }
 

@@ -18,13 +18,52 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use grs_config::ConfigError;
-use grs_provisioner::{FakeProvisioner, Provisioner, ProvisionerError};
+use grs_provisioner::{FakeProvisioner, NodeLedger, Provisioner, ProvisionerError};
 use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, SupervisorOptions};
 use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target};
 
 use crate::config::{Config, PoolConfig, ProvisionerConfig};
-use crate::store::PoolLimits;
+use crate::store::{PoolLimits, Store};
+
+/// The installation's node places, kept in the store (Redis: shared by
+/// every replica) and handed to every backend
+/// ([`Provisioner::use_node_ledger`]) by [`server::run`](crate::server::run).
+#[derive(Debug, Clone)]
+pub struct StoreNodeLedger {
+    store: Arc<dyn Store>,
+}
+
+impl StoreNodeLedger {
+    /// Places in `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl NodeLedger for StoreNodeLedger {
+    async fn reserve(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> Result<bool, String> {
+        self.store
+            .reserve_node(node, instance, max, visible)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn release(&self, node: &str, instance: &str) -> Result<(), String> {
+        self.store
+            .release_node(node, instance)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
 
 /// Builds an in-process backend. Called once per `type`, when the first
 /// pool of that type is configured; errors name the key to fix.
@@ -127,6 +166,7 @@ impl Pool {
         PoolLimits {
             max_instances: self.config.max_instances,
             paused: self.config.paused,
+            min_idle: self.config.min_idle,
         }
     }
 }

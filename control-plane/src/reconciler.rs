@@ -13,15 +13,36 @@
 //! 2. The store's live instances are read — after the listing, see
 //!    *Guarantees*.
 //! 3. **Maximum lifetime**: a created instance (running, stopped or error)
-//!    older than `max_lifetime` is queued for teardown, busy or not.
-//! 4. **Bootstrap timeout**: a created instance whose runner has taken no
-//!    job (`assigned_job_id == 0`) `bootstrap_timeout` after it was recorded
-//!    is queued for teardown.
-//! 5. **Orphans**: a listed VM with no live record (the store never knew
+//!    older than `max_lifetime` is queued for teardown (the teardown worker
+//!    still asks GitHub first whether its runner is busy).
+//! 4. **Bootstrap timeout**: a created instance bound to a job whose runner
+//!    has taken no job (`assigned_job_id == 0`) `bootstrap_timeout` after
+//!    the job was bound to it (its creation, or the moment a warm instance
+//!    was given the job) is queued for teardown. So is a warm instance
+//!    still being made `bootstrap_timeout` after it was recorded (its
+//!    keeper died: nobody else finishes it).
+//! 5. **Warm pools**: an idle warm instance older than its pool's
+//!    `idle_max_age` is recycled (queued for teardown; the warm keepers make
+//!    a fresh one, so template and runner updates reach the warm pool), and
+//!    idle warm instances above the pool's `min_idle` (an `UpdatePool`
+//!    lowered it, or jobs handed their instances back) are torn down, oldest
+//!    first.
+//! 6. **Orphans**: a listed VM with no live record (the store never knew
 //!    it, forgot it, or records it as deleted) is deleted through its
 //!    provisioner once it is `orphan_grace` old. A VM whose backend cannot
 //!    tell its age must be seen as an orphan on consecutive passes spanning
 //!    `orphan_grace` instead.
+//! 7. **Offline runner registrations** named with this installation's
+//!    instance prefix and matching no live instance are removed from
+//!    GitHub (listed before the records are read, like the VMs; at most
+//!    [`OFFLINE_RUNNER_BUDGET`] removals per pass; skipped without a
+//!    `[github]` section).
+//! 8. **Removed pools**: for every pool that instance records name (deleted
+//!    ones too, while they are kept) but the configuration no longer has,
+//!    live instances are queued for teardown and every backend is asked to
+//!    [`remove_all`](grs_provisioner::Provisioner::remove_all) of that
+//!    pool's VMs (each only removes VMs carrying this installation's
+//!    marker).
 //!
 //! Teardowns go through the teardown queue like any other, so the VM, its
 //! capacity slot and its record are handled by the teardown workers.
@@ -49,13 +70,12 @@
 //!   (after a crash: once the lease expires, within three intervals).
 //!
 //! # Not yet
-//! Offline runner registrations with our prefix, queued jobs whose webhook
-//! was lost (polling GitHub), warm-pool levels and idle surplus, and
-//! re-queueing teardowns whose queue entry was lost (pending_delete or
-//! deleting with no entry; only a Redis that lost writes does that) are
-//! still to come.
+//! Queued jobs whose webhook was lost (polling GitHub), and re-queueing
+//! teardowns whose queue entry was lost (pending_delete or deleting with no
+//! entry; only a Redis that lost writes does that) are still to come. Warm
+//! pools are filled by the [warm keepers](crate::warm), not here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,10 +83,15 @@ use grs_provisioner::{Instance, Provisioner};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ControlPlaneConfig;
-use crate::model::{InstanceRecord, Millis, instance_is_created, now_ms, to_ms};
+use crate::model::{InstanceRecord, InstanceState, Millis, instance_is_created, now_ms, to_ms};
 use crate::pools::Pools;
+use crate::store::rules::is_warm_idle;
 use crate::store::{Store, StoreResult};
-use crate::worker::RunnerRegistrar;
+use crate::worker::{RunnerRegistrar, RunnerRegistration};
+
+/// Most offline runner registrations removed per pass: each removal is one
+/// GitHub API call, and the rate limit is shared with provisioning.
+pub const OFFLINE_RUNNER_BUDGET: usize = 10;
 
 /// The store lease whose holder runs the reconciler.
 pub const LEASE: &str = "reconciler";
@@ -86,6 +111,8 @@ pub struct ReconcilerSettings {
     pub max_lifetime: Duration,
     /// Orphan VMs younger than this are left alone.
     pub orphan_grace: Duration,
+    /// Instance (and runner) names start with `<instance_prefix>-`.
+    pub instance_prefix: String,
 }
 
 impl ReconcilerSettings {
@@ -96,6 +123,7 @@ impl ReconcilerSettings {
             bootstrap_timeout: c.bootstrap_timeout,
             max_lifetime: c.max_lifetime,
             orphan_grace: c.orphan_grace,
+            instance_prefix: c.instance_prefix.clone(),
         }
     }
 
@@ -122,6 +150,16 @@ pub struct PassReport {
     /// Instances past the bootstrap timeout kept because GitHub says their
     /// runner is busy (its `in_progress` webhook was lost).
     pub busy_kept: Vec<String>,
+    /// Idle warm instances queued for teardown because they reached their
+    /// pool's `idle_max_age`.
+    pub warm_recycled: Vec<String>,
+    /// Idle warm instances queued for teardown because their pool had more
+    /// than `min_idle`.
+    pub warm_surplus: Vec<String>,
+    /// Offline runner registrations of this installation removed.
+    pub offline_runners_removed: Vec<String>,
+    /// VMs of pools no longer configured, removed.
+    pub removed_pool_vms: Vec<String>,
     /// Provisioner failures the pass went past (the next pass retries).
     pub failures: Vec<String>,
 }
@@ -200,14 +238,24 @@ impl Reconciler {
     /// reported and passed over.
     pub async fn reconcile_once(&mut self, now: Millis) -> StoreResult<PassReport> {
         let mut report = PassReport::default();
-        // 1. VMs first, records second: see "No create is raced".
+        // 1. VMs (and runner registrations) first, records second: see "No
+        // create is raced".
         let vms = self.list_vms(&mut report).await;
+        let runners = self.offline_runners(&mut report).await;
         let records = self.store.list_instances(None, false).await?;
-        // 2, 3. Timeouts.
+        // 3, 4, 5. Timeouts, recycling.
         for inst in &records {
             self.expire(inst, now, &mut report).await?;
         }
-        // 4. Orphans.
+        // 5. Surplus.
+        self.scale_down_warm(&records, now, &mut report).await?;
+        // 7. Runner registrations.
+        let live_names: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        self.remove_offline_runners(runners, &live_names, &mut report)
+            .await;
+        // 8. Removed pools.
+        self.remove_dropped_pools(now, &mut report).await?;
+        // 6. Orphans.
         let live: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
         let mut undated = HashMap::new();
         for (provisioner, pool, vm) in vms {
@@ -275,18 +323,40 @@ impl Reconciler {
         out
     }
 
-    /// Queues `inst` for teardown if it is past its maximum lifetime, or
-    /// idle past the bootstrap timeout.
+    /// Queues `inst` for teardown if it is past its maximum lifetime, idle
+    /// past the bootstrap timeout, a warm instance nobody finishes making,
+    /// or an idle warm instance past its pool's `idle_max_age`.
     async fn expire(
         &self,
         inst: &InstanceRecord,
         now: Millis,
         report: &mut PassReport,
     ) -> StoreResult<()> {
+        let s = &self.settings;
+        let warm_unbound = inst.warm && inst.job_id == 0;
+        if warm_unbound
+            && matches!(
+                inst.state,
+                InstanceState::PendingCreate | InstanceState::Creating
+            )
+            && at_least(now, inst.created_at, s.bootstrap_timeout)
+        {
+            let reason = format!(
+                "warm instance not made within {} (its keeper stopped)",
+                human(s.bootstrap_timeout)
+            );
+            return self
+                .queue_teardown(inst, &reason, now, &mut report.bootstrap_timed_out)
+                .await;
+        }
         if !instance_is_created(inst.state) {
             return Ok(());
         }
-        let s = &self.settings;
+        let bound_at = if inst.bound_at > 0 {
+            inst.bound_at
+        } else {
+            inst.created_at
+        };
         let (reason, list) = if at_least(now, inst.created_at, s.max_lifetime) {
             (
                 format!(
@@ -295,7 +365,25 @@ impl Reconciler {
                 ),
                 &mut report.lifetime_ended,
             )
-        } else if inst.assigned_job_id == 0 && at_least(now, inst.created_at, s.bootstrap_timeout) {
+        } else if is_warm_idle(inst) {
+            let Some(pool) = self.pools.get(&inst.pool) else {
+                return Ok(());
+            };
+            let max_age = pool.config.idle_max_age;
+            if !at_least(now, inst.created_at, max_age) {
+                return Ok(());
+            }
+            (
+                format!(
+                    "idle warm instance recycled at its pool's idle_max_age of {}",
+                    human(max_age)
+                ),
+                &mut report.warm_recycled,
+            )
+        } else if inst.assigned_job_id == 0
+            && !warm_unbound
+            && at_least(now, bound_at, s.bootstrap_timeout)
+        {
             if self.runner_may_be_busy(inst, report).await {
                 return Ok(());
             }
@@ -309,16 +397,166 @@ impl Reconciler {
         } else {
             return Ok(());
         };
+        if is_warm_idle(inst) {
+            // Only while still idle: a job may be bound to it meanwhile.
+            if self.store.retire_warm(&inst.name, &reason, now).await? == Some(true) {
+                tracing::info!(instance = %inst.name, pool = %inst.pool, reason, "idle warm instance queued for teardown");
+                list.push(inst.name.clone());
+            }
+            return Ok(());
+        }
+        self.queue_teardown(inst, &reason, now, list).await
+    }
+
+    /// Queues `inst` for teardown with `reason`, noting it in `list` if
+    /// this call queued it.
+    async fn queue_teardown(
+        &self,
+        inst: &InstanceRecord,
+        reason: &str,
+        now: Millis,
+        list: &mut Vec<String>,
+    ) -> StoreResult<()> {
         // false: already on its way out (another pass or an event was
         // first); None: gone meanwhile. Either way nothing to do.
-        if self
-            .store
-            .enqueue_teardown(&inst.name, &reason, now)
-            .await?
-            == Some(true)
-        {
+        if self.store.enqueue_teardown(&inst.name, reason, now).await? == Some(true) {
             tracing::info!(instance = %inst.name, pool = %inst.pool, reason, "instance queued for teardown");
             list.push(inst.name.clone());
+        }
+        Ok(())
+    }
+
+    /// Tears down idle warm instances above each pool's `min_idle`, oldest
+    /// first (those still being made are left to finish: they are counted,
+    /// and the next pass finds them idle).
+    async fn scale_down_warm(
+        &self,
+        records: &[InstanceRecord],
+        now: Millis,
+        report: &mut PassReport,
+    ) -> StoreResult<()> {
+        let gone: HashSet<String> = report
+            .lifetime_ended
+            .iter()
+            .chain(&report.bootstrap_timed_out)
+            .chain(&report.warm_recycled)
+            .cloned()
+            .collect();
+        for pool in self.pools.iter() {
+            let mut idle: Vec<&InstanceRecord> = records
+                .iter()
+                .filter(|i| i.pool == pool.name && is_warm_idle(i) && !gone.contains(&i.name))
+                .collect();
+            let min_idle = self
+                .store
+                .pool_overrides(&pool.name)
+                .await?
+                .min_idle
+                .unwrap_or(pool.config.min_idle) as usize;
+            let surplus = idle.len().saturating_sub(min_idle);
+            if surplus == 0 {
+                continue;
+            }
+            idle.retain(|i| i.state == InstanceState::Running);
+            idle.sort_by_key(|i| (i.created_at, i.name.clone()));
+            let reason = format!("idle warm instance above the pool's min_idle of {min_idle}");
+            for inst in idle.into_iter().take(surplus) {
+                if self.store.retire_warm(&inst.name, &reason, now).await? == Some(true) {
+                    tracing::info!(instance = %inst.name, pool = %pool.name, reason, "idle warm instance queued for teardown");
+                    report.warm_surplus.push(inst.name.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The offline runner registrations named with this installation's
+    /// prefix (none without a registrar, or when it cannot tell).
+    async fn offline_runners(&self, report: &mut PassReport) -> Vec<RunnerRegistration> {
+        let Some(registrar) = &self.registrar else {
+            return Vec::new();
+        };
+        let prefix = format!("{}-", self.settings.instance_prefix);
+        match registrar.offline_runners(&prefix).await {
+            Ok(list) => list.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list runner registrations; retrying next pass");
+                report
+                    .failures
+                    .push(format!("listing runner registrations: {e}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Removes offline registrations (`runners`) matching no live instance,
+    /// at most [`OFFLINE_RUNNER_BUDGET`] of them.
+    async fn remove_offline_runners(
+        &self,
+        runners: Vec<RunnerRegistration>,
+        live: &HashSet<&str>,
+        report: &mut PassReport,
+    ) {
+        let Some(registrar) = &self.registrar else {
+            return;
+        };
+        let stale = runners
+            .into_iter()
+            .filter(|r| !r.busy && !live.contains(r.name.as_str()))
+            .take(OFFLINE_RUNNER_BUDGET);
+        for r in stale {
+            match registrar.remove_runner_id(r.id).await {
+                Ok(()) => {
+                    tracing::info!(runner = %r.name, id = r.id, "removed an offline runner registration of this installation");
+                    report.offline_runners_removed.push(r.name);
+                }
+                Err(e) => {
+                    tracing::warn!(runner = %r.name, error = %e, "cannot remove an offline runner registration; retrying next pass");
+                    report
+                        .failures
+                        .push(format!("removing runner {}: {e}", r.name));
+                }
+            }
+        }
+    }
+
+    /// Queues the live instances of pools no longer configured for
+    /// teardown, and has every backend remove those pools' VMs.
+    async fn remove_dropped_pools(&self, now: Millis, report: &mut PassReport) -> StoreResult<()> {
+        let all = self.store.list_instances(None, true).await?;
+        let dropped: BTreeSet<&str> = all
+            .iter()
+            .filter(|i| self.pools.get(&i.pool).is_none())
+            .map(|i| i.pool.as_str())
+            .collect();
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let mut queued = Vec::new();
+        for inst in all
+            .iter()
+            .filter(|i| dropped.contains(i.pool.as_str()) && i.state != InstanceState::Deleted)
+        {
+            let reason = format!("pool {} is no longer configured", inst.pool);
+            self.queue_teardown(inst, &reason, now, &mut queued).await?;
+        }
+        for pool in dropped {
+            for (backend, _) in self.pools.backends() {
+                match backend.remove_all(pool).await {
+                    Ok(removed) => {
+                        for name in &removed {
+                            tracing::warn!(instance = %name, pool, "removed a VM of a pool no longer configured");
+                        }
+                        report.removed_pool_vms.extend(removed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool, error = %e, "cannot remove the VMs of a pool no longer configured; retrying next pass");
+                        report
+                            .failures
+                            .push(format!("removing the VMs of pool {pool}: {e}"));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -392,6 +630,10 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     m.reconciler_actions("lifetime_ended", r.lifetime_ended.len());
                     m.reconciler_actions("orphan_deleted", r.orphans_deleted.len());
                     m.reconciler_actions("busy_kept", r.busy_kept.len());
+                    m.reconciler_actions("warm_recycled", r.warm_recycled.len());
+                    m.reconciler_actions("warm_surplus", r.warm_surplus.len());
+                    m.reconciler_actions("offline_runner_removed", r.offline_runners_removed.len());
+                    m.reconciler_actions("removed_pool_vm", r.removed_pool_vms.len());
                     m.reconciler_actions("failure", r.failures.len());
                 }
                 match pass {
@@ -465,14 +707,19 @@ mod tests {
     }
 
     fn setup() -> Setup {
+        setup_with(test_config())
+    }
+
+    fn setup_with(config: crate::config::Config) -> Setup {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let fake = Arc::new(FakeProvisioner::new());
-        let pools = fake_pools(&test_config(), &fake);
+        let pools = fake_pools(&config, &fake);
         let settings = ReconcilerSettings {
             interval: Duration::from_millis(50),
             bootstrap_timeout: BOOTSTRAP,
             max_lifetime: LIFETIME,
             orphan_grace: GRACE,
+            instance_prefix: "grs".into(),
         };
         let reconciler = Reconciler::new(store.clone(), pools.clone(), settings);
         Setup {
@@ -585,6 +832,9 @@ mod tests {
     #[derive(Debug, Default)]
     struct Runners {
         busy: std::sync::Mutex<HashMap<String, Result<bool, String>>>,
+        offline: std::sync::Mutex<Vec<RunnerRegistration>>,
+        removed: std::sync::Mutex<Vec<u64>>,
+        prefixes: std::sync::Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
@@ -606,6 +856,18 @@ mod tests {
                 Some(Err(e)) => Err(e.clone()),
                 None => Ok(Some(false)),
             }
+        }
+        async fn offline_runners(
+            &self,
+            prefix: &str,
+        ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+            self.prefixes.lock().unwrap().push(prefix.to_owned());
+            Ok(Some(self.offline.lock().unwrap().clone()))
+        }
+        async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+            self.removed.lock().unwrap().push(id);
+            self.offline.lock().unwrap().retain(|r| r.id != id);
+            Ok(())
         }
     }
 
@@ -787,6 +1049,208 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    /// Warm instance `name` of pool `linux` recorded and running at `now`
+    /// (as a warm keeper does it).
+    async fn warm(s: &Setup, name: &str, now: Millis) {
+        let mut limits = s.pools.get("linux").unwrap().limits();
+        limits.min_idle = 3;
+        let begun = s
+            .store
+            .begin_warm("linux", name, &limits, now)
+            .await
+            .unwrap();
+        assert!(
+            matches!(begun, crate::store::BeginWarm::Proceed { .. }),
+            "{begun:?}"
+        );
+        s.store
+            .finish_provision(0, name, "fake/w", "fake", now)
+            .await
+            .unwrap();
+    }
+
+    fn warm_config(min_idle: u32, idle_max_age: Duration) -> crate::config::Config {
+        let mut config = test_config();
+        let linux = config.pools.get_mut("linux").unwrap();
+        linux.min_idle = min_idle;
+        linux.idle_max_age = idle_max_age;
+        config
+    }
+
+    #[tokio::test]
+    async fn an_idle_warm_instance_is_recycled_at_idle_max_age_not_at_the_bootstrap_timeout() {
+        let mut s = setup_with(warm_config(1, Duration::from_millis(3_000)));
+        let t = 1_000_000;
+        warm(&s, "grs-wa", t).await;
+        let r = s.reconciler.reconcile_once(t + 2_999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        let r = s.reconciler.reconcile_once(t + 3_000).await.unwrap();
+        assert_eq!(r.warm_recycled, vec!["grs-wa".to_owned()], "{r:?}");
+        let (st, reason) = state(&s, "grs-wa").await;
+        assert_eq!(st, InstanceState::PendingDelete);
+        assert_eq!(
+            reason,
+            "idle warm instance recycled at its pool's idle_max_age of 3s"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_warm_instances_above_min_idle_are_torn_down_oldest_first() {
+        let mut s = setup_with(warm_config(3, Duration::from_secs(3600)));
+        let t = 1_000_000;
+        warm(&s, "grs-wa", t).await;
+        warm(&s, "grs-wb", t + 1).await;
+        warm(&s, "grs-wc", t + 2).await;
+        let r = s.reconciler.reconcile_once(t + 10).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        // An operator lowers min_idle on any replica: the store says so.
+        s.store
+            .update_pool_overrides(
+                "linux",
+                &crate::model::PoolOverrides {
+                    min_idle: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let r = s.reconciler.reconcile_once(t + 20).await.unwrap();
+        assert_eq!(
+            r.warm_surplus,
+            vec!["grs-wa".to_owned(), "grs-wb".to_owned()]
+        );
+        assert_eq!(s.store.pool_warm("linux").await.unwrap(), ["grs-wc"]);
+        let r = s.reconciler.reconcile_once(t + 30).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_warm_instance_nobody_finishes_making_is_torn_down_after_the_bootstrap_timeout() {
+        let mut s = setup_with(warm_config(1, Duration::from_secs(3600)));
+        let t = 1_000_000;
+        let limits = s.pools.get("linux").unwrap().limits();
+        s.store
+            .begin_warm("linux", "grs-wa", &limits, t)
+            .await
+            .unwrap();
+        s.store.mark_creating("grs-wa", t).await.unwrap();
+        let r = s.reconciler.reconcile_once(t + 999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        let r = s.reconciler.reconcile_once(t + 1_000).await.unwrap();
+        assert_eq!(r.bootstrap_timed_out, vec!["grs-wa".to_owned()], "{r:?}");
+        assert!(s.store.pool_warm("linux").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_warm_instance_given_a_job_gets_the_whole_bootstrap_timeout_from_then() {
+        let mut s = setup_with(warm_config(1, Duration::from_secs(3600)));
+        let t = 1_000_000;
+        warm(&s, "grs-wa", t).await;
+        s.store
+            .submit_event(&event("q-20", JobAction::Queued, 20), Some("linux"), t)
+            .await
+            .unwrap();
+        let limits = s.pools.get("linux").unwrap().limits();
+        let bound = t + 2_000;
+        let r = s
+            .store
+            .begin_provision(20, "grs-20", &limits, bound)
+            .await
+            .unwrap();
+        assert!(matches!(r, BeginProvision::Warm { .. }), "{r:?}");
+        let r = s.reconciler.reconcile_once(bound + 999).await.unwrap();
+        assert!(r.is_quiet(), "{r:?}");
+        let r = s.reconciler.reconcile_once(bound + 1_000).await.unwrap();
+        assert_eq!(r.bootstrap_timed_out, vec!["grs-wa".to_owned()], "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn offline_runner_registrations_of_no_live_instance_are_removed_within_budget() {
+        let mut s = setup();
+        let runners = Arc::new(Runners::default());
+        s.reconciler = Reconciler::new(
+            s.store.clone(),
+            s.pools.clone(),
+            s.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        let t = 1_000_000;
+        let live = provisioned(&s, 30, t).await;
+        {
+            let mut offline = runners.offline.lock().unwrap();
+            offline.push(RunnerRegistration {
+                id: 1,
+                name: live.clone(),
+                busy: false,
+            });
+            for i in 0..OFFLINE_RUNNER_BUDGET as u64 + 2 {
+                offline.push(RunnerRegistration {
+                    id: 100 + i,
+                    name: format!("grs-{}", 100 + i),
+                    busy: false,
+                });
+            }
+        }
+        let r = s.reconciler.reconcile_once(t + 10).await.unwrap();
+        assert_eq!(
+            r.offline_runners_removed.len(),
+            OFFLINE_RUNNER_BUDGET,
+            "{r:?}"
+        );
+        assert!(!r.offline_runners_removed.contains(&live), "{r:?}");
+        let r = s.reconciler.reconcile_once(t + 20).await.unwrap();
+        assert_eq!(r.offline_runners_removed.len(), 2, "{r:?}");
+        assert_eq!(
+            runners.removed.lock().unwrap().len(),
+            OFFLINE_RUNNER_BUDGET + 2
+        );
+        assert_eq!(
+            *runners.prefixes.lock().unwrap().last().unwrap(),
+            "grs-",
+            "only this installation's names are listed"
+        );
+    }
+
+    #[tokio::test]
+    async fn instances_and_vms_of_a_pool_removed_from_the_configuration_are_removed() {
+        let old = setup();
+        let t = now_ms();
+        let name = provisioned(&old, 40, t).await;
+        // The configuration no longer has pool linux; another pool uses
+        // the same backend.
+        let mut config = test_config();
+        let linux = config.pools.remove("linux").unwrap();
+        config.pools.insert("arm".into(), linux);
+        let pools = fake_pools(&config, &old.fake);
+        let mut r = Reconciler::new(
+            old.store.clone(),
+            pools.clone(),
+            old.reconciler.settings.clone(),
+        );
+        let report = r.reconcile_once(t + 10).await.unwrap();
+        assert_eq!(report.removed_pool_vms, vec![name.clone()], "{report:?}");
+        assert!(!old.fake.exists(&name));
+        assert_eq!(state(&old, &name).await.0, InstanceState::PendingDelete);
+        // Its teardown records it deleted without a provisioner.
+        let stop = CancellationToken::new();
+        let ctx = WorkerContext {
+            store: old.store.clone(),
+            pools,
+            settings: WorkerSettings::from_config(&test_config().control_plane),
+            registrar: None,
+            shutdown: stop.clone(),
+            metrics: Default::default(),
+        };
+        let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
+        eventually("the record deleted", Duration::from_secs(3), || async {
+            let (st, reason) = state(&old, &name).await;
+            (st == InstanceState::Deleted).then_some(reason)
+        })
+        .await;
+        stop.cancel();
+        worker.await.unwrap();
     }
 
     #[test]

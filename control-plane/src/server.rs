@@ -138,6 +138,13 @@ pub async fn run(
         None => None,
     };
 
+    // Per-node maximums hold across replicas: backends hold node places in
+    // the store.
+    let ledger = Arc::new(crate::pools::StoreNodeLedger::new(store.clone()));
+    for (backend, _) in pools.backends() {
+        backend.use_node_ledger(ledger.clone());
+    }
+
     // Workers.
     let replica = format!("{:08x}", rand::random::<u32>());
     let ctx = WorkerContext {
@@ -150,10 +157,15 @@ pub async fn run(
     };
     let mut workers = JoinSet::new();
     for pool in pools.iter() {
-        for i in 0..config.control_plane.dispatchers_per_pool {
+        for i in 0..dispatcher::workers_for(config.control_plane.dispatchers_per_pool, pool) {
             let consumer = format!("{replica}-dispatcher-{}-{i}", pool.name);
             workers.spawn(dispatcher::run(ctx.clone(), pool.name.clone(), consumer));
         }
+    }
+    // Every replica keeps every pool's warm pool; the store keeps them
+    // from overshooting it together.
+    for pool in pools.iter() {
+        workers.spawn(crate::warm::run(ctx.clone(), pool.name.clone()));
     }
     for i in 0..config.control_plane.teardown_workers {
         workers.spawn(teardown::run(

@@ -181,6 +181,11 @@ impl ControlPlaneService {
             .queue_depth(&Queue::Provision(pool.name.clone()))
             .await
             .map_err(store_status)?;
+        let warm = self
+            .store
+            .pool_warm(&pool.name)
+            .await
+            .map_err(store_status)?;
         Ok(pb::Pool {
             name: pool.name.clone(),
             labels: pool.config.labels.clone(),
@@ -190,6 +195,7 @@ impl ControlPlaneService {
             paused: ov.paused.unwrap_or(pool.config.paused),
             instances_in_use: in_use,
             jobs_queued: queued.depth,
+            instances_warm: u32::try_from(warm.len()).unwrap_or(u32::MAX),
         })
     }
 

@@ -3,12 +3,27 @@
 //!
 //! # Expected flow
 //! 1. Take the next entry of the teardown queue.
-//! 2. [`begin_teardown`](crate::store::Store::begin_teardown) moves the
-//!    instance to deleting (nothing to do if it is already deleted).
-//! 3. The pool's provisioner stops and deletes the VM (absent is success).
-//! 4. Any runner registration left behind on GitHub is removed (best effort:
+//! 2. **No runner killed mid-job.** Unless the instance's runner ran a job
+//!    that has completed (the usual teardown), ask GitHub whether the runner
+//!    is busy: a job cancelled before pickup, a bootstrap timeout, an idle
+//!    warm instance scaled down or recycled, a maximum lifetime, or an
+//!    operator's delete may meet a runner that has just taken a job whose
+//!    `in_progress` has not arrived. A busy runner's teardown is called off
+//!    ([`call_off_teardown`](crate::store::Store::call_off_teardown), the
+//!    reason recorded): the instance goes when that job completes, or when
+//!    the reconciler next finds it due and GitHub says it is idle. When
+//!    GitHub cannot be asked the teardown waits and asks again; without a
+//!    `[github]` section nothing is asked.
+//! 3. [`begin_teardown`](crate::store::Store::begin_teardown) moves the
+//!    instance to deleting (nothing to do if it is already deleted, or its
+//!    teardown was called off).
+//! 4. The pool's provisioner stops and deletes the VM (absent is success).
+//!    An instance of a pool no longer configured is only recorded deleted:
+//!    the reconciler removes that pool's VMs
+//!    ([`remove_all`](grs_provisioner::Provisioner::remove_all)).
+//! 5. Any runner registration left behind on GitHub is removed (best effort:
 //!    GitHub drops ephemeral runners itself once they ran their job).
-//! 5. [`finish_teardown`](crate::store::Store::finish_teardown) records the
+//! 6. [`finish_teardown`](crate::store::Store::finish_teardown) records the
 //!    instance deleted and frees its slot in the same atomic step; then the
 //!    entry is acknowledged.
 //!
@@ -23,7 +38,7 @@
 
 use grs_provisioner::ProvisionerError;
 
-use crate::model::now_ms;
+use crate::model::{InstanceRecord, InstanceState, JobState, now_ms};
 use crate::store::{Delivery, Queue, QueueItem, StoreResult};
 use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
 
@@ -44,6 +59,32 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
     };
     let mut attempt = 0u32;
     loop {
+        match runner_check(ctx, &name).await? {
+            RunnerCheck::Clear => {}
+            RunnerCheck::Busy => {
+                let why = "teardown called off: GitHub says its runner is busy with a job \
+                           (it goes once that job completes)";
+                if ctx.store.call_off_teardown(&name, why, now_ms()).await? {
+                    tracing::warn!(instance = %name, "runner busy; teardown called off");
+                }
+                return Ok(Handled::Done);
+            }
+            RunnerCheck::Unknown(e) => {
+                let delay = ctx.settings.backoff(attempt);
+                attempt += 1;
+                let reason = format!(
+                    "teardown waits: cannot ask GitHub whether its runner is busy (attempt {attempt}): {e}"
+                );
+                tracing::warn!(instance = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot ask whether the runner is busy; retrying");
+                ctx.store
+                    .note_instance_error(&name, &reason, now_ms())
+                    .await?;
+                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                    return Ok(Handled::Released);
+                }
+                continue;
+            }
+        }
         let Some(instance) = ctx.store.begin_teardown(&name, now_ms()).await? else {
             tracing::debug!(instance = %name, "already deleted");
             return Ok(Handled::Done);
@@ -64,10 +105,17 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                     .provisioner_call(backend, "delete", started.elapsed(), &r);
                 r
             }
-            None => Err(ProvisionerError::Config(format!(
-                "pool {} is not configured; cannot reach its provisioner",
-                instance.pool
-            ))),
+            None => {
+                let reason = format!(
+                    "pool {} is no longer configured; its VMs are removed by the reconciler",
+                    instance.pool
+                );
+                tracing::warn!(instance = %name, reason, "instance of a removed pool");
+                ctx.store
+                    .finish_teardown(&name, &reason, ctx.settings.instance_retention, now_ms())
+                    .await?;
+                return Ok(Handled::Done);
+            }
         };
         match outcome {
             Ok(()) => {
@@ -118,4 +166,53 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
             }
         }
     }
+}
+
+/// What GitHub says of the runner of an instance queued for teardown.
+enum RunnerCheck {
+    /// Tear it down: its job completed, GitHub says it is not busy, or
+    /// there is no GitHub to ask.
+    Clear,
+    /// GitHub says it runs a job.
+    Busy,
+    /// GitHub could not be asked.
+    Unknown(String),
+}
+
+/// Asks GitHub whether the runner of `name` is busy, unless the teardown
+/// is the completion of the job the runner ran (or there is nothing left
+/// to decide: the instance is gone, being deleted, or not queued).
+async fn runner_check(ctx: &WorkerContext, name: &str) -> StoreResult<RunnerCheck> {
+    let Some(registrar) = &ctx.registrar else {
+        return Ok(RunnerCheck::Clear);
+    };
+    let Some(inst) = ctx.store.get_instance(name).await? else {
+        return Ok(RunnerCheck::Clear);
+    };
+    // No VM recorded made (its create failed and cleaned up after itself):
+    // no runner to ask about.
+    if inst.state != InstanceState::PendingDelete
+        || inst.provider_id.is_empty()
+        || ran_its_job(ctx, &inst).await?
+    {
+        return Ok(RunnerCheck::Clear);
+    }
+    Ok(match registrar.runner_busy(name).await {
+        Ok(Some(true)) => RunnerCheck::Busy,
+        Ok(_) => RunnerCheck::Clear,
+        Err(e) => RunnerCheck::Unknown(e),
+    })
+}
+
+/// Whether the runner of `inst` took a job that has completed: a JIT
+/// runner runs one job, so it has nothing left to run.
+async fn ran_its_job(ctx: &WorkerContext, inst: &InstanceRecord) -> StoreResult<bool> {
+    if inst.assigned_job_id == 0 {
+        return Ok(false);
+    }
+    Ok(ctx
+        .store
+        .get_job(inst.assigned_job_id)
+        .await?
+        .is_some_and(|j| j.state == JobState::Completed))
 }

@@ -41,6 +41,37 @@ pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
         let _ = name;
         Ok(None)
     }
+
+    /// The offline runner registrations whose name starts with `prefix`;
+    /// `None` when this registrar cannot list them. The reconciler removes
+    /// those of no live instance (left behind by a VM that died before its
+    /// runner ran a job, or a removal that failed).
+    async fn offline_runners(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+        let _ = prefix;
+        Ok(None)
+    }
+
+    /// Removes the runner registration with GitHub id `id`. Absent is
+    /// success.
+    async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+        Err(format!(
+            "this registrar cannot remove runner registration {id} by id"
+        ))
+    }
+}
+
+/// A runner registration on GitHub, as the reconciler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerRegistration {
+    /// GitHub's id.
+    pub id: u64,
+    /// The runner's name (an instance name when GRS made it).
+    pub name: String,
+    /// Running a job right now.
+    pub busy: bool,
 }
 
 /// Worker settings, taken from `[control_plane]`.

@@ -45,6 +45,7 @@ async fn replica(store: Arc<dyn Store>, holder: &str, orphan: &str) -> Replica {
         bootstrap_timeout: Duration::from_secs(60),
         max_lifetime: Duration::from_secs(600),
         orphan_grace: Duration::from_secs(1),
+        instance_prefix: "grs".into(),
     };
     let r = Reconciler::new(store, fake_pools(&test_config(), &fake), settings);
     let stop = CancellationToken::new();

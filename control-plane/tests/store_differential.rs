@@ -4,7 +4,8 @@
 //! without runners, redelivered and out of order, alone and in batches;
 //! provisioning that succeeds or fails; teardowns; queue reads, acks,
 //! touches and reclaims; reconciler-like teardowns; pool updates; bootstrap
-//! tokens) are driven through a [`MemoryStore`] and a [`RedisStore`] (a real
+//! tokens; warm instances made, bound to jobs, handed back and torn down;
+//! teardowns called off) are driven through a [`MemoryStore`] and a [`RedisStore`] (a real
 //! Redis, a fresh key prefix per case). After every step, the answer of the
 //! step and every observable (each job, every instance, queue depths,
 //! capacity in use, pool overrides, tokens, the listing, and the events
@@ -32,6 +33,13 @@ const JOBS: u64 = 3;
 
 fn instance(job: u64) -> String {
     format!("grs-{job}")
+}
+
+/// Warm instances: `grs-w1`, `grs-w2`.
+const WARM: u8 = 2;
+
+fn warm(n: u8) -> String {
+    format!("grs-w{n}")
 }
 
 /// One generated `workflow_job` event.
@@ -120,6 +128,27 @@ enum Op {
     },
     PutToken(u64, u8),
     RevokeToken(u64),
+    /// A warm keeper of pool `linux` asks for warm instance n.
+    BeginWarm {
+        n: u8,
+        min_idle: u32,
+        max: u32,
+    },
+    /// Warm instance n is made (or its making failed).
+    FinishWarm(u8, bool),
+    /// Warm instance n queued for teardown (recycled or surplus).
+    TeardownWarm(u8),
+    /// A teardown called off (GitHub said the runner is busy): job
+    /// instances 1..=4, then warm ones.
+    CallOff(u8),
+    /// A backend holds a place on node1 for job instance n (seeing
+    /// `visible` other VMs there).
+    ReserveNode {
+        job: u64,
+        max: u32,
+        visible: u8,
+    },
+    ReleaseNode(u64),
     /// What the reconciler does to runners that took no job: every created
     /// instance with no job assigned is queued for teardown.
     ReconcileIdle,
@@ -140,6 +169,8 @@ fn ev() -> impl Strategy<Value = Ev> {
             1 => Just("grs-1"),
             1 => Just("grs-2"),
             1 => Just("grs-3"),
+            1 => Just("grs-w1"),
+            1 => Just("grs-w2"),
             1 => Just("someone-elses-runner"),
         ],
         prop_oneof![Just(0u64), Just(42u64)],
@@ -192,6 +223,14 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         1 => (job(), 0u8..3).prop_map(|(j, t)| Op::PutToken(j, t)),
         1 => job().prop_map(Op::RevokeToken),
+        3 => (1..=WARM, 0u32..3, 1u32..4)
+            .prop_map(|(n, min_idle, max)| Op::BeginWarm { n, min_idle, max }),
+        2 => (1..=WARM, proptest::bool::weighted(0.8)).prop_map(|(n, ok)| Op::FinishWarm(n, ok)),
+        1 => (1..=WARM).prop_map(Op::TeardownWarm),
+        1 => (1..=JOBS as u8 + 1 + WARM).prop_map(Op::CallOff),
+        2 => (job(), 1u32..3, 0u8..2)
+            .prop_map(|(job, max, visible)| Op::ReserveNode { job, max, visible }),
+        1 => job().prop_map(Op::ReleaseNode),
         1 => Just(Op::ReconcileIdle),
     ]
 }
@@ -226,6 +265,7 @@ impl Side {
         let limits = |max, paused| PoolLimits {
             max_instances: max,
             paused,
+            min_idle: 0,
         };
         match op {
             Op::Submit(e) => {
@@ -348,6 +388,65 @@ impl Side {
             Op::RevokeToken(j) => {
                 format!("{:?}", s.revoke_bootstrap_token(&instance(*j)).await)
             }
+            Op::BeginWarm { n, min_idle, max } => format!(
+                "{:?}",
+                s.begin_warm(
+                    "linux",
+                    &warm(*n),
+                    &PoolLimits {
+                        max_instances: *max,
+                        paused: false,
+                        min_idle: *min_idle,
+                    },
+                    now,
+                )
+                .await
+                .unwrap()
+            ),
+            Op::FinishWarm(n, true) => format!(
+                "{:?}",
+                s.finish_provision(0, &warm(*n), &format!("vm/w{n}"), "node1", now)
+                    .await
+                    .unwrap()
+            ),
+            Op::FinishWarm(n, false) => format!(
+                "{:?}",
+                s.fail_provision(0, &warm(*n), "warm instance not made: clone failed", now)
+                    .await
+                    .unwrap()
+            ),
+            Op::TeardownWarm(n) => format!(
+                "{:?}",
+                s.retire_warm(&warm(*n), "idle warm instance recycled", now)
+                    .await
+                    .unwrap()
+            ),
+            Op::CallOff(i) => {
+                let name = if u64::from(*i) <= JOBS + 1 {
+                    instance(u64::from(*i))
+                } else {
+                    warm(*i - JOBS as u8 - 1)
+                };
+                format!(
+                    "{:?}",
+                    s.call_off_teardown(&name, "runner busy", now)
+                        .await
+                        .unwrap()
+                )
+            }
+            Op::ReserveNode { job, max, visible } => {
+                let visible: Vec<String> = (0..*visible).map(|v| format!("grs-seen{v}")).collect();
+                format!(
+                    "{:?}",
+                    s.reserve_node("node1", &instance(*job), *max, &visible)
+                        .await
+                        .unwrap()
+                )
+            }
+            Op::ReleaseNode(j) => format!(
+                "{:?}",
+                s.release_node("node1", &instance(*j)).await.unwrap()
+            ),
             Op::ReconcileIdle => {
                 let mut out = Vec::new();
                 for i in s.list_instances(None, false).await.unwrap() {
@@ -381,6 +480,12 @@ impl Side {
                 format!("{:?}", s.get_instance(&instance(j)).await.unwrap()),
             );
         }
+        for n in 1..=WARM {
+            put(
+                format!("instance {}", warm(n)),
+                format!("{:?}", s.get_instance(&warm(n)).await.unwrap()),
+            );
+        }
         put(
             "instances".into(),
             format!("{:?}", s.list_instances(None, true).await.unwrap()),
@@ -402,10 +507,18 @@ impl Side {
                 format!("{:?}", s.pool_in_use(pool).await.unwrap()),
             );
             put(
+                format!("warm {pool}"),
+                format!("{:?}", s.pool_warm(pool).await.unwrap()),
+            );
+            put(
                 format!("overrides {pool}"),
                 format!("{:?}", s.pool_overrides(pool).await.unwrap()),
             );
         }
+        put(
+            "node1 places".into(),
+            format!("{:?}", s.node_places("node1").await.unwrap()),
+        );
         for q in queues() {
             put(
                 format!("depth {q}"),

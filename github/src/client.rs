@@ -34,6 +34,8 @@ pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 const API_VERSION: &str = "2022-11-28";
 
+pub mod inspect;
+
 /// What went wrong talking to GitHub. Never carries a credential.
 #[derive(Debug, thiserror::Error)]
 pub enum GitHubError {

@@ -188,4 +188,8 @@ impl Provisioner for ProxmoxBackend {
     async fn remove_all(&self, pool: &str) -> Result<Vec<String>, ProvisionerError> {
         self.any(pool).remove_all().await
     }
+
+    fn use_node_ledger(&self, ledger: Arc<dyn grs_provisioner::NodeLedger>) {
+        *self.backend.ledger.lock().unwrap() = Some(ledger);
+    }
 }

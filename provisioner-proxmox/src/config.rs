@@ -30,6 +30,7 @@
 //! bootstrap = "cloud-init" # or "guest-agent", "none"
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -112,6 +113,18 @@ pub struct ProxmoxConfig {
     /// Longest interval between two polls of a task's status.
     #[serde(default = "d_task_poll_max", with = "humantime_serde")]
     pub task_poll_max: Duration,
+    /// How long each type of task (`qmclone`, `qmstart`, `qmstop`,
+    /// `qmdestroy`, ...) is expected to take before GRS has seen one on this
+    /// cluster: the first status poll of such a task comes then. From the
+    /// first task on GRS learns the real durations (per type, per template
+    /// for clones); a type not listed is first polled after 1 s. Keys given
+    /// here replace the default of that type only.
+    #[serde(
+        default = "d_task_expected",
+        deserialize_with = "expected_tasks::deserialize",
+        serialize_with = "expected_tasks::serialize"
+    )]
+    pub task_expected: BTreeMap<String, Duration>,
     /// Nodes GRS may place VMs on, with their limits. Empty: only the
     /// pool's template node (or its `target_node`).
     #[serde(default)]
@@ -151,7 +164,50 @@ fn d_retry_max_delay() -> Duration {
     Duration::from_secs(8)
 }
 fn d_task_poll_min() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(20)
+}
+/// Typical durations on a small cluster with local LVM-thin storage: a
+/// linked clone of a template about a second, a start half a second, a hard
+/// stop and a destroy a few hundred milliseconds.
+fn d_task_expected() -> BTreeMap<String, Duration> {
+    [
+        ("qmclone", 1000),
+        ("qmstart", 500),
+        ("qmstop", 200),
+        ("qmshutdown", 200),
+        ("qmdestroy", 300),
+    ]
+    .into_iter()
+    .map(|(k, ms)| (k.to_owned(), Duration::from_millis(ms)))
+    .collect()
+}
+
+/// `task_expected`: a table of humantime durations; the keys given are
+/// laid over the defaults.
+mod expected_tasks {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let given = BTreeMap::<String, humantime_serde::Serde<Duration>>::deserialize(d)?;
+        let mut all = super::d_task_expected();
+        all.extend(given.into_iter().map(|(k, v)| (k, v.into_inner())));
+        Ok(all)
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        m: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|(k, v)| (k, humantime_serde::Serde::from(*v)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
 }
 fn d_task_poll_max() -> Duration {
     Duration::from_secs(2)
@@ -179,6 +235,7 @@ impl ProxmoxConfig {
             retry_max_delay: d_retry_max_delay(),
             task_poll_min: d_task_poll_min(),
             task_poll_max: d_task_poll_max(),
+            task_expected: d_task_expected(),
             nodes: Vec::new(),
         }
     }
@@ -230,6 +287,23 @@ impl ProxmoxConfig {
                 "proxmox.task_poll_max",
                 "must not be shorter than task_poll_min",
             ));
+        }
+        for (kind, d) in &self.task_expected {
+            if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(ConfigError::new(
+                    format!("proxmox.task_expected.{kind}"),
+                    "not a PVE task type (lower-case letters, e.g. qmclone)",
+                ));
+            }
+            if d.is_zero() || *d > self.task_timeout {
+                return Err(ConfigError::new(
+                    format!("proxmox.task_expected.{kind}"),
+                    format!(
+                        "must be greater than zero and at most task_timeout ({})",
+                        humantime_serde::re::humantime::format_duration(self.task_timeout)
+                    ),
+                ));
+            }
         }
         if self.retry_attempts == 0 {
             return Err(ConfigError::new(
@@ -356,6 +430,15 @@ pub struct ProxmoxPoolConfig {
     /// picks among `[proxmox].nodes` (or uses the template's node).
     #[serde(default)]
     pub target_node: Option<String>,
+    /// Copies of the template on other nodes, by node (`pve2 = 9001`): a VM
+    /// placed on such a node is cloned from the copy there, on that node.
+    /// Clones then neither cross nodes (no shared storage needed) nor wait
+    /// for one template's storage lock: each node's local storage has its
+    /// own, so a burst clones on every node at once. The copies must be
+    /// kept in step with the template by the operator (same image, same
+    /// options); GRS checks that each exists and is a template.
+    #[serde(default)]
+    pub template_replicas: BTreeMap<String, u32>,
     /// Target storage for full clones (not allowed for linked clones).
     #[serde(default)]
     pub storage: Option<String>,
@@ -400,6 +483,7 @@ impl ProxmoxPoolConfig {
             template_vmid,
             full_clone: false,
             target_node: None,
+            template_replicas: BTreeMap::new(),
             storage: None,
             resource_pool: None,
             cores: None,
@@ -424,6 +508,31 @@ impl ProxmoxPoolConfig {
         }
         if let Some(t) = &self.target_node {
             validate_node_name(t).map_err(|m| ConfigError::new(k("target_node"), m))?;
+            if !self.template_replicas.is_empty() {
+                return Err(ConfigError::new(
+                    k("template_replicas"),
+                    "cannot be combined with target_node (every VM goes to that one node)",
+                ));
+            }
+        }
+        for (node, vmid) in &self.template_replicas {
+            let key = k(&format!("template_replicas.{node}"));
+            validate_node_name(node).map_err(|m| ConfigError::new(key.clone(), m))?;
+            if !(100..=999_999_999).contains(vmid) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{vmid} is not a VM id (100 to 999999999)"),
+                ));
+            }
+            if *node == self.node && *vmid != self.template_vmid {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "node {node} holds the template itself ({}); a second template there would never be used",
+                        self.template_vmid
+                    ),
+                ));
+            }
         }
         if let Some(s) = &self.storage {
             if !self.full_clone {
@@ -611,6 +720,55 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().contains("vlna"), "{e}");
+    }
+
+    #[test]
+    fn task_expected_lays_the_given_types_over_the_defaults_and_is_checked() {
+        let c: ProxmoxConfig = serde_json::from_value(serde_json::json!({
+            "url": "https://pve:8006", "token_id": "a@b!c",
+            "task_expected": {"qmclone": "3s", "vzdump": "1m"}
+        }))
+        .unwrap();
+        assert_eq!(c.task_expected["qmclone"], Duration::from_secs(3));
+        assert_eq!(c.task_expected["vzdump"], Duration::from_secs(60));
+        assert_eq!(c.task_expected["qmstart"], Duration::from_millis(500));
+        let mut c = conn();
+        c.task_expected.insert("qmstart".into(), Duration::ZERO);
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "proxmox.task_expected.qmstart"
+        );
+        let mut c = conn();
+        c.task_expected
+            .insert("QM start".into(), Duration::from_secs(1));
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "proxmox.task_expected.QM start"
+        );
+    }
+
+    #[test]
+    fn template_replicas_are_checked() {
+        let mut p = ProxmoxPoolConfig::new("pve1", 9000);
+        p.template_replicas.insert("pve2".into(), 9001);
+        p.validate("linux").unwrap();
+        p.template_replicas.insert("pve1".into(), 9005);
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.template_replicas.pve1"
+        );
+        p.template_replicas.remove("pve1");
+        p.template_replicas.insert("pve3".into(), 5);
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.template_replicas.pve3"
+        );
+        p.template_replicas.remove("pve3");
+        p.target_node = Some("pve2".into());
+        assert_eq!(
+            p.validate("linux").unwrap_err().key,
+            "pools.linux.proxmox.template_replicas"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`schema`]: the official PVE 9.1 schema of the endpoints GRS uses and a
 //!   validator for requests against it.
 //! - [`placement`]: which node gets the next VM (room, per-node caps).
+//! - [`check`]: read-only installation checks for `grs doctor` (the token's
+//!   privileges against [`privileges`], resolved to a pool's paths).
 //! - [`privileges`]: the least privileges of the API token, as data
 //!   (checked against the schema by `tests/privileges.rs`).
 //! - [`provisioner`]: [`ProxmoxProvisioner`], one pool over PVE: clone,
@@ -27,6 +29,7 @@
 //! `shared/docs/proxmox-api.md`.
 
 pub mod backend;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -10,6 +10,11 @@
 //! - Within one process, concurrent creates never place more VMs on a node
 //!   than its maximum: a [`Reservation`] is taken under a lock and counted
 //!   until it is dropped (dropped on success, failure or cancellation).
+//! - Across processes (control-plane replicas), when the control plane hands
+//!   the backend its [`NodeLedger`](grs_provisioner::NodeLedger): the
+//!   creating code then also holds a place in the ledger for a node with a
+//!   maximum before cloning onto it (see `provisioner/create.rs`), counting
+//!   the VMs [`visible_on`] the node.
 //! - Counts come from a `/cluster/resources` snapshot taken by the caller,
 //!   unioned by instance name with the reservations, so a VM that is both
 //!   in flight and already visible is counted once.
@@ -65,6 +70,22 @@ pub struct Request<'a> {
     pub exclude: &'a HashSet<String>,
 }
 
+/// The names of the VMs of this installation (`installation_tag`) on
+/// `node` in `snapshot`.
+pub fn visible_on<'a>(
+    snapshot: &'a [Resource],
+    node: &str,
+    installation_tag: &str,
+) -> Vec<&'a str> {
+    snapshot
+        .iter()
+        .filter(|r| {
+            r.is_vm() && r.node.as_deref() == Some(node) && r.tag_list().contains(&installation_tag)
+        })
+        .filter_map(|r| r.name.as_deref())
+        .collect()
+}
+
 impl Placement {
     /// Reserves room for `req` on the best node of `snapshot`, or says why
     /// there is none (one reason per node).
@@ -97,14 +118,8 @@ impl Placement {
                 continue;
             }
             let limit = limits.iter().find(|l| &l.name == node);
-            let mut names: HashSet<&str> = snapshot
-                .iter()
-                .filter(|r| {
-                    r.is_vm()
-                        && r.node.as_deref() == Some(node)
-                        && r.tag_list().contains(&req.installation_tag)
-                })
-                .filter_map(|r| r.name.as_deref())
+            let mut names: HashSet<&str> = visible_on(snapshot, node, req.installation_tag)
+                .into_iter()
                 .collect();
             let mut inflight_mem = 0;
             for (name, h) in held.iter().filter(|(_, h)| &h.node == node) {

@@ -77,6 +77,9 @@ pub fn conn_config(sim: &PveSim) -> ProxmoxConfig {
     c.retry_max_delay = Duration::from_millis(400);
     c.task_poll_min = Duration::from_millis(10);
     c.task_poll_max = Duration::from_millis(50);
+    for d in c.task_expected.values_mut() {
+        *d = Duration::from_millis(20);
+    }
     c
 }
 

@@ -76,6 +76,9 @@ async fn start_fakepve_with(faults: &str, env: &[(&str, String)]) -> Option<Fake
     conn.retry_max_delay = Duration::from_millis(500);
     conn.task_poll_min = Duration::from_millis(20);
     conn.task_poll_max = Duration::from_millis(100);
+    for d in conn.task_expected.values_mut() {
+        *d = Duration::from_millis(20);
+    }
     conn.task_timeout = Duration::from_secs(60);
     Some(FakePve {
         _child: child,

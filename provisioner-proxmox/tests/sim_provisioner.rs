@@ -352,7 +352,6 @@ async fn placement_spreads_over_nodes_skips_a_down_node_and_honours_maximums() {
     let opts = SimOptions {
         tls: false,
         durations: TaskDurations::fast(),
-        clone_parallelism: 8,
         ..SimOptions::default()
     };
     let nodes = [
@@ -544,6 +543,10 @@ async fn secrets_never_appear_in_errors() {
     );
 }
 
+/// Issue 12: from the first VM on (no warm-up), GRS adds little to the
+/// task times, and a create+delete cycle stays within 15 calls. Before,
+/// a task type not seen yet was first polled after 1 s (a 500 ms start
+/// waited 1 s) and the estimate converged over many jobs.
 #[tokio::test]
 async fn a_create_and_delete_cycle_costs_at_most_15_api_calls_with_default_durations() {
     let opts = SimOptions {
@@ -552,36 +555,43 @@ async fn a_create_and_delete_cycle_costs_at_most_15_api_calls_with_default_durat
     };
     let f = SimFixture::start(opts, &[NodeSpec::new("pve1", 64, None)]).await;
     let mut conn = f.conn.clone();
-    // Production polling settings.
+    // Production polling settings and task estimates.
     let defaults = grs_provisioner_proxmox::ProxmoxConfig::new("https://x", "a@b!c");
     conn.task_poll_min = defaults.task_poll_min;
     conn.task_poll_max = defaults.task_poll_max;
+    conn.task_expected = defaults.task_expected.clone();
     conn.retry_base_delay = defaults.retry_base_delay;
     let p = Arc::new(
         ProxmoxProvisioner::new(&conn, POOL, &f.pool, testing::INSTALLATION, testing::PREFIX)
             .unwrap(),
     );
-    let mut warm = Vec::new();
-    for i in 0..5 {
+    let d = TaskDurations::default();
+    for i in 0..4 {
         f.sim.reset_request_count();
         let name = format!("grs-conf-c{i}");
+        let t = std::time::Instant::now();
         p.create(&spec(POOL, &name, i)).await.unwrap();
+        let create_share = t.elapsed().saturating_sub(d.linked_clone + d.start);
+        let t = std::time::Instant::now();
         p.delete(&name).await.unwrap();
+        let delete_share = t.elapsed().saturating_sub(d.stop + d.destroy);
         let n = f.sim.request_count();
-        eprintln!("cycle {i}: {n} calls {:?}", f.sim.requests_by_endpoint());
-        if i > 0 {
-            warm.push(n);
-        }
+        eprintln!(
+            "cycle {i}: {n} calls, create +{create_share:?}, delete +{delete_share:?}: {:?}",
+            f.sim.requests_by_endpoint()
+        );
+        assert!(n <= 15, "cycle {i} took {n} calls");
+        // Generous for a debug build on a busy machine (the benchmark
+        // measures ~10-50 ms); the old polling added 500 ms and more.
+        assert!(
+            create_share < Duration::from_millis(300),
+            "cycle {i}: create took {create_share:?} beyond its tasks"
+        );
+        assert!(
+            delete_share < Duration::from_millis(300),
+            "cycle {i}: delete took {delete_share:?} beyond its tasks"
+        );
     }
-    // The first cycle learns the task durations; after that, 9 calls plus
-    // about one poll per task. The median is asserted, so that one poll
-    // missed on a loaded machine does not fail the build.
-    warm.sort();
-    let median = warm[warm.len() / 2];
-    assert!(
-        median <= 15,
-        "warm create+delete cycles took {warm:?} calls"
-    );
 }
 
 #[tokio::test]
@@ -768,7 +778,6 @@ async fn creating_a_stopped_instance_again_starts_it_instead_of_making_another()
 async fn concurrent_creates_under_lock_contention_all_succeed_within_node_maximums() {
     let opts = SimOptions {
         durations: TaskDurations::fast(),
-        clone_parallelism: 3,
         ..SimOptions::default()
     };
     let nodes = [

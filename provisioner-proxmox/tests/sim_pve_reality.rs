@@ -348,3 +348,156 @@ async fn a_half_done_destroy_is_finished_by_the_next_delete() {
     f.provisioner.delete("grs-conf-47").await.unwrap();
     assert!(f.sim.vm(vmid).is_none());
 }
+
+// ------------------------------------------------- issue 12: what serializes
+
+/// pve-storage `vdisk_clone` creates a linked clone's volume inside
+/// `cluster_lock_storage` (a node-local file lock for local storage, 10 s
+/// timeout: pve-common `lock_file_full`); qemu-server `clone_vm` takes the
+/// stopped template's config lock only shared. So clones of one template on
+/// local storage serialize for that part of their run, and a clone that
+/// waits too long for the lock fails its task and leaves nothing.
+#[tokio::test]
+async fn clones_serialize_on_their_storage_lock_and_time_out_on_it() {
+    let opts = SimOptions {
+        durations: TaskDurations::fast(),
+        storage_lock_timeout: std::time::Duration::from_millis(60),
+        ..SimOptions::default()
+    };
+    let f = SimFixture::start(opts, &[NodeSpec::new("pve1", 64, None)]).await;
+    let hold = f.sim.storage_lock_hold();
+    assert_eq!(hold, TaskDurations::fast().linked_clone / 4);
+    let c = f.provisioner.client();
+    let t = std::time::Instant::now();
+    let tasks = futures::future::join_all((0..12u32).map(|i| async move {
+        let upid = c
+            .clone_vm(
+                "pve1",
+                TEMPLATE_VMID,
+                &[
+                    grs_provisioner_proxmox::client::Param::new("newid", 200 + i),
+                    grs_provisioner_proxmox::client::Param::new("name", format!("c{i}")),
+                ],
+            )
+            .await
+            .unwrap();
+        c.wait_task(&upid).await
+    }))
+    .await;
+    let failed: Vec<String> = tasks
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    // 12 clones hold the lock one after the other for `hold` each: those
+    // that would wait longer than the 60 ms timeout fail.
+    assert!(!failed.is_empty(), "no clone timed out on the lock");
+    for e in &failed {
+        assert!(
+            e.contains("clone failed: can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout"),
+            "{e}"
+        );
+    }
+    let ok = tasks.len() - failed.len();
+    assert!(ok >= 3, "only {ok} clones got the lock");
+    assert!(
+        t.elapsed() >= hold * ok as u32,
+        "{ok} clones done in {:?}, faster than their locked parts ({hold:?} each) allow",
+        t.elapsed()
+    );
+    // A failed clone leaves no VM behind.
+    assert_eq!(f.sim.vms().len(), 1 + ok);
+}
+
+/// With a storage lock that times out quickly, a burst of creates on one
+/// template still succeeds without clone tasks failing on the lock: the
+/// provisioner keeps only as many clones in flight as keep the lock busy
+/// (before it, all 24 clones were sent at once and most timed out).
+#[tokio::test]
+async fn a_burst_sends_only_as_many_clones_as_the_storage_lock_can_take() {
+    let opts = SimOptions {
+        durations: TaskDurations::fast(),
+        storage_lock_timeout: std::time::Duration::from_millis(100),
+        ..SimOptions::default()
+    };
+    let f = SimFixture::start(opts, &[NodeSpec::new("pve1", 128, None)]).await;
+    let results = futures::future::join_all((0..24u64).map(|i| {
+        let p = f.provisioner.clone();
+        async move { p.create(&spec(POOL, &format!("grs-conf-u{i}"), i)).await }
+    }))
+    .await;
+    for r in results {
+        r.unwrap();
+    }
+    let failed = f.sim.task_count("qmclone") - 24;
+    assert!(
+        failed <= 2,
+        "{failed} clone tasks failed on the storage lock"
+    );
+    let limit = f.provisioner.clone_concurrency();
+    assert!(
+        (2..=12).contains(&limit),
+        "learned clone concurrency {limit}"
+    );
+}
+
+/// `template_replicas`: a node with its own copy of the template clones
+/// from it locally, so a template on local storage serves every node (PVE
+/// refuses cross-node clones from local storage) and each node's clones
+/// take their own node's storage lock.
+#[tokio::test]
+async fn template_replicas_clone_on_each_node_from_its_own_copy() {
+    let mut f = local_storage_cluster(None, &["pve1", "pve2", "pve3"]).await;
+    f.sim.add_template("pve2", 9001, "runner-template");
+    f.sim.add_template("pve3", 9002, "runner-template");
+    for n in f.conn.nodes.iter_mut() {
+        n.max_instances = Some(2);
+    }
+    let mut pool = f.pool.clone();
+    pool.template_replicas = [("pve2".to_owned(), 9001), ("pve3".to_owned(), 9002)].into();
+    let p = grs_provisioner_proxmox::ProxmoxProvisioner::new(
+        &f.conn,
+        POOL,
+        &pool,
+        testing::INSTALLATION,
+        testing::PREFIX,
+    )
+    .unwrap();
+    p.validate().await.unwrap();
+    let log = p.client().record_requests();
+    for i in 0..6 {
+        p.create(&spec(POOL, &format!("grs-conf-r{i}"), i))
+            .await
+            .unwrap();
+    }
+    let peak = f.sim.peak_vms_per_node();
+    for n in ["pve1", "pve2", "pve3"] {
+        assert_eq!(peak.get(n), Some(&2), "{peak:?}");
+    }
+    let clones: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.ends_with("/clone"))
+        .cloned()
+        .collect();
+    assert_eq!(clones.len(), 6);
+    for r in &clones {
+        assert!(
+            !r.params.iter().any(|(k, _)| k == "target"),
+            "a clone crossed nodes: {r:?}"
+        );
+        let from_copy = r.path == "/nodes/pve2/qemu/9001/clone"
+            || r.path == "/nodes/pve3/qemu/9002/clone"
+            || r.path == "/nodes/pve1/qemu/9000/clone";
+        assert!(from_copy, "{}", r.path);
+    }
+    // A copy that is not a template is refused by validate, naming the key.
+    f.sim.add_vm("pve3", 9003, "plain", false);
+    pool.template_replicas.insert("pve3".into(), 9003);
+    let e = f.provisioner_with(&pool).validate().await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("pools.linux.proxmox.template_replicas.pve3"),
+        "{e}"
+    );
+}

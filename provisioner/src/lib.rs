@@ -15,6 +15,9 @@
 //!   failures and delays, for tests and the demo.
 //! - [`conformance`]: the behaviour every backend must show, as a suite a
 //!   backend's tests run against a live instance of it.
+//! - [`NodeLedger`]: per-node reservations shared by every process of an
+//!   installation (the control plane keeps them in its store), so per-node
+//!   maximums hold across control-plane replicas.
 //!
 //! Start reading at [`Provisioner`]. Backends in other processes (or
 //! languages) plug in over gRPC: see the `grs-provisioner-grpc` crate and
@@ -24,6 +27,8 @@ pub mod conformance;
 pub mod error;
 pub mod fake;
 pub mod types;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -128,4 +133,40 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
         }
         Ok(removed)
     }
+
+    /// Hands the backend the installation's shared node reservations: a
+    /// backend that places VMs on nodes with per-node maximums reserves a
+    /// place there before it creates a VM, so several processes (control
+    /// plane replicas) never exceed a node's maximum together. The default
+    /// ignores it (the backend's own limits then hold per process only).
+    fn use_node_ledger(&self, ledger: Arc<dyn NodeLedger>) {
+        let _ = ledger;
+    }
+}
+
+/// Places on nodes, held for instances by every process of an
+/// installation (implemented by the control plane over its store).
+///
+/// A place is held from before a VM is made until the control plane records
+/// the instance deleted (it releases the place of the node the instance ran
+/// on, its `location`), so a node's count covers VMs being made by any
+/// process and VMs made, whoever made them.
+#[async_trait]
+pub trait NodeLedger: Send + Sync + std::fmt::Debug {
+    /// Holds a place on `node` for `instance` if fewer than `max` instances
+    /// hold or occupy one there. `visible` are the instances the caller
+    /// sees on the node (VMs of this installation, made by anyone): counted
+    /// whether or not they hold a place. True when `instance` holds a place
+    /// afterwards (also when it already held one). Atomic across processes.
+    async fn reserve(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> Result<bool, String>;
+
+    /// Releases `instance`'s place on `node` (a create that failed or was
+    /// placed elsewhere). Idempotent.
+    async fn release(&self, node: &str, instance: &str) -> Result<(), String>;
 }

@@ -104,8 +104,6 @@ pub struct SystemOptions {
     pub pools: Vec<PoolSpec>,
     /// How long the simulated Proxmox tasks take.
     pub pve_durations: TaskDurations,
-    /// Clones of one template that run at once in the simulator.
-    pub clone_parallelism: usize,
     /// How long a simulated job runs once a runner took it, unless the job
     /// says otherwise.
     pub job_duration: Duration,
@@ -126,7 +124,6 @@ impl Default for SystemOptions {
         Self {
             pools: PoolSpec::demo_pools(),
             pve_durations: TaskDurations::default(),
-            clone_parallelism: SimOptions::default().clone_parallelism,
             job_duration: Duration::from_secs(30),
             store: StoreChoice::Memory,
             time_scale: 1.0,
@@ -178,7 +175,6 @@ impl System {
         let pve = PveSim::start(SimOptions {
             tls: true,
             durations: opts.pve_durations,
-            clone_parallelism: opts.clone_parallelism,
             ..SimOptions::default()
         })
         .await
@@ -386,6 +382,9 @@ fn control_plane_config(
     conn.fingerprint = pve.fingerprint();
     conn.task_poll_min = scaled(conn.task_poll_min, f, Duration::from_millis(5));
     conn.task_poll_max = scaled(conn.task_poll_max, f, Duration::from_millis(20));
+    for d in conn.task_expected.values_mut() {
+        *d = scaled(*d, f, Duration::from_millis(5));
+    }
     conn.retry_base_delay = scaled(conn.retry_base_delay, f, Duration::from_millis(10));
     conn.retry_max_delay = scaled(conn.retry_max_delay, f, Duration::from_millis(100));
     conn.nodes = vec![NodeConfig {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{BeginProvision, PoolLimits, Queue, QueueItem, Store, SubmitResult};
+use super::{BeginProvision, BeginWarm, PoolLimits, Queue, QueueItem, Store, SubmitResult};
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, PoolOverrides,
     SubmitOutcome,
@@ -43,6 +43,7 @@ pub fn event(delivery: &str, action: JobAction, job_id: u64) -> JobEvent {
 const LIMITS: PoolLimits = PoolLimits {
     max_instances: 2,
     paused: false,
+    min_idle: 0,
 };
 const BLOCK: Duration = Duration::from_millis(200);
 const KEEP: Duration = Duration::from_secs(3600);
@@ -115,6 +116,17 @@ macro_rules! store_conformance_checks {
             a_runner_named_by_a_queued_or_waiting_event_is_not_recorded,
             a_transition_tells_the_reason_it_recorded,
             concurrent_events_for_one_job_apply_one_at_a_time,
+            warm_instances_are_made_up_to_min_idle_within_capacity,
+            concurrent_warm_keepers_never_overshoot_min_idle,
+            a_queued_job_is_bound_to_an_idle_warm_instance_instead_of_a_clone,
+            a_job_a_warm_runner_took_hands_its_own_instance_to_the_warm_pool,
+            a_job_cancelled_before_pickup_hands_its_warm_instance_back,
+            a_late_in_progress_calls_off_the_teardown_of_the_runner_that_took_it,
+            a_busy_runners_teardown_is_called_off,
+            a_failed_or_torn_down_warm_instance_leaves_the_warm_pool,
+            a_job_that_ran_elsewhere_does_not_fail_with_the_instance_it_gave_up,
+            node_places_hold_a_nodes_maximum_and_go_with_their_instance,
+            concurrent_node_reservations_never_exceed_the_maximum,
         }
     };
 }
@@ -1262,7 +1274,7 @@ fn event_of_run(e: &Event, base: u64) -> bool {
 async fn scenario_setup(store: &dyn Store, base: u64) {
     let roomy = PoolLimits {
         max_instances: 10,
-        paused: false,
+        ..LIMITS
     };
     for job in [base + 5, base + 8] {
         queue_one(store, job).await;
@@ -1880,4 +1892,541 @@ async fn concurrent_events_for_one_job_apply_one_at_a_time(store: Arc<dyn Store>
     // Whichever came first, both took effect on the one record.
     assert_eq!(inst.assigned_job_id, 721, "{a:?} {b:?}");
     assert_eq!(inst.state, InstanceState::PendingDelete);
+}
+
+/// Limits of pool `linux` with a warm pool of `min_idle`.
+fn warm_limits(min_idle: u32, max_instances: u32) -> PoolLimits {
+    PoolLimits {
+        max_instances,
+        paused: false,
+        min_idle,
+    }
+}
+
+/// Makes warm instance `name` of pool `linux` (keeping `min_idle` 2, at
+/// most 4 instances), running.
+async fn make_warm(store: &dyn Store, name: &str) {
+    match store
+        .begin_warm("linux", name, &warm_limits(2, 4), 1500)
+        .await
+        .unwrap()
+    {
+        BeginWarm::Proceed { instance } => {
+            assert!(instance.warm && instance.job_id == 0, "{instance:?}");
+            assert_eq!(instance.state, InstanceState::PendingCreate);
+        }
+        other => panic!("begin_warm({name}) = {other:?}"),
+    }
+    store.mark_creating(name, 1501).await.unwrap();
+    assert!(
+        !store
+            .finish_provision(0, name, "fake/w", "node1", 1502)
+            .await
+            .unwrap()
+    );
+}
+
+async fn warm(store: &dyn Store) -> Vec<String> {
+    store.pool_warm("linux").await.unwrap()
+}
+
+async fn warm_instances_are_made_up_to_min_idle_within_capacity(store: Arc<dyn Store>) {
+    make_warm(&*store, "grs-wa").await;
+    make_warm(&*store, "grs-wb").await;
+    assert_eq!(warm(&*store).await, ["grs-wa", "grs-wb"]);
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 2);
+    // The warm pool is full.
+    assert_eq!(
+        store
+            .begin_warm("linux", "grs-wc", &warm_limits(2, 4), 1600)
+            .await
+            .unwrap(),
+        BeginWarm::Enough
+    );
+    // A live min_idle override wins over the configuration.
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                min_idle: Some(3),
+                ..PoolOverrides::default()
+            },
+        )
+        .await
+        .unwrap();
+    // ... within the pool's capacity.
+    assert_eq!(
+        store
+            .begin_warm("linux", "grs-wc", &warm_limits(2, 2), 1600)
+            .await
+            .unwrap(),
+        BeginWarm::NoCapacity
+    );
+    assert!(matches!(
+        store
+            .begin_warm("linux", "grs-wc", &warm_limits(2, 4), 1600)
+            .await
+            .unwrap(),
+        BeginWarm::Proceed { .. }
+    ));
+    // A retried call finds its name taken.
+    assert!(matches!(
+        store
+            .begin_warm("linux", "grs-wc", &warm_limits(2, 4), 1601)
+            .await
+            .unwrap(),
+        BeginWarm::Skip(_)
+    ));
+    assert_eq!(warm(&*store).await.len(), 3);
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 3);
+    // Paused: nothing new.
+    store
+        .update_pool_overrides(
+            "linux",
+            &PoolOverrides {
+                paused: Some(true),
+                min_idle: Some(4),
+                ..PoolOverrides::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_warm("linux", "grs-wd", &warm_limits(2, 4), 1700)
+            .await
+            .unwrap(),
+        BeginWarm::Paused
+    );
+    // Another pool's warm pool is its own.
+    assert!(store.pool_warm("other").await.unwrap().is_empty());
+}
+
+/// Replicas' keepers asking at once make exactly `min_idle` instances.
+async fn concurrent_warm_keepers_never_overshoot_min_idle(store: Arc<dyn Store>) {
+    let tasks = (0..8).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .begin_warm("linux", &format!("grs-w{i}"), &warm_limits(3, 10), 1000)
+                .await
+                .unwrap()
+        })
+    });
+    let made = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .filter(|r| matches!(r.as_ref().unwrap(), BeginWarm::Proceed { .. }))
+        .count();
+    assert_eq!(made, 3);
+    assert_eq!(warm(&*store).await.len(), 3);
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 3);
+}
+
+async fn a_queued_job_is_bound_to_an_idle_warm_instance_instead_of_a_clone(store: Arc<dyn Store>) {
+    // Still being made: not yet given to a job.
+    assert!(matches!(
+        store
+            .begin_warm("linux", "grs-wa", &warm_limits(1, 4), 1000)
+            .await
+            .unwrap(),
+        BeginWarm::Proceed { .. }
+    ));
+    queue_one(&*store, 800).await;
+    let (_, job) = take(&*store, "c").await;
+    assert!(matches!(
+        store
+            .begin_provision(job, "grs-800", &LIMITS, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::Proceed { .. }
+    ));
+    // Made: the next job takes it instead of a clone, even with the pool
+    // full.
+    store
+        .finish_provision(0, "grs-wa", "fake/w", "node1", 2001)
+        .await
+        .unwrap();
+    queue_one(&*store, 801).await;
+    let full = PoolLimits {
+        max_instances: 2,
+        ..LIMITS
+    };
+    let r = store
+        .begin_provision(801, "grs-801", &full, 2100)
+        .await
+        .unwrap();
+    let BeginProvision::Warm { instance } = r else {
+        panic!("begin_provision(801) = {r:?}");
+    };
+    assert_eq!(
+        (instance.name.as_str(), instance.job_id, instance.bound_at),
+        ("grs-wa", 801, 2100)
+    );
+    assert!(store.get_instance("grs-801").await.unwrap().is_none());
+    let job = store.get_job(801).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Provisioned);
+    assert_eq!(job.instance_name, "grs-wa");
+    assert!(job.reason.contains("grs-wa"), "{}", job.reason);
+    assert!(warm(&*store).await.is_empty());
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 2);
+    // A redelivered entry finds the job provisioned.
+    assert!(matches!(
+        store
+            .begin_provision(801, "grs-801", &LIMITS, 2101)
+            .await
+            .unwrap(),
+        BeginProvision::Skip(_)
+    ));
+    // GitHub hands it the job; it completes; the warm instance goes.
+    let mut started = event("p801", JobAction::InProgress, 801);
+    started.runner_name = "grs-wa".into();
+    store
+        .submit_event(&started, Some("linux"), 2200)
+        .await
+        .unwrap();
+    let mut done = event("c801", JobAction::Completed, 801);
+    done.runner_name = "grs-wa".into();
+    let r = store
+        .submit_event(&done, Some("linux"), 2300)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some("grs-wa"));
+}
+
+async fn a_job_a_warm_runner_took_hands_its_own_instance_to_the_warm_pool(store: Arc<dyn Store>) {
+    // The warm runner takes job 812 at once (GitHub's pick), so job 810,
+    // queued next, gets an instance of its own.
+    make_warm(&*store, "grs-wa").await;
+    let mut busy = event("p812", JobAction::InProgress, 812);
+    busy.runner_name = "grs-wa".into();
+    store
+        .submit_event(&busy, Some("linux"), 1950)
+        .await
+        .unwrap();
+    queue_one(&*store, 810).await;
+    let own = provision(&*store, 810).await;
+    let wa = store.get_instance("grs-wa").await.unwrap().unwrap();
+    assert_eq!((wa.job_id, wa.assigned_job_id), (812, 812));
+    assert!(warm(&*store).await.is_empty());
+    // A second warm runner takes 810.
+    make_warm(&*store, "grs-wb").await;
+    let mut started = event("p810", JobAction::InProgress, 810);
+    started.runner_name = "grs-wb".into();
+    let r = store
+        .submit_event(&started, Some("linux"), 3000)
+        .await
+        .unwrap();
+    assert_eq!(r.job.as_ref().unwrap().instance_name, "grs-wb");
+    let wb = store.get_instance("grs-wb").await.unwrap().unwrap();
+    assert_eq!(
+        (wb.job_id, wb.assigned_job_id, wb.bound_at),
+        (810, 810, 3000)
+    );
+    // 810's own instance is owed to no other job: it joins the warm pool.
+    let mine = store.get_instance(&own).await.unwrap().unwrap();
+    assert!(mine.warm && mine.job_id == 0, "{mine:?}");
+    assert_eq!(mine.state, InstanceState::Running);
+    assert_eq!(warm(&*store).await, std::slice::from_ref(&own));
+    // 810 completes on grs-wb: grs-wb goes, its former own instance stays.
+    let mut done = event("c810", JobAction::Completed, 810);
+    done.runner_name = "grs-wb".into();
+    let r = store
+        .submit_event(&done, Some("linux"), 3100)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some("grs-wb"));
+    assert_eq!(warm(&*store).await, [own]);
+}
+
+async fn a_job_cancelled_before_pickup_hands_its_warm_instance_back(store: Arc<dyn Store>) {
+    make_warm(&*store, "grs-wa").await;
+    queue_one(&*store, 820).await;
+    assert!(matches!(
+        store
+            .begin_provision(820, "grs-820", &LIMITS, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::Warm { .. }
+    ));
+    assert!(warm(&*store).await.is_empty());
+    let mut cancelled = event("c820", JobAction::Completed, 820);
+    cancelled.conclusion = "cancelled".into();
+    let r = store
+        .submit_event(&cancelled, Some("linux"), 2100)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown, None);
+    let wa = store.get_instance("grs-wa").await.unwrap().unwrap();
+    assert_eq!(
+        (wa.job_id, wa.bound_at, wa.state),
+        (0, 0, InstanceState::Running)
+    );
+    assert!(wa.reason.contains("820"), "{}", wa.reason);
+    assert_eq!(warm(&*store).await, ["grs-wa"]);
+    assert_eq!(depth(&*store, &Queue::Teardown).await, 0);
+}
+
+/// Job 830 is cancelled while its idle runner is queued for teardown,
+/// but GitHub had given that runner job 831, whose `in_progress` comes
+/// after the cancellation: the runner keeps running 831.
+async fn a_late_in_progress_calls_off_the_teardown_of_the_runner_that_took_it(
+    store: Arc<dyn Store>,
+) {
+    queue_one(&*store, 830).await;
+    let a = provision(&*store, 830).await;
+    let mut cancelled = event("c830", JobAction::Completed, 830);
+    cancelled.conclusion = "cancelled".into();
+    let r = store
+        .submit_event(&cancelled, Some("linux"), 3000)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some(a.as_str()));
+    let mut started = event("p831", JobAction::InProgress, 831);
+    started.runner_name = a.clone();
+    store
+        .submit_event(&started, Some("linux"), 3001)
+        .await
+        .unwrap();
+    let inst = store.get_instance(&a).await.unwrap().unwrap();
+    assert_eq!(
+        (inst.state, inst.assigned_job_id),
+        (InstanceState::Running, 831)
+    );
+    assert!(inst.reason.contains("831"), "{}", inst.reason);
+    // The teardown entry finds nothing to delete.
+    assert_eq!(store.begin_teardown(&a, 3002).await.unwrap(), None);
+    assert_eq!(
+        store.get_instance(&a).await.unwrap().unwrap().state,
+        InstanceState::Running
+    );
+    // 831 completes there: now it goes.
+    let mut done = event("c831", JobAction::Completed, 831);
+    done.runner_name = a.clone();
+    let r = store
+        .submit_event(&done, Some("linux"), 3003)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some(a.as_str()));
+    assert!(store.begin_teardown(&a, 3004).await.unwrap().is_some());
+}
+
+async fn a_busy_runners_teardown_is_called_off(store: Arc<dyn Store>) {
+    queue_one(&*store, 840).await;
+    let a = provision(&*store, 840).await;
+    assert!(!store.call_off_teardown(&a, "busy", 3000).await.unwrap());
+    store
+        .enqueue_teardown(&a, "runner did not take a job within 15m", 3001)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .call_off_teardown(&a, "teardown called off: runner busy", 3002)
+            .await
+            .unwrap()
+    );
+    let inst = store.get_instance(&a).await.unwrap().unwrap();
+    assert_eq!(inst.state, InstanceState::Running);
+    assert_eq!(inst.reason, "teardown called off: runner busy");
+    assert_eq!(store.begin_teardown(&a, 3003).await.unwrap(), None);
+    // Once it is being deleted, nothing calls it off.
+    store.enqueue_teardown(&a, "again", 3004).await.unwrap();
+    store.begin_teardown(&a, 3005).await.unwrap().unwrap();
+    assert!(!store.call_off_teardown(&a, "busy", 3006).await.unwrap());
+    assert!(
+        !store
+            .call_off_teardown("grs-none", "busy", 3006)
+            .await
+            .unwrap()
+    );
+}
+
+async fn a_failed_or_torn_down_warm_instance_leaves_the_warm_pool(store: Arc<dyn Store>) {
+    assert!(matches!(
+        store
+            .begin_warm("linux", "grs-wa", &warm_limits(1, 4), 1000)
+            .await
+            .unwrap(),
+        BeginWarm::Proceed { .. }
+    ));
+    store
+        .fail_provision(0, "grs-wa", "warm instance not made: clone failed", 1001)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_instance("grs-wa").await.unwrap().unwrap().state,
+        InstanceState::PendingDelete
+    );
+    assert!(warm(&*store).await.is_empty());
+    // Its slot is held until the VM is gone; the keeper may make another.
+    assert!(matches!(
+        store
+            .begin_warm("linux", "grs-wb", &warm_limits(1, 4), 1002)
+            .await
+            .unwrap(),
+        BeginWarm::Proceed { .. }
+    ));
+    store.begin_teardown("grs-wa", 1003).await.unwrap().unwrap();
+    store
+        .finish_teardown("grs-wa", "", KEEP, 1004)
+        .await
+        .unwrap();
+    assert_eq!(store.pool_in_use("linux").await.unwrap(), 1);
+    store
+        .finish_provision(0, "grs-wb", "fake/w", "node1", 1005)
+        .await
+        .unwrap();
+    assert_eq!(warm(&*store).await, ["grs-wb"]);
+    store
+        .retire_warm("grs-wb", "idle warm instance recycled", 1006)
+        .await
+        .unwrap();
+    assert!(warm(&*store).await.is_empty());
+    // A warm instance a job was bound to is not retired.
+    make_warm(&*store, "grs-wc").await;
+    queue_one(&*store, 890).await;
+    store
+        .begin_provision(890, "grs-890", &LIMITS, 1100)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .retire_warm("grs-wc", "idle warm instance recycled", 1101)
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store.get_instance("grs-wc").await.unwrap().unwrap().state,
+        InstanceState::Running
+    );
+    assert_eq!(
+        store.retire_warm("grs-none", "x", 1102).await.unwrap(),
+        None
+    );
+}
+
+/// Job 850's own instance went to the warm pool while being made (a warm
+/// runner took 850); its making then fails: job 850, running elsewhere,
+/// does not fail.
+async fn a_job_that_ran_elsewhere_does_not_fail_with_the_instance_it_gave_up(
+    store: Arc<dyn Store>,
+) {
+    queue_one(&*store, 850).await;
+    assert!(matches!(
+        store
+            .begin_provision(850, "grs-850", &LIMITS, 2000)
+            .await
+            .unwrap(),
+        BeginProvision::Proceed { .. }
+    ));
+    make_warm(&*store, "grs-wa").await;
+    let mut started = event("p850", JobAction::InProgress, 850);
+    started.runner_name = "grs-wa".into();
+    store
+        .submit_event(&started, Some("linux"), 2100)
+        .await
+        .unwrap();
+    assert_eq!(warm(&*store).await, ["grs-850"]);
+    store
+        .fail_provision(850, "grs-850", "clone failed", 2200)
+        .await
+        .unwrap();
+    let job = store.get_job(850).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::InProgress);
+    assert_eq!(job.instance_name, "grs-wa");
+    assert!(warm(&*store).await.is_empty());
+}
+
+async fn node_places_hold_a_nodes_maximum_and_go_with_their_instance(store: Arc<dyn Store>) {
+    // Places are held for recorded instances (the dispatcher records one
+    // before its provisioner reserves).
+    queue_one(&*store, 860).await;
+    queue_one(&*store, 861).await;
+    for job in [860, 861] {
+        store
+            .begin_provision(job, &format!("grs-{job}"), &LIMITS, 2000)
+            .await
+            .unwrap();
+    }
+    assert!(store.reserve_node("pve1", "grs-860", 2, &[]).await.unwrap());
+    // Again: still held, nothing more taken.
+    assert!(store.reserve_node("pve1", "grs-860", 2, &[]).await.unwrap());
+    // A VM of this installation seen on the node counts, held or not.
+    let seen = ["grs-old".to_owned()];
+    assert!(
+        !store
+            .reserve_node("pve1", "grs-861", 2, &seen)
+            .await
+            .unwrap()
+    );
+    assert!(store.reserve_node("pve1", "grs-861", 2, &[]).await.unwrap());
+    assert_eq!(
+        store.node_places("pve1").await.unwrap(),
+        ["grs-860", "grs-861"]
+    );
+    // Other nodes are their own.
+    assert!(store.reserve_node("pve2", "grs-861", 1, &[]).await.unwrap());
+    store.release_node("pve2", "grs-861").await.unwrap();
+    assert!(store.node_places("pve2").await.unwrap().is_empty());
+    // Full.
+    assert!(!store.reserve_node("pve1", "grs-862", 2, &[]).await.unwrap());
+    // Made on pve1, torn down: its place goes with it.
+    store
+        .finish_provision(860, "grs-860", "pve1/101", "pve1", 2001)
+        .await
+        .unwrap();
+    store
+        .enqueue_teardown("grs-860", "test", 2002)
+        .await
+        .unwrap();
+    store
+        .begin_teardown("grs-860", 2003)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .finish_teardown("grs-860", "", KEEP, 2004)
+        .await
+        .unwrap();
+    assert_eq!(store.node_places("pve1").await.unwrap(), ["grs-861"]);
+    // A place whose instance was never recorded (or is gone) counts for
+    // nothing and is dropped.
+    assert!(
+        store
+            .reserve_node("pve1", "grs-ghost", 3, &[])
+            .await
+            .unwrap()
+    );
+    assert!(store.reserve_node("pve1", "grs-862", 2, &[]).await.unwrap());
+    assert_eq!(
+        store.node_places("pve1").await.unwrap(),
+        ["grs-861", "grs-862"]
+    );
+}
+
+async fn concurrent_node_reservations_never_exceed_the_maximum(store: Arc<dyn Store>) {
+    for job in 870..878 {
+        queue_one(&*store, job).await;
+        store
+            .begin_provision(job, &format!("grs-{job}"), &warm_limits(0, 10), 2000)
+            .await
+            .unwrap();
+    }
+    let tasks = (870..878).map(|job| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .reserve_node("pve1", &format!("grs-{job}"), 3, &[])
+                .await
+                .unwrap()
+        })
+    });
+    let held = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap())
+        .count();
+    assert_eq!(held, 3);
+    assert_eq!(store.node_places("pve1").await.unwrap().len(), 3);
 }

@@ -23,8 +23,8 @@ use tokio::time::Instant;
 
 use super::rules::{self, Change, PoolState, Read, Records, Tx};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store, StoreError,
-    StoreResult, SubmitResult,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, QueueItem, Store,
+    StoreError, StoreResult, SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobEvent, JobState, Millis, PoolOverrides,
@@ -56,6 +56,10 @@ struct State {
     job_order: Vec<u64>,
     instances: BTreeMap<String, InstanceRecord>,
     live: HashMap<String, BTreeSet<String>>,
+    /// Each pool's warm set.
+    warm: HashMap<String, BTreeSet<String>>,
+    /// The places held on each hypervisor node.
+    nodes: HashMap<String, BTreeSet<String>>,
     overrides: HashMap<String, PoolOverrides>,
     /// token hash → (instance, expiry)
     bootstrap: HashMap<String, (String, Instant)>,
@@ -86,7 +90,12 @@ impl Records for State {
         Ok(PoolState {
             overrides: self.overrides.get(pool).cloned().unwrap_or_default(),
             in_use: self.live.get(pool).map_or(0, |l| l.len() as u32),
+            warm: self.warm.get(pool).cloned().unwrap_or_default(),
         })
+    }
+
+    fn node(&self, node: &str) -> Read<BTreeSet<String>> {
+        Ok(self.nodes.get(node).cloned().unwrap_or_default())
     }
 }
 
@@ -173,6 +182,24 @@ impl MemoryStore {
             Change::ReleaseSlot { pool, instance } => {
                 if let Some(live) = s.live.get_mut(&pool) {
                     live.remove(&instance);
+                }
+            }
+            Change::WarmAdd { pool, instance } => {
+                s.warm.entry(pool).or_default().insert(instance);
+                self.notify.notify_waiters();
+            }
+            Change::WarmRemove { pool, instance } => {
+                if let Some(warm) = s.warm.get_mut(&pool) {
+                    warm.remove(&instance);
+                }
+                self.notify.notify_waiters();
+            }
+            Change::NodeTake { node, instance } => {
+                s.nodes.entry(node).or_default().insert(instance);
+            }
+            Change::NodeRelease { node, instance } => {
+                if let Some(held) = s.nodes.get_mut(&node) {
+                    held.remove(&instance);
                 }
             }
             Change::Push(q, item) => {
@@ -359,6 +386,65 @@ impl Store for MemoryStore {
 
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()> {
         self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
+    }
+
+    async fn retire_warm(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<bool>> {
+        self.transact_one(|tx| rules::retire_warm(tx, name, reason, now))
+    }
+
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
+        self.transact_one(|tx| rules::call_off_teardown(tx, name, reason, now))
+    }
+
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm> {
+        self.transact_one(|tx| rules::begin_warm(tx, pool, name, limits, now))
+    }
+
+    async fn reserve_node(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> StoreResult<bool> {
+        self.transact_one(|tx| rules::reserve_node(tx, node, instance, max, visible))
+    }
+
+    async fn release_node(&self, node: &str, instance: &str) -> StoreResult<()> {
+        self.transact_one(|tx| rules::release_node(tx, node, instance))
+    }
+
+    async fn node_places(&self, node: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node)
+            .map(|w| w.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .warm
+            .get(pool)
+            .map(|w| w.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn read(

@@ -27,6 +27,23 @@
 //! worker that died mid-job has its job redone. Delivery is therefore at
 //! least once, and every step a worker takes is idempotent.
 //!
+//! # Warm pools
+//! Each pool's idle warm instances (made for no job, runner idle, not on
+//! their way out) form its warm set, kept in step with the instance
+//! records by every write of an instance ([`rules::is_warm_idle`]). Warm
+//! keepers add to it only while it is below `min_idle`
+//! ([`Store::begin_warm`], atomic like capacity), and a queued job is bound
+//! to a running member instead of a new instance
+//! ([`Store::begin_provision`]).
+//!
+//! # Node places
+//! Backends that cap instances per hypervisor node hold a place on the
+//! node in the store before creating a VM there
+//! ([`Store::reserve_node`], through the provisioner's
+//! [`NodeLedger`](grs_provisioner::NodeLedger)), so replicas never exceed a
+//! node's maximum together; the place is released when the instance is
+//! recorded deleted.
+//!
 //! # Capacity
 //! A pool's capacity is the set of its live instance names: a slot is taken
 //! by adding the name (only while the set is smaller than the pool's
@@ -149,6 +166,31 @@ pub enum BeginProvision {
     NoCapacity,
     /// The pool is paused: keep the entry and try again later.
     Paused,
+    /// An idle warm instance of the pool was bound to the job (the job is
+    /// provisioned): no instance to make; ack.
+    Warm {
+        /// The warm instance, now bound to the job.
+        instance: InstanceRecord,
+    },
+}
+
+/// What [`Store::begin_warm`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BeginWarm {
+    /// Make this warm instance: recorded (pending_create), its capacity
+    /// slot taken, counted in the warm pool.
+    Proceed {
+        /// The instance record.
+        instance: InstanceRecord,
+    },
+    /// The warm pool holds `min_idle` instances (made or being made).
+    Enough,
+    /// The pool is full.
+    NoCapacity,
+    /// The pool is paused.
+    Paused,
+    /// The name is taken (a retry of a call that went through).
+    Skip(String),
 }
 
 /// Configured facts about a pool the store needs to decide.
@@ -158,6 +200,8 @@ pub struct PoolLimits {
     pub max_instances: u32,
     /// Whether configuration starts it paused.
     pub paused: bool,
+    /// Configured warm pool size (before overrides).
+    pub min_idle: u32,
 }
 
 /// Queue depths for `GetStats`.
@@ -167,6 +211,16 @@ pub struct QueueDepth {
     pub depth: u64,
     /// Of those, held by a worker.
     pub pending: u64,
+}
+
+impl StoreError {
+    /// [`StoreError::Unavailable`] without an underlying error.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
 }
 
 /// The durable state of GRS. All methods are safe to call concurrently from
@@ -304,6 +358,57 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         retention: Duration,
         now: Millis,
     ) -> StoreResult<()>;
+
+    /// [`enqueue_teardown`](Store::enqueue_teardown), but only while `name`
+    /// is an idle warm instance (recycling, scale-down): a job bound to it
+    /// since the caller looked keeps it. `Some(false)` when it is not (or
+    /// already on its way out), `None` if unknown.
+    async fn retire_warm(&self, name: &str, reason: &str, now: Millis)
+    -> StoreResult<Option<bool>>;
+
+    /// Calls off the queued teardown of `name` (pending_delete → running,
+    /// `reason` recorded): GitHub says its runner is busy with a job, which
+    /// the teardown would kill. Its queue entry then finds nothing to do.
+    /// False if it was not pending deletion.
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool>;
+
+    /// Records a new warm instance `name` of `pool` if the pool's warm pool
+    /// is short of its `min_idle` (override, else `limits`), the pool is
+    /// not paused and has a free slot: the slot is taken and the instance
+    /// counted in the warm pool in one atomic step, so replicas filling the
+    /// same pool never overshoot. The caller makes it, then calls
+    /// [`finish_provision`](Store::finish_provision) (job id 0) or
+    /// [`fail_provision`](Store::fail_provision).
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm>;
+
+    /// The pool's idle warm instances (its warm pool), by name.
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>>;
+
+    /// Holds a place on hypervisor node `node` for `instance` if fewer than
+    /// `max` instances hold one or are `visible` there (see
+    /// [`NodeLedger::reserve`](grs_provisioner::NodeLedger::reserve)).
+    /// Atomic across replicas; a place whose instance is deleted or gone is
+    /// released on the way. [`finish_teardown`](Store::finish_teardown)
+    /// releases the place of the node an instance ran on (its `location`).
+    async fn reserve_node(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> StoreResult<bool>;
+
+    /// Releases `instance`'s place on `node`. Idempotent.
+    async fn release_node(&self, node: &str, instance: &str) -> StoreResult<()>;
+
+    /// The instances holding a place on `node`, by name.
+    async fn node_places(&self, node: &str) -> StoreResult<Vec<String>>;
 
     /// Records a teardown problem on the instance (it stays queued).
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()>;

@@ -9,6 +9,8 @@
 //! | `P:instance:<name>` | hash | an [`InstanceRecord`], `bootstrap` (its token's hash, or empty) and `rev`; expires after deletion |
 //! | `P:instances` | set | instance names (listing) |
 //! | `P:pool:<pool>:live` | set | live instance names: the pool's capacity in use |
+//! | `P:pool:<pool>:warm` | set | the pool's idle warm instances (its warm pool, `min_idle`) |
+//! | `P:node:<node>:places` | set | instances holding a place on a hypervisor node (per-node maximums across replicas) |
 //! | `P:pool:<pool>:settings` | hash | operator overrides (`paused`, `min_idle`, `max_instances`) and `rev` |
 //! | `P:queue:provision:<pool>` | stream, group `dispatchers` | jobs waiting for an instance (field `job_id`) |
 //! | `P:queue:teardown` | stream, group `teardown` | instances to destroy (field `instance`) |
@@ -59,13 +61,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{Client, Script, Value};
-use tokio::sync::OnceCell;
+use redis::aio::MultiplexedConnection;
+use redis::{Script, Value};
 
 use super::rules::{self, Key};
 use super::{
-    BeginProvision, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult, SubmitResult,
+    BeginProvision, BeginWarm, Delivery, PoolLimits, Queue, QueueDepth, Store, StoreResult,
+    SubmitResult,
 };
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
@@ -123,11 +125,9 @@ pub struct InvalidRedisUrl {
 
 /// Redis-backed [`Store`].
 pub struct RedisStore {
-    client: Client,
+    /// Where the primary is (`redis.url` or Sentinel); see [`conn`].
+    link: conn::Link,
     opts: RedisStoreOptions,
-    /// Connected on first use, so the control plane starts (and reports
-    /// NOT_SERVING) while Redis is down.
-    conn: OnceCell<ConnectionManager>,
     /// Connections for blocking reads.
     blocking: Mutex<Vec<MultiplexedConnection>>,
     scripts: Scripts,
@@ -146,14 +146,16 @@ impl RedisStore {
     /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`,
     /// `rediss://` for TLS). Checks the URL only; connects on first use.
     pub fn new(url: &str, opts: RedisStoreOptions) -> Result<Self, InvalidRedisUrl> {
-        let client = Client::open(url).map_err(|source| InvalidRedisUrl { source })?;
-        Ok(Self {
-            client,
+        Ok(Self::with_link(conn::Link::direct(url)?, opts))
+    }
+
+    fn with_link(link: conn::Link, opts: RedisStoreOptions) -> Self {
+        Self {
+            link,
             opts,
-            conn: OnceCell::new(),
             blocking: Mutex::new(Vec::new()),
             scripts: Scripts::new(),
-        })
+        }
     }
 
     /// The key prefix (another replica's store on the same prefix shares
@@ -169,6 +171,18 @@ impl RedisStore {
             k.push_str(p);
         }
         k
+    }
+
+    /// The members of set `key`, sorted.
+    async fn members(&self, key: &str) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        names.sort();
+        Ok(names)
     }
 
     /// Deletes every key under this store's prefix (tests and benchmarks
@@ -528,6 +542,68 @@ impl Store for RedisStore {
 
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth> {
         self.queue_depth_of(queue).await
+    }
+
+    async fn retire_warm(
+        &self,
+        name: &str,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<bool>> {
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::retire_warm(tx, name, reason, now)
+        })
+        .await
+    }
+
+    async fn call_off_teardown(&self, name: &str, reason: &str, now: Millis) -> StoreResult<bool> {
+        self.transact_one(vec![Key::Instance(name.to_owned())], now, |tx| {
+            rules::call_off_teardown(tx, name, reason, now)
+        })
+        .await
+    }
+
+    async fn begin_warm(
+        &self,
+        pool: &str,
+        name: &str,
+        limits: &PoolLimits,
+        now: Millis,
+    ) -> StoreResult<BeginWarm> {
+        self.transact_one(
+            vec![Key::Pool(pool.to_owned()), Key::Instance(name.to_owned())],
+            now,
+            |tx| rules::begin_warm(tx, pool, name, limits, now),
+        )
+        .await
+    }
+
+    async fn pool_warm(&self, pool: &str) -> StoreResult<Vec<String>> {
+        self.members(&self.key(&["pool", pool, "warm"])).await
+    }
+
+    async fn reserve_node(
+        &self,
+        node: &str,
+        instance: &str,
+        max: u32,
+        visible: &[String],
+    ) -> StoreResult<bool> {
+        self.transact_one(vec![Key::Node(node.to_owned())], now_ms(), |tx| {
+            rules::reserve_node(tx, node, instance, max, visible)
+        })
+        .await
+    }
+
+    async fn release_node(&self, node: &str, instance: &str) -> StoreResult<()> {
+        self.transact_one(vec![], now_ms(), |tx| {
+            rules::release_node(tx, node, instance)
+        })
+        .await
+    }
+
+    async fn node_places(&self, node: &str) -> StoreResult<Vec<String>> {
+        self.members(&self.key(&["node", node, "places"])).await
     }
 
     async fn pool_in_use(&self, pool: &str) -> StoreResult<u32> {

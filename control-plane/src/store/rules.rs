@@ -19,13 +19,13 @@
 //! the earlier ones' changes, and each group lists the records it read from
 //! the store (for the revision checks).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use super::{BeginProvision, PoolLimits, Queue, QueueItem, SubmitResult};
+use super::{BeginProvision, BeginWarm, PoolLimits, Queue, QueueItem, SubmitResult};
 use crate::model::{
     Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
-    PoolOverrides, SubmitOutcome, apply_event, instance_is_created, reason,
+    PoolOverrides, SubmitOutcome, apply_event, instance_is_created, instance_is_live, reason,
 };
 
 /// A record a decision reads.
@@ -39,6 +39,8 @@ pub enum Key {
     Instance(String),
     /// A pool's overrides and capacity in use.
     Pool(String),
+    /// The places held on a hypervisor node.
+    Node(String),
 }
 
 /// A read: `Err(key)` when the store has not loaded `key` (the Redis store
@@ -52,6 +54,17 @@ pub struct PoolState {
     pub overrides: PoolOverrides,
     /// Live instances (capacity slots taken).
     pub in_use: u32,
+    /// The pool's idle warm instances: its warm pool (see
+    /// [`is_warm_idle`]).
+    pub warm: BTreeSet<String>,
+}
+
+/// Whether `i` is in its pool's warm pool: made for it, bound to no job,
+/// its runner idle, not on its way out. Every write of an instance keeps
+/// the pool's warm set equal to the instances this holds for
+/// ([`Tx`]'s `put_instance`), so no rule maintains the set by hand.
+pub fn is_warm_idle(i: &InstanceRecord) -> bool {
+    i.warm && i.job_id == 0 && i.assigned_job_id == 0 && instance_is_live(i.state)
 }
 
 /// The records as a store holds them before a [`Tx`].
@@ -66,6 +79,8 @@ pub trait Records {
     fn token(&self, name: &str) -> Read<Option<String>>;
     /// Pool `pool`.
     fn pool(&self, pool: &str) -> Read<PoolState>;
+    /// The instances holding a place on hypervisor node `node`.
+    fn node(&self, node: &str) -> Read<BTreeSet<String>>;
 }
 
 /// One change to make. Applied in order; each store knows how.
@@ -131,6 +146,34 @@ pub enum Change {
         /// The token's hash.
         token_hash: String,
     },
+    /// Add `instance` to `pool`'s warm set.
+    WarmAdd {
+        /// The pool.
+        pool: String,
+        /// The instance.
+        instance: String,
+    },
+    /// Remove `instance` from `pool`'s warm set.
+    WarmRemove {
+        /// The pool.
+        pool: String,
+        /// The instance.
+        instance: String,
+    },
+    /// Hold a place on hypervisor node `node` for `instance`.
+    NodeTake {
+        /// The node.
+        node: String,
+        /// The instance.
+        instance: String,
+    },
+    /// Release `instance`'s place on hypervisor node `node`.
+    NodeRelease {
+        /// The node.
+        node: String,
+        /// The instance.
+        instance: String,
+    },
     /// Set a pool's overrides (the whole merged value).
     Overrides {
         /// The pool.
@@ -151,6 +194,21 @@ pub enum Seen {
     InUse {
         /// The pool.
         pool: String,
+        /// The count.
+        count: u32,
+    },
+    /// The size of a pool's warm set as the group saw it (as for
+    /// [`InUse`](Self::InUse)).
+    Warm {
+        /// The pool.
+        pool: String,
+        /// The count.
+        count: u32,
+    },
+    /// The number of places held on a node as the group saw it.
+    Node {
+        /// The node.
+        node: String,
         /// The count.
         count: u32,
     },
@@ -175,6 +233,11 @@ struct Overlay {
     overrides: HashMap<String, PoolOverrides>,
     /// Slots taken (+) and released (-) per pool.
     slots: HashMap<String, i64>,
+    /// Instances added to (true) or removed from (false) each pool's warm
+    /// set.
+    warm: HashMap<String, BTreeMap<String, bool>>,
+    /// The same for the places held on each node.
+    nodes: HashMap<String, BTreeMap<String, bool>>,
 }
 
 /// A decision in progress over a store's [`Records`].
@@ -294,6 +357,58 @@ impl<'a> Tx<'a> {
         Ok(p)
     }
 
+    /// Pool `pool`'s warm set (its idle warm instances, by name). Read it
+    /// before writing any instance of the pool in the same group: the
+    /// store checks the count seen against the set before the group's
+    /// writes.
+    pub fn warm(&mut self, pool: &str) -> Read<BTreeSet<String>> {
+        let mut set = self.base.pool(pool)?.warm;
+        for (name, present) in self.overlay.warm.get(pool).into_iter().flatten() {
+            if *present {
+                set.insert(name.clone());
+            } else {
+                set.remove(name);
+            }
+        }
+        self.current.seen.push(Seen::Warm {
+            pool: pool.to_owned(),
+            count: u32::try_from(set.len()).unwrap_or(u32::MAX),
+        });
+        Ok(set)
+    }
+
+    /// The instances holding a place on node `node`; read before writing
+    /// the node's places in the same group (as [`warm`](Self::warm)).
+    pub fn node(&mut self, node: &str) -> Read<BTreeSet<String>> {
+        let mut set = self.base.node(node)?;
+        for (name, present) in self.overlay.nodes.get(node).into_iter().flatten() {
+            if *present {
+                set.insert(name.clone());
+            } else {
+                set.remove(name);
+            }
+        }
+        self.current.seen.push(Seen::Node {
+            node: node.to_owned(),
+            count: u32::try_from(set.len()).unwrap_or(u32::MAX),
+        });
+        Ok(set)
+    }
+
+    fn node_place(&mut self, node: &str, instance: &str, held: bool) {
+        self.overlay
+            .nodes
+            .entry(node.to_owned())
+            .or_default()
+            .insert(instance.to_owned(), held);
+        let (node, instance) = (node.to_owned(), instance.to_owned());
+        self.change(if held {
+            Change::NodeTake { node, instance }
+        } else {
+            Change::NodeRelease { node, instance }
+        });
+    }
+
     fn record_delivery(&mut self, id: &str) {
         self.overlay.deliveries.insert(id.to_owned());
         self.change(Change::Delivery(id.to_owned()));
@@ -304,11 +419,28 @@ impl<'a> Tx<'a> {
         self.change(Change::Job { before, after });
     }
 
+    /// Writes an instance, and keeps its pool's warm set in step with
+    /// [`is_warm_idle`].
     fn put_instance(&mut self, before: Option<InstanceRecord>, after: InstanceRecord) {
+        let was = before.as_ref().is_some_and(is_warm_idle);
+        let is = is_warm_idle(&after);
+        let warm_change = (was != is).then(|| (after.pool.clone(), after.name.clone()));
         self.overlay
             .instances
             .insert(after.name.clone(), after.clone());
         self.change(Change::Instance { before, after });
+        if let Some((pool, instance)) = warm_change {
+            self.overlay
+                .warm
+                .entry(pool.clone())
+                .or_default()
+                .insert(instance.clone(), is);
+            self.change(if is {
+                Change::WarmAdd { pool, instance }
+            } else {
+                Change::WarmRemove { pool, instance }
+            });
+        }
     }
 
     fn emit(&mut self, e: Event) {
@@ -450,27 +582,45 @@ pub fn submit(
         );
     }
     let mut teardown_of = None;
+    let mut job = job;
     match ev.action {
         JobAction::InProgress if !ev.runner_name.is_empty() => {
             // The runner took a job: its instance is busy, its bootstrap
             // token used up.
-            if let Some(inst) = tx.instance(&ev.runner_name)? {
-                let mut after = inst.clone();
-                after.assigned_job_id = job.job_id;
-                after.updated_at = now;
-                tx.put_instance(Some(inst), after);
-            }
+            runner_took(tx, &mut job, &ev.runner_name, now)?;
             tx.drop_token(&ev.runner_name)?;
         }
         JobAction::Completed => {
-            // The runner that ran it goes; with no runner named, the job's
-            // own instance goes if no runner took it.
+            // The runner that ran it goes (bound to the job first if it was
+            // a warm runner whose `in_progress` never came); with no runner
+            // named, the job's own instance goes if no runner took it, or
+            // goes back to the warm pool if it came from there (a job
+            // cancelled before pickup does not cost the pool a runner).
             let target = if !ev.runner_name.is_empty() {
+                match tx.instance(&ev.runner_name)? {
+                    Some(i) if is_warm_idle(&i) => {
+                        runner_took(tx, &mut job, &ev.runner_name, now)?;
+                    }
+                    // Its `in_progress` never came (or comes late): the
+                    // runner ran this job, so a late `in_progress` of
+                    // another job naming it calls nothing off.
+                    Some(i) if i.assigned_job_id == 0 => {
+                        let mut after = i.clone();
+                        after.assigned_job_id = job.job_id;
+                        after.updated_at = now;
+                        tx.put_instance(Some(i), after);
+                    }
+                    _ => {}
+                }
                 Some(ev.runner_name.clone())
             } else if !job.instance_name.is_empty() {
-                tx.instance(&job.instance_name)?
-                    .filter(|i| i.assigned_job_id == 0)
-                    .map(|i| i.name)
+                match tx.instance(&job.instance_name)? {
+                    Some(i) if i.assigned_job_id == 0 && i.warm && i.job_id == job.job_id => {
+                        back_to_warm_pool(tx, i, job.job_id, now);
+                        None
+                    }
+                    i => i.filter(|i| i.assigned_job_id == 0).map(|i| i.name),
+                }
             } else {
                 None
             };
@@ -494,6 +644,71 @@ pub fn submit(
         job: Some(job),
         teardown: teardown_of,
     })
+}
+
+/// Runner `runner` took `job` (an `in_progress` or `completed` naming it).
+/// On an instance of ours: the job is recorded on it, a queued teardown of
+/// an idle one is called off (the teardown was decided before its runner
+/// took a job, e.g. for a job cancelled before pickup: deleting it now
+/// would kill this job), and an idle warm instance is bound to the job.
+/// The job's own instance, when the runner was such a warm one, is owed to
+/// no other job: it goes to the warm pool in the runner's place, and the
+/// job is recorded on the runner's instance.
+fn runner_took(tx: &mut Tx<'_>, job: &mut Job, runner: &str, now: Millis) -> Read<()> {
+    let Some(inst) = tx.instance(runner)? else {
+        return Ok(());
+    };
+    if inst.assigned_job_id == job.job_id {
+        return Ok(());
+    }
+    let was_warm_idle = is_warm_idle(&inst);
+    let mut after = inst.clone();
+    after.assigned_job_id = job.job_id;
+    after.updated_at = now;
+    if was_warm_idle {
+        after.job_id = job.job_id;
+        after.bound_at = now;
+    }
+    if inst.state == InstanceState::PendingDelete && inst.assigned_job_id == 0 {
+        tx.move_instance(
+            inst,
+            InstanceState::Running,
+            &reason::teardown_called_off(job.job_id),
+            now,
+            |i| *i = after,
+        );
+    } else {
+        tx.put_instance(Some(inst), after);
+    }
+    if !was_warm_idle {
+        return Ok(());
+    }
+    let own = std::mem::replace(&mut job.instance_name, runner.to_owned());
+    if let Some(i) = (!own.is_empty() && own != runner)
+        .then(|| tx.instance(&own))
+        .transpose()?
+        .flatten()
+        && i.job_id == job.job_id
+        && i.assigned_job_id == 0
+        && instance_is_live(i.state)
+    {
+        back_to_warm_pool(tx, i, job.job_id, now);
+    }
+    let before = tx.job(job.job_id)?;
+    tx.put_job(before, job.clone());
+    Ok(())
+}
+
+/// Hands instance `i`, bound to job `job_id` and idle, to its pool's warm
+/// pool.
+fn back_to_warm_pool(tx: &mut Tx<'_>, i: InstanceRecord, job_id: u64, now: Millis) {
+    let mut after = i.clone();
+    after.job_id = 0;
+    after.warm = true;
+    after.bound_at = 0;
+    after.reason = reason::back_to_warm_pool(job_id);
+    after.updated_at = now;
+    tx.put_instance(Some(i), after);
 }
 
 /// Queues `name` for teardown if it exists and is not on its way out
@@ -562,8 +777,11 @@ pub fn begin_provision(
             return Ok(BeginProvision::Skip(reason::instance_is(name, inst.state)));
         }
         // A creation that did not finish (its worker died): finish it,
-        // unless the job ended meanwhile; then remove what may exist.
-        let owed = job.state == JobState::Completed && ran_on_another_runner(&job, name);
+        // unless the job ended meanwhile; then remove what may exist. An
+        // instance the job no longer holds (it went to the warm pool) is
+        // finished all the same: the pool counts on it.
+        let owed = (job.state == JobState::Completed && ran_on_another_runner(&job, name))
+            || inst.job_id != job_id;
         if job.state.is_terminal() && !owed {
             let why = reason::job_is(job_id, job.state);
             teardown(tx, name, &why, now)?;
@@ -581,6 +799,33 @@ pub fn begin_provision(
     if let Some(skip) = provision_skip_reason(&job) {
         return Ok(BeginProvision::Skip(skip));
     }
+    // An idle warm runner of the pool takes the job instead of a new
+    // instance (GitHub hands the job to any idle runner with its labels,
+    // paused pool or not); the job is bound to it, which takes it out of
+    // the warm pool (refilled by the warm keepers).
+    for candidate in tx.warm(&job.pool)? {
+        let Some(w) = tx.instance(&candidate)? else {
+            continue;
+        };
+        if w.state != InstanceState::Running || !is_warm_idle(&w) {
+            continue;
+        }
+        let mut bound = w.clone();
+        bound.job_id = job_id;
+        bound.bound_at = now;
+        bound.updated_at = now;
+        tx.put_instance(Some(w), bound.clone());
+        let why = reason::warm_instance(&candidate);
+        let edit = |j: &mut Job| j.instance_name = candidate.clone();
+        if job.state == JobState::Queued {
+            tx.move_job(job, JobState::Provisioned, &why, now, edit);
+        } else {
+            let mut after = job.clone();
+            edit(&mut after);
+            tx.put_job(Some(job), after);
+        }
+        return Ok(BeginProvision::Warm { instance: bound });
+    }
     let pool = tx.pool(&job.pool)?;
     if pool.overrides.paused.unwrap_or(limits.paused) {
         return Ok(BeginProvision::Paused);
@@ -594,6 +839,8 @@ pub fn begin_provision(
         pool: job.pool.clone(),
         job_id,
         assigned_job_id: 0,
+        warm: false,
+        bound_at: now,
         state: InstanceState::PendingCreate,
         provider_id: String::new(),
         location: String::new(),
@@ -660,12 +907,31 @@ pub fn finish_provision(
         i.provider_id = provider_id.to_owned();
         i.location = location.to_owned();
     });
+    // Its runner already ran a job that has completed: that completion
+    // left the teardown to here (it came while this instance was being
+    // created, e.g. while a store write of the create was redone after a
+    // Redis restart). Without this the instance ran as idle until its
+    // maximum lifetime (found by the end-to-end Redis restart scenario).
+    if inst.assigned_job_id != 0
+        && tx
+            .job(inst.assigned_job_id)?
+            .is_some_and(|j| j.state == JobState::Completed)
+    {
+        if let Some(job) = tx.job(job_id)?
+            && job.state == JobState::Provisioning
+        {
+            tx.move_job(job, JobState::Provisioned, "", now, |_| {});
+        }
+        let why = reason::job_completed(inst.assigned_job_id);
+        return Ok(teardown(tx, name, &why, now)? == Some(true));
+    }
     let Some(job) = tx.job(job_id)? else {
         return Ok(false);
     };
     if job.state == JobState::Provisioning {
         tx.move_job(job, JobState::Provisioned, "", now, |_| {});
     } else if job.state == JobState::Completed
+        && inst.job_id == job_id
         && inst.assigned_job_id == 0
         && !ran_on_another_runner(&job, name)
     {
@@ -684,8 +950,11 @@ pub fn fail_provision(
     why: &str,
     now: Millis,
 ) -> Read<()> {
+    // A job that no longer holds the instance (its runner was a warm one
+    // and the instance went to the warm pool) does not fail with it.
     if let Some(job) = tx.job(job_id)?
         && !job.state.is_terminal()
+        && (job.instance_name.is_empty() || job.instance_name == name)
     {
         tx.move_job(job, JobState::Failed, why, now, |_| {});
     }
@@ -699,10 +968,87 @@ pub fn begin_teardown(tx: &mut Tx<'_>, name: &str, now: Millis) -> Read<Option<I
         return Ok(None);
     };
     Ok(match inst.state {
-        InstanceState::Deleted => None,
         InstanceState::Deleting => Some(inst),
-        _ => Some(tx.move_instance(inst, InstanceState::Deleting, "", now, |_| {})),
+        InstanceState::PendingDelete => {
+            Some(tx.move_instance(inst, InstanceState::Deleting, "", now, |_| {}))
+        }
+        // Deleted, or the teardown was called off (its runner took a job):
+        // nothing to delete.
+        _ => None,
     })
+}
+
+/// [`Store::retire_warm`](super::Store::retire_warm): a teardown only
+/// while the instance is idle in its warm pool (a job may have been bound
+/// to it since the caller looked).
+pub fn retire_warm(tx: &mut Tx<'_>, name: &str, why: &str, now: Millis) -> Read<Option<bool>> {
+    match tx.instance(name)? {
+        None => Ok(None),
+        Some(i) if !is_warm_idle(&i) => Ok(Some(false)),
+        Some(_) => teardown(tx, name, why, now),
+    }
+}
+
+/// [`Store::call_off_teardown`](super::Store::call_off_teardown).
+pub fn call_off_teardown(tx: &mut Tx<'_>, name: &str, why: &str, now: Millis) -> Read<bool> {
+    let Some(inst) = tx.instance(name)? else {
+        return Ok(false);
+    };
+    if inst.state != InstanceState::PendingDelete {
+        return Ok(false);
+    }
+    tx.move_instance(inst, InstanceState::Running, why, now, |_| {});
+    Ok(true)
+}
+
+/// [`Store::begin_warm`](super::Store::begin_warm).
+pub fn begin_warm(
+    tx: &mut Tx<'_>,
+    pool: &str,
+    name: &str,
+    limits: &PoolLimits,
+    now: Millis,
+) -> Read<BeginWarm> {
+    if let Some(inst) = tx.instance(name)? {
+        return Ok(BeginWarm::Skip(reason::instance_is(name, inst.state)));
+    }
+    let p = tx.pool(pool)?;
+    let warm = tx.warm(pool)?;
+    if p.overrides.paused.unwrap_or(limits.paused) {
+        return Ok(BeginWarm::Paused);
+    }
+    let want = p.overrides.min_idle.unwrap_or(limits.min_idle);
+    if warm.len() >= want as usize {
+        return Ok(BeginWarm::Enough);
+    }
+    if p.in_use >= p.overrides.max_instances.unwrap_or(limits.max_instances) {
+        return Ok(BeginWarm::NoCapacity);
+    }
+    tx.take_slot(pool, name);
+    let inst = InstanceRecord {
+        name: name.to_owned(),
+        pool: pool.to_owned(),
+        job_id: 0,
+        assigned_job_id: 0,
+        warm: true,
+        bound_at: 0,
+        state: InstanceState::PendingCreate,
+        provider_id: String::new(),
+        location: String::new(),
+        reason: String::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    tx.emit(Event::Instance {
+        at: now,
+        name: name.to_owned(),
+        pool: pool.to_owned(),
+        from: None,
+        to: InstanceState::PendingCreate,
+        reason: String::new(),
+    });
+    tx.put_instance(None, inst.clone());
+    Ok(BeginWarm::Proceed { instance: inst })
 }
 
 /// [`Store::finish_teardown`](super::Store::finish_teardown).
@@ -720,10 +1066,15 @@ pub fn finish_teardown(
         return Ok(());
     }
     let pool = inst.pool.clone();
-    tx.move_instance(inst, InstanceState::Deleted, why, now, |_| {});
+    let inst = tx.move_instance(inst, InstanceState::Deleted, why, now, |_| {});
     // Every instance not deleted holds its slot (taken when it was
     // recorded), so this releases exactly one.
     tx.release_slot(&pool, name);
+    // And the place it held on its node, if its backend keeps node places
+    // (released whether or not it holds one: no read needed).
+    if !inst.location.is_empty() {
+        tx.node_place(&inst.location, name, false);
+    }
     tx.drop_token(name)?;
     tx.change(Change::Retain {
         name: name.to_owned(),
@@ -787,4 +1138,46 @@ pub fn update_pool_overrides(
         overrides: new.clone(),
     });
     Ok(new)
+}
+
+/// [`Store::reserve_node`](super::Store::reserve_node). A place whose
+/// instance is gone or deleted (its release was lost: a create cut short by
+/// a crash) no longer counts and is released here.
+pub fn reserve_node(
+    tx: &mut Tx<'_>,
+    node: &str,
+    instance: &str,
+    max: u32,
+    visible: &[String],
+) -> Read<bool> {
+    let held = tx.node(node)?;
+    if held.contains(instance) {
+        return Ok(true);
+    }
+    let mut count = visible
+        .iter()
+        .filter(|v| !held.contains(*v) && v.as_str() != instance)
+        .collect::<BTreeSet<_>>()
+        .len();
+    for name in &held {
+        if visible.contains(name) {
+            count += 1;
+            continue;
+        }
+        match tx.instance(name)? {
+            Some(i) if i.state != InstanceState::Deleted => count += 1,
+            _ => tx.node_place(node, name, false),
+        }
+    }
+    if count >= max as usize {
+        return Ok(false);
+    }
+    tx.node_place(node, instance, true);
+    Ok(true)
+}
+
+/// [`Store::release_node`](super::Store::release_node).
+pub fn release_node(tx: &mut Tx<'_>, node: &str, instance: &str) -> Read<()> {
+    tx.node_place(node, instance, false);
+    Ok(())
 }

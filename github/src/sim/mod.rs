@@ -34,6 +34,7 @@
 //! Faults for tests: [`GitHubSim::inject`] makes the next API calls answer
 //! with a rate limit or a server error.
 
+mod installation;
 mod server;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -237,6 +238,8 @@ pub(crate) struct State {
     pub(crate) tokens: HashMap<String, SystemTime>,
     pub(crate) token_mints: u64,
     pub(crate) faults: VecDeque<Fault>,
+    /// The app's grants and the webhooks, for `grs doctor`.
+    pub(crate) setup: installation::Setup,
     deliveries: Vec<DeliveryRecord>,
     bodies: HashMap<String, (String, Vec<u8>)>,
     next_delivery: u64,
@@ -281,6 +284,7 @@ impl GitHubSim {
                 tokens: HashMap::new(),
                 token_mints: 0,
                 faults: VecDeque::new(),
+                setup: installation::Setup::default(),
                 deliveries: Vec::new(),
                 bodies: HashMap::new(),
                 next_delivery: 1,

@@ -16,12 +16,20 @@ pub(super) fn router(sim: GitHubSim) -> Router {
     Router::new().fallback(
         move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let sim = sim.clone();
-            async move { handle(&sim, method, uri, headers, body).await }
+            async move {
+                let scopes = super::installation::pat_scopes(&sim, &headers);
+                let mut resp = handle(&sim, method, uri, headers, body).await;
+                // GitHub names a classic PAT's scopes on every answer.
+                if let Some(v) = scopes.and_then(|s| s.parse().ok()) {
+                    resp.headers_mut().insert("x-oauth-scopes", v);
+                }
+                resp
+            }
         },
     )
 }
 
-fn err(status: StatusCode, message: &str) -> Response {
+pub(super) fn err(status: StatusCode, message: &str) -> Response {
     (
         status,
         axum::Json(
@@ -77,6 +85,10 @@ async fn handle(
     {
         return access_token(sim, &bearer, segs[2]);
     }
+    // The app's own endpoints (app JWT): its installation and webhook.
+    if let Some(resp) = super::installation::app_endpoint(sim, &method, &segs, &bearer) {
+        return resp;
+    }
 
     // Every other endpoint takes an installation token or the PAT.
     {
@@ -99,6 +111,7 @@ async fn handle(
         _ => return err(StatusCode::NOT_FOUND, "Not Found"),
     };
     match (method.clone(), rest) {
+        (Method::GET, ["hooks"]) => super::installation::hooks(sim),
         (Method::POST, ["actions", "runners", "generate-jitconfig"]) => generate_jit(sim, &body),
         (Method::POST, ["actions", "runners", "registration-token"]) => {
             let expires = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
@@ -151,15 +164,36 @@ async fn handle(
 }
 
 fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
+    let mut st = sim.lock();
+    if installation.parse::<u64>().ok() != Some(st.cfg.installation_id) {
+        return err(StatusCode::NOT_FOUND, "Not Found");
+    }
+    if let Err(message) = check_app_jwt(&st, jwt) {
+        return err(StatusCode::UNAUTHORIZED, message);
+    }
+    let token = format!("ghs_{:036x}", rand::random::<u128>());
+    let expires = SystemTime::now() + st.cfg.token_ttl;
+    st.tokens.insert(token.clone(), expires);
+    st.token_mints += 1;
+    let expires_at = time::OffsetDateTime::from(expires)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({ "token": token, "expires_at": expires_at })),
+    )
+        .into_response()
+}
+
+/// Checks an app JWT as GitHub does (the signature when the simulator has
+/// the public key; the issuer; issued in the past with at most ten minutes
+/// of life); GitHub's 401 message when it fails.
+pub(super) fn check_app_jwt(st: &super::State, jwt: &str) -> Result<(), &'static str> {
     #[derive(Deserialize)]
     struct Claims {
         iss: serde_json::Value,
         exp: u64,
         iat: u64,
-    }
-    let mut st = sim.lock();
-    if installation.parse::<u64>().ok() != Some(st.cfg.installation_id) {
-        return err(StatusCode::NOT_FOUND, "Not Found");
     }
     let claims: Option<Claims> = match &st.cfg.app_public_key_pem {
         Some(pem) => jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes())
@@ -189,10 +223,7 @@ fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
         .unwrap_or_default()
         .as_secs();
     let Some(c) = claims else {
-        return err(
-            StatusCode::UNAUTHORIZED,
-            "A JSON web token could not be decoded",
-        );
+        return Err("A JSON web token could not be decoded");
     };
     let iss = match &c.iss {
         serde_json::Value::String(s) => s.clone(),
@@ -200,23 +231,9 @@ fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
     };
     // GitHub's rules: issued in the past, at most ten minutes of life.
     if iss != st.cfg.app_id || c.iat > now + 5 || c.exp > c.iat + 600 + 60 || c.exp <= now {
-        return err(
-            StatusCode::UNAUTHORIZED,
-            "'Expiration time' claim ('exp') is too far in the future",
-        );
+        return Err("'Expiration time' claim ('exp') is too far in the future");
     }
-    let token = format!("ghs_{:036x}", rand::random::<u128>());
-    let expires = SystemTime::now() + st.cfg.token_ttl;
-    st.tokens.insert(token.clone(), expires);
-    st.token_mints += 1;
-    let expires_at = time::OffsetDateTime::from(expires)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({ "token": token, "expires_at": expires_at })),
-    )
-        .into_response()
+    Ok(())
 }
 
 fn generate_jit(sim: &GitHubSim, body: &[u8]) -> Response {

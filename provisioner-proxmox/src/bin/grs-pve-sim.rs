@@ -6,6 +6,14 @@
 //! ```
 //! Prints the URL, token and (with `--tls`) the certificate fingerprint,
 //! then serves until SIGINT/SIGTERM.
+//!
+//! With `--control-listen ADDR` it also serves a plain-HTTP control API for
+//! tests that run it as a separate process (the end-to-end harness in
+//! `tests/`): `GET /vms` (every VM, read without going through the PVE
+//! API, so injected faults do not hide them), `POST /vms` (a VM made
+//! behind GRS's back: `{"node","vmid","name"}`), `POST /faults` (one
+//! [`FaultSpec`] as JSON) and `DELETE /faults`. Keep it on loopback: it
+//! has no authentication.
 
 use std::time::Duration;
 
@@ -37,9 +45,13 @@ struct Args {
     /// Scale every task duration (1.0 = realistic defaults, 0.05 = fast).
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
-    /// Clones of one template that run at once.
-    #[arg(long, default_value_t = 4)]
-    clone_parallelism: usize,
+    /// The part of a linked clone spent holding its storage's lock (clones
+    /// in one lock domain serialize on it).
+    #[arg(long, default_value_t = SimOptions::default().storage_lock_share)]
+    storage_lock_share: f64,
+    /// Also serve the control API (plain HTTP, no auth) on this address.
+    #[arg(long)]
+    control_listen: Option<String>,
 }
 
 fn scale(d: Duration, f: f64) -> Duration {
@@ -66,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
             destroy: scale(d.destroy, f),
             agent_ready: scale(d.agent_ready, f),
         },
-        clone_parallelism: args.clone_parallelism,
+        storage_lock_share: args.storage_lock_share,
         ..SimOptions::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -95,9 +107,205 @@ async fn main() -> anyhow::Result<()> {
     if let Some(fp) = sim.fingerprint() {
         println!("fingerprint: {fp}");
     }
+    let sim = std::sync::Arc::new(sim);
+    if let Some(addr) = &args.control_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--control-listen)"))?;
+        println!("control: http://{}", listener.local_addr()?);
+        tokio::spawn(control::serve(listener, sim.clone()));
+    }
+    // Lines above are read by whoever started us: make sure they are out.
+    use std::io::Write;
+    std::io::stdout().flush().ok();
     shutdown_signal().await;
-    sim.shutdown().await;
+    if let Ok(sim) = std::sync::Arc::try_unwrap(sim) {
+        sim.shutdown().await;
+    }
     Ok(())
+}
+
+/// The control API of `--control-listen`.
+mod control {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use axum::{Json, Router};
+    use grs_provisioner_proxmox::sim::{Fault, PveSim};
+    use serde::Deserialize;
+    use serde_json::{Value, json};
+
+    /// A fault, as JSON: `{"fault": "clone_lock_contention", "probability": 0.2}`.
+    /// Mirrors [`Fault`] (durations in milliseconds).
+    #[derive(Debug, Deserialize)]
+    #[serde(tag = "fault", rename_all = "snake_case", deny_unknown_fields)]
+    pub enum FaultSpec {
+        CloneLockTimeout {
+            times: u32,
+        },
+        CloneLockContention {
+            probability: f64,
+        },
+        CloneStorageLockTimeout {
+            times: u32,
+        },
+        FailTask {
+            kind: String,
+            times: u32,
+            message: String,
+        },
+        SlowTasks {
+            extra_ms: u64,
+        },
+        HttpError {
+            path_contains: String,
+            #[serde(default)]
+            method: Option<String>,
+            status: u16,
+            message: String,
+            times: u32,
+        },
+        DropConnections {
+            times: u32,
+        },
+        TaskNotYetVisible {
+            times: u32,
+        },
+        DropRequests {
+            path_contains: String,
+            times: u32,
+        },
+        LoseAnswers {
+            path_contains: String,
+            times: u32,
+        },
+        Latency {
+            extra_ms: u64,
+        },
+    }
+
+    impl From<FaultSpec> for Fault {
+        fn from(f: FaultSpec) -> Self {
+            let ms = Duration::from_millis;
+            match f {
+                FaultSpec::CloneLockTimeout { times } => Fault::CloneLockTimeout { times },
+                FaultSpec::CloneLockContention { probability } => {
+                    Fault::CloneLockContention { probability }
+                }
+                FaultSpec::CloneStorageLockTimeout { times } => {
+                    Fault::CloneStorageLockTimeout { times }
+                }
+                FaultSpec::FailTask {
+                    kind,
+                    times,
+                    message,
+                } => Fault::FailTask {
+                    kind,
+                    times,
+                    message,
+                },
+                FaultSpec::SlowTasks { extra_ms } => Fault::SlowTasks {
+                    extra: ms(extra_ms),
+                },
+                FaultSpec::HttpError {
+                    path_contains,
+                    method,
+                    status,
+                    message,
+                    times,
+                } => Fault::HttpError {
+                    path_contains,
+                    method,
+                    status,
+                    message,
+                    times,
+                },
+                FaultSpec::DropConnections { times } => Fault::DropConnections { times },
+                FaultSpec::TaskNotYetVisible { times } => Fault::TaskNotYetVisible { times },
+                FaultSpec::DropRequests {
+                    path_contains,
+                    times,
+                } => Fault::DropRequests {
+                    path_contains,
+                    times,
+                },
+                FaultSpec::LoseAnswers {
+                    path_contains,
+                    times,
+                } => Fault::LoseAnswers {
+                    path_contains,
+                    times,
+                },
+                FaultSpec::Latency { extra_ms } => Fault::Latency {
+                    extra: ms(extra_ms),
+                },
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct NewVm {
+        node: String,
+        vmid: u32,
+        name: String,
+    }
+
+    pub async fn serve(listener: tokio::net::TcpListener, sim: Arc<PveSim>) {
+        let app = Router::new()
+            .route("/vms", get(vms).post(add_vm))
+            .route("/faults", axum::routing::post(inject).delete(clear))
+            .route("/stats", get(stats))
+            .with_state(sim);
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("grs-pve-sim: control API stopped: {e}");
+        }
+    }
+
+    async fn vms(State(sim): State<Arc<PveSim>>) -> Json<Value> {
+        Json(Value::Array(
+            sim.vms()
+                .into_iter()
+                .map(|v| {
+                    json!({
+                        "vmid": v.vmid,
+                        "node": v.node,
+                        "name": v.name(),
+                        "template": v.template,
+                        "running": v.running,
+                        "lock": v.lock,
+                        "config": v.config,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn add_vm(State(sim): State<Arc<PveSim>>, Json(vm): Json<NewVm>) -> StatusCode {
+        sim.add_vm(&vm.node, vm.vmid, &vm.name, false);
+        StatusCode::CREATED
+    }
+
+    async fn inject(State(sim): State<Arc<PveSim>>, Json(f): Json<FaultSpec>) -> StatusCode {
+        sim.inject(f.into());
+        StatusCode::NO_CONTENT
+    }
+
+    async fn clear(State(sim): State<Arc<PveSim>>) -> StatusCode {
+        sim.clear_faults();
+        StatusCode::NO_CONTENT
+    }
+
+    async fn stats(State(sim): State<Arc<PveSim>>) -> Json<Value> {
+        Json(json!({
+            "requests": sim.request_count(),
+            "schema_violations": sim.schema_violations(),
+            "peak_vms_per_node": sim.peak_vms_per_node(),
+            "clone_tasks": sim.task_count("qmclone"),
+        }))
+    }
 }
 
 async fn shutdown_signal() {

@@ -7,7 +7,7 @@
 --     'r': the hash's `rev` field ('' when absent)
 --     'e': EXISTS (0 or 1)
 --     'c': SCARD
---   the number of writes, then per write: op and its arguments
+--   then per write: op and its arguments
 --     'h' key n f1 v1 ... fn vn   HSET the n fields, then HINCRBY rev 1
 --     'n' key n f1 v1 ... fn vn   HSET the n fields and rev 1: a record its
 --                                 group checked has no rev (is new)

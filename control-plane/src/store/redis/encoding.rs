@@ -57,7 +57,7 @@ pub(super) fn hash_of(v: &Value) -> HashMap<String, String> {
 
 pub(super) fn items(v: Value) -> Vec<Value> {
     match v {
-        Value::Array(a) => a,
+        Value::Array(a) | Value::Set(a) => a,
         Value::Nil => Vec::new(),
         other => vec![other],
     }
@@ -137,6 +137,8 @@ pub(super) fn instance_from_hash(
         pool: text(h, "pool"),
         job_id: num(h, "job_id", key)?,
         assigned_job_id: num(h, "assigned_job_id", key)?,
+        warm: text(h, "warm") == "1",
+        bound_at: num(h, "bound_at", key)?,
         state,
         provider_id: text(h, "provider_id"),
         location: text(h, "location"),
@@ -236,6 +238,8 @@ pub(super) fn instance_fields(i: &InstanceRecord) -> Vec<(&'static str, String)>
         ("pool", i.pool.clone()),
         ("job_id", i.job_id.to_string()),
         ("assigned_job_id", i.assigned_job_id.to_string()),
+        ("warm", if i.warm { "1" } else { "0" }.into()),
+        ("bound_at", i.bound_at.to_string()),
         ("state", i.state.as_str().into()),
         ("provider_id", i.provider_id.clone()),
         ("location", i.location.clone()),

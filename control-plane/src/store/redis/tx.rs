@@ -27,14 +27,14 @@
 //! ([`Call`]): records' fields are borrowed, not turned into strings first,
 //! and only the fields that changed are sent.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use redis::{ErrorKind, RedisWrite, ServerErrorKind, ToRedisArgs, Value};
 
 use super::RedisStore;
 use super::conn::unavailable;
 use super::encoding::{
-    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash,
+    as_string, changed, corrupt, event_fields, hash_of, instance_fields, instance_from_hash, items,
     job_fields, job_from_hash, overrides_from_hash,
 };
 use crate::model::{InstanceRecord, Job, JobState, Millis};
@@ -58,6 +58,8 @@ pub(super) struct Snapshot {
     instances: HashMap<String, (Option<InstanceRecord>, Option<String>, String)>,
     /// pool → (overrides and capacity in use, settings `rev`)
     pools: HashMap<String, (PoolState, String)>,
+    /// node → instances holding a place there
+    nodes: HashMap<String, BTreeSet<String>>,
     /// Reads it took; 1 means one atomic snapshot.
     rounds: u32,
     /// Whether some records were assumed ([`Snapshot::assume_new`]) rather
@@ -86,6 +88,7 @@ impl Snapshot {
             Key::Job(id) => self.jobs.contains_key(id),
             Key::Instance(name) => self.instances.contains_key(name),
             Key::Pool(pool) => self.pools.contains_key(pool),
+            Key::Node(node) => self.nodes.contains_key(node),
         }
     }
 
@@ -95,6 +98,7 @@ impl Snapshot {
         keys.extend(self.jobs.keys().copied().map(Key::Job));
         keys.extend(self.instances.keys().cloned().map(Key::Instance));
         keys.extend(self.pools.keys().cloned().map(Key::Pool));
+        keys.extend(self.nodes.keys().cloned().map(Key::Node));
         keys
     }
 }
@@ -133,6 +137,13 @@ impl Records for Snapshot {
             .get(pool)
             .map(|(p, _)| p.clone())
             .ok_or_else(|| Key::Pool(pool.to_owned()))
+    }
+
+    fn node(&self, node: &str) -> Read<BTreeSet<String>> {
+        self.nodes
+            .get(node)
+            .cloned()
+            .ok_or_else(|| Key::Node(node.to_owned()))
     }
 }
 
@@ -241,6 +252,10 @@ impl RedisStore {
         self.key(&["instance", name])
     }
 
+    fn node_key(&self, node: &str) -> String {
+        self.key(&["node", node, "places"])
+    }
+
     /// Reads `keys` not yet in `snap` in one atomic pipeline.
     pub(super) async fn load(&self, snap: &mut Snapshot, keys: &[Key]) -> StoreResult<()> {
         let mut todo: Vec<&Key> = Vec::new();
@@ -270,7 +285,12 @@ impl RedisStore {
                     pipe.cmd("HGETALL")
                         .arg(self.key(&["pool", pool, "settings"]))
                         .cmd("SCARD")
-                        .arg(self.key(&["pool", pool, "live"]));
+                        .arg(self.key(&["pool", pool, "live"]))
+                        .cmd("SMEMBERS")
+                        .arg(self.key(&["pool", pool, "warm"]));
+                }
+                Key::Node(node) => {
+                    pipe.cmd("SMEMBERS").arg(self.node_key(node));
                 }
             }
         }
@@ -297,16 +317,22 @@ impl RedisStore {
                     snap.instances
                         .insert(name.clone(), (instance_from_hash(&h, &key)?, token, rev));
                 }
+                Key::Node(node) => {
+                    let held = items(next()).iter().filter_map(as_string).collect();
+                    snap.nodes.insert(node.clone(), held);
+                }
                 Key::Pool(pool) => {
                     let h = hash_of(&next());
                     let rev = h.get("rev").cloned().unwrap_or_default();
                     let in_use = u32::try_from(int(&next())).unwrap_or(u32::MAX);
+                    let warm = items(next()).iter().filter_map(as_string).collect();
                     snap.pools.insert(
                         pool.clone(),
                         (
                             PoolState {
                                 overrides: overrides_from_hash(&h),
                                 in_use,
+                                warm,
                             },
                             rev,
                         ),
@@ -350,6 +376,21 @@ impl RedisStore {
                 }
                 Seen::InUse { pool, count } => {
                     call.arg("c").key(p, &[&"pool", pool, &"live"]).arg(*count);
+                }
+                Seen::Warm { pool, count } => {
+                    call.arg("c").key(p, &[&"pool", pool, &"warm"]).arg(*count);
+                }
+                // Node places are read as counts (Seen::Node), never as a
+                // stored record; this compares the snapshot's count all the
+                // same.
+                Seen::Stored(Key::Node(node)) => {
+                    let count = snap.nodes.get(node).map_or(0, |n| n.len());
+                    call.arg("c").key(p, &[&"node", node, &"places"]).arg(count);
+                }
+                Seen::Node { node, count } => {
+                    call.arg("c")
+                        .key(p, &[&"node", node, &"places"])
+                        .arg(*count);
                 }
             }
         }
@@ -433,6 +474,26 @@ impl RedisStore {
                     &[("job_id", *job_id)],
                 );
             }
+            Change::WarmAdd { pool, instance } => {
+                call.arg("a")
+                    .key(p, &[&"pool", pool, &"warm"])
+                    .arg(instance);
+            }
+            Change::WarmRemove { pool, instance } => {
+                call.arg("m")
+                    .key(p, &[&"pool", pool, &"warm"])
+                    .arg(instance);
+            }
+            Change::NodeTake { node, instance } => {
+                call.arg("a")
+                    .key(p, &[&"node", node, &"places"])
+                    .arg(instance);
+            }
+            Change::NodeRelease { node, instance } => {
+                call.arg("m")
+                    .key(p, &[&"node", node, &"places"])
+                    .arg(instance);
+            }
             Change::Push(q, item) => {
                 let (key, _) = self.queue_key(q);
                 let field = match item {
@@ -501,6 +562,7 @@ impl RedisStore {
             r => r,
         }
         .map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         usize::try_from(applied)
             .ok()
             .filter(|a| *a <= groups.len())
@@ -574,12 +636,9 @@ impl RedisStore {
         if out.len() == n {
             Ok(out)
         } else {
-            Err(StoreError::Unavailable {
-                message: format!(
-                    "gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the records"
-                ),
-                source: None,
-            })
+            Err(StoreError::unavailable(format!(
+                "gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the records"
+            )))
         }
     }
 
