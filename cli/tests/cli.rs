@@ -878,12 +878,12 @@ async fn the_top_binary_redraws_on_events_when_piped_and_exits_0_on_sigterm() {
 }
 
 /// `grs top` on a terminal (a pseudo-terminal from `script`): the screen is
-/// drawn, `q` ends it with exit 0, and the terminal is restored (the
-/// alternate screen left, the cursor shown again).
+/// drawn, `q` (and, in another run, Ctrl-C, which raw mode delivers as a
+/// key) ends it with exit 0, and the terminal is restored (the alternate
+/// screen left, the cursor shown again).
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if std::process::Command::new("script")
         .arg("--version")
         .output()
@@ -897,6 +897,14 @@ async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
     let s = start(Setup::default()).await;
     s.queue(4_000_000_921).await;
     wait_instances(&s, 1).await;
+    for quit in [&b"q"[..], &b"\x03"[..]] {
+        top_on_a_pty_until(&s, quit).await;
+    }
+}
+
+#[cfg(target_os = "linux")]
+async fn top_on_a_pty_until(s: &Server, quit: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cmd = format!(
         "{} --server {} top --interval 100ms",
         env!("CARGO_BIN_EXE_grs"),
@@ -930,11 +938,11 @@ async fn top_on_a_terminal_quits_on_q_and_restores_the_terminal() {
         "alternate screen entered: {screen:?}"
     );
     assert!(screen.contains("q: quit"), "{screen:?}");
-    stdin.write_all(b"q").await.unwrap();
+    stdin.write_all(quit).await.unwrap();
     stdin.flush().await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
-        .expect("grs top ends on q")
+        .unwrap_or_else(|_| panic!("grs top ends on {quit:?}"))
         .unwrap();
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).await.unwrap();

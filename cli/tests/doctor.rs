@@ -27,9 +27,17 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start(appendonly: bool) -> Self {
+        Self::start_with(appendonly, None)
+    }
+
+    fn start_with(appendonly: bool, password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("redis.sock");
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args(["--port", "0", "--save", ""])
             .args(["--appendonly", if appendonly { "yes" } else { "no" }])
             .arg("--unixsocket")
@@ -265,6 +273,44 @@ async fn a_healthy_installation_passes_every_check() {
 }
 
 #[tokio::test]
+async fn json_output_lists_every_check_with_its_status_and_fix() {
+    let i = Install::start(Auth::App).await;
+    i.github.set_app_events(&[]);
+    let cli = Cli::try_parse_from([
+        "grs",
+        "-o",
+        "json",
+        "doctor",
+        "--config",
+        i.config().to_str().unwrap(),
+    ])
+    .unwrap();
+    let mut out = Vec::new();
+    let err = grs::run(cli, &mut out, std::future::pending())
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let checks = doc["checks"].as_array().unwrap();
+    assert!(checks.len() >= 10, "{doc}");
+    let webhook = checks
+        .iter()
+        .find(|c| c["name"] == "GitHub webhook")
+        .unwrap();
+    assert_eq!(webhook["status"], "fail", "{webhook}");
+    assert!(
+        webhook["fix"].as_str().unwrap().contains("Workflow job"),
+        "{webhook}"
+    );
+    let redis = checks
+        .iter()
+        .find(|c| c["name"] == "Redis persistence")
+        .unwrap();
+    assert_eq!(redis["status"], "pass", "{redis}");
+    assert!(redis["fix"].is_null(), "{redis}");
+}
+
+#[tokio::test]
 async fn an_unreadable_configuration_is_the_only_check() {
     let i = Install::start(Auth::App).await;
     let path = i.dir.path().join("bad.toml");
@@ -303,6 +349,37 @@ async fn redis_without_persistence_says_so_and_how_to_turn_it_on() {
         "{l}"
     );
     assert!(l.contains("CONFIG SET appendonly yes"), "{l}");
+}
+
+#[tokio::test]
+async fn the_redis_password_is_sent_and_a_wrong_one_is_named_not_shown() {
+    let mut i = Install::start(Auth::App).await;
+    let locked = PrivateRedis::start_with(true, Some("redis-s3cret"));
+    i.redis_url = locked.url();
+    let path = i.config();
+    let pw = i.dir.path().join("redis-password");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[redis]\n",
+        &format!("[redis]\npassword_file = \"{}\"\n", pw.display()),
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(&pw, "redis-s3cret").unwrap();
+    let (report, code) = doctor_at(&path).await;
+    assert_eq!(code, 0, "{report}");
+    line(&report, "✓", "Redis persistence");
+
+    std::fs::write(&pw, "not-the-password").unwrap();
+    let (report, code) = doctor_at(&path).await;
+    assert_fails_only(&report, code, &["Redis reachable"]);
+    let l = line(&report, "✗", "Redis reachable");
+    assert!(
+        l.contains("Password authentication failed") && l.contains("redis.password"),
+        "{l}"
+    );
+    assert!(
+        !report.contains("not-the-password") && !report.contains("redis-s3cret"),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -424,6 +501,26 @@ async fn clones_placed_on_another_node_need_shared_storage() {
 }
 
 #[tokio::test]
+async fn clones_narrowed_to_the_template_node_are_a_warning_not_a_failure() {
+    let i = Install::start(Auth::App).await;
+    i.pve.add_node("pve2", 64);
+    let path = i.config();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "fingerprint = ",
+        "nodes = [{ name = \"pve1\" }, { name = \"pve2\" }]\nfingerprint = ",
+    );
+    std::fs::write(&path, text).unwrap();
+    let (report, code) = doctor_at(&path).await;
+    assert_eq!(code, 0, "{report}");
+    let l = line(&report, "!", "PVE template (pool linux)");
+    assert!(l.contains("clones go to pve1 only, never to pve2"), "{l}");
+    assert!(
+        l.contains("fix: move the template's disks to shared storage"),
+        "{l}"
+    );
+}
+
+#[tokio::test]
 async fn an_app_without_runner_permission_is_told_which() {
     let i = Install::start(Auth::App).await;
     i.github.set_app_permissions(&[
@@ -535,7 +632,7 @@ async fn an_unreachable_gateway_fails_with_its_key() {
     assert_fails_only(&report, code, &["gateway reachable"]);
     let l = line(&report, "✗", "gateway reachable");
     assert!(
-        l.contains("/healthz") && l.contains("control_plane.gateway_url"),
+        l.contains("/healthz: connection refused") && l.contains("control_plane.gateway_url"),
         "{l}"
     );
 }

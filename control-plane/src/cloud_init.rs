@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use grs_github::cloud_init::{DEFAULT_USER_DATA_TEMPLATE, RunnerBootstrap, render_user_data};
 use grs_proto::v1::BootstrapDocument;
+use secrecy::SecretString;
 
 use crate::model::InstanceRecord;
 use crate::pools::Pool;
@@ -27,12 +28,16 @@ impl Documents {
         Self { registrar }
     }
 
-    /// The document's body and content type.
+    /// The document's body and content type. `user-data` carries `jit`, the
+    /// runner config minted when the instance was provisioned; without one
+    /// (an instance provisioned before GRS minted at provision time) a
+    /// config is minted now.
     pub async fn render(
         &self,
         doc: BootstrapDocument,
         instance: &InstanceRecord,
         pool: &Pool,
+        jit: Option<SecretString>,
     ) -> Result<(Vec<u8>, &'static str), String> {
         match doc {
             BootstrapDocument::MetaData => Ok((
@@ -50,16 +55,21 @@ impl Documents {
                 Ok((NETWORK_CONFIG.as_bytes().to_vec(), "text/yaml"))
             }
             BootstrapDocument::UserData => {
-                let registrar = self.registrar.as_ref().ok_or(
-                    "GitHub is not configured ([github]): no runner registration can be minted",
-                )?;
-                let jit = registrar
-                    .jit_config(
-                        &instance.name,
-                        &pool.config.labels,
-                        pool.config.runner_group_id,
-                    )
-                    .await?;
+                let jit = match jit {
+                    Some(jit) => jit,
+                    None => {
+                        let registrar = self.registrar.as_ref().ok_or(
+                            "GitHub is not configured ([github]): no runner registration can be minted",
+                        )?;
+                        registrar
+                            .jit_config(
+                                &instance.name,
+                                &pool.config.labels,
+                                pool.config.runner_group_id,
+                            )
+                            .await?
+                    }
+                };
                 let bootstrap = RunnerBootstrap {
                     instance_name: instance.name.clone(),
                     encoded_jit_config: jit,

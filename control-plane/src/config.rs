@@ -132,6 +132,30 @@ pub struct ControlPlaneConfig {
     /// know (or knows as deleted) is deleted once it is this old (orphan).
     #[serde(with = "humantime_serde")]
     pub orphan_grace: Duration,
+
+    // GitHub-side recovery (used only with `[github]`).
+    /// GitHub API calls an hour this replica may spend on optional work:
+    /// the job-status check before a VM is spent, and the lost-webhook scan
+    /// (a token bucket refilled evenly). Spent: jobs are provisioned
+    /// unchecked and the scan waits. Runner registration and teardown are
+    /// never held back by it. GitHub allows 5,000 calls an hour to a PAT
+    /// and at least 5,000 to an App installation.
+    pub github_api_budget: u32,
+    /// How often the reconciler's leader looks for lost webhooks: queued
+    /// jobs GitHub never told GRS about (scanned and submitted like a
+    /// webhook) and failed `workflow_job` deliveries (redelivered). Checked
+    /// at each reconciler pass, so the effective period is the larger of
+    /// this and `reconcile_interval`.
+    #[serde(with = "humantime_serde")]
+    pub recovery_interval: Duration,
+    /// Failed deliveries older than this are not redelivered (GitHub keeps
+    /// them three days; the scan of queued jobs covers older losses).
+    #[serde(with = "humantime_serde")]
+    pub recovery_lookback: Duration,
+    /// Repositories (`owner/name`) the lost-webhook scan looks at when
+    /// `github.organization` is set, besides those of the jobs GRS recorded
+    /// recently. With `github.repository`, that repository is scanned.
+    pub recovery_repositories: Vec<String>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -161,6 +185,10 @@ impl Default for ControlPlaneConfig {
             bootstrap_timeout: Duration::from_secs(15 * 60),
             max_lifetime: Duration::from_secs(8 * 3600),
             orphan_grace: Duration::from_secs(10 * 60),
+            github_api_budget: 1000,
+            recovery_interval: Duration::from_secs(60),
+            recovery_lookback: Duration::from_secs(3600),
+            recovery_repositories: Vec::new(),
         }
     }
 }
@@ -464,6 +492,42 @@ impl ProvisionerConfig {
 }
 
 impl Config {
+    /// The GitHub-side recovery keys of `[control_plane]`.
+    fn validate_recovery(&self) -> Result<(), ConfigError> {
+        let cp = &self.control_plane;
+        for (key, value) in [
+            ("recovery_interval", cp.recovery_interval),
+            ("recovery_lookback", cp.recovery_lookback),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(
+                    format!("control_plane.{key}"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+        if !cp.recovery_repositories.is_empty() {
+            let key = "control_plane.recovery_repositories";
+            match &self.github {
+                Some(gh) if gh.organization.is_some() => {}
+                Some(_) => {
+                    return Err(ConfigError::key(
+                        key,
+                        "is for github.organization; with github.repository that repository is scanned",
+                    ));
+                }
+                None => return Err(ConfigError::key(key, "needs a [github] section")),
+            }
+            if let Some(bad) = cp.recovery_repositories.iter().find(|r| {
+                r.split_once('/')
+                    .is_none_or(|(o, n)| o.is_empty() || n.is_empty() || n.contains('/'))
+            }) {
+                return Err(ConfigError::key(key, format!("{bad:?} is not owner/name")));
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves secrets from files and checks every value; errors name the
     /// key.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
@@ -579,6 +643,7 @@ impl Config {
             grs_github::GitHubClient::new(gh)
                 .map_err(|e| ConfigError::key("github", e.to_string()))?;
         }
+        self.validate_recovery()?;
         for (name, pool) in &mut self.pools {
             if let Some(path) = &pool.user_data_template_file {
                 let text = std::fs::read_to_string(path).map_err(|e| {

@@ -3,7 +3,13 @@
 //! # Expected flow
 //! 1. Take the next entry of the pool's provision queue (or one a dead worker
 //!    left behind).
-//! 2. [`begin_provision`](crate::store::Store::begin_provision): the job must
+//! 2. With `[github]` configured, ask GitHub whether the job still waits for
+//!    a runner ([`GitHubJobs::check`](crate::github::GitHubJobs::check),
+//!    budgeted): if a runner took it or it completed, that is recorded as
+//!    an event (the rules then decide; a completed job gets no instance)
+//!    and step 3 skips it. Asked again before a retry or after a wait
+//!    longer than [`STATUS_RECHECK`](crate::github::STATUS_RECHECK).
+//! 3. [`begin_provision`](crate::store::Store::begin_provision): the job must
 //!    still want an instance. An idle warm instance of the pool, if there is
 //!    one, is bound to the job and nothing is made (its runner takes the
 //!    job; the [warm keepers](crate::warm) refill the warm pool). Otherwise
@@ -11,9 +17,9 @@
 //!    instance record `<prefix>-<job id>` are taken in the same atomic step.
 //!    A paused or full pool keeps the entry (and its place) and the worker
 //!    waits.
-//! 3. Issue a bootstrap token, ask the provisioner to create the instance,
+//! 4. Issue a bootstrap token, ask the provisioner to create the instance,
 //!    heartbeat the entry while it works.
-//! 4. [`finish_provision`](crate::store::Store::finish_provision), then
+//! 5. [`finish_provision`](crate::store::Store::finish_provision), then
 //!    acknowledge the entry.
 //!
 //! # Guarantees
@@ -29,7 +35,10 @@
 //!   `retry_deadline` after the instance was first recorded (and, when
 //!   set, `max_attempts` attempts); then the job fails the same way. A PVE
 //!   template under backup or a node rebooting takes minutes, not the
-//!   seconds a few attempts would wait.
+//!   seconds a few attempts would wait. While it retries, the job's
+//!   `reason` says why it waits (the last error, the next attempt, the
+//!   deadline), and each retry first asks GitHub (step 2): a job GitHub no
+//!   longer has queued stops being retried.
 //! - **Cancellation.** Every `.await` is a cancellation point. Shutdown stops
 //!   the wait for capacity at once (the entry stays pending); a create in
 //!   flight gets the shutdown grace period, then is dropped: its entry is
@@ -105,7 +114,15 @@ async fn handle(
     };
     let name = grs_provisioner::instance_name(&ctx.settings.instance_prefix, job_id);
     let mut last_error = String::from("worker lost while creating (crash or restart)");
+    let mut checked_at: Option<tokio::time::Instant> = None;
+    let mut noted_waiting = false;
     loop {
+        if let Some(gh) = &ctx.github
+            && checked_at.is_none_or(|t| t.elapsed() >= crate::github::STATUS_RECHECK)
+        {
+            checked_at = Some(tokio::time::Instant::now());
+            check_github(ctx, gh, job_id, pool_name).await?;
+        }
         let attempts = match ctx
             .store
             .begin_provision(job_id, &name, &pool.limits(), now_ms())
@@ -115,6 +132,12 @@ async fn handle(
                 tracing::info!(job_id, pool = pool_name, reason, "nothing to provision");
                 return Ok(Handled::Done);
             }
+            BeginProvision::Paused | BeginProvision::NoCapacity if !noted_waiting => {
+                noted_waiting = true;
+                let why = format!("waiting for room in pool {pool_name} (full or paused)");
+                ctx.store.note_job_waiting(job_id, &why, now_ms()).await?;
+                continue;
+            }
             BeginProvision::Paused | BeginProvision::NoCapacity => {
                 if !wait_holding(ctx, &queue, consumer, &d.id, CAPACITY_POLL).await {
                     return Ok(Handled::Released);
@@ -123,6 +146,9 @@ async fn handle(
             }
             BeginProvision::Warm { instance } => {
                 tracing::info!(job_id, pool = pool_name, instance = %instance.name, "job given an idle warm instance");
+                if noted_waiting {
+                    ctx.store.note_job_waiting(job_id, "", now_ms()).await?;
+                }
                 if let Ok(Some(job)) = ctx.store.get_job(job_id).await {
                     ctx.metrics.stage(
                         pool_name,
@@ -164,6 +190,9 @@ async fn handle(
         let created = create(ctx, pool, &name, job_id, Some((&queue, consumer, &d.id))).await?;
         match created {
             Ok(made) => {
+                if noted_waiting {
+                    ctx.store.note_job_waiting(job_id, "", now_ms()).await?;
+                }
                 let torn = ctx
                     .store
                     .finish_provision(
@@ -200,6 +229,22 @@ async fn handle(
                 let delay = ctx.settings.backoff(attempts - 1).min(left);
                 tracing::warn!(job_id, instance = %name, attempt = attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "create failed; retrying");
                 last_error = e.to_string();
+                let why = format!(
+                    "attempt {attempts} failed: {e}; retrying in {}, until {} after it was first tried{}",
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        delay.as_secs().max(1)
+                    )),
+                    humantime::format_duration(ctx.settings.retry_deadline),
+                    if ctx.github.is_some() {
+                        " or GitHub no longer has it queued"
+                    } else {
+                        ""
+                    }
+                );
+                ctx.store.note_job_waiting(job_id, &why, now_ms()).await?;
+                noted_waiting = true;
+                // Ask GitHub again before the retry.
+                checked_at = None;
                 if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
                     return Ok(Handled::Released);
                 }
@@ -225,10 +270,94 @@ async fn handle(
     }
 }
 
+/// Asks GitHub about `job_id` before a VM is spent on it; records what
+/// GitHub says if the job moved on (the caller's `begin_provision` then
+/// decides). Store errors are the caller's; GitHub's are logged and the job
+/// is provisioned unchecked.
+async fn check_github(
+    ctx: &WorkerContext,
+    gh: &crate::github::GitHubJobs,
+    job_id: u64,
+    pool_name: &str,
+) -> StoreResult<()> {
+    use crate::github::JobCheck;
+    use crate::model::JobState;
+    let Some(job) = ctx.store.get_job(job_id).await? else {
+        return Ok(());
+    };
+    // Only a job still waiting for its instance is worth a call.
+    if !matches!(job.state, JobState::Queued | JobState::Provisioning) {
+        return Ok(());
+    }
+    match gh.check(&job).await {
+        JobCheck::Queued => {
+            ctx.metrics.github_status_check("queued");
+        }
+        JobCheck::Unchecked(why) => {
+            ctx.metrics.github_status_check("unchecked");
+            tracing::debug!(
+                job_id,
+                why,
+                "job status not checked with GitHub; provisioning"
+            );
+        }
+        JobCheck::Moved(ev) => {
+            ctx.metrics.github_status_check("moved");
+            let r = ctx
+                .store
+                .submit_event(&ev, Some(pool_name), now_ms())
+                .await?;
+            tracing::info!(
+                job_id,
+                action = ev.action.as_str(),
+                runner = %ev.runner_name,
+                outcome = ?r.outcome,
+                "GitHub no longer has the job queued; recorded"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The cloud-init bootstrap of a new instance: a bootstrap token and, with
+/// `[github]`, the runner's JIT config minted now and stored sealed under
+/// the token (see [`bootstrap`]), so the VM gets it even if GitHub is
+/// unreachable when it boots. A failure to mint is a failed create
+/// (retried like one). Store errors are the caller's.
+async fn cloud_init_bootstrap(
+    ctx: &WorkerContext,
+    name: &str,
+    pool: &crate::pools::Pool,
+) -> StoreResult<Result<Bootstrap, ProvisionerError>> {
+    let Some(url) = &ctx.settings.gateway_url else {
+        return Ok(Ok(Bootstrap::None));
+    };
+    let jit = match &ctx.registrar {
+        Some(r) => match r
+            .jit_config(name, &pool.config.labels, pool.config.runner_group_id)
+            .await
+        {
+            Ok(jit) => Some(jit),
+            Err(e) => return Ok(Err(ProvisionerError::Transient(e))),
+        },
+        None => None,
+    };
+    let seed_url = bootstrap::issue_with_secret(
+        &*ctx.store,
+        url,
+        name,
+        ctx.settings.bootstrap_ttl,
+        jit.as_ref(),
+    )
+    .await?;
+    Ok(Ok(Bootstrap::CloudInit { seed_url }))
+}
+
 /// Makes instance `name` of `pool` for job `job_id` (0: a warm instance):
-/// moves it to creating, gives it its bootstrap (a guest-agent pool gets its
-/// runner config at create time, minted here, see [`guest_agent`]; a failure
-/// to mint it is a failed create), and asks the pool's provisioner for it,
+/// moves it to creating, gives it its bootstrap (its runner config is
+/// minted here: handed over by the guest agent, see [`guest_agent`], or
+/// sealed under the bootstrap token for cloud-init, see
+/// [`cloud_init_bootstrap`]; a failure to mint it is a failed create), and asks the pool's provisioner for it,
 /// telling the store every heartbeat that the queue entry `hold` (queue,
 /// consumer, entry id), if any, is still worked on. The outer error is the
 /// store's; the inner one the backend's.
@@ -243,13 +372,7 @@ pub(crate) async fn create(
     let bootstrap = if guest_agent::wanted(pool) {
         guest_agent::bootstrap(ctx.registrar.as_deref(), name, pool).await
     } else {
-        Ok(match &ctx.settings.gateway_url {
-            Some(url) => Bootstrap::CloudInit {
-                seed_url: bootstrap::issue(&*ctx.store, url, name, ctx.settings.bootstrap_ttl)
-                    .await?,
-            },
-            None => Bootstrap::None,
-        })
+        cloud_init_bootstrap(ctx, name, pool).await?
     };
     let bootstrap = match bootstrap {
         Ok(b) => b,

@@ -16,13 +16,17 @@
 //!   leave behind (runners that took no job, instances past their maximum
 //!   lifetime, orphan VMs, idle warm instances too old or too many, offline
 //!   runner registrations, VMs of pools removed from the configuration).
+//! - [`recovery`]: run by the reconciler's leader: lost webhooks (queued
+//!   jobs GitHub never told GRS about, failed deliveries redelivered) and
+//!   unrouted jobs a pool now serves.
 //! - [`worker`]: what the dispatcher and teardown share (claiming,
 //!   heartbeats, the [`RunnerRegistrar`](worker::RunnerRegistrar) view of
 //!   GitHub).
 //! - [`bootstrap`], [`cloud_init`]: tokens and documents a booting VM uses;
 //!   [`guest_agent`]: the runner config handed over by the QEMU guest agent.
 //! - [`github`]: the [`RunnerRegistrar`](worker::RunnerRegistrar) over
-//!   GitHub's REST API.
+//!   GitHub's REST API, job-status checks within a budget, and which
+//!   events are this installation's ([`github::EventScope`]).
 //! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
 //! - [`metrics`]: Prometheus metrics on `control_plane.metrics_listen`.
 //! - [`server`]: assembles it all: [`server::run`] is the entry point.
@@ -41,6 +45,7 @@ pub mod metrics;
 pub mod model;
 pub mod pools;
 pub mod reconciler;
+pub mod recovery;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -90,6 +90,22 @@ pub struct ActionLabels {
     pub kind: &'static str,
 }
 
+/// `{endpoint, status}` of a GitHub API call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GitHubCallLabels {
+    /// The endpoint as a template (`GET /repos/{owner}/{repo}/actions/jobs/{id}`).
+    pub endpoint: String,
+    /// The HTTP status; `0` when no answer came.
+    pub status: u16,
+}
+
+/// `{outcome}` or `{kind}` of a GitHub-side action.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// What happened.
+    pub outcome: &'static str,
+}
+
 /// The kinds of [`ActionLabels`].
 const ACTION_KINDS: [&str; 5] = [
     "bootstrap_timeout",
@@ -97,6 +113,14 @@ const ACTION_KINDS: [&str; 5] = [
     "orphan_deleted",
     "busy_kept",
     "failure",
+];
+
+/// What the lost-webhook recovery counts (`grs_github_recovered{outcome}`).
+pub const RECOVERY_OUTCOMES: [&str; 4] = [
+    "job_submitted",
+    "redelivery_requested",
+    "rerouted",
+    "skipped_pass",
 ];
 
 /// Stage: GRS recorded the job queued → its instance is running.
@@ -131,6 +155,11 @@ pub struct Metrics {
     stage_seconds: Family<StageLabels, Histogram>,
     reconciler_actions: Family<ActionLabels, Counter>,
     reconciler_leader: Gauge,
+    github_calls: Family<GitHubCallLabels, Counter>,
+    github_rate_limit_remaining: Gauge,
+    github_status_checks: Family<OutcomeLabels, Counter>,
+    github_recovered: Family<OutcomeLabels, Counter>,
+    foreign_events: Counter,
     registry: Registry,
 }
 
@@ -159,6 +188,11 @@ impl Metrics {
             stage_seconds: Family::new_with_constructor(seconds),
             reconciler_actions: Family::default(),
             reconciler_leader: Gauge::default(),
+            github_calls: Family::default(),
+            github_rate_limit_remaining: Gauge::default(),
+            github_status_checks: Family::default(),
+            github_recovered: Family::default(),
+            foreign_events: Counter::default(),
             registry: Registry::with_prefix("grs"),
         };
         let mut r = Registry::with_prefix("grs");
@@ -222,6 +256,43 @@ impl Metrics {
             "1 while this replica holds the reconciler lease",
             m.reconciler_leader.clone(),
         );
+        r.register(
+            "github_api_calls",
+            "GitHub REST API calls by endpoint template and HTTP status, 0 for no answer (this replica)",
+            m.github_calls.clone(),
+        );
+        r.register(
+            "github_rate_limit_remaining",
+            "GitHub's x-ratelimit-remaining as last answered (-1 before any answer)",
+            m.github_rate_limit_remaining.clone(),
+        );
+        r.register(
+            "github_job_status_checks",
+            "Job-status checks before provisioning by outcome: queued, moved (no longer queued), unchecked (this replica)",
+            m.github_status_checks.clone(),
+        );
+        r.register(
+            "github_recovered",
+            "Lost-webhook recovery by outcome: job_submitted, redelivery_requested, rerouted, skipped_pass (this replica)",
+            m.github_recovered.clone(),
+        );
+        r.register(
+            "foreign_events",
+            "Job events from outside the configured organisation, repository or App installation, answered and not recorded (this replica)",
+            m.foreign_events.clone(),
+        );
+        m.github_rate_limit_remaining.set(-1);
+        m.foreign_events.inc_by(0);
+        for outcome in ["queued", "moved", "unchecked"] {
+            m.github_status_checks
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(0);
+        }
+        for outcome in RECOVERY_OUTCOMES {
+            m.github_recovered
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(0);
+        }
         // Every action kind reads 0 from the start, so `increase()` sees the
         // first one.
         for kind in ACTION_KINDS {
@@ -282,6 +353,25 @@ impl Metrics {
                 .get_or_create(&ActionLabels { kind })
                 .inc_by(n as u64);
         }
+    }
+
+    /// Counts one job-status check (`queued`, `moved`, `unchecked`).
+    pub fn github_status_check(&self, outcome: &'static str) {
+        self.github_status_checks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts `n` recovery actions of `outcome` (one of [`RECOVERY_OUTCOMES`]).
+    pub fn github_recovered(&self, outcome: &'static str, n: usize) {
+        self.github_recovered
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(n as u64);
+    }
+
+    /// Counts a job event from outside the configured scope.
+    pub fn foreign_event(&self) {
+        self.foreign_events.inc();
     }
 
     /// Whether this replica leads the reconciler now.
@@ -441,4 +531,21 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Counts every GitHub API call of a [`grs_github::GitHubClient`] it is set
+/// on (`GitHubClient::set_observer`).
+impl grs_github::ApiObserver for Metrics {
+    fn response(&self, endpoint: &str, status: u16, rate_limit_remaining: Option<u64>) {
+        self.github_calls
+            .get_or_create(&GitHubCallLabels {
+                endpoint: endpoint.to_owned(),
+                status,
+            })
+            .inc();
+        if let Some(r) = rate_limit_remaining {
+            self.github_rate_limit_remaining
+                .set(i64::try_from(r).unwrap_or(i64::MAX));
+        }
+    }
 }

@@ -510,8 +510,10 @@ pub mod reason {
 /// pool routing chose for the job's labels (`None`: no pool serves them).
 ///
 /// The rules:
-/// - `queued` records a new job as queued (and queues it) or unrouted, and
-///   moves a waiting job to queued; anything further along ignores it.
+/// - `queued` records a new job as queued (and queues it) or unrouted,
+///   moves a waiting job to queued, and moves an unrouted job to queued
+///   when a pool now serves its labels (a pool added since: the recovery
+///   pass resubmits it); anything further along ignores it.
 /// - `waiting` records a new job; otherwise it is stale.
 /// - `in_progress` records the runner and moves any non-terminal job to
 ///   in_progress.
@@ -596,6 +598,17 @@ pub fn apply_event(
             let enqueue = job.state == JobState::Queued;
             moved(job, Some(JobState::Waiting), enqueue)
         }
+        (JobAction::Queued, Some(job)) if job.state == JobState::Unrouted => match routed_pool {
+            Some(pool) => {
+                let mut job = job.clone();
+                job.state = JobState::Queued;
+                job.pool = pool.to_owned();
+                job.reason = String::new();
+                job.updated_at = now;
+                moved(job, Some(JobState::Unrouted), true)
+            }
+            None => stale(job),
+        },
         (JobAction::Waiting, None) => {
             let mut job = fresh(JobState::Waiting);
             if routed_pool.is_none() {
@@ -688,6 +701,23 @@ mod tests {
         let late = apply_event(Some(&c.job), &ev(JobAction::Queued), Some("linux"), 2);
         assert_eq!(late.outcome, SubmitOutcome::Stale);
         assert!(!late.enqueue_provision);
+    }
+
+    #[test]
+    fn an_unrouted_job_is_queued_once_a_pool_serves_it() {
+        let u = apply_event(None, &ev(JobAction::Queued), None, 1).job;
+        assert_eq!(u.state, JobState::Unrouted);
+        let still = apply_event(Some(&u), &ev(JobAction::Queued), None, 2);
+        assert_eq!(still.outcome, SubmitOutcome::Stale);
+        let q = apply_event(Some(&u), &ev(JobAction::Queued), Some("linux"), 3);
+        assert_eq!(q.outcome, SubmitOutcome::Accepted);
+        assert!(q.enqueue_provision);
+        assert_eq!(
+            (q.job.state, q.job.pool.as_str()),
+            (JobState::Queued, "linux")
+        );
+        assert_eq!(q.job.reason, "", "no longer unrouted");
+        assert_eq!(q.from, Some(JobState::Unrouted));
     }
 
     #[test]

@@ -187,6 +187,9 @@ pub struct Reconciler {
     registrar: Option<Arc<dyn RunnerRegistrar>>,
     /// Where [`run`] counts actions and leadership.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Lost webhooks and unrouted jobs, looked for by the leader after its
+    /// passes ([`crate::recovery`]).
+    recovery: Option<crate::recovery::Recovery>,
 }
 
 /// `d` in milliseconds, saturating.
@@ -213,7 +216,14 @@ impl Reconciler {
             undated_orphans: HashMap::new(),
             registrar: None,
             metrics: None,
+            recovery: None,
         }
+    }
+
+    /// Runs `recovery` after each pass while leading ([`run`]).
+    pub fn with_recovery(mut self, recovery: crate::recovery::Recovery) -> Self {
+        self.recovery = Some(recovery);
+        self
     }
 
     /// Counts every pass's actions and this replica's leadership in
@@ -595,6 +605,9 @@ impl Reconciler {
     /// leader starts from the store and the backends anyway).
     fn forget(&mut self) {
         self.undated_orphans.clear();
+        if let Some(r) = &mut self.recovery {
+            r.forget();
+        }
     }
 }
 
@@ -635,6 +648,19 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                     m.reconciler_actions("offline_runner_removed", r.offline_runners_removed.len());
                     m.reconciler_actions("removed_pool_vm", r.removed_pool_vms.len());
                     m.reconciler_actions("failure", r.failures.len());
+                }
+                if let Some(recovery) = &mut reconciler.recovery {
+                    // Bounded, so a slow GitHub does not let the lease
+                    // lapse; a pass cut short is redone (idempotent).
+                    let limit = interval.max(Duration::from_secs(2));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        r = tokio::time::timeout(limit, recovery.run_if_due()) => {
+                            if r.is_err() {
+                                tracing::warn!(limit_ms = limit.as_millis() as u64, "recovery pass cut short; the next one starts over");
+                            }
+                        }
+                    }
                 }
                 match pass {
                     Ok(report) if report.is_quiet() => {
@@ -812,6 +838,7 @@ mod tests {
             registrar: None,
             shutdown: stop.clone(),
             metrics: Default::default(),
+            github: None,
         };
         let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
         eventually("the VM deleted", Duration::from_secs(3), || async {
@@ -1242,6 +1269,7 @@ mod tests {
             registrar: None,
             shutdown: stop.clone(),
             metrics: Default::default(),
+            github: None,
         };
         let worker = tokio::spawn(crate::teardown::run(ctx, "t-0".into()));
         eventually("the record deleted", Duration::from_secs(3), || async {

@@ -40,6 +40,9 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The GitHub client cannot be built from `[github]`.
+    #[error("[github]: {0}")]
+    GitHub(String),
     /// The metrics port (`control_plane.metrics_listen`) cannot be served.
     #[error("cannot serve metrics on {addr} (control_plane.metrics_listen): {source}")]
     Metrics {
@@ -138,6 +141,28 @@ pub async fn run(
         None => None,
     };
 
+    // GitHub: the registrar's client (else one from `[github]`), counted
+    // in the metrics; job-status checks and recovery spend one budget.
+    let github_client = match (
+        registrar.as_ref().and_then(|r| r.github_client()),
+        &config.github,
+    ) {
+        (Some(c), _) => Some(c),
+        (None, Some(gh)) => Some(
+            grs_github::GitHubClient::new(gh).map_err(|e| ServerError::GitHub(e.to_string()))?,
+        ),
+        (None, None) => None,
+    };
+    let github = github_client.map(|client| {
+        client.set_observer(metrics.clone());
+        crate::github::GitHubJobs::new(
+            client,
+            Arc::new(crate::github::ApiBudget::new(
+                config.control_plane.github_api_budget,
+            )),
+        )
+    });
+
     // Per-node maximums hold across replicas: backends hold node places in
     // the store.
     let ledger = Arc::new(crate::pools::StoreNodeLedger::new(store.clone()));
@@ -154,6 +179,7 @@ pub async fn run(
         registrar: registrar.clone(),
         shutdown: stop.child_token(),
         metrics: metrics.clone(),
+        github: github.clone(),
     };
     let mut workers = JoinSet::new();
     for pool in pools.iter() {
@@ -183,7 +209,16 @@ pub async fn run(
             ReconcilerSettings::from_config(&config.control_plane),
         )
         .with_registrar(ctx.registrar.clone())
-        .with_metrics(metrics.clone()),
+        .with_metrics(metrics.clone())
+        .with_recovery(
+            crate::recovery::Recovery::new(
+                store.clone(),
+                pools.clone(),
+                github,
+                crate::recovery::RecoverySettings::from_config(&config.control_plane),
+            )
+            .with_metrics(metrics.clone()),
+        ),
         replica.clone(),
         ctx.shutdown.clone(),
     ));
@@ -240,7 +275,11 @@ pub async fn run(
         token: config.control_plane.auth_token.clone(),
     };
     let api = ControlPlaneServer::with_interceptor(
-        ControlPlaneService::new(store.clone(), pools.clone(), registrar, stop.clone()),
+        ControlPlaneService::new(store.clone(), pools.clone(), registrar, stop.clone())
+            .with_event_scope(
+                crate::github::EventScope::from_config(config.github.as_ref()),
+                metrics.clone(),
+            ),
         move |req| auth.check(req),
     );
 

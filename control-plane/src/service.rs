@@ -19,12 +19,8 @@ use crate::pools::Pools;
 use crate::store::{Queue, Store, StoreError, SubmitResult};
 use crate::worker::RunnerRegistrar;
 
-/// Most labels a job may carry (GitHub allows 100 per runner).
-pub const MAX_LABELS: usize = 100;
-/// Most events one `SubmitJobEvents` call may carry.
-pub const MAX_BATCH: usize = 256;
-/// Longest label, delivery id, name or other string accepted.
-pub const MAX_FIELD_LEN: usize = 256;
+/// The wire limits, defined once in `grs-proto`.
+pub use grs_proto::{MAX_BATCH, MAX_FIELD_LEN, MAX_LABELS};
 
 /// The `grs.v1.ControlPlane` implementation.
 #[derive(Debug, Clone)]
@@ -35,6 +31,10 @@ pub struct ControlPlaneService {
     /// Cancelled at shutdown: ends open `WatchEvents` streams, which would
     /// otherwise hold the server's graceful shutdown open forever.
     shutdown: CancellationToken,
+    /// Events outside it are answered FOREIGN and counted, never recorded.
+    scope: crate::github::EventScope,
+    /// Where foreign events are counted.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ControlPlaneService {
@@ -52,7 +52,34 @@ impl ControlPlaneService {
             pools,
             bootstrap_docs,
             shutdown,
+            scope: crate::github::EventScope::default(),
+            metrics: None,
         }
+    }
+
+    /// Answers events outside `scope` FOREIGN (counted in `metrics`)
+    /// instead of recording them.
+    pub fn with_event_scope(
+        mut self,
+        scope: crate::github::EventScope,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        self.scope = scope;
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The answer to a foreign event, if `ev` is one (logged and counted).
+    fn foreign(&self, ev: &JobEvent) -> Option<pb::SubmitJobEventResponse> {
+        let why = self.scope.foreign(ev)?;
+        tracing::warn!(delivery = %ev.delivery_id, job_id = ev.job_id, "job event from outside this installation's scope; not recorded: {why}");
+        if let Some(m) = &self.metrics {
+            m.foreign_event();
+        }
+        Some(pb::SubmitJobEventResponse {
+            outcome: pb::SubmitOutcome::Foreign as i32,
+            job: None,
+        })
     }
 }
 
@@ -216,6 +243,9 @@ impl ControlPlane for ControlPlaneService {
         req: Request<pb::SubmitJobEventRequest>,
     ) -> Result<Response<pb::SubmitJobEventResponse>, Status> {
         let ev = validate_event(req.into_inner().event)?;
+        if let Some(answer) = self.foreign(&ev) {
+            return Ok(Response::new(answer));
+        }
         let routed = self.pools.route(&ev.labels).map(|p| p.name.as_str());
         let r = self
             .store
@@ -239,15 +269,21 @@ impl ControlPlane for ControlPlaneService {
                 events.len()
             )));
         }
-        // Invalid events are answered on their own; the valid ones go to the
-        // store as one batch.
-        let checked: Vec<Result<JobEvent, Status>> = events
+        // Invalid and foreign events are answered on their own; the others
+        // go to the store as one batch.
+        type Foreign = Box<pb::SubmitJobEventResponse>;
+        let checked: Vec<Result<Result<JobEvent, Foreign>, Status>> = events
             .into_iter()
-            .map(|e| validate_event(Some(e)))
+            .map(|e| {
+                validate_event(Some(e)).map(|ev| match self.foreign(&ev) {
+                    Some(answer) => Err(Box::new(answer)),
+                    None => Ok(ev),
+                })
+            })
             .collect();
         let batch: Vec<(&JobEvent, Option<&str>)> = checked
             .iter()
-            .filter_map(|c| c.as_ref().ok())
+            .filter_map(|c| c.as_ref().ok()?.as_ref().ok())
             .map(|ev| (ev, self.pools.route(&ev.labels).map(|p| p.name.as_str())))
             .collect();
         let mut recorded = self
@@ -259,7 +295,8 @@ impl ControlPlane for ControlPlaneService {
         let mut results = Vec::with_capacity(checked.len());
         for c in checked {
             let result = match c {
-                Ok(ev) => {
+                Ok(Err(foreign)) => pb::submit_job_event_result::Result::Response(*foreign),
+                Ok(Ok(ev)) => {
                     let r = recorded.next().ok_or_else(|| {
                         Status::internal("the store answered fewer results than events")
                     })?;
@@ -529,7 +566,14 @@ impl ControlPlane for ControlPlaneService {
             .map_err(store_status)?
             .ok_or_else(not_found)?;
         let pool = self.pools.get(&instance.pool).ok_or_else(not_found)?;
-        let (content, content_type) = self.bootstrap_docs.render(doc, &instance, pool).await.map_err(|e| {
+        let jit = if doc == pb::BootstrapDocument::UserData {
+            bootstrap::sealed_secret(&*self.store, &r.token, &name)
+                .await
+                .map_err(store_status)?
+        } else {
+            None
+        };
+        let (content, content_type) = self.bootstrap_docs.render(doc, &instance, pool, jit).await.map_err(|e| {
             tracing::warn!(instance = %name, document = ?doc, error = %e, "cannot render bootstrap document");
             Status::unavailable(format!("cannot render {doc:?} for {name}: {e}"))
         })?;

@@ -42,6 +42,12 @@ pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// The REST client behind this registrar, if it is GitHub's: the
+    /// control plane then checks job status and recovers lost webhooks
+    /// through the same client (one token cache, one set of metrics).
+    fn github_client(&self) -> Option<grs_github::GitHubClient> {
+        None
+    }
     /// The offline runner registrations whose name starts with `prefix`;
     /// `None` when this registrar cannot list them. The reconciler removes
     /// those of no live instance (left behind by a VM that died before its
@@ -144,6 +150,9 @@ pub struct WorkerContext {
     pub shutdown: CancellationToken,
     /// This replica's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Job status from GitHub before a VM is spent, when `[github]` is
+    /// configured (`None`: not checked).
+    pub github: Option<crate::github::GitHubJobs>,
 }
 
 /// How a worker left an entry.

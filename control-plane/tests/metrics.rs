@@ -47,6 +47,20 @@ async fn a_job_shows_in_the_metrics() {
     let metrics_addr = free_port();
     config.control_plane.metrics_listen = Some(metrics_addr);
     config.control_plane.reconcile_interval = Duration::from_millis(200);
+    // GitHub (the simulator) for the GitHub API metrics: the job below is
+    // not one the simulator knows, so its status check answers 404 and the
+    // job is provisioned unchecked.
+    let github = grs_github::sim::GitHubSim::start(Default::default())
+        .await
+        .unwrap();
+    config.github = Some(grs_github::GitHubConfig {
+        api_url: github.url(),
+        organization: Some("octo-org".into()),
+        token: Some(secrecy::SecretString::from(
+            "ghp_simulated_personal_access_token".to_owned(),
+        )),
+        ..Default::default()
+    });
     config.validate().unwrap();
     let registry =
         ProvisionerRegistry::new().with("fake", grs_control_plane::pools::fake_factory());
@@ -124,10 +138,25 @@ async fn a_job_shows_in_the_metrics() {
             r#"grs_reconciler_actions_total{kind="orphan_deleted"}"#,
             0.0,
         ),
+        (
+            r#"grs_github_api_calls_total{endpoint="GET /repos/{owner}/{repo}/actions/jobs/{id}",status="404"}"#,
+            1.0,
+        ),
+        (
+            r#"grs_github_job_status_checks_total{outcome="unchecked"}"#,
+            1.0,
+        ),
+        (r#"grs_foreign_events_total"#, 0.0),
     ] {
         assert_eq!(value(&after, series), Some(want), "{series} in\n{after}");
     }
+    let remaining = value(&after, "grs_github_rate_limit_remaining").unwrap_or(-1.0);
+    assert!(
+        remaining > 0.0 && remaining < 5000.0,
+        "the simulator's x-ratelimit-remaining: {remaining}"
+    );
     cp.shutdown().await.unwrap();
+    github.shutdown().await;
     dashboard_and_alerts_use_only(&after);
 }
 

@@ -17,6 +17,13 @@
 //! - `delete_runner` of an absent runner succeeds; `generate_jit_config` is
 //!   idempotent by runner name (a stale offline registration of the same
 //!   name is removed and the config minted again).
+//! - Every answer (and every call that got none) is reported to the
+//!   [`ApiObserver`], if one is set, with its endpoint as a template
+//!   (`GET /repos/{owner}/{repo}/actions/jobs/{id}`: bounded cardinality,
+//!   no names or ids) and the `x-ratelimit-remaining` it carried; the last
+//!   seen primary limit is kept ([`GitHubClient::rate_limit`]) so callers
+//!   with optional work (the lost-webhook scan) can leave room for the
+//!   calls that matter.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -205,6 +212,128 @@ impl Job {
     }
 }
 
+/// Told about every API call the client makes (metrics).
+pub trait ApiObserver: Send + Sync {
+    /// One answer: `endpoint` as a template (see [`endpoint_template`]),
+    /// its HTTP status (0: no answer), and the primary rate limit's
+    /// `x-ratelimit-remaining`, when the answer carried it.
+    fn response(&self, endpoint: &str, status: u16, rate_limit_remaining: Option<u64>);
+}
+
+/// The primary rate limit as the last answer reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `x-ratelimit-limit`.
+    pub limit: u64,
+    /// `x-ratelimit-remaining`.
+    pub remaining: u64,
+    /// `x-ratelimit-reset`, as a time.
+    pub reset: SystemTime,
+}
+
+/// A workflow run, as `GET /repos/{owner}/{repo}/actions/runs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowRun {
+    /// The run id.
+    pub id: u64,
+    /// `queued`, `in_progress`, `completed`, ...
+    #[serde(default)]
+    pub status: String,
+}
+
+/// A webhook whose deliveries GRS may list and redeliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hook {
+    /// The GitHub App's webhook (`/app/hook/...`, App JWT auth).
+    App,
+    /// An organisation webhook.
+    Organization {
+        /// The organisation's login.
+        org: String,
+        /// The hook's id.
+        hook_id: u64,
+    },
+    /// A repository webhook.
+    Repository {
+        /// `owner/name`.
+        repository: String,
+        /// The hook's id.
+        hook_id: u64,
+    },
+}
+
+impl Hook {
+    fn deliveries_path(&self) -> String {
+        match self {
+            Self::App => "/app/hook/deliveries".into(),
+            Self::Organization { org, hook_id } => {
+                format!("/orgs/{org}/hooks/{hook_id}/deliveries")
+            }
+            Self::Repository {
+                repository,
+                hook_id,
+            } => format!("/repos/{repository}/hooks/{hook_id}/deliveries"),
+        }
+    }
+
+    fn auth(&self) -> AuthAs {
+        match self {
+            Self::App => AuthAs::App,
+            _ => AuthAs::Installation,
+        }
+    }
+}
+
+/// One delivery attempt of a webhook (`components/schemas/hook-delivery-item`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookDelivery {
+    /// The attempt's id (what redelivery takes).
+    pub id: u64,
+    /// `X-GitHub-Delivery`, shared by an event's attempts and redeliveries.
+    pub guid: String,
+    /// When it was attempted (RFC 3339).
+    #[serde(default)]
+    pub delivered_at: String,
+    /// Whether it was a redelivery.
+    #[serde(default)]
+    pub redelivery: bool,
+    /// The receiver's status (GitHub: 200-399 is success).
+    #[serde(default)]
+    pub status_code: u16,
+    /// `workflow_job`, `ping`, ...
+    #[serde(default)]
+    pub event: String,
+    /// The event's action, if any.
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+impl HookDelivery {
+    /// GitHub's own classification of a successful delivery.
+    pub fn succeeded(&self) -> bool {
+        (200..400).contains(&self.status_code)
+    }
+
+    /// `delivered_at` as a time, if it parses.
+    pub fn delivered_at(&self) -> Option<SystemTime> {
+        time::OffsetDateTime::parse(
+            &self.delivered_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()
+        .map(SystemTime::from)
+    }
+}
+
+/// Which credential a call is made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthAs {
+    /// The installation token (or the PAT).
+    Installation,
+    /// The App's JWT (`/app/...` endpoints).
+    App,
+}
+
 enum Auth {
     Token(SecretString),
     App(AppAuth),
@@ -236,6 +365,9 @@ struct Inner {
     auth: Auth,
     max_rate_limit_wait: Duration,
     max_attempts: u32,
+    observer: std::sync::OnceLock<Arc<dyn ApiObserver>>,
+    rate_limit: std::sync::Mutex<Option<RateLimit>>,
+    hook: Option<Hook>,
 }
 
 impl std::fmt::Debug for GitHubClient {
@@ -326,6 +458,18 @@ impl GitHubClient {
             .timeout(config.request_timeout)
             .build()
             .map_err(|e| GitHubError::Config(format!("HTTP client: {e}")))?;
+        let hook = match (config.hook_id, &scope, &auth) {
+            (Some(hook_id), Scope::Organization(org), _) => Some(Hook::Organization {
+                org: org.clone(),
+                hook_id,
+            }),
+            (Some(hook_id), Scope::Repository { owner, name }, _) => Some(Hook::Repository {
+                repository: format!("{owner}/{name}"),
+                hook_id,
+            }),
+            (None, _, Auth::App(_)) => Some(Hook::App),
+            (None, _, Auth::Token(_)) => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -335,6 +479,9 @@ impl GitHubClient {
                 auth,
                 max_rate_limit_wait: config.max_rate_limit_wait,
                 max_attempts: config.max_attempts.max(1),
+                observer: std::sync::OnceLock::new(),
+                rate_limit: std::sync::Mutex::new(None),
+                hook,
             }),
         })
     }
@@ -342,6 +489,28 @@ impl GitHubClient {
     /// Where this client registers runners.
     pub fn scope(&self) -> &Scope {
         &self.inner.scope
+    }
+
+    /// Reports every call to `observer` from now on (all clones share it).
+    /// Only the first observer set is kept; false if one was set already.
+    pub fn set_observer(&self, observer: Arc<dyn ApiObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// The primary rate limit as the last answer that carried it reported
+    /// it; `None` before any.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        *self
+            .inner
+            .rate_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The webhook whose failed deliveries may be redelivered
+    /// (`github.hook_id`, else the App's), if any.
+    pub fn hook(&self) -> Option<&Hook> {
+        self.inner.hook.as_ref()
     }
 
     /// Mints a just-in-time config for a runner called `name` (the instance
@@ -487,9 +656,98 @@ impl GitHubClient {
     }
 
     /// One workflow job of `repository` (`owner/name`).
+    /// <https://docs.github.com/rest/actions/workflow-jobs#get-a-job-for-a-workflow-run>
     pub async fn get_job(&self, repository: &str, job_id: u64) -> Result<Job, GitHubError> {
         let path = format!("/repos/{repository}/actions/jobs/{job_id}");
         self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// The newest workflow runs of `repository` with `status` (`queued`,
+    /// `in_progress`, ...), one page of at most `per_page` (1 to 100).
+    /// <https://docs.github.com/rest/actions/workflow-runs#list-workflow-runs-for-a-repository>
+    pub async fn list_workflow_runs(
+        &self,
+        repository: &str,
+        status: &str,
+        per_page: u32,
+    ) -> Result<Vec<WorkflowRun>, GitHubError> {
+        #[derive(Deserialize)]
+        struct Resp {
+            workflow_runs: Vec<WorkflowRun>,
+        }
+        let path = format!(
+            "/repos/{repository}/actions/runs?status={}&per_page={}",
+            url::form_urlencoded::byte_serialize(status.as_bytes()).collect::<String>(),
+            per_page.clamp(1, 100)
+        );
+        let r: Resp = self.call(Method::GET, &path, None::<&()>).await?;
+        Ok(r.workflow_runs)
+    }
+
+    /// The jobs of a run's latest attempt (first page, up to 100: a run with
+    /// more jobs than that is rare, and the rest are found next pass once
+    /// these have started).
+    /// <https://docs.github.com/rest/actions/workflow-jobs#list-jobs-for-a-workflow-run>
+    pub async fn list_run_jobs(
+        &self,
+        repository: &str,
+        run_id: u64,
+    ) -> Result<Vec<Job>, GitHubError> {
+        #[derive(Deserialize)]
+        struct Resp {
+            jobs: Vec<Job>,
+        }
+        let path =
+            format!("/repos/{repository}/actions/runs/{run_id}/jobs?filter=latest&per_page=100");
+        let r: Resp = self.call(Method::GET, &path, None::<&()>).await?;
+        Ok(r.jobs)
+    }
+
+    /// One page (newest first) of `hook`'s delivery attempts (only the
+    /// failed ones, 400 to 599 or no answer, when `failed_only`), from
+    /// `cursor` (`None`: the newest); returns the page and the next page's
+    /// cursor, if any.
+    /// <https://docs.github.com/rest/apps/webhooks#list-deliveries-for-an-app-webhook>,
+    /// <https://docs.github.com/rest/orgs/webhooks#list-deliveries-for-an-organization-webhook>
+    pub async fn list_deliveries(
+        &self,
+        hook: &Hook,
+        failed_only: bool,
+        per_page: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<HookDelivery>, Option<String>), GitHubError> {
+        let mut path = format!(
+            "{}?per_page={}",
+            hook.deliveries_path(),
+            per_page.clamp(1, 100)
+        );
+        if failed_only {
+            path.push_str("&status=failure");
+        }
+        if let Some(c) = cursor {
+            path.push_str("&cursor=");
+            path.push_str(&url::form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>());
+        }
+        let resp = self
+            .send_as(hook.auth(), Method::GET, &path, None::<&()>)
+            .await?;
+        let next = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_cursor);
+        let page: Vec<HookDelivery> = decode(&path, resp).await?;
+        Ok((page, next))
+    }
+
+    /// Asks GitHub to redeliver delivery attempt `id` of `hook` (GitHub
+    /// answers 202 and sends it shortly after, with the same guid).
+    /// <https://docs.github.com/rest/apps/webhooks#redeliver-a-delivery-for-an-app-webhook>
+    pub async fn redeliver(&self, hook: &Hook, id: u64) -> Result<(), GitHubError> {
+        let path = format!("{}/{id}/attempts", hook.deliveries_path());
+        self.send_as(hook.auth(), Method::POST, &path, None::<&()>)
+            .await
+            .map(|_| ())
     }
 
     async fn call<T: DeserializeOwned>(
@@ -499,19 +757,55 @@ impl GitHubClient {
         body: Option<&impl Serialize>,
     ) -> Result<T, GitHubError> {
         let resp = self.send(method, path, body).await?;
-        let bytes = resp.bytes().await.map_err(|e| GitHubError::Transport {
-            path: strip_query(path),
-            message: e.without_url().to_string(),
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| GitHubError::Decode {
-            path: strip_query(path),
-            message: e.to_string(),
-        })
+        decode(path, resp).await
     }
 
     /// One call with retries and rate-limit handling; returns a 2xx answer.
     async fn send(
         &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<reqwest::Response, GitHubError> {
+        self.send_as(AuthAs::Installation, method, path, body).await
+    }
+
+    /// Records what an answer says of the rate limit, and tells the
+    /// observer.
+    fn observe(
+        &self,
+        method: &Method,
+        path: &str,
+        status: u16,
+        headers: Option<&header::HeaderMap>,
+    ) {
+        let num = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let remaining = num("x-ratelimit-remaining");
+        if let (Some(remaining), Some(reset)) = (remaining, num("x-ratelimit-reset")) {
+            *self
+                .inner
+                .rate_limit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(RateLimit {
+                limit: num("x-ratelimit-limit").unwrap_or(0),
+                remaining,
+                reset: UNIX_EPOCH + Duration::from_secs(reset),
+            });
+        }
+        if let Some(o) = self.inner.observer.get() {
+            o.response(&endpoint_template(method, path), status, remaining);
+        }
+    }
+
+    /// [`send`](Self::send) with the credential `auth_as`.
+    async fn send_as(
+        &self,
+        auth_as: AuthAs,
         method: Method,
         path: &str,
         body: Option<&impl Serialize>,
@@ -523,7 +817,16 @@ impl GitHubClient {
         let mut reauthed = false;
         loop {
             attempt += 1;
-            let auth = self.authorization().await?;
+            let auth = match (auth_as, &inner.auth) {
+                (AuthAs::Installation, _) => self.authorization().await?,
+                (AuthAs::App, Auth::App(app)) => bearer(&app_jwt(&app.app_id, &app.key)?)?,
+                (AuthAs::App, Auth::Token(_)) => {
+                    return Err(GitHubError::Config(format!(
+                        "{} needs a GitHub App ([github.app]); a token cannot call it",
+                        strip_query(path)
+                    )));
+                }
+            };
             let mut req = inner
                 .http
                 .request(method.clone(), &url)
@@ -536,6 +839,7 @@ impl GitHubClient {
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
+                    self.observe(&method, path, 0, None);
                     if attempt < inner.max_attempts {
                         tokio::time::sleep(short_backoff(attempt)).await;
                         continue;
@@ -547,6 +851,7 @@ impl GitHubClient {
                 }
             };
             let status = resp.status();
+            self.observe(&method, path, status.as_u16(), Some(resp.headers()));
             if status.is_success() {
                 return Ok(resp);
             }
@@ -563,8 +868,8 @@ impl GitHubClient {
                 attempt -= 1;
                 continue;
             }
-            if let (StatusCode::UNAUTHORIZED, false, Auth::App(app)) =
-                (status, reauthed, &inner.auth)
+            if let (StatusCode::UNAUTHORIZED, false, Auth::App(app), AuthAs::Installation) =
+                (status, reauthed, &inner.auth, auth_as)
             {
                 // The cached installation token may have been revoked.
                 *app.cached.lock().await = None;
@@ -728,6 +1033,63 @@ fn grs_secret(
     )))
 }
 
+/// Reads a JSON answer.
+async fn decode<T: DeserializeOwned>(
+    path: &str,
+    resp: reqwest::Response,
+) -> Result<T, GitHubError> {
+    let bytes = resp.bytes().await.map_err(|e| GitHubError::Transport {
+        path: strip_query(path),
+        message: e.without_url().to_string(),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| GitHubError::Decode {
+        path: strip_query(path),
+        message: e.to_string(),
+    })
+}
+
+/// The `cursor` of the `rel="next"` link of a `link` header.
+fn next_cursor(link: &str) -> Option<String> {
+    link.split(',')
+        .find(|part| part.contains("rel=\"next\""))
+        .and_then(|part| {
+            let url = part
+                .split(';')
+                .next()?
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>');
+            let query = url.split_once('?')?.1;
+            url::form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "cursor")
+                .map(|(_, v)| v.into_owned())
+        })
+}
+
+/// A call's endpoint as a template, for metrics: the method, then the path
+/// without query and without the names and ids in it
+/// (`GET /repos/{owner}/{repo}/actions/jobs/{id}`), so the number of
+/// distinct values stays small.
+pub fn endpoint_template(method: &Method, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut out = String::with_capacity(path.len() + 16);
+    out.push_str(method.as_str());
+    out.push(' ');
+    for (i, seg) in segs.iter().enumerate() {
+        out.push('/');
+        let templ = match (segs.first().copied(), i) {
+            (Some("orgs"), 1) => "{org}",
+            (Some("repos"), 1) => "{owner}",
+            (Some("repos"), 2) => "{repo}",
+            _ if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) => "{id}",
+            _ => seg,
+        };
+        out.push_str(templ);
+    }
+    out
+}
+
 fn strip_query(path: &str) -> String {
     path.split('?').next().unwrap_or(path).to_owned()
 }
@@ -796,6 +1158,32 @@ mod tests {
             m.insert(*k, v.parse().unwrap());
         }
         m
+    }
+
+    #[test]
+    fn endpoints_are_templates_without_names_ids_or_queries() {
+        assert_eq!(
+            endpoint_template(&Method::GET, "/repos/octo/app/actions/jobs/12877621891"),
+            "GET /repos/{owner}/{repo}/actions/jobs/{id}"
+        );
+        assert_eq!(
+            endpoint_template(
+                &Method::GET,
+                "/orgs/acme/actions/runners?per_page=100&name=grs-1"
+            ),
+            "GET /orgs/{org}/actions/runners"
+        );
+        assert_eq!(
+            endpoint_template(&Method::POST, "/app/hook/deliveries/20000000001/attempts"),
+            "POST /app/hook/deliveries/{id}/attempts"
+        );
+    }
+
+    #[test]
+    fn the_next_cursor_comes_from_the_link_header() {
+        let link = r#"</app/hook/deliveries?per_page=2&cursor=v1_123>; rel="next", </app/hook/deliveries?per_page=2>; rel="prev""#;
+        assert_eq!(next_cursor(link).as_deref(), Some("v1_123"));
+        assert_eq!(next_cursor(r#"</x?cursor=1>; rel="prev""#), None);
     }
 
     #[test]

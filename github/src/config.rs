@@ -50,6 +50,11 @@ pub struct GitHubConfig {
     pub request_timeout: Duration,
     /// Attempts per call on 5xx and connection errors (1 = no retry).
     pub max_attempts: u32,
+    /// The organisation (or, with `repository`, repository) webhook whose
+    /// failed `workflow_job` deliveries GRS asks GitHub to redeliver. Unset
+    /// with `[github.app]`: the App's own webhook; unset with a token: no
+    /// redelivery (the scan of queued jobs still recovers lost webhooks).
+    pub hook_id: Option<u64>,
 }
 
 impl Default for GitHubConfig {
@@ -65,6 +70,7 @@ impl Default for GitHubConfig {
             max_rate_limit_wait: Duration::from_secs(60),
             request_timeout: Duration::from_secs(15),
             max_attempts: 3,
+            hook_id: None,
         }
     }
 }

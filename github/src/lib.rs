@@ -25,5 +25,8 @@ pub mod webhook;
 #[cfg(feature = "sim")]
 pub mod sim;
 
-pub use client::{GitHubClient, GitHubError, JitConfig, Runner, Scope};
+pub use client::{
+    ApiObserver, GitHubClient, GitHubError, Hook, HookDelivery, JitConfig, Job, RateLimit, Runner,
+    Scope, WorkflowRun,
+};
 pub use config::{GitHubAppConfig, GitHubConfig};

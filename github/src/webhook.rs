@@ -13,18 +13,15 @@
 //! as JSON numbers or decimal strings. Timestamps that do not parse are
 //! dropped rather than failing the delivery: they are for display only.
 //!
-//! Limits: at most [`MAX_LABELS`] labels of at most [`MAX_LABEL_LEN`] bytes
-//! each (GitHub itself allows 100 labels per runner): a job asking for more
-//! can never be served, and the limit keeps junk out of the store.
+//! Limits: none here beyond what the JSON parser needs. The wire limits
+//! (labels per job, field lengths) are the control plane's and are checked
+//! where a delivery becomes a wire event, in the gateway; this crate only
+//! parses GitHub and knows nothing of GRS's wire types.
 
-use grs_proto::v1 as pb;
+use std::time::SystemTime;
+
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
-
-/// The most labels a `workflow_job` may carry (GitHub's own runner limit).
-pub const MAX_LABELS: usize = 100;
-/// The longest label accepted, in bytes.
-pub const MAX_LABEL_LEN: usize = 256;
 
 /// One parsed webhook delivery.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,17 +81,6 @@ impl JobAction {
     }
 }
 
-impl From<JobAction> for pb::JobAction {
-    fn from(a: JobAction) -> Self {
-        match a {
-            JobAction::Queued => pb::JobAction::Queued,
-            JobAction::Waiting => pb::JobAction::Waiting,
-            JobAction::InProgress => pb::JobAction::InProgress,
-            JobAction::Completed => pb::JobAction::Completed,
-        }
-    }
-}
-
 /// A `workflow_job` delivery, reduced to what GRS uses.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct WorkflowJobEvent {
@@ -119,11 +105,11 @@ pub struct WorkflowJobEvent {
     /// `installation.id` (GitHub App deliveries only).
     pub installation_id: Option<u64>,
     /// `workflow_job.created_at`.
-    pub created_at: Option<prost_types::Timestamp>,
+    pub created_at: Option<SystemTime>,
     /// `workflow_job.started_at`.
-    pub started_at: Option<prost_types::Timestamp>,
+    pub started_at: Option<SystemTime>,
     /// `workflow_job.completed_at`.
-    pub completed_at: Option<prost_types::Timestamp>,
+    pub completed_at: Option<SystemTime>,
     /// `workflow_job.conclusion`, once completed.
     pub conclusion: Option<String>,
     /// `workflow_job.name`.
@@ -136,29 +122,6 @@ impl WorkflowJobEvent {
     /// The action (always set for an event [`parse`] returned).
     pub fn job_action(&self) -> JobAction {
         self.action.unwrap_or(JobAction::Queued)
-    }
-
-    /// The control plane's `JobEvent` for this delivery.
-    pub fn to_job_event(&self, delivery_id: &str) -> pb::JobEvent {
-        pb::JobEvent {
-            delivery_id: delivery_id.to_owned(),
-            action: pb::JobAction::from(self.job_action()) as i32,
-            job_id: self.job_id,
-            run_id: self.run_id,
-            run_attempt: self.run_attempt,
-            labels: self.labels.clone(),
-            runner_id: self.runner_id.unwrap_or(0),
-            runner_name: self.runner_name.clone().unwrap_or_default(),
-            repository: self.repository.clone(),
-            organization: self.organization.clone().unwrap_or_default(),
-            installation_id: self.installation_id.unwrap_or(0),
-            created_at: self.created_at,
-            started_at: self.started_at,
-            completed_at: self.completed_at,
-            conclusion: self.conclusion.clone().unwrap_or_default(),
-            job_name: self.job_name.clone(),
-            workflow_name: self.workflow_name.clone(),
-        }
     }
 }
 
@@ -180,9 +143,6 @@ pub enum PayloadError {
     /// A required key is missing or null.
     #[error("payload has no `{0}`")]
     Missing(&'static str),
-    /// Too many or too long labels.
-    #[error("workflow_job.labels: {0}")]
-    Labels(String),
 }
 
 /// How the body is encoded, from the `Content-Type` header.
@@ -258,18 +218,6 @@ pub fn parse(event: &str, encoding: BodyEncoding, body: &[u8]) -> Result<Deliver
         .filter(|id| *id != 0)
         .ok_or(PayloadError::Missing("workflow_job.id"))?;
     let labels = job.labels.unwrap_or_default();
-    if labels.len() > MAX_LABELS {
-        return Err(PayloadError::Labels(format!(
-            "{} labels, at most {MAX_LABELS} accepted",
-            labels.len()
-        )));
-    }
-    if let Some(l) = labels.iter().find(|l| l.len() > MAX_LABEL_LEN) {
-        return Err(PayloadError::Labels(format!(
-            "a label of {} bytes, at most {MAX_LABEL_LEN} accepted",
-            l.len()
-        )));
-    }
     Ok(Delivery::WorkflowJob(Box::new(WorkflowJobEvent {
         action: Some(action),
         job_id,
@@ -303,13 +251,11 @@ fn invalid(e: serde_json::Error) -> PayloadError {
 }
 
 /// RFC 3339 (`2023-04-19T21:12:12Z`, `2023-04-19T23:12:12+02:00`,
-/// fractional seconds allowed) to a protobuf timestamp.
-pub fn parse_timestamp(s: &str) -> Option<prost_types::Timestamp> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    Some(prost_types::Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: t.nanosecond() as i32,
-    })
+/// fractional seconds allowed) to a time.
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
 }
 
 // The raw shapes: every field optional, unknown keys ignored.

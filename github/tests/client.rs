@@ -369,3 +369,61 @@ fn the_github_section_loads_from_toml_and_env() {
     assert_eq!(app.installation_id, 5);
     assert!(app.private_key.is_some());
 }
+
+#[tokio::test]
+async fn every_answer_reports_the_rate_limit_and_an_exhausted_limit_is_a_403() {
+    let sim = sim(SimConfig {
+        rate_limit: 3,
+        rate_limit_window: Duration::from_secs(2),
+        ..SimConfig::default()
+    })
+    .await;
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<(String, u16, Option<u64>)>>);
+    impl grs_github::ApiObserver for Seen {
+        fn response(&self, endpoint: &str, status: u16, remaining: Option<u64>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((endpoint.into(), status, remaining));
+        }
+    }
+    let seen = std::sync::Arc::new(Seen::default());
+    let gh = GitHubClient::new(&GitHubConfig {
+        max_rate_limit_wait: Duration::from_millis(1),
+        ..pat_config(&sim)
+    })
+    .unwrap();
+    assert!(gh.set_observer(seen.clone()));
+    assert_eq!(gh.rate_limit(), None);
+    gh.list_runners(None).await.unwrap();
+    let rl = gh.rate_limit().unwrap();
+    assert_eq!((rl.limit, rl.remaining), (3, 2));
+    gh.list_runners(None).await.unwrap();
+    gh.list_runners(None).await.unwrap();
+    assert_eq!(sim.rate_limit_remaining(), 0);
+    // The fourth waits for the reset, longer than allowed: RateLimited.
+    let e = gh.list_runners(None).await.unwrap_err();
+    assert!(matches!(e, GitHubError::RateLimited { .. }), "{e}");
+    let calls = seen.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 4);
+    assert!(
+        calls
+            .iter()
+            .all(|(e, ..)| e == "GET /repos/{owner}/{repo}/actions/runners"),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        [
+            (200, Some(2)),
+            (200, Some(1)),
+            (200, Some(0)),
+            (403, Some(0))
+        ]
+    );
+    // Once the window resets, calls go through again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    gh.list_runners(None).await.unwrap();
+    sim.shutdown().await;
+}

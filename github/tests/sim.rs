@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
-use grs_github::sim::{GitHubSim, NewJob, SimConfig, SimJobStatus};
+use grs_github::sim::{DeliveryFault, GitHubSim, NewJob, SimConfig, SimJobStatus};
 use grs_github::webhook::{self, BodyEncoding, Delivery};
 use grs_github::{GitHubClient, GitHubConfig, signature};
 use secrecy::{ExposeSecret, SecretString};
@@ -111,12 +111,13 @@ async fn a_booted_jit_runner_takes_a_matching_job_runs_it_and_goes_away() {
             == SimJobStatus::Completed)
             .await
     );
+    // Attempts are logged once answered: three of them, all answered.
     assert!(
-        sim.wait_until(Duration::from_secs(5), |s| s
-            .deliveries()
-            .iter()
-            .all(|d| d.status.is_some()))
-            .await
+        sim.wait_until(Duration::from_secs(5), |s| {
+            let d = s.deliveries();
+            d.len() == 3 && d.iter().all(|d| d.status.is_some())
+        })
+        .await
     );
     let seen = seen.lock().unwrap().clone();
     let actions: Vec<_> = seen
@@ -241,5 +242,167 @@ async fn a_runner_can_boot_over_http_from_another_process() {
         .await
         .unwrap();
     assert_eq!(again.status(), 422);
+    sim.shutdown().await;
+}
+
+/// An App client (JWT for `/app/...`) at organisation scope.
+fn app_client(sim: &GitHubSim) -> GitHubClient {
+    GitHubClient::new(&GitHubConfig {
+        api_url: sim.url(),
+        organization: Some("grs-sim".into()),
+        app: Some(grs_github::GitHubAppConfig {
+            app_id: "4242".into(),
+            installation_id: 77,
+            private_key: Some(SecretString::from(
+                include_str!("data/test-app.key.pem").to_owned(),
+            )),
+            private_key_file: None,
+        }),
+        ..GitHubConfig::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_listed_by_the_apps_hook_and_redelivered_with_its_guid() {
+    let (sim, _pat, seen) = setup().await;
+    let gh = app_client(&sim);
+    assert_eq!(gh.hook(), Some(&grs_github::Hook::App));
+    sim.set_delivery_fault(Some(DeliveryFault::Fail));
+    let job = sim.queue_job(NewJob::labels(["self-hosted"])).await;
+    assert!(seen.lock().unwrap().is_empty(), "the receiver got nothing");
+    sim.set_delivery_fault(None);
+
+    let (failed, next) = gh
+        .list_deliveries(&grs_github::Hook::App, true, 100, None)
+        .await
+        .unwrap();
+    assert_eq!(next, None);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let d = &failed[0];
+    assert_eq!(
+        (d.event.as_str(), d.action.as_deref()),
+        ("workflow_job", Some("queued"))
+    );
+    assert!(
+        !d.succeeded() && !d.redelivery && d.status_code == 502,
+        "{d:?}"
+    );
+    assert!(d.delivered_at().is_some());
+
+    gh.redeliver(&grs_github::Hook::App, d.id).await.unwrap();
+    assert!(
+        sim.wait_until(Duration::from_secs(5), |_| !seen.lock().unwrap().is_empty())
+            .await,
+        "the redelivery reached the receiver"
+    );
+    let got = seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        (got.0.as_str(), got.2),
+        (d.guid.as_str(), job.id),
+        "same guid"
+    );
+    // The log now has the redelivery, successful; nothing failed is newer.
+    let (all, _) = gh
+        .list_deliveries(&grs_github::Hook::App, false, 100, None)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(
+        all[0].redelivery && all[0].succeeded() && all[0].guid == d.guid,
+        "{all:?}"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_org_hooks_deliveries_page_by_cursor_and_a_lost_delivery_is_not_logged() {
+    let (sim, _pat, _seen) = setup().await;
+    let gh = GitHubClient::new(&GitHubConfig {
+        api_url: sim.url(),
+        organization: Some("grs-sim".into()),
+        token: Some(SecretString::from(
+            "ghp_simulated_personal_access_token".to_owned(),
+        )),
+        hook_id: Some(1),
+        ..GitHubConfig::default()
+    })
+    .unwrap();
+    let hook = gh
+        .hook()
+        .cloned()
+        .expect("github.hook_id names the org hook");
+    assert!(matches!(
+        hook,
+        grs_github::Hook::Organization { hook_id: 1, .. }
+    ));
+    for _ in 0..3 {
+        sim.queue_job(NewJob::labels(["self-hosted"])).await;
+    }
+    sim.set_delivery_fault(Some(DeliveryFault::Lose));
+    sim.queue_job(NewJob::labels(["self-hosted"])).await;
+    let (p1, next) = gh.list_deliveries(&hook, false, 2, None).await.unwrap();
+    let (p2, last) = gh
+        .list_deliveries(&hook, false, 2, next.as_deref())
+        .await
+        .unwrap();
+    assert_eq!((p1.len(), p2.len(), last), (2, 1, None));
+    assert!(p1[0].id > p1[1].id && p1[1].id > p2[0].id, "newest first");
+    assert!(p1.iter().chain(&p2).all(|d| d.succeeded()));
+    // A PAT cannot use the App's endpoints.
+    let e = gh
+        .list_deliveries(&grs_github::Hook::App, false, 2, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("GitHub App"), "{e}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn queued_runs_and_their_jobs_are_listed_as_github_lists_them() {
+    let (sim, gh, _seen) = setup().await;
+    // Job ids are consecutive and a run holds two of them.
+    let a = sim
+        .queue_job(NewJob::labels(["self-hosted", "linux"]))
+        .await;
+    let b = sim.queue_job(NewJob::labels(["self-hosted", "gpu"])).await;
+    let repo = "grs-sim/app";
+    let queued = gh.list_workflow_runs(repo, "queued", 100).await.unwrap();
+    let runs: std::collections::BTreeSet<u64> = [a.run_id, b.run_id].into();
+    assert_eq!(
+        queued
+            .iter()
+            .map(|r| r.id)
+            .collect::<std::collections::BTreeSet<_>>(),
+        runs
+    );
+    let mut jobs = Vec::new();
+    for r in &runs {
+        jobs.extend(gh.list_run_jobs(repo, *r).await.unwrap());
+    }
+    let a_listed = jobs.iter().find(|j| j.id == a.id).expect("job a listed");
+    assert_eq!(
+        (a_listed.status.as_str(), a_listed.labels.clone()),
+        ("queued", vec!["self-hosted".to_owned(), "linux".to_owned()])
+    );
+    // Taken by a runner: its run is in progress, no longer queued.
+    let jit = gh
+        .generate_jit_config("grs-x", &["self-hosted".into(), "linux".into()], None)
+        .await
+        .unwrap();
+    sim.boot_runner(jit.encoded_jit_config.expose_secret())
+        .await
+        .unwrap();
+    let in_progress = gh
+        .list_workflow_runs(repo, "in_progress", 100)
+        .await
+        .unwrap();
+    assert!(
+        in_progress.iter().any(|r| r.id == a.run_id),
+        "{in_progress:?}"
+    );
+    assert_eq!(gh.get_job(repo, a.id).await.unwrap().status, "in_progress");
+    // Another repository's jobs are not this one's.
+    assert!(gh.get_job("grs-sim/other", a.id).await.is_err());
     sim.shutdown().await;
 }

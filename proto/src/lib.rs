@@ -28,6 +28,18 @@ pub mod provisioner {
     }
 }
 
+/// Wire limits of `grs.v1`, defined once: the control plane refuses what
+/// exceeds them (INVALID_ARGUMENT naming the field) and the gateway refuses
+/// a webhook that would (400) instead of sending it.
+///
+/// Most labels one job event may carry (GitHub's own limit per runner).
+pub const MAX_LABELS: usize = 100;
+/// Longest label, delivery id, name or other string field of a job event, in
+/// bytes.
+pub const MAX_FIELD_LEN: usize = 256;
+/// Most events one `SubmitJobEvents` call may carry.
+pub const MAX_BATCH: usize = 256;
+
 /// Encoded `FileDescriptorSet` of `grs.v1`, for `tonic-reflection` on the
 /// control plane.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -45,6 +45,15 @@ pub async fn api_version(client: &PveClient) -> Result<(String, u32), PveError> 
     Ok((version, major))
 }
 
+/// The nodes clones of `pool` go to: the configured ones, narrowed (after
+/// [`ProxmoxProvisioner::validate`]) to those the template's storage
+/// reaches.
+///
+/// [`ProxmoxProvisioner::validate`]: crate::ProxmoxProvisioner::validate
+pub fn clone_nodes(pool: &crate::ProxmoxProvisioner) -> Vec<String> {
+    pool.candidates()
+}
+
 /// One privilege GRS needs on one concrete ACL path.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RequiredPrivilege {

@@ -56,6 +56,8 @@ pub struct WorldOptions {
     pub claim_timeout: Duration,
     /// `control_plane.reconcile_interval`.
     pub reconcile_interval: Duration,
+    /// The pool's `min_idle` (warm instances).
+    pub min_idle: u32,
     /// Extra `[control_plane]` lines (TOML), for a scenario's settings.
     pub extra_control_plane: String,
 }
@@ -71,6 +73,7 @@ impl Default for WorldOptions {
             boot_delay: Duration::from_millis(100),
             claim_timeout: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(1),
+            min_idle: 0,
             extra_control_plane: String::new(),
         }
     }
@@ -136,14 +139,19 @@ pub struct InvariantReport {
     pub logs_checked: usize,
     /// Distinct secrets looked for.
     pub secrets_checked: usize,
+    /// Jobs still waiting on GitHub at the end (a violation).
+    pub left_waiting: usize,
     /// Queued → `in_progress` (GitHub's clock), ms, per job that ran.
     pub pickup_ms: Vec<u64>,
+    /// Every invariant violated (empty: all held).
+    pub problems: Vec<String>,
 }
 
 impl std::fmt::Display for InvariantReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "  jobs queued on GitHub        {}", self.jobs)?;
         writeln!(f, "  ran exactly once             {}", self.ran_once)?;
+        writeln!(f, "  left waiting on GitHub       {}", self.left_waiting)?;
         writeln!(f, "  cancelled before pickup      {}", self.cancelled)?;
         writeln!(
             f,
@@ -151,14 +159,19 @@ impl std::fmt::Display for InvariantReport {
             self.on_another_jobs_vm
         )?;
         writeln!(f, "  runners started              {}", self.runners_started)?;
-        writeln!(f, "  VMs left (GRS's)             0")?;
-        writeln!(f, "  runner registrations left    0")?;
-        writeln!(f, "  foreign VM                   untouched")?;
-        write!(
+        writeln!(
             f,
-            "  secrets in logs              none ({} secrets in {} logs)",
+            "  secrets looked for           {} in {} logs",
             self.secrets_checked, self.logs_checked
-        )
+        )?;
+        if self.problems.is_empty() {
+            write!(
+                f,
+                "  every invariant held: no VM or registration left, foreign VM untouched, no secret in a log"
+            )
+        } else {
+            write!(f, "  VIOLATED:\n  - {}", self.problems.join("\n  - "))
+        }
     }
 }
 
@@ -413,6 +426,7 @@ nodes = [{{ name = "{node}" }}]
 [pools.linux]
 labels = [{labels}]
 max_instances = {max}
+min_idle = {min_idle}
 
 [pools.linux.provisioner]
 type = "proxmox"
@@ -440,6 +454,7 @@ template_vmid = {template}
                 .collect::<Vec<_>>()
                 .join(", "),
             max = o.max_instances,
+            min_idle = o.min_idle,
             template = TEMPLATE,
         );
         let path = self.dir_path.as_path().join(format!("grs-{i}.toml"));
@@ -587,7 +602,30 @@ template_vmid = {template}
     /// - every process still running (none crashed), and the PVE
     ///   simulator saw no request outside the official schema.
     pub async fn check_invariants(&mut self, timeout: Duration) -> anyhow::Result<InvariantReport> {
-        let jobs = self.wait_all_completed(timeout).await?;
+        let report = self.invariants(timeout).await?;
+        if report.problems.is_empty() {
+            Ok(report)
+        } else {
+            bail!(
+                "invariants violated (logs in {}):\n- {}",
+                self.dir_path.as_path().display(),
+                report.problems.join("\n- ")
+            )
+        }
+    }
+
+    /// What [`Self::check_invariants`] checks, every violation listed in
+    /// [`InvariantReport::problems`] (an `Err` only when a simulator or
+    /// GRS cannot be asked).
+    pub async fn invariants(&mut self, timeout: Duration) -> anyhow::Result<InvariantReport> {
+        let mut problems: Vec<String> = Vec::new();
+        let jobs = match self.wait_all_completed(timeout).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                problems.push(format!("{e:#}"));
+                self.github.jobs().await?
+            }
+        };
         let deadline = Instant::now() + timeout;
         // Teardown follows completion: wait for VMs and registrations to go.
         let (vms, runners) = loop {
@@ -604,7 +642,6 @@ template_vmid = {template}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let mut problems: Vec<String> = Vec::new();
         if !vms.is_empty() {
             problems.push(format!(
                 "{} VMs left on Proxmox: {:?}",
@@ -641,6 +678,7 @@ template_vmid = {template}
                         report.pickup_ms.push(s.saturating_sub(q));
                     }
                 }
+                _ if j.status != "completed" => report.left_waiting += 1,
                 _ => problems.push(format!(
                     "job {}: conclusion {:?}, runner {:?}, started {} times",
                     j.id, j.conclusion, j.runner_name, j.starts
@@ -744,15 +782,8 @@ template_vmid = {template}
         report.secrets_checked = secrets.len();
         report.runners_started = self.fleet.booted().values().map(|n| *n as usize).sum();
 
-        if problems.is_empty() {
-            Ok(report)
-        } else {
-            bail!(
-                "invariants violated (logs in {}):\n- {}",
-                self.dir_path.as_path().display(),
-                problems.join("\n- ")
-            )
-        }
+        report.problems = problems;
+        Ok(report)
     }
 
     fn live_replica(&mut self) -> Option<usize> {

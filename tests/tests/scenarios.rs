@@ -8,8 +8,8 @@
 //! registration left, the foreign VM untouched, no secret in any log, and
 //! every GRS process stops cleanly on SIGTERM.
 //!
-//! Not here yet: warm pickup (`min_idle`) and a lost webhook recovered;
-//! they need warm pools and lost-webhook recovery in the control plane.
+//! Not here yet: a lost webhook recovered (it needs lost-webhook recovery
+//! in the control plane).
 
 use std::time::Duration;
 
@@ -349,4 +349,72 @@ async fn redis_restarted_mid_flow_loses_no_job() {
     }
     let report = finish(w).await;
     assert_eq!(report.ran_once, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_runner_takes_a_job_at_once_and_the_pool_is_replenished() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(w) = world(WorldOptions {
+        name: "warm".into(),
+        min_idle: 2,
+        ..WorldOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let idle_warm = || async {
+        let runners = w.github.runners().await.ok()?;
+        let idle = runners
+            .iter()
+            .filter(|r| r.online && !r.busy && r.name.starts_with("grs-w"))
+            .count();
+        Some(idle)
+    };
+    until("two warm runners idle", || async {
+        (idle_warm().await? == 2).then_some(())
+    })
+    .await;
+    let clones_before = w.pve.stats().await.unwrap()["clone_tasks"].as_u64();
+    // The warm runner takes the job: no VM is made for it first.
+    let job = w.github.queue(LABELS, None).await.unwrap();
+    let taken = until("the job taken", || async {
+        let j = w.github.job(job).await.ok()??;
+        j.runner_name.clone()
+    })
+    .await;
+    assert!(taken.starts_with("grs-w"), "taken by {taken}");
+    assert_eq!(
+        w.pve.stats().await.unwrap()["clone_tasks"].as_u64(),
+        clones_before,
+        "no clone before the pickup"
+    );
+    assert!(
+        w.grs_vms()
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| v.name != w.instance_name(job)),
+        "no VM made for the job"
+    );
+    w.wait_all_completed(SETTLE).await.unwrap();
+    // Replenished: two idle warm runners again.
+    until("the pool replenished", || async {
+        (idle_warm().await? == 2).then_some(())
+    })
+    .await;
+    // Scaled down to zero live: every warm VM and registration goes.
+    w.client(0)
+        .await
+        .unwrap()
+        .update_pool(pb::UpdatePoolRequest {
+            name: "linux".into(),
+            min_idle: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let report = finish(w).await;
+    assert_eq!(report.ran_once, 1);
+    eprintln!("warm pickup: queued -> started {} ms", report.pickup_ms[0]);
 }

@@ -13,6 +13,7 @@ async fn a_small_soak_with_every_fault_mixed_keeps_every_invariant() {
     match grs_e2e::soak::run(&opts).await {
         Ok(Some(result)) => {
             eprintln!("{result}");
+            assert!(result.ok(), "{:#?}", result.report.problems);
             assert_eq!(result.report.ran_once, opts.jobs);
             assert_eq!(result.control_plane_kills, opts.control_plane_kills);
             assert_eq!(result.redis_restarts, opts.redis_restarts);

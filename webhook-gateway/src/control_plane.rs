@@ -37,8 +37,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{GatewayConfig, ResolvedSecrets};
 
-/// Most events in one `SubmitJobEvents` call (the control plane's limit).
-pub const MAX_BATCH: usize = 256;
+/// Most events in one `SubmitJobEvents` call (the wire limit).
+pub use grs_proto::MAX_BATCH;
 /// A batch stops growing once its events' encoded size reaches this: well
 /// under the 4 MiB a gRPC server accepts by default, even though one event
 /// may carry up to ~30 KB of labels and names.

@@ -7,7 +7,8 @@
 //! JSON nor form · 400 body that does not parse (invalid or truncated JSON,
 //! no `workflow_job.id`, too many labels) · 204 event or action GRS ignores ·
 //! 200 ping · 202 the control plane durably recorded the event (also when it
-//! was stale) · 200 a replayed delivery id the control plane already had ·
+//! was stale) · 202 an event from outside the configured organisation,
+//! repository or App installation (answered, not recorded) · 200 a replayed delivery id the control plane already had ·
 //! 400 the control plane refused it as invalid · 503 the control plane is
 //! unreachable or timed out. Every non-2xx answer is logged with its
 //! reason and the delivery id; bodies and secrets never are. Accepted
@@ -124,6 +125,9 @@ pub enum WebhookOutcome {
     Duplicate,
     /// 202: recorded; the job was already past it.
     Stale,
+    /// 202: from outside the configured organisation, repository or
+    /// installation; not recorded.
+    Foreign,
     /// 400: the control plane refused the event as invalid.
     Refused,
     /// 503: the control plane is unreachable, timed out or overloaded
@@ -151,6 +155,7 @@ impl WebhookOutcome {
             Self::Accepted => "accepted",
             Self::Duplicate => "duplicate",
             Self::Stale => "stale",
+            Self::Foreign => "foreign",
             Self::Unavailable => "unavailable",
             Self::Error => "error",
         }
@@ -170,7 +175,7 @@ impl WebhookOutcome {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Ping | Self::Duplicate => StatusCode::OK,
             Self::Ignored => StatusCode::NO_CONTENT,
-            Self::Accepted | Self::Stale => StatusCode::ACCEPTED,
+            Self::Accepted | Self::Stale | Self::Foreign => StatusCode::ACCEPTED,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Error => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -192,6 +197,7 @@ impl WebhookOutcome {
             Self::Accepted => "accepted\n",
             Self::Duplicate => "duplicate delivery\n",
             Self::Stale => "stale\n",
+            Self::Foreign => "not this installation's\n",
             Self::Refused => "refused\n",
             Self::Unavailable | Self::Error => "control plane unavailable\n",
         }
@@ -309,7 +315,14 @@ async fn handle_webhook(
     };
     let action = job.job_action().as_str();
     let job_id = job.job_id;
-    match st.control_plane.submit(job.to_job_event(delivery_id)).await {
+    let event = match crate::convert::job_event(&job, delivery_id) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(delivery, event = event_label, "webhook refused: {e}");
+            return (event_label, WebhookOutcome::Malformed);
+        }
+    };
+    match st.control_plane.submit(event).await {
         Ok(r) => {
             match pb::SubmitOutcome::try_from(r.outcome).unwrap_or(pb::SubmitOutcome::Unspecified) {
                 pb::SubmitOutcome::DuplicateDelivery => {
@@ -320,6 +333,15 @@ async fn handle_webhook(
                         "replayed delivery: already recorded"
                     );
                     (event_label, WebhookOutcome::Duplicate)
+                }
+                pb::SubmitOutcome::Foreign => {
+                    tracing::info!(
+                        delivery,
+                        job_id,
+                        action,
+                        "event from outside the configured organisation/repository/installation: not recorded"
+                    );
+                    (event_label, WebhookOutcome::Foreign)
                 }
                 pb::SubmitOutcome::Stale => {
                     tracing::debug!(

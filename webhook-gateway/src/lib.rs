@@ -7,6 +7,7 @@
 //!   its secrets are found.
 //! - [`http`]: the routes and the status each outcome gets. Start here.
 //! - [`control_plane`]: the gRPC client (deadline, bearer token, TLS).
+//! - [`convert`]: a parsed delivery to the wire `JobEvent` (wire limits).
 //! - [`metrics`]: the Prometheus metrics behind `/metrics`.
 //!
 //! [`run`] serves until its shutdown future completes (mini-redis style),
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod control_plane;
+pub mod convert;
 pub mod http;
 pub mod metrics;
 

@@ -805,13 +805,8 @@ async fn a_batch_stops_growing_at_about_a_mebibyte() {
     // in one call.
     let big_job = |id: u64| {
         let mut v: serde_json::Value = serde_json::from_slice(&queued_job(id)).unwrap();
-        v["workflow_job"]["labels"] = (0..grs_github::webhook::MAX_LABELS)
-            .map(|i| {
-                format!(
-                    "{i:03}{}",
-                    "x".repeat(grs_github::webhook::MAX_LABEL_LEN - 3)
-                )
-            })
+        v["workflow_job"]["labels"] = (0..grs_proto::MAX_LABELS)
+            .map(|i| format!("{i:03}{}", "x".repeat(grs_proto::MAX_FIELD_LEN - 3)))
             .collect::<Vec<_>>()
             .into();
         serde_json::to_vec(&v).unwrap()

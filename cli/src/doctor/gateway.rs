@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::{Check, Loaded, bounded};
+use crate::error::transport_detail;
 
 const NAME: &str = "gateway reachable";
 
@@ -16,9 +17,16 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
     };
     let url = format!("{base}/healthz");
     let answer = bounded(timeout, &url, async {
-        let client = reqwest::Client::builder().timeout(timeout).build()?;
-        let resp = client.get(&url).send().await?;
-        Ok::<_, reqwest::Error>(resp.status())
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| transport_detail(&e))?;
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| transport_detail(&e))?;
+        Ok::<_, String>(resp.status())
     })
     .await;
     vec![match answer {

@@ -122,10 +122,9 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
         };
         let template = format!("PVE template (pool {name})");
         match bounded(timeout, "validating the template", p.validate()).await {
-            Ok(()) => out.push(Check::pass(
-                &template,
-                format!(
-                    "VM {} on node {} is a {}, clonable where placement puts clones",
+            Ok(()) => {
+                let what = format!(
+                    "VM {} on node {} is a {}",
                     pool_cfg.template_vmid,
                     pool_cfg.node,
                     if pool_cfg.full_clone {
@@ -133,8 +132,34 @@ pub(super) async fn checks(loaded: &Loaded, timeout: Duration) -> Vec<Check> {
                     } else {
                         "template"
                     }
-                ),
-            )),
+                );
+                // Placement narrowed to the nodes the template's storage
+                // reaches: GRS works, with fewer nodes than configured.
+                let reach = check::clone_nodes(&p);
+                let unused: Vec<&str> = conn
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .filter(|n| pool_cfg.target_node.is_none() && !reach.iter().any(|r| r == n))
+                    .collect();
+                out.push(if unused.is_empty() {
+                    Check::pass(
+                        &template,
+                        format!("{what}, clonable on {}", reach.join(", ")),
+                    )
+                } else {
+                    Check::warn(
+                        &template,
+                        format!(
+                            "{what}; its disks are on storage local to {}: clones go to {} only, never to {}",
+                            pool_cfg.node,
+                            reach.join(", "),
+                            unused.join(", ")
+                        ),
+                        "move the template's disks to shared storage, or list only the nodes it reaches in proxmox.nodes",
+                    )
+                });
+            }
             Err(e) => out.push(Check::fail(
                 &template,
                 e,

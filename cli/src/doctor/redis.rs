@@ -1,9 +1,11 @@
 //! Redis: reachable, and persistent (`appendonly yes`), since every
-//! accepted job lives only there until it is done.
+//! accepted job lives only there until it is done. Asked through the
+//! control plane's own store connection (password, `[redis.sentinel]`).
 
 use std::time::Duration;
 
 use grs_control_plane::config::{Config, StoreKind};
+use grs_control_plane::store::{RedisStore, RedisStoreOptions, Store};
 
 use super::{Check, bounded};
 
@@ -18,51 +20,60 @@ pub(super) async fn checks(config: &Config, timeout: Duration) -> Vec<Check> {
             "set control_plane.store = \"redis\" for production",
         )];
     }
-    let url = redacted(&config.redis.url);
-    let conn = bounded(timeout, "connecting", async {
-        let client = redis::Client::open(config.redis.url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| conn)
-    })
-    .await;
-    let conn = match conn {
-        Ok(c) => c,
+    let r = &config.redis;
+    let target = if r.sentinel.enabled() {
+        format!(
+            "primary {:?} of the sentinels {}",
+            r.sentinel.master_name,
+            r.sentinel.addresses.join(", ")
+        )
+    } else {
+        redacted(&r.url)
+    };
+    let opts = RedisStoreOptions {
+        prefix: r.key_prefix.clone(),
+        response_timeout: timeout,
+        ..RedisStoreOptions::default()
+    };
+    // Validated with the configuration already: cannot fail here.
+    let store = match RedisStore::from_config(r, opts) {
+        Ok(s) => s,
         Err(e) => {
-            return vec![
-                Check::fail(
-                    REACHABLE,
-                    format!("{url}: {e}"),
-                    "start Redis, or correct redis.url (GRS_REDIS_URL); a password goes in the URL (redis://:PASSWORD@HOST:PORT)",
-                ),
-                Check::skip(PERSISTENT, "Redis is not reachable"),
-            ];
+            return vec![Check::fail(
+                REACHABLE,
+                e.to_string(),
+                "correct the key named above",
+            )];
         }
     };
-    let mut out = vec![Check::pass(REACHABLE, format!("{url} answered PING"))];
-    let get = |key: &'static str| {
-        let mut conn = conn.clone();
-        async move {
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(key)
-                .query_async::<Vec<String>>(&mut conn)
-                .await
-                .map(|kv| kv.get(1).cloned().unwrap_or_default())
-        }
-    };
-    let appendonly = bounded(timeout, "CONFIG GET appendonly", get("appendonly")).await;
-    let save = bounded(timeout, "CONFIG GET save", get("save")).await;
-    out.push(match (appendonly, save) {
-        (Ok(a), _) if a == "yes" => Check::pass(PERSISTENT, "appendonly yes (AOF)"),
-        (Ok(a), save) => {
+    if let Err(e) = bounded(timeout, "PING", store.ping()).await {
+        return vec![
+            Check::fail(
+                REACHABLE,
+                format!("{target}: {e}"),
+                "start Redis, or correct redis.url (GRS_REDIS_URL), redis.password (GRS_REDIS_PASSWORD) or [redis.sentinel]",
+            ),
+            Check::skip(PERSISTENT, "Redis is not reachable"),
+        ];
+    }
+    let mut out = vec![Check::pass(REACHABLE, format!("{target} answered PING"))];
+    let appendonly = bounded(
+        timeout,
+        "CONFIG GET appendonly",
+        store.config_get("appendonly"),
+    )
+    .await;
+    out.push(match appendonly {
+        Ok(Some(a)) if a == "yes" => Check::pass(PERSISTENT, "appendonly yes (AOF)"),
+        Ok(a) => {
+            let a = a.unwrap_or_else(|| "unknown".into());
+            let save = bounded(timeout, "CONFIG GET save", store.config_get("save")).await;
             let snapshots = match save {
-                Ok(s) if !s.trim().is_empty() => format!(
+                Ok(Some(s)) if !s.trim().is_empty() => format!(
                     "; RDB snapshots only (save {s}): jobs accepted since the last snapshot are lost when Redis restarts"
                 ),
-                _ => "; no RDB snapshots either: every accepted job is lost when Redis restarts".into(),
+                _ => "; no RDB snapshots either: every accepted job is lost when Redis restarts"
+                    .into(),
             };
             Check::fail(
                 PERSISTENT,
@@ -70,7 +81,7 @@ pub(super) async fn checks(config: &Config, timeout: Duration) -> Vec<Check> {
                 "set `appendonly yes` in redis.conf, or now: redis-cli CONFIG SET appendonly yes && redis-cli CONFIG REWRITE",
             )
         }
-        (Err(e), _) => Check::warn(
+        Err(e) => Check::warn(
             PERSISTENT,
             format!("cannot read appendonly ({e}); managed Redis services often disable CONFIG"),
             "make sure the service persists with AOF (appendonly yes): GRS keeps accepted jobs only in Redis",

@@ -64,6 +64,8 @@ struct State {
     /// token hash → (instance, expiry)
     bootstrap: HashMap<String, (String, Instant)>,
     bootstrap_by_instance: HashMap<String, String>,
+    /// token hash → (sealed secret, expiry)
+    bootstrap_secrets: HashMap<String, (String, Instant)>,
     queues: BTreeMap<Queue, MemQueue>,
     /// lease name → (holder, expiry)
     leases: HashMap<String, (String, Instant)>,
@@ -388,6 +390,10 @@ impl Store for MemoryStore {
         self.transact_one(|tx| rules::note_instance_error(tx, name, reason, now))
     }
 
+    async fn note_job_waiting(&self, job_id: u64, reason: &str, now: Millis) -> StoreResult<()> {
+        self.transact_one(|tx| rules::note_job_waiting(tx, job_id, reason, now))
+    }
+
     async fn retire_warm(
         &self,
         name: &str,
@@ -573,6 +579,28 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> StoreResult<()> {
         self.transact_one(|tx| rules::put_bootstrap_token(tx, token_hash, instance, ttl))
+    }
+
+    async fn put_bootstrap_secret(
+        &self,
+        token_hash: &str,
+        sealed: &str,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        s.bootstrap_secrets.retain(|_, (_, exp)| *exp > now);
+        s.bootstrap_secrets
+            .insert(token_hash.to_owned(), (sealed.to_owned(), now + ttl));
+        Ok(())
+    }
+
+    async fn bootstrap_secret(&self, token_hash: &str) -> StoreResult<Option<String>> {
+        let s = self.state.lock().unwrap();
+        Ok(s.bootstrap_secrets
+            .get(token_hash)
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(v, _)| v.clone()))
     }
 
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>> {

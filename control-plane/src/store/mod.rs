@@ -413,6 +413,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a teardown problem on the instance (it stays queued).
     async fn note_instance_error(&self, name: &str, reason: &str, now: Millis) -> StoreResult<()>;
 
+    /// Records why a job that has not ended still waits (a create that
+    /// failed and is retried, ...), shown by `GetJob`; "" clears it. An
+    /// ended job keeps its reason. Idempotent.
+    async fn note_job_waiting(&self, job_id: u64, reason: &str, now: Millis) -> StoreResult<()>;
+
     /// Next entry of `queue` for `consumer`, waiting up to `block`.
     async fn read(
         &self,
@@ -460,6 +465,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         instance: &str,
         ttl: Duration,
     ) -> StoreResult<()>;
+
+    /// Stores `sealed` (a secret sealed under a bootstrap token, see
+    /// [`bootstrap::issue_with_secret`](crate::bootstrap::issue_with_secret))
+    /// under the token's hash for `ttl`.
+    async fn put_bootstrap_secret(
+        &self,
+        token_hash: &str,
+        sealed: &str,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+
+    /// What [`put_bootstrap_secret`](Store::put_bootstrap_secret) stored
+    /// under a token's hash, if it has not expired.
+    async fn bootstrap_secret(&self, token_hash: &str) -> StoreResult<Option<String>>;
 
     /// The instance a bootstrap token's hash is bound to, if still valid.
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>>;

@@ -76,6 +76,7 @@ use crate::model::{
 
 mod conn;
 mod encoding;
+mod inspect;
 mod queues;
 mod tx;
 
@@ -512,6 +513,13 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn note_job_waiting(&self, job_id: u64, reason: &str, now: Millis) -> StoreResult<()> {
+        self.transact_one(vec![Key::Job(job_id)], now, |tx| {
+            rules::note_job_waiting(tx, job_id, reason, now)
+        })
+        .await
+    }
+
     async fn read(
         &self,
         queue: &Queue,
@@ -641,6 +649,33 @@ impl Store for RedisStore {
             rules::put_bootstrap_token(tx, token_hash, instance, ttl)
         })
         .await
+    }
+
+    async fn put_bootstrap_secret(
+        &self,
+        token_hash: &str,
+        sealed: &str,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        redis::cmd("SET")
+            .arg(self.key(&["bootstrap-secret", token_hash]))
+            .arg(sealed)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn bootstrap_secret(&self, token_hash: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        redis::cmd("GET")
+            .arg(self.key(&["bootstrap-secret", token_hash]))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     async fn lookup_bootstrap_token(&self, token_hash: &str) -> StoreResult<Option<String>> {

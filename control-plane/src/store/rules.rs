@@ -1094,6 +1094,21 @@ pub fn note_instance_error(tx: &mut Tx<'_>, name: &str, why: &str, now: Millis) 
     Ok(())
 }
 
+/// [`Store::note_job_waiting`](super::Store::note_job_waiting): the reason
+/// of a job that has not ended; an ended job keeps why it ended.
+pub fn note_job_waiting(tx: &mut Tx<'_>, job_id: u64, why: &str, now: Millis) -> Read<()> {
+    if let Some(job) = tx.job(job_id)?
+        && !job.state.is_terminal()
+        && job.reason != why
+    {
+        let mut after = job.clone();
+        after.reason = why.to_owned();
+        after.updated_at = now;
+        tx.put_job(Some(job), after);
+    }
+    Ok(())
+}
+
 /// [`Store::put_bootstrap_token`](super::Store::put_bootstrap_token): one
 /// token per instance, so the previous one is revoked.
 pub fn put_bootstrap_token(

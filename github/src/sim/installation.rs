@@ -146,7 +146,7 @@ pub(super) fn hooks(sim: &GitHubSim) -> Response {
         .iter()
         .map(|url| {
             json!({
-                "id": 1,
+                "id": st.cfg.hook_id,
                 "name": "web",
                 "active": true,
                 "events": st.setup.hook_events,

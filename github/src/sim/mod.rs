@@ -31,8 +31,35 @@
 //!   [`GitHubSim::redeliver`] resends one with the same delivery id.
 //! - Job ids start above 2^32, so 64-bit handling is always exercised.
 //!
+//! - Every delivery attempt is logged like GitHub's hook deliveries API
+//!   shows it (`id`, `guid` = `X-GitHub-Delivery`, `status_code`,
+//!   `redelivery`); `GET /app/hook/deliveries` (App JWT) and
+//!   `GET /orgs/{org}/hooks/{hook_id}/deliveries` list them newest first
+//!   with cursor paging, and `POST .../deliveries/{id}/attempts` redelivers
+//!   one (202, sent asynchronously, same guid, `redelivery: true`).
+//!   <https://docs.github.com/rest/apps/webhooks#list-deliveries-for-an-app-webhook>,
+//!   <https://docs.github.com/rest/orgs/webhooks#list-deliveries-for-an-organization-webhook>.
+//!   The simulator has one hook; both paths show its deliveries.
+//! - Jobs and runs: `GET /repos/{o}/{r}/actions/jobs/{job_id}`,
+//!   `GET /repos/{o}/{r}/actions/runs?status=` and
+//!   `GET /repos/{o}/{r}/actions/runs/{run_id}/jobs`
+//!   (<https://docs.github.com/rest/actions/workflow-runs#list-workflow-runs-for-a-repository>,
+//!   <https://docs.github.com/rest/actions/workflow-jobs#list-jobs-for-a-workflow-run>).
+//!   A run is `queued` while all its jobs are, `completed` once all are,
+//!   else `in_progress` (a run with a job running and one still waiting for
+//!   a runner is in progress: a scan for lost jobs must look at both).
+//! - Every API answer carries `x-ratelimit-limit`, `-remaining`, `-used`,
+//!   `-reset` and `-resource: core`
+//!   (<https://docs.github.com/rest/using-the-rest-api/rate-limits-for-the-rest-api>);
+//!   once [`SimConfig::rate_limit`] calls are spent in a window the API
+//!   answers 403 "API rate limit exceeded" with `x-ratelimit-remaining: 0`
+//!   until the window resets.
+//!
 //! Faults for tests: [`GitHubSim::inject`] makes the next API calls answer
-//! with a rate limit or a server error.
+//! with a (secondary) rate limit or a server error;
+//! [`GitHubSim::set_delivery_fault`] makes deliveries fail (logged as
+//! failed, redeliverable) or get lost (never attempted, as in a GitHub
+//! incident: only a scan of queued jobs finds them).
 
 mod installation;
 mod server;
@@ -72,6 +99,13 @@ pub struct SimConfig {
     pub token_ttl: Duration,
     /// How long a job runs once a runner took it (unless the job says).
     pub job_duration: Duration,
+    /// The organisation webhook's id (`X-GitHub-Hook-ID`,
+    /// `/orgs/{org}/hooks/{hook_id}/deliveries`).
+    pub hook_id: u64,
+    /// Primary rate limit: API calls per [`rate_limit_window`](Self::rate_limit_window).
+    pub rate_limit: u64,
+    /// The primary rate limit's window (GitHub: one hour).
+    pub rate_limit_window: Duration,
 }
 
 impl Default for SimConfig {
@@ -87,6 +121,9 @@ impl Default for SimConfig {
             pat: Some("ghp_simulated_personal_access_token".into()),
             token_ttl: Duration::from_secs(3600),
             job_duration: Duration::from_millis(200),
+            hook_id: 1,
+            rate_limit: 5000,
+            rate_limit_window: Duration::from_secs(3600),
         }
     }
 }
@@ -176,11 +213,20 @@ pub struct SimRunner {
     pub runner_group_id: u64,
 }
 
-/// One webhook delivery the simulator made.
+/// One webhook delivery attempt the simulator made (or failed to make), as
+/// the hook deliveries API lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryRecord {
-    /// `X-GitHub-Delivery`.
+    /// The attempt's id in the hook deliveries API (`id`; redeliveries get
+    /// their own).
+    pub id: u64,
+    /// `X-GitHub-Delivery` (`guid` in the deliveries API; the same on
+    /// redelivery).
     pub delivery_id: String,
+    /// Whether this attempt was a redelivery.
+    pub redelivery: bool,
+    /// When it was attempted.
+    pub delivered_at: SystemTime,
     /// `X-GitHub-Event`.
     pub event: String,
     /// `action`.
@@ -189,6 +235,30 @@ pub struct DeliveryRecord {
     pub job_id: u64,
     /// The receiver's HTTP status; `None` when not sent or no answer.
     pub status: Option<u16>,
+}
+
+impl DeliveryRecord {
+    /// GitHub's `status_code`: the receiver's status, 502 when it could not
+    /// be reached, 0 while the attempt is in flight.
+    pub fn status_code(&self) -> u16 {
+        self.status.unwrap_or(502)
+    }
+
+    /// GitHub's classification (`?status=success`: 200 to 399).
+    pub fn succeeded(&self) -> bool {
+        (200..400).contains(&self.status_code())
+    }
+}
+
+/// What happens to webhook deliveries while the switch is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryFault {
+    /// The receiver is never reached: each attempt is logged as failed
+    /// ("failed to connect", `status_code` 502) and can be redelivered.
+    Fail,
+    /// GitHub never attempts the delivery (an incident on its side): nothing
+    /// is logged, nothing can be redelivered.
+    Lose,
 }
 
 /// A fault to answer the next API calls with.
@@ -227,6 +297,28 @@ struct JitBlob {
     nonce: String,
 }
 
+impl State {
+    fn next_delivery_attempt(&mut self) -> u64 {
+        // Attempt ids grow like GitHub's (and above 2^32, as theirs are).
+        20_000_000_000 + self.deliveries.len() as u64
+    }
+
+    /// Spends one API call of the primary rate limit; false when the window
+    /// has none left. A new window starts once the reset time passes.
+    pub(crate) fn spend_rate_limit(&mut self) -> bool {
+        let now = SystemTime::now();
+        if now >= self.rate_reset {
+            self.rate_remaining = self.cfg.rate_limit;
+            self.rate_reset = now + self.cfg.rate_limit_window;
+        }
+        if self.rate_remaining == 0 {
+            return false;
+        }
+        self.rate_remaining -= 1;
+        true
+    }
+}
+
 pub(crate) struct State {
     pub(crate) cfg: SimConfig,
     next_job_id: u64,
@@ -240,9 +332,13 @@ pub(crate) struct State {
     pub(crate) faults: VecDeque<Fault>,
     /// The app's grants and the webhooks, for `grs doctor`.
     pub(crate) setup: installation::Setup,
-    deliveries: Vec<DeliveryRecord>,
+    pub(crate) deliveries: Vec<DeliveryRecord>,
     bodies: HashMap<String, (String, Vec<u8>)>,
     next_delivery: u64,
+    pub(crate) delivery_fault: Option<DeliveryFault>,
+    /// Primary rate limit: calls left and when the window resets.
+    pub(crate) rate_remaining: u64,
+    pub(crate) rate_reset: SystemTime,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -275,6 +371,9 @@ impl GitHubSim {
         let addr = listener.local_addr()?;
         let inner = Arc::new(SimInner {
             state: Mutex::new(State {
+                rate_remaining: cfg.rate_limit,
+                rate_reset: SystemTime::now() + cfg.rate_limit_window,
+                delivery_fault: None,
                 cfg,
                 next_job_id: 10_000_000_000,
                 next_runner_id: 1000,
@@ -432,19 +531,77 @@ impl GitHubSim {
     }
 
     /// Resends a delivery with the same id and body (like GitHub's
-    /// "Redeliver"); returns the receiver's status.
+    /// "Redeliver"), logged as a redelivery attempt; returns the receiver's
+    /// status. `None` for an unknown delivery or when no receiver is set.
     pub async fn redeliver(&self, delivery_id: &str) -> Option<u16> {
-        let (event, body, url, secret) = {
+        let (event, action, job_id) = {
             let st = self.lock();
-            let (event, body) = st.bodies.get(delivery_id)?.clone();
+            let d = st
+                .deliveries
+                .iter()
+                .find(|d| d.delivery_id == delivery_id)?;
+            (d.event.clone(), d.action.clone(), d.job_id)
+        };
+        self.attempt(delivery_id, &event, &action, job_id, true)
+            .await
+            .flatten()
+    }
+
+    /// Makes (or, under [`DeliveryFault`], fails or loses) one delivery
+    /// attempt of a recorded body; `None` when it was not made at all.
+    async fn attempt(
+        &self,
+        delivery_id: &str,
+        event: &str,
+        action: &str,
+        job_id: u64,
+        redelivery: bool,
+    ) -> Option<Option<u16>> {
+        let (body, url, secret, fault) = {
+            let st = self.lock();
+            let fault = st.delivery_fault;
+            if fault == Some(DeliveryFault::Lose) {
+                return None;
+            }
+            let (_, body) = st.bodies.get(delivery_id)?.clone();
             (
-                event,
                 body,
-                st.cfg.webhook_url.clone()?,
+                st.cfg.webhook_url.clone(),
                 st.cfg.webhook_secret.clone(),
+                fault,
             )
         };
-        self.post(&url, &secret, &event, delivery_id, body).await
+        let delivered_at = SystemTime::now();
+        let status = match (url, fault) {
+            (Some(url), None) => self.post(&url, &secret, event, delivery_id, body).await,
+            _ => None,
+        };
+        // Logged once made, as GitHub lists an attempt once it has its
+        // answer.
+        let mut st = self.lock();
+        let id = st.next_delivery_attempt();
+        st.deliveries.push(DeliveryRecord {
+            id,
+            delivery_id: delivery_id.to_owned(),
+            redelivery,
+            delivered_at,
+            event: event.to_owned(),
+            action: action.to_owned(),
+            job_id,
+            status,
+        });
+        Some(status)
+    }
+
+    /// Sets (or, with `None`, clears) the fault every delivery meets from
+    /// now on.
+    pub fn set_delivery_fault(&self, fault: Option<DeliveryFault>) {
+        self.lock().delivery_fault = fault;
+    }
+
+    /// API calls left in the current primary rate-limit window.
+    pub fn rate_limit_remaining(&self) -> u64 {
+        self.lock().rate_remaining
     }
 
     /// Polls `check` every 10 ms until it holds or `timeout` passes.
@@ -472,6 +629,28 @@ impl GitHubSim {
             let _ = tx.send(());
             let _ = handle.await;
         }
+    }
+
+    /// Hands a delivery attempt to the API's redelivery endpoint: resent in
+    /// the background, as GitHub does after answering 202.
+    pub(crate) fn redeliver_attempt(&self, attempt_id: u64) -> bool {
+        let Some(guid) = self
+            .lock()
+            .deliveries
+            .iter()
+            .find(|d| d.id == attempt_id)
+            .map(|d| d.delivery_id.clone())
+        else {
+            return false;
+        };
+        let sim = self.clone();
+        let handle = tokio::spawn(async move {
+            sim.redeliver(&guid).await;
+        });
+        let mut st = self.lock();
+        st.tasks.retain(|t| !t.is_finished());
+        st.tasks.push(handle);
+        true
     }
 
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -577,7 +756,7 @@ impl GitHubSim {
 
     /// Builds, records and sends one `workflow_job` delivery.
     async fn deliver(&self, job: &SimJob, action: &str) {
-        let (delivery_id, body, url, secret) = {
+        let delivery_id = {
             let mut st = self.lock();
             let n = st.next_delivery;
             st.next_delivery += 1;
@@ -585,33 +764,11 @@ impl GitHubSim {
             let body =
                 serde_json::to_vec(&workflow_job_payload(&st.cfg, job, action)).unwrap_or_default();
             st.bodies
-                .insert(delivery_id.clone(), ("workflow_job".into(), body.clone()));
-            st.deliveries.push(DeliveryRecord {
-                delivery_id: delivery_id.clone(),
-                event: "workflow_job".into(),
-                action: action.into(),
-                job_id: job.id,
-                status: None,
-            });
-            (
-                delivery_id,
-                body,
-                st.cfg.webhook_url.clone(),
-                st.cfg.webhook_secret.clone(),
-            )
+                .insert(delivery_id.clone(), ("workflow_job".into(), body));
+            delivery_id
         };
-        let Some(url) = url else { return };
-        let status = self
-            .post(&url, &secret, "workflow_job", &delivery_id, body)
+        self.attempt(&delivery_id, "workflow_job", action, job.id, false)
             .await;
-        let mut st = self.lock();
-        if let Some(d) = st
-            .deliveries
-            .iter_mut()
-            .find(|d| d.delivery_id == delivery_id)
-        {
-            d.status = status;
-        }
     }
 
     async fn post(
@@ -622,6 +779,7 @@ impl GitHubSim {
         delivery_id: &str,
         body: Vec<u8>,
     ) -> Option<u16> {
+        let hook_id = self.lock().cfg.hook_id.to_string();
         let sig = signature::sign(secret.as_bytes(), &body);
         let resp = self
             .inner
@@ -631,7 +789,7 @@ impl GitHubSim {
             .header("user-agent", "GitHub-Hookshot/sim")
             .header("x-github-event", event)
             .header("x-github-delivery", delivery_id)
-            .header("x-github-hook-id", "1")
+            .header("x-github-hook-id", hook_id)
             .header("x-hub-signature-256", sig)
             .body(body)
             .send()

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Fault, GitHubSim, SimRunner};
+use super::{Fault, GitHubSim, SimJobStatus, SimRunner};
 
 pub(super) fn router(sim: GitHubSim) -> Router {
     Router::new().fallback(
@@ -90,29 +90,120 @@ async fn handle(
         return resp;
     }
 
-    // Every other endpoint takes an installation token or the PAT.
+    // `/app/hook/...` takes the App's JWT; every other endpoint an
+    // installation token or the PAT.
+    let app_endpoint = segs.first() == Some(&"app");
     {
         let st = sim.lock();
-        let now = SystemTime::now();
-        let ok = st.tokens.get(&bearer).is_some_and(|exp| *exp > now)
-            || st.cfg.pat.as_deref().is_some_and(|p| p == bearer);
-        if !ok {
-            return err(StatusCode::UNAUTHORIZED, "Bad credentials");
+        let ok = if app_endpoint {
+            check_app_jwt(&st, &bearer)
+        } else {
+            let now = SystemTime::now();
+            let ok = st.tokens.get(&bearer).is_some_and(|exp| *exp > now)
+                || st.cfg.pat.as_deref().is_some_and(|p| p == bearer);
+            if ok { Ok(()) } else { Err("Bad credentials") }
+        };
+        if let Err(why) = ok {
+            return err(StatusCode::UNAUTHORIZED, why);
         }
     }
-    if let Some(fault) = sim.lock().faults.pop_front() {
-        return fault_response(fault);
+    // The primary rate limit: every authenticated call spends one, and every
+    // answer says how many are left.
+    let spent = sim.lock().spend_rate_limit();
+    let mut resp = if !spent {
+        err(
+            StatusCode::FORBIDDEN,
+            "API rate limit exceeded for installation. If you reach out to GitHub Support for help, please include the request ID.",
+        )
+    } else if let Some(fault) = sim.lock().faults.pop_front() {
+        fault_response(fault)
+    } else {
+        route(sim, &method, &segs, &query, &body)
+    };
+    rate_limit_headers(sim, &mut resp);
+    resp
+}
+
+/// `x-ratelimit-*` on an answer, as GitHub sends them on every REST answer
+/// (an injected fault's own values win).
+fn rate_limit_headers(sim: &GitHubSim, resp: &mut Response) {
+    let st = sim.lock();
+    let reset = st
+        .rate_reset
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let h = resp.headers_mut();
+    if h.contains_key("x-ratelimit-remaining") {
+        return;
+    }
+    h.insert("x-ratelimit-limit", st.cfg.rate_limit.into());
+    h.insert("x-ratelimit-remaining", st.rate_remaining.into());
+    h.insert(
+        "x-ratelimit-used",
+        (st.cfg.rate_limit - st.rate_remaining).into(),
+    );
+    h.insert("x-ratelimit-reset", reset.into());
+    h.insert(
+        "x-ratelimit-resource",
+        axum::http::HeaderValue::from_static("core"),
+    );
+}
+
+fn route(
+    sim: &GitHubSim,
+    method: &Method,
+    segs: &[&str],
+    query: &[(String, String)],
+    body: &[u8],
+) -> Response {
+    let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let (hook_cfg, org_cfg, repo_cfg) = {
+        let st = sim.lock();
+        (
+            st.cfg.hook_id,
+            st.cfg.organization.clone(),
+            st.cfg.repository.clone(),
+        )
+    };
+    // The hook deliveries API, of the App's hook or the organisation's.
+    let hook_rest = match segs {
+        ["app", "hook", "deliveries", rest @ ..] => Some(rest),
+        ["orgs", org, "hooks", hook, "deliveries", rest @ ..]
+            if *org == org_cfg && hook.parse::<u64>().ok() == Some(hook_cfg) =>
+        {
+            Some(rest)
+        }
+        ["repos", o, r, "hooks", hook, "deliveries", rest @ ..]
+            if format!("{o}/{r}") == repo_cfg && hook.parse::<u64>().ok() == Some(hook_cfg) =>
+        {
+            Some(rest)
+        }
+        _ => None,
+    };
+    if let Some(rest) = hook_rest {
+        return match (method.clone(), rest) {
+            (Method::GET, []) => list_deliveries(sim, q("per_page"), q("cursor"), q("status")),
+            (Method::POST, [id, "attempts"]) => {
+                // https://docs.github.com/rest/apps/webhooks#redeliver-a-delivery-for-an-app-webhook
+                match id.parse::<u64>().ok().map(|id| sim.redeliver_attempt(id)) {
+                    Some(true) => (StatusCode::ACCEPTED, axum::Json(json!({}))).into_response(),
+                    _ => err(StatusCode::NOT_FOUND, "Not Found"),
+                }
+            }
+            _ => err(StatusCode::NOT_FOUND, "Not Found"),
+        };
     }
 
     // Scope prefix: orgs/{org}/actions/runners... or repos/{o}/{r}/actions/...
-    let (rest, repo) = match segs.as_slice() {
+    let (rest, repo) = match segs {
         ["orgs", _org, rest @ ..] => (rest, None),
         ["repos", o, r, rest @ ..] => (rest, Some(format!("{o}/{r}"))),
         _ => return err(StatusCode::NOT_FOUND, "Not Found"),
     };
     match (method.clone(), rest) {
         (Method::GET, ["hooks"]) => super::installation::hooks(sim),
-        (Method::POST, ["actions", "runners", "generate-jitconfig"]) => generate_jit(sim, &body),
+        (Method::POST, ["actions", "runners", "generate-jitconfig"]) => generate_jit(sim, body),
         (Method::POST, ["actions", "runners", "registration-token"]) => {
             let expires = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
             (
@@ -124,7 +215,7 @@ async fn handle(
             )
                 .into_response()
         }
-        (Method::GET, ["actions", "runners"]) => list_runners(sim, &query),
+        (Method::GET, ["actions", "runners"]) => list_runners(sim, query),
         (Method::DELETE, ["actions", "runners", id]) => {
             let Ok(id) = id.parse::<u64>() else {
                 return err(StatusCode::NOT_FOUND, "Not Found");
@@ -143,24 +234,180 @@ async fn handle(
                 }
             }
         }
-        (Method::GET, ["actions", "jobs", id]) if repo.is_some() => {
-            let Some(job) = id.parse::<u64>().ok().and_then(|id| sim.job(id)) else {
+        // https://docs.github.com/rest/actions/workflow-jobs#get-a-job-for-a-workflow-run
+        (Method::GET, ["actions", "jobs", id]) => {
+            match id
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| sim.job(id))
+                .filter(|j| Some(&j.repository) == repo.as_ref())
+            {
+                Some(job) => axum::Json(job_json(&job)).into_response(),
+                None => err(StatusCode::NOT_FOUND, "Not Found"),
+            }
+        }
+        // https://docs.github.com/rest/actions/workflow-runs#list-workflow-runs-for-a-repository
+        (Method::GET, ["actions", "runs"]) => {
+            let Some(repo) = repo else {
                 return err(StatusCode::NOT_FOUND, "Not Found");
             };
-            axum::Json(json!({
-                "id": job.id,
-                "run_id": job.run_id,
-                "status": job.status,
-                "conclusion": job.conclusion,
-                "labels": job.labels,
-                "runner_id": job.runner_id,
-                "runner_name": job.runner_name,
-                "name": job.name,
-            }))
-            .into_response()
+            let runs: Vec<serde_json::Value> = runs_of(sim, &repo)
+                .into_iter()
+                .filter(|(_, status)| q("status").is_none_or(|s| s == *status))
+                .map(|(id, status)| {
+                    json!({
+                        "id": id,
+                        "status": status,
+                        "name": "CI",
+                        "run_attempt": 1,
+                        "repository": { "full_name": repo },
+                    })
+                })
+                .collect();
+            let (page, total) = paged(runs, q("per_page"), q("page"));
+            axum::Json(json!({ "total_count": total, "workflow_runs": page })).into_response()
+        }
+        // https://docs.github.com/rest/actions/workflow-jobs#list-jobs-for-a-workflow-run
+        (Method::GET, ["actions", "runs", run_id, "jobs"]) => {
+            let run_id = run_id.parse::<u64>().ok();
+            let jobs: Vec<serde_json::Value> = sim
+                .jobs()
+                .iter()
+                .filter(|j| Some(j.run_id) == run_id && Some(&j.repository) == repo.as_ref())
+                .map(job_json)
+                .collect();
+            if jobs.is_empty() {
+                return err(StatusCode::NOT_FOUND, "Not Found");
+            }
+            let (page, total) = paged(jobs, q("per_page"), q("page"));
+            axum::Json(json!({ "total_count": total, "jobs": page })).into_response()
         }
         _ => err(StatusCode::NOT_FOUND, "Not Found"),
     }
+}
+
+/// A job as the REST API shows it (`components/schemas/job`, the keys GRS
+/// and the tests read).
+fn job_json(job: &super::SimJob) -> serde_json::Value {
+    json!({
+        "id": job.id,
+        "run_id": job.run_id,
+        "run_attempt": 1,
+        "status": job.status,
+        "conclusion": job.conclusion,
+        "labels": job.labels,
+        "runner_id": job.runner_id,
+        "runner_name": job.runner_name,
+        "name": job.name,
+        "workflow_name": "CI",
+        "head_branch": "main",
+    })
+}
+
+/// The runs of `repo` with their status, derived from their jobs: queued
+/// while every job is, completed once every job is, else in progress.
+fn runs_of(sim: &GitHubSim, repo: &str) -> Vec<(u64, &'static str)> {
+    use std::collections::BTreeMap;
+    let mut runs: BTreeMap<u64, Vec<SimJobStatus>> = BTreeMap::new();
+    for j in sim.jobs().iter().filter(|j| j.repository == repo) {
+        runs.entry(j.run_id).or_default().push(j.status);
+    }
+    // Newest first, as GitHub lists them.
+    runs.into_iter()
+        .rev()
+        .map(|(id, statuses)| {
+            let status = if statuses.iter().all(|s| *s == SimJobStatus::Queued) {
+                "queued"
+            } else if statuses.iter().all(|s| *s == SimJobStatus::Completed) {
+                "completed"
+            } else {
+                "in_progress"
+            };
+            (id, status)
+        })
+        .collect()
+}
+
+/// One page (`per_page` at most 100, default 30; `page` from 1) and the
+/// total count.
+fn paged<T>(all: Vec<T>, per_page: Option<&str>, page: Option<&str>) -> (Vec<T>, usize) {
+    let per_page = per_page
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(30)
+        .clamp(1, 100);
+    let page = page
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let total = all.len();
+    (
+        all.into_iter()
+            .skip((page - 1) * per_page)
+            .take(per_page)
+            .collect(),
+        total,
+    )
+}
+
+/// The hook's delivery attempts, newest first, from `cursor` (an attempt
+/// id) on, filtered by `status` (`success`: 200-399, `failure`: 400-599),
+/// with GitHub's `link` header naming the next page's cursor.
+fn list_deliveries(
+    sim: &GitHubSim,
+    per_page: Option<&str>,
+    cursor: Option<&str>,
+    status: Option<&str>,
+) -> Response {
+    let per_page = per_page
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(30)
+        .clamp(1, 100);
+    let from = cursor
+        .and_then(|c| c.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    let st = sim.lock();
+    let mut matching =
+        st.deliveries
+            .iter()
+            .rev()
+            .filter(|d| d.id <= from)
+            .filter(|d| match status {
+                Some("success") => d.succeeded(),
+                Some("failure") => !d.succeeded(),
+                _ => true,
+            });
+    let page: Vec<&super::DeliveryRecord> = matching.by_ref().take(per_page).collect();
+    let next = matching.next().map(|d| d.id);
+    let items: Vec<serde_json::Value> = page
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id,
+                "guid": d.delivery_id,
+                "delivered_at": time::OffsetDateTime::from(d.delivered_at)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                "redelivery": d.redelivery,
+                "duration": 0.01,
+                "status": if d.succeeded() { "OK".to_owned() } else if d.status.is_none() { "failed to connect".to_owned() } else { format!("Invalid HTTP Response: {}", d.status_code()) },
+                "status_code": d.status_code(),
+                "event": d.event,
+                "action": d.action,
+                "installation_id": st.cfg.installation_id,
+                "repository_id": 1,
+                "throttled_at": null,
+            })
+        })
+        .collect();
+    let mut resp = axum::Json(items).into_response();
+    if let Some(next) = next {
+        let link =
+            format!("</app/hook/deliveries?per_page={per_page}&cursor={next}>; rel=\"next\"");
+        if let Ok(v) = link.parse() {
+            resp.headers_mut().insert("link", v);
+        }
+    }
+    resp
 }
 
 fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {

@@ -87,6 +87,8 @@ struct Burst {
     requests: u64,
     clone_tasks: usize,
     limit: usize,
+    /// When 10 %, 25 %, 50 % and 75 % of the wave were running.
+    ramp: Vec<Duration>,
 }
 
 /// `jobs` jobs on a pool of `capacity`, as the control plane works them by
@@ -127,6 +129,7 @@ async fn burst(
     }
     drop(done_tx);
     let mut running = Vec::new();
+    let mut ramp = Vec::new();
     while running.len() < capacity {
         let Some((i, r)) = done_rx.recv().await else {
             break;
@@ -135,6 +138,7 @@ async fn burst(
             anyhow::bail!("create {i} failed: {e}");
         }
         running.push(i);
+        ramp.push(t.elapsed());
     }
     let wall = t.elapsed();
     anyhow::ensure!(
@@ -148,6 +152,10 @@ async fn burst(
         requests: f.sim.request_count(),
         clone_tasks: f.sim.task_count("qmclone"),
         limit: p.clone_concurrency(),
+        ramp: [capacity / 10, capacity / 4, capacity / 2, capacity * 3 / 4]
+            .iter()
+            .map(|k| ramp[k.saturating_sub(1)])
+            .collect(),
     };
     workers.abort_all();
     futures::future::join_all(
@@ -289,9 +297,9 @@ async fn main() -> anyhow::Result<()> {
         args.burst, d.linked_clone
     );
     println!(
-        "| set-up | first {cap} running | lower bound | ratio | API calls | clone tasks | clone concurrency learned |"
+        "| set-up | first {cap} running | lower bound | ratio | API calls | clone tasks | clone concurrency learned | 10/25/50/75 % running at |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (what, b) in [
         ("one template, one node (local storage)", &one),
         (
@@ -300,14 +308,19 @@ async fn main() -> anyhow::Result<()> {
         ),
     ] {
         println!(
-            "| {what} | {:.2?} | {:.2?} | {:.2}x | {} ({:.1} per VM) | {} | {} |",
+            "| {what} | {:.2?} | {:.2?} | {:.2}x | {} ({:.1} per VM) | {} | {} | {} |",
             b.wall,
             b.bound,
             b.wall.as_secs_f64() / b.bound.as_secs_f64(),
             b.requests,
             b.requests as f64 / cap as f64,
             b.clone_tasks,
-            b.limit
+            b.limit,
+            b.ramp
+                .iter()
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(" / ")
         );
     }
     println!(

@@ -292,7 +292,7 @@ impl ProxmoxProvisioner {
 
     /// The nodes a new VM may go to: the configured ones, narrowed to those
     /// the template can be cloned to once its storage was checked.
-    fn candidates(&self) -> Vec<String> {
+    pub(crate) fn candidates(&self) -> Vec<String> {
         if let Some(t) = &self.pool.target_node {
             return vec![t.clone()];
         }

@@ -91,8 +91,13 @@ async fn main() -> ExitCode {
     match run(&opts).await {
         Ok(Some(result)) => {
             println!("{result}");
-            println!("result: OK");
-            ExitCode::SUCCESS
+            if result.ok() {
+                println!("result: OK");
+                ExitCode::SUCCESS
+            } else {
+                println!("result: FAILED");
+                ExitCode::FAILURE
+            }
         }
         Ok(None) => {
             eprintln!("grs-soak: redis-server is not installed");

@@ -276,6 +276,8 @@ impl RedisStore {
         if let Some(p) = fresh(&s.current.read().unwrap()) {
             return Ok(p);
         }
+        // Held until `current` is updated, so concurrent callers share one
+        // question to the sentinels and one new connection.
         let mut resolver = s.resolver.lock().await;
         // Another caller may have refreshed while this one waited.
         if let Some(p) = fresh(&s.current.read().unwrap()) {
@@ -285,10 +287,11 @@ impl RedisStore {
         let named = tokio::time::timeout(SENTINEL_TIMEOUT, resolver.async_get_client()).await;
         let client = match (named, known) {
             (Ok(Ok(c)), _) => c,
-            // The sentinels do not answer: keep the primary known, if any
-            // (its commands fail by themselves if it is gone too).
+            // The sentinels name no usable primary (a failover under way) or
+            // do not answer: keep the primary known (its commands fail by
+            // themselves if it is gone).
             (Ok(Err(e)), Some(p)) => {
-                tracing::warn!(master = %s.master_name, error = %e, "Redis Sentinel: no answer; keeping the primary known");
+                tracing::warn!(master = %s.master_name, error = %e, "Redis Sentinel names no usable primary yet; keeping the one known");
                 return Ok(self.mark_checked(s, p));
             }
             (Err(_), Some(p)) => {
@@ -312,7 +315,6 @@ impl RedisStore {
                 )));
             }
         };
-        drop(resolver);
         let addr = client.get_connection_info().addr().to_string();
         let same = s
             .current

@@ -1,0 +1,440 @@
+//! Lost webhooks and unrouted jobs: the part of the reconciler's pass that
+//! asks GitHub what GRS was never told (DESIGN.md, job flow step 7).
+//!
+//! GitHub does not retry a failed delivery, and an incident on its side can
+//! lose deliveries outright; either way a queued job would wait for a
+//! runner until GitHub gives up on it (24 hours). [`Recovery::run_if_due`]
+//! is called by the reconciler's leader after each pass and, every
+//! `recovery_interval`, runs [`Recovery::run_once`]:
+//! 1. **Unrouted jobs** recorded in the last [`REROUTE_MAX_AGE`] whose labels
+//!    a pool now serves (a pool added since, by a restart with a new
+//!    configuration) are submitted again as `queued`, routed to that pool.
+//!    No GitHub call: the dispatcher's status check (with `[github]`) makes
+//!    sure GitHub still has the job queued before a VM is spent.
+//! 2. **Failed deliveries** (with `[github]` and a hook: `github.hook_id`,
+//!    or the App's own): the hook's deliveries of the last
+//!    `recovery_lookback` are listed, newest first; a `workflow_job`
+//!    delivery whose every attempt failed is redelivered (the same guid,
+//!    so the control plane de-duplicates it like any delivery). A guid is
+//!    asked for at most once per [`REDELIVERY_REASK`].
+//! 3. **Queued jobs never seen** (with `[github]`): the queued and
+//!    in-progress workflow runs of the repository (`github.repository`;
+//!    for an organisation, `recovery_repositories` and the repositories of
+//!    recently recorded jobs) are listed, then their jobs; a queued job the
+//!    store does not know and a pool serves is submitted as a `queued` event
+//!    with the delivery id `grs-recovered:<job id>:queued`. It takes the
+//!    normal path (routing, queue, status check, capacity): a later
+//!    webhook for the same job is a stale event, a second scan a duplicate.
+//!
+//! # Guarantees
+//! - **Within the budget, honouring rate limits.** Every GitHub call of a
+//!   pass is taken from the [`ApiBudget`](crate::github::ApiBudget) it
+//!   shares with the status checks, and no call is made while GitHub's
+//!   primary limit is low ([`GitHubJobs::may_call`]); the client itself
+//!   waits out 403/429 answers (`retry-after`, `x-ratelimit-reset`) or gives
+//!   up on a long wait. A pass that runs out stops where it is; the next
+//!   one starts over.
+//! - **Nothing new is invented.** A recovered job is recorded only from
+//!   what GitHub reports (its id, run, labels, repository); a redelivery is
+//!   GitHub's own payload.
+//! - **Bounded latency.** A queued job whose every delivery was lost is
+//!   recorded at the first pass after it was queued: within
+//!   `recovery_interval` (rounded up to the reconciler's interval) plus one
+//!   scan. README gives the measured numbers.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use grs_github::Scope;
+
+use crate::config::ControlPlaneConfig;
+use crate::github::GitHubJobs;
+use crate::model::{Job, JobAction, JobEvent, JobState, Millis, now_ms};
+use crate::pools::Pools;
+use crate::store::{Store, StoreResult};
+
+/// Unrouted jobs older than this are not rerouted: GitHub cancels a job no
+/// runner took within 24 hours.
+pub const REROUTE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// A guid whose redelivery was asked for is not asked for again sooner.
+pub const REDELIVERY_REASK: Duration = Duration::from_secs(10 * 60);
+
+/// Most unrouted jobs looked at per pass.
+const REROUTE_MAX_JOBS: usize = 1000;
+/// Most pages of hook deliveries read per pass.
+const DELIVERY_MAX_PAGES: usize = 10;
+/// Recently recorded jobs whose repositories an organisation's scan covers.
+const RECENT_JOBS: usize = 200;
+
+/// Recovery settings, from `[control_plane]`.
+#[derive(Debug, Clone)]
+pub struct RecoverySettings {
+    /// Time between two recovery passes.
+    pub interval: Duration,
+    /// Failed deliveries older than this are left alone.
+    pub lookback: Duration,
+    /// Repositories an organisation's scan covers besides recent ones.
+    pub repositories: Vec<String>,
+}
+
+impl RecoverySettings {
+    /// From the configuration.
+    pub fn from_config(c: &ControlPlaneConfig) -> Self {
+        Self {
+            interval: c.recovery_interval,
+            lookback: c.recovery_lookback,
+            repositories: c.recovery_repositories.clone(),
+        }
+    }
+}
+
+/// What one recovery pass did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Unrouted jobs submitted again to a pool that now serves them.
+    pub rerouted: Vec<u64>,
+    /// Delivery guids GitHub was asked to redeliver.
+    pub redelivery_requested: Vec<String>,
+    /// Queued jobs GRS never saw, submitted as `queued`.
+    pub submitted: Vec<u64>,
+    /// Why GitHub was not (fully) asked, if it was not.
+    pub skipped: Option<String>,
+    /// GitHub failures the pass went past (the next pass retries).
+    pub failures: Vec<String>,
+}
+
+impl RecoveryReport {
+    /// Whether the pass found nothing and nothing failed.
+    pub fn is_quiet(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The leader's recovery state: when it last ran, and which redeliveries
+/// it asked for.
+#[derive(Debug)]
+pub struct Recovery {
+    store: Arc<dyn Store>,
+    pools: Pools,
+    github: Option<GitHubJobs>,
+    settings: RecoverySettings,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    last_run: Option<tokio::time::Instant>,
+    asked: HashMap<String, tokio::time::Instant>,
+}
+
+/// Why a pass stopped asking GitHub.
+struct OutOfBudget(&'static str);
+
+impl Recovery {
+    /// Recovery over `store` and `pools`; GitHub through `github` (`None`:
+    /// only unrouted jobs are rerouted).
+    pub fn new(
+        store: Arc<dyn Store>,
+        pools: Pools,
+        github: Option<GitHubJobs>,
+        settings: RecoverySettings,
+    ) -> Self {
+        Self {
+            store,
+            pools,
+            github,
+            settings,
+            metrics: None,
+            last_run: None,
+            asked: HashMap::new(),
+        }
+    }
+
+    /// Counts what passes do in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs a pass if none ran in the last `interval` (the first call always
+    /// runs one: a new leader looks at once). Errors are logged.
+    pub async fn run_if_due(&mut self) -> Option<RecoveryReport> {
+        if self
+            .last_run
+            .is_some_and(|t| t.elapsed() < self.settings.interval)
+        {
+            return None;
+        }
+        self.last_run = Some(tokio::time::Instant::now());
+        match self.run_once(now_ms()).await {
+            Ok(report) => {
+                if report.is_quiet() {
+                    tracing::debug!("recovery pass: nothing lost");
+                } else {
+                    tracing::info!(?report, "recovery pass done");
+                }
+                Some(report)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recovery pass failed; retrying next interval");
+                None
+            }
+        }
+    }
+
+    /// Forgets the redeliveries asked for (on losing leadership).
+    pub fn forget(&mut self) {
+        self.asked.clear();
+        self.last_run = None;
+    }
+
+    /// One pass at `now` (see the module docs). Store errors end it.
+    pub async fn run_once(&mut self, now: Millis) -> StoreResult<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+        self.reroute_unrouted(now, &mut report).await?;
+        if let Some(gh) = self.github.clone() {
+            let out = match self.redeliver_failed(&gh, &mut report).await {
+                Ok(()) => self.scan_queued(&gh, now, &mut report).await?,
+                Err(o) => Err(o),
+            };
+            if let Err(OutOfBudget(why)) = out {
+                tracing::info!(why, "recovery pass stopped asking GitHub");
+                report.skipped = Some(why.to_owned());
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.github_recovered("rerouted", report.rerouted.len());
+            m.github_recovered("redelivery_requested", report.redelivery_requested.len());
+            m.github_recovered("job_submitted", report.submitted.len());
+            m.github_recovered("skipped_pass", usize::from(report.skipped.is_some()));
+        }
+        Ok(report)
+    }
+
+    /// Step 1: unrouted jobs a pool now serves go to it.
+    async fn reroute_unrouted(&self, now: Millis, report: &mut RecoveryReport) -> StoreResult<()> {
+        let oldest = now.saturating_sub(millis(REROUTE_MAX_AGE));
+        let mut cursor = 0;
+        let mut seen = 0;
+        loop {
+            let (page, next) = self
+                .store
+                .list_jobs(None, Some(JobState::Unrouted), cursor, 200)
+                .await?;
+            seen += page.len();
+            for job in page.iter().filter(|j| j.recorded_at >= oldest) {
+                let Some(pool) = self.pools.route(&job.labels) else {
+                    continue;
+                };
+                let ev = job_event(
+                    job,
+                    format!("grs-reroute:{}:{}", job.job_id, pool.name),
+                    JobAction::Queued,
+                );
+                let r = self.store.submit_event(&ev, Some(&pool.name), now).await?;
+                if r.job.as_ref().is_some_and(|j| j.state == JobState::Queued) {
+                    tracing::info!(job_id = job.job_id, pool = %pool.name, "an unrouted job's labels are now served; queued");
+                    report.rerouted.push(job.job_id);
+                }
+            }
+            // Newest first: once a page ends before the cut-off, so does
+            // everything after it.
+            let older = page.last().is_none_or(|j| j.recorded_at < oldest);
+            match next {
+                Some(n) if !older && seen < REROUTE_MAX_JOBS => cursor = n,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Step 2: failed `workflow_job` deliveries are redelivered.
+    async fn redeliver_failed(
+        &mut self,
+        gh: &GitHubJobs,
+        report: &mut RecoveryReport,
+    ) -> Result<(), OutOfBudget> {
+        let Some(hook) = gh.client().hook().cloned() else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        // A guid asked for longer ago whose attempts all failed since (the
+        // receiver was still down) is asked for again.
+        self.asked
+            .retain(|_, at| now.duration_since(*at) < REDELIVERY_REASK);
+        let since = SystemTime::now() - self.settings.lookback;
+        // guid → the newest attempt id, for guids with no successful attempt.
+        let mut failed: HashMap<String, u64> = HashMap::new();
+        let mut succeeded: HashSet<String> = HashSet::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..DELIVERY_MAX_PAGES {
+            gh.may_call().map_err(OutOfBudget)?;
+            let (page, next) = match gh
+                .client()
+                .list_deliveries(&hook, false, 100, cursor.as_deref())
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the webhook's deliveries");
+                    report.failures.push(format!("listing deliveries: {e}"));
+                    return Ok(());
+                }
+            };
+            let mut done = next.is_none();
+            for d in page {
+                if d.delivered_at().is_some_and(|t| t < since) {
+                    done = true;
+                    break;
+                }
+                if d.event != "workflow_job" {
+                    continue;
+                }
+                if d.succeeded() {
+                    succeeded.insert(d.guid);
+                } else {
+                    // Newest first: the first attempt seen is the newest.
+                    failed.entry(d.guid).or_insert(d.id);
+                }
+            }
+            if done {
+                break;
+            }
+            cursor = next;
+        }
+        let mut todo: Vec<(String, u64)> = failed
+            .into_iter()
+            .filter(|(guid, _)| !succeeded.contains(guid) && !self.asked.contains_key(guid))
+            .collect();
+        // Oldest first: events of a job in the order GitHub sent them.
+        todo.sort_by_key(|(_, id)| *id);
+        for (guid, id) in todo {
+            gh.may_call().map_err(OutOfBudget)?;
+            match gh.client().redeliver(&hook, id).await {
+                Ok(()) => {
+                    tracing::info!(delivery = %guid, "asked GitHub to redeliver a failed workflow_job delivery");
+                    self.asked.insert(guid.clone(), tokio::time::Instant::now());
+                    report.redelivery_requested.push(guid);
+                }
+                Err(e) => {
+                    tracing::warn!(delivery = %guid, error = %e, "cannot ask for a redelivery");
+                    report.failures.push(format!("redelivering {guid}: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3: queued jobs of the scanned repositories the store does not
+    /// know are submitted.
+    async fn scan_queued(
+        &self,
+        gh: &GitHubJobs,
+        now: Millis,
+        report: &mut RecoveryReport,
+    ) -> StoreResult<Result<(), OutOfBudget>> {
+        let (repos, organization) = self.repositories(gh).await?;
+        for repo in repos {
+            let mut runs = BTreeSet::new();
+            for status in ["queued", "in_progress"] {
+                if let Err(o) = gh.may_call() {
+                    return Ok(Err(OutOfBudget(o)));
+                }
+                match gh.client().list_workflow_runs(&repo, status, 100).await {
+                    Ok(found) => runs.extend(found.into_iter().map(|r| r.id)),
+                    Err(e) => {
+                        tracing::warn!(repository = %repo, error = %e, "cannot list workflow runs");
+                        report.failures.push(format!("listing runs of {repo}: {e}"));
+                    }
+                }
+            }
+            for run_id in runs {
+                if let Err(o) = gh.may_call() {
+                    return Ok(Err(OutOfBudget(o)));
+                }
+                let jobs = match gh.client().list_run_jobs(&repo, run_id).await {
+                    Ok(j) => j,
+                    Err(e) => {
+                        report
+                            .failures
+                            .push(format!("listing jobs of {repo} run {run_id}: {e}"));
+                        continue;
+                    }
+                };
+                for j in jobs.into_iter().filter(|j| j.status == "queued") {
+                    let Some(pool) = self.pools.route(&j.labels) else {
+                        continue;
+                    };
+                    if self.store.get_job(j.id).await?.is_some() {
+                        continue;
+                    }
+                    let ev = JobEvent {
+                        delivery_id: format!("grs-recovered:{}:queued", j.id),
+                        action: JobAction::Queued,
+                        job_id: j.id,
+                        run_id: if j.run_id == 0 { run_id } else { j.run_id },
+                        run_attempt: 0,
+                        labels: j.labels.clone(),
+                        runner_id: 0,
+                        runner_name: String::new(),
+                        repository: repo.clone(),
+                        organization: organization.clone(),
+                        installation_id: 0,
+                        conclusion: String::new(),
+                        job_name: j.name.clone(),
+                        workflow_name: String::new(),
+                    };
+                    let r = self.store.submit_event(&ev, Some(&pool.name), now).await?;
+                    if r.outcome == crate::model::SubmitOutcome::Accepted {
+                        tracing::warn!(job_id = j.id, repository = %repo, pool = %pool.name,
+                            "found a queued job GitHub never told GRS about (lost webhook); queued");
+                        report.submitted.push(j.id);
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The repositories to scan, and the organisation recorded on jobs
+    /// found there ("" for a repository scope).
+    async fn repositories(&self, gh: &GitHubJobs) -> StoreResult<(Vec<String>, String)> {
+        Ok(match gh.client().scope() {
+            Scope::Repository { owner, name } => (vec![format!("{owner}/{name}")], String::new()),
+            Scope::Organization(org) => {
+                let mut repos: BTreeSet<String> =
+                    self.settings.repositories.iter().cloned().collect();
+                let (recent, _) = self.store.list_jobs(None, None, 0, RECENT_JOBS).await?;
+                let prefix = format!("{}/", org.to_ascii_lowercase());
+                repos.extend(
+                    recent
+                        .into_iter()
+                        .map(|j| j.repository)
+                        .filter(|r| r.to_ascii_lowercase().starts_with(&prefix)),
+                );
+                (repos.into_iter().collect(), org.clone())
+            }
+        })
+    }
+}
+
+/// A job event about recorded `job`, GRS's own (`delivery_id`).
+fn job_event(job: &Job, delivery_id: String, action: JobAction) -> JobEvent {
+    JobEvent {
+        delivery_id,
+        action,
+        job_id: job.job_id,
+        run_id: job.run_id,
+        run_attempt: job.run_attempt,
+        labels: job.labels.clone(),
+        runner_id: 0,
+        runner_name: String::new(),
+        repository: job.repository.clone(),
+        organization: job.organization.clone(),
+        installation_id: job.installation_id,
+        conclusion: String::new(),
+        job_name: job.job_name.clone(),
+        workflow_name: job.workflow_name.clone(),
+    }
+}
+
+fn millis(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
