@@ -30,7 +30,8 @@
 //! - [`config`]: the `[control_plane]`, `[redis]` and `[pools.*]` sections.
 //! - [`metrics`]: Prometheus metrics on `control_plane.metrics_listen`.
 //! - [`server`]: assembles it all: [`server::run`] is the entry point.
-//! - [`testing`]: helpers for tests that need a real Redis.
+//! - [`testing`]: helpers for tests that need a real Redis (feature
+//!   `testing`: not in the release binary).
 //!
 //! Start reading at [`server::run`], then [`store`]'s docs.
 
@@ -49,6 +50,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod teardown;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod warm;
 pub mod worker;

@@ -49,27 +49,14 @@ fn registry(config: &Config, sections: BackendSections) -> ProvisionerRegistry {
     #[allow(unused_mut)]
     let mut registry = ProvisionerRegistry::new().with("fake", fake_factory());
     #[cfg(feature = "proxmox")]
-    {
-        let conn = sections.proxmox;
-        let installation = config.control_plane.installation_id.clone();
-        let prefix = config.control_plane.instance_prefix.clone();
-        registry.register(
-            "proxmox",
-            std::sync::Arc::new(move || {
-                let conn = conn.as_ref().ok_or_else(|| {
-                    ConfigError::key(
-                        "proxmox",
-                        "pools of type = \"proxmox\" need a [proxmox] section (the PVE connection)",
-                    )
-                })?;
-                conn.validate()
-                    .map_err(|e| ConfigError::key(e.key, e.message))?;
-                let b = grs_provisioner_proxmox::ProxmoxBackend::new(conn, &installation, &prefix)
-                    .map_err(|e| ConfigError::key("proxmox", e.to_string()))?;
-                Ok(Arc::new(b) as Arc<dyn grs_provisioner::Provisioner>)
-            }),
-        );
-    }
+    registry.register(
+        "proxmox",
+        Arc::new(grs_provisioner_proxmox::factory(
+            sections.proxmox,
+            config.control_plane.installation_id.clone(),
+            config.control_plane.instance_prefix.clone(),
+        )),
+    );
     #[cfg(not(feature = "proxmox"))]
     let _ = (config, sections);
     registry

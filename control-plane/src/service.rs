@@ -85,7 +85,7 @@ impl ControlPlaneService {
 
 fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::Unavailable(m) => Status::unavailable(format!("store unavailable: {m}")),
+        e @ StoreError::Unavailable { .. } => Status::unavailable(e.to_string()),
         e @ StoreError::Corrupt { .. } => Status::internal(e.to_string()),
     }
 }

@@ -68,18 +68,13 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
     config.control_plane.github_api_budget = 0;
     config.validate().unwrap();
     // As the binary registers it: one backend for the [proxmox] connection.
-    let (conn, installation) = (
-        fx.conn.clone(),
-        config.control_plane.installation_id.clone(),
-    );
-    let prefix = config.control_plane.instance_prefix.clone();
     let registry = ProvisionerRegistry::new().with(
         "proxmox",
-        Arc::new(move || {
-            let b = grs_provisioner_proxmox::ProxmoxBackend::new(&conn, &installation, &prefix)
-                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
-            Ok(Arc::new(b) as Arc<dyn grs_provisioner::Provisioner>)
-        }),
+        Arc::new(grs_provisioner_proxmox::factory(
+            Some(fx.conn.clone()),
+            config.control_plane.installation_id.clone(),
+            config.control_plane.instance_prefix.clone(),
+        )),
     );
     let pools = Pools::from_config(&config, &registry).unwrap();
     let cp = RunningControlPlane::start(ControlPlane {

@@ -15,8 +15,6 @@ use grs_control_plane::testing::{
     wait_for_no_instances_in_use,
 };
 use grs_proto::v1::{self as pb, JobAction};
-use grs_provisioner::Provisioner;
-use grs_provisioner_proxmox::ProxmoxBackend;
 use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,18 +27,13 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
         Some(ProvisionerConfig::with_settings("proxmox", &fx.pool).unwrap());
     config.validate().unwrap();
     // As the binary registers it: one backend for the [proxmox] connection.
-    let (conn, installation) = (
-        fx.conn.clone(),
-        config.control_plane.installation_id.clone(),
-    );
-    let prefix = config.control_plane.instance_prefix.clone();
     let registry = ProvisionerRegistry::new().with(
         "proxmox",
-        Arc::new(move || {
-            let b = ProxmoxBackend::new(&conn, &installation, &prefix)
-                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
-            Ok(Arc::new(b) as Arc<dyn Provisioner>)
-        }),
+        Arc::new(grs_provisioner_proxmox::factory(
+            Some(fx.conn.clone()),
+            config.control_plane.installation_id.clone(),
+            config.control_plane.instance_prefix.clone(),
+        )),
     );
     let pools = Pools::from_config(&config, &registry).unwrap();
     for p in pools.iter() {

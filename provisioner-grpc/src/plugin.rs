@@ -59,31 +59,62 @@ pub enum PluginError {
     Io(#[from] std::io::Error),
 }
 
+/// A handshake line GRS cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// Not `grs-plugin|<version>|<network>|<address>`.
+    #[error(
+        "expected the handshake line `{HANDSHAKE_TAG}|{PROTOCOL_VERSION}|unix|/path`, got {line:?}"
+    )]
+    Malformed {
+        /// The line as printed (trimmed).
+        line: String,
+    },
+    /// Another protocol version.
+    #[error(
+        "the plugin speaks protocol version {version}; this GRS speaks version {PROTOCOL_VERSION}"
+    )]
+    Version {
+        /// The version the plugin printed.
+        version: String,
+    },
+    /// A network or address GRS does not connect to.
+    #[error(
+        "unsupported network {network:?} or address {address:?} in the handshake line (unix:/absolute/path or tcp:host:port)"
+    )]
+    Address {
+        /// The network field.
+        network: String,
+        /// The address field.
+        address: String,
+    },
+}
+
 /// Parses a handshake line into the address to connect to.
-pub fn parse_handshake(line: &str) -> Result<Address, String> {
+pub fn parse_handshake(line: &str) -> Result<Address, HandshakeError> {
     let line = line.trim();
     let parts: Vec<&str> = line.splitn(4, '|').collect();
+    let malformed = || HandshakeError::Malformed {
+        line: line.to_owned(),
+    };
     let [tag, version, network, address] = parts[..] else {
-        return Err(format!(
-            "expected the handshake line `{HANDSHAKE_TAG}|{PROTOCOL_VERSION}|unix|/path`, got {line:?}"
-        ));
+        return Err(malformed());
     };
     if tag != HANDSHAKE_TAG {
-        return Err(format!(
-            "expected the handshake line `{HANDSHAKE_TAG}|{PROTOCOL_VERSION}|unix|/path`, got {line:?}"
-        ));
+        return Err(malformed());
     }
     if version != PROTOCOL_VERSION.to_string() {
-        return Err(format!(
-            "the plugin speaks protocol version {version}; this GRS speaks version {PROTOCOL_VERSION}"
-        ));
+        return Err(HandshakeError::Version {
+            version: version.to_owned(),
+        });
     }
     match network {
         "unix" if address.starts_with('/') => Ok(Address::Unix(PathBuf::from(address))),
         "tcp" if !address.is_empty() => Ok(Address::Uri(format!("http://{address}"))),
-        _ => Err(format!(
-            "unsupported network {network:?} or address {address:?} in the handshake line (unix:/absolute/path or tcp:host:port)"
-        )),
+        _ => Err(HandshakeError::Address {
+            network: network.to_owned(),
+            address: address.to_owned(),
+        }),
     }
 }
 
@@ -379,7 +410,7 @@ impl Supervisor {
             r = tokio::time::timeout(self.opts.start_timeout, out.read_line(&mut line)) => r,
         };
         let address = match read {
-            Ok(Ok(n)) if n > 0 => parse_handshake(&line),
+            Ok(Ok(n)) if n > 0 => parse_handshake(&line).map_err(|e| e.to_string()),
             Ok(Ok(_)) => Err("exited before printing its handshake line".into()),
             Ok(Err(e)) => Err(format!("reading its handshake line: {e}")),
             Err(_) => Err(format!(
@@ -532,14 +563,20 @@ mod tests {
             parse_handshake("grs-plugin|1|tcp|127.0.0.1:7000").unwrap(),
             Address::Uri("http://127.0.0.1:7000".into())
         );
-        let e = parse_handshake("grs-plugin|2|unix|/tmp/p.sock").unwrap_err();
+        let e = parse_handshake("grs-plugin|2|unix|/tmp/p.sock")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("version 2") && e.contains("version 1"), "{e}");
         assert!(
             parse_handshake("hello world")
                 .unwrap_err()
+                .to_string()
                 .contains("handshake line")
         );
-        assert!(parse_handshake("grs-plugin|1|udp|x").is_err());
+        assert!(matches!(
+            parse_handshake("grs-plugin|1|udp|x"),
+            Err(HandshakeError::Address { .. })
+        ));
         assert!(parse_handshake("grs-plugin|1|unix|relative").is_err());
     }
 }

@@ -17,9 +17,11 @@
 //! - [`provisioner`]: [`ProxmoxProvisioner`], one pool over PVE: clone,
 //!   mark, configure, bootstrap, start; stop and destroy.
 //! - [`backend`]: [`ProxmoxBackend`], the `Provisioner` trait over one PVE
-//!   connection and all its pools (shared client and placement).
+//!   connection and all its pools (shared client and placement);
+//!   [`factory()`]: how a binary registers it for `type = "proxmox"`.
 //! - [`sim`]: [`sim::PveSim`], a PVE simulator over real HTTP(S) for tests,
-//!   the demo and the benchmark (binary `grs-pve-sim`).
+//!   the demo and the benchmark (binary `grs-pve-sim`). Feature `sim`, as
+//!   are [`schema`] and [`testing`]: production binaries do not link them.
 //! - [`testing`]: [`testing::SimFixture`], a simulator with nodes, a template
 //!   and a provisioner, implementing the conformance `Harness`.
 //!
@@ -31,11 +33,15 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod factory;
 pub mod placement;
 pub mod privileges;
 pub mod provisioner;
+#[cfg(feature = "sim")]
 pub mod schema;
+#[cfg(feature = "sim")]
 pub mod sim;
+#[cfg(feature = "sim")]
 pub mod testing;
 pub mod tls;
 
@@ -43,4 +49,5 @@ pub use backend::ProxmoxBackend;
 pub use client::PveClient;
 pub use config::{BootstrapMode, ConfigError, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 pub use error::PveError;
+pub use factory::factory;
 pub use provisioner::ProxmoxProvisioner;

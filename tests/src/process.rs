@@ -73,6 +73,9 @@ fn ensure_built() -> anyhow::Result<()> {
             for (package, bin) in BINARIES {
                 cmd.args(["-p", package, "--bin", bin]);
             }
+            // grs-pve-sim is built only with the simulator feature (the
+            // production binaries are built without it).
+            cmd.args(["--features", "grs-provisioner-proxmox/sim"]);
             let out = cmd
                 .output()
                 .map_err(|e| format!("cannot run cargo build: {e}"))?;

@@ -13,7 +13,8 @@
 #
 # Env: DURATION (10s), CONNS (64), RATE (500), ROUNDS (2), RUST_LOG for the
 # gateway (info), REDIS_PORT (16379), CP (fake|real), CP_URL/CP_PID,
-# CLOSED=0 to run the latency rounds only.
+# CLOSED=0 to run the latency rounds only, NO_BUILD=1 to run the release
+# binaries already in target/release.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
@@ -28,8 +29,10 @@ OUT=$(realpath -m "${OUT:-target/bench}")
 mkdir -p "$OUT"
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 
-cargo build --release -q -p grs-webhook-gateway --bin grs-webhook-gateway --example bench
-[[ "$CP" == real ]] && cargo build --release -q -p grs-control-plane --bin grs-control-plane
+if [[ -z "${NO_BUILD:-}" ]]; then
+  cargo build --release -q -p grs-webhook-gateway --bin grs-webhook-gateway --example bench
+  [[ "$CP" == real ]] && cargo build --release -q -p grs-control-plane --bin grs-control-plane
+fi
 BIN=target/release
 EX=target/release/examples/bench
 

@@ -95,29 +95,149 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
+/// What became of a webhook delivery: its HTTP answer and its
+/// `grs_gateway_deliveries_total` `outcome` label, one variant each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// 413: the body is above `gateway.max_body_bytes`.
+    TooLarge,
+    /// 400: the body could not be read.
+    Unreadable,
+    /// 401: missing or wrong signature.
+    Unauthorized,
+    /// 400: no `X-GitHub-Event`.
+    MissingEvent,
+    /// 400: no `X-GitHub-Delivery`.
+    MissingDelivery,
+    /// 400: an `X-GitHub-Delivery` above [`MAX_DELIVERY_ID_LEN`].
+    BadDelivery,
+    /// 415: neither JSON nor form encoded.
+    UnsupportedMediaType,
+    /// 400: the payload does not parse.
+    Malformed,
+    /// 200: GitHub's ping.
+    Ping,
+    /// 204: an event or action GRS does not act on.
+    Ignored,
+    /// 202: the control plane durably recorded the event.
+    Accepted,
+    /// 200: a replayed delivery the control plane already had.
+    Duplicate,
+    /// 202: recorded; the job was already past it.
+    Stale,
+    /// 202: from outside the configured organisation, repository or
+    /// installation; not recorded.
+    Foreign,
+    /// 400: the control plane refused the event as invalid.
+    Refused,
+    /// 503: the control plane is unreachable, timed out or overloaded
+    /// (GitHub shows a failed, redeliverable delivery).
+    Unavailable,
+    /// 500: the control plane failed otherwise.
+    Error,
+}
+
+impl WebhookOutcome {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Unreadable
+            | Self::MissingEvent
+            | Self::MissingDelivery
+            | Self::BadDelivery
+            | Self::Malformed
+            | Self::Refused => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Ping => "ping",
+            Self::Ignored => "ignored",
+            Self::Accepted => "accepted",
+            Self::Duplicate => "duplicate",
+            Self::Stale => "stale",
+            Self::Foreign => "foreign",
+            Self::Unavailable => "unavailable",
+            Self::Error => "error",
+        }
+    }
+
+    /// The HTTP status GitHub gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unreadable
+            | Self::MissingEvent
+            | Self::MissingDelivery
+            | Self::BadDelivery
+            | Self::Malformed
+            | Self::Refused => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Ping | Self::Duplicate => StatusCode::OK,
+            Self::Ignored => StatusCode::NO_CONTENT,
+            Self::Accepted | Self::Stale | Self::Foreign => StatusCode::ACCEPTED,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Error => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The answer's body (none for 204).
+    fn body(self) -> &'static str {
+        match self {
+            Self::TooLarge => "payload too large\n",
+            Self::Unreadable => "cannot read body\n",
+            Self::Unauthorized => "bad signature\n",
+            Self::MissingEvent => "missing X-GitHub-Event\n",
+            Self::MissingDelivery => "missing X-GitHub-Delivery\n",
+            Self::BadDelivery => "bad X-GitHub-Delivery\n",
+            Self::UnsupportedMediaType => "unsupported content type\n",
+            Self::Malformed => "malformed payload\n",
+            Self::Ping => "pong\n",
+            Self::Ignored => "",
+            Self::Accepted => "accepted\n",
+            Self::Duplicate => "duplicate delivery\n",
+            Self::Stale => "stale\n",
+            Self::Foreign => "not this installation's\n",
+            Self::Refused => "refused\n",
+            Self::Unavailable | Self::Error => "control plane unavailable\n",
+        }
+    }
+
+    /// The HTTP answer.
+    pub fn response(self) -> Response {
+        match self {
+            Self::Ignored => self.status().into_response(),
+            _ => text(self.status(), self.body()),
+        }
+    }
+}
+
 async fn webhook(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let (event, outcome, resp) = handle_webhook(&st, &headers, body).await;
+    let (event, outcome) = handle_webhook(&st, &headers, body).await;
     st.metrics
         .deliveries
-        .get_or_create(&DeliveryLabels { event, outcome })
+        .get_or_create(&DeliveryLabels {
+            event,
+            outcome: outcome.label(),
+        })
         .inc();
     st.metrics
         .delivery_seconds
         .observe(started.elapsed().as_secs_f64());
-    resp
+    outcome.response()
 }
 
-/// Returns (event label, outcome label, response).
+/// Returns (event label, outcome).
 async fn handle_webhook(
     st: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> (&'static str, &'static str, Response) {
+) -> (&'static str, WebhookOutcome) {
     let delivery = header_str(headers, "x-github-delivery").unwrap_or("-");
     // Bounded, so a hostile header cannot flood the log. Slicing by bytes is
     // safe: `to_str` only succeeds on visible ASCII.
@@ -137,18 +257,10 @@ async fn handle_webhook(
                     delivery,
                     "webhook refused: body larger than gateway.max_body_bytes"
                 );
-                return (
-                    event_label,
-                    "too_large",
-                    text(status, "payload too large\n"),
-                );
+                return (event_label, WebhookOutcome::TooLarge);
             }
             tracing::warn!(delivery, %status, "webhook refused: cannot read body: {}", rej.body_text());
-            return (
-                event_label,
-                "bad_request",
-                text(StatusCode::BAD_REQUEST, "cannot read body\n"),
-            );
+            return (event_label, WebhookOutcome::Unreadable);
         }
     };
     let sig = headers
@@ -156,30 +268,18 @@ async fn handle_webhook(
         .map(HeaderValue::as_bytes);
     if let Err(e) = signature::verify(st.webhook_secret.expose_secret().as_bytes(), &body, sig) {
         tracing::warn!(delivery, event = event_label, "webhook refused: {e}");
-        return (
-            event_label,
-            "unauthorized",
-            text(StatusCode::UNAUTHORIZED, "bad signature\n"),
-        );
+        return (event_label, WebhookOutcome::Unauthorized);
     }
     if event_name.is_empty() {
         tracing::warn!(delivery, "webhook refused: no X-GitHub-Event header");
-        return (
-            event_label,
-            "bad_request",
-            text(StatusCode::BAD_REQUEST, "missing X-GitHub-Event\n"),
-        );
+        return (event_label, WebhookOutcome::MissingEvent);
     }
     let Some(delivery_id) = header_str(headers, "x-github-delivery") else {
         tracing::warn!(
             event = event_label,
             "webhook refused: no X-GitHub-Delivery header"
         );
-        return (
-            event_label,
-            "bad_request",
-            text(StatusCode::BAD_REQUEST, "missing X-GitHub-Delivery\n"),
-        );
+        return (event_label, WebhookOutcome::MissingDelivery);
     };
     // GitHub's delivery ids are GUIDs; the control plane keys its
     // de-duplication on them, so an outsized one is refused here.
@@ -189,47 +289,28 @@ async fn handle_webhook(
             event = event_label,
             "webhook refused: X-GitHub-Delivery longer than {MAX_DELIVERY_ID_LEN} bytes"
         );
-        return (
-            event_label,
-            "bad_request",
-            text(StatusCode::BAD_REQUEST, "bad X-GitHub-Delivery\n"),
-        );
+        return (event_label, WebhookOutcome::BadDelivery);
     }
     let encoding = match BodyEncoding::from_content_type(header_str(headers, "content-type")) {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(delivery, event = event_label, "webhook refused: {e}");
-            return (
-                event_label,
-                "unsupported_media_type",
-                text(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported content type\n",
-                ),
-            );
+            return (event_label, WebhookOutcome::UnsupportedMediaType);
         }
     };
     let job = match webhook::parse(event_name, encoding, &body) {
         Ok(Delivery::WorkflowJob(job)) => job,
         Ok(Delivery::Ping(p)) => {
             tracing::info!(delivery, hook_id = p.hook_id, "ping from GitHub: {}", p.zen);
-            return (event_label, "ping", text(StatusCode::OK, "pong\n"));
+            return (event_label, WebhookOutcome::Ping);
         }
         Ok(Delivery::Ignored { reason }) => {
             tracing::debug!(delivery, "ignoring delivery: {reason}");
-            return (
-                event_label,
-                "ignored",
-                StatusCode::NO_CONTENT.into_response(),
-            );
+            return (event_label, WebhookOutcome::Ignored);
         }
         Err(e) => {
             tracing::warn!(delivery, event = event_label, "webhook refused: {e}");
-            return (
-                event_label,
-                "bad_request",
-                text(StatusCode::BAD_REQUEST, "malformed payload\n"),
-            );
+            return (event_label, WebhookOutcome::Malformed);
         }
     };
     let action = job.job_action().as_str();
@@ -238,11 +319,7 @@ async fn handle_webhook(
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(delivery, event = event_label, "webhook refused: {e}");
-            return (
-                event_label,
-                "bad_request",
-                text(StatusCode::BAD_REQUEST, "malformed payload\n"),
-            );
+            return (event_label, WebhookOutcome::Malformed);
         }
     };
     match st.control_plane.submit(event).await {
@@ -255,11 +332,7 @@ async fn handle_webhook(
                         action,
                         "replayed delivery: already recorded"
                     );
-                    (
-                        event_label,
-                        "duplicate",
-                        text(StatusCode::OK, "duplicate delivery\n"),
-                    )
+                    (event_label, WebhookOutcome::Duplicate)
                 }
                 pb::SubmitOutcome::Foreign => {
                     tracing::info!(
@@ -268,11 +341,7 @@ async fn handle_webhook(
                         action,
                         "event from outside the configured organisation/repository/installation: not recorded"
                     );
-                    (
-                        event_label,
-                        "foreign",
-                        text(StatusCode::ACCEPTED, "not this installation's\n"),
-                    )
+                    (event_label, WebhookOutcome::Foreign)
                 }
                 pb::SubmitOutcome::Stale => {
                     tracing::debug!(
@@ -281,23 +350,19 @@ async fn handle_webhook(
                         action,
                         "stale event recorded: the job is already past it"
                     );
-                    (event_label, "stale", text(StatusCode::ACCEPTED, "stale\n"))
+                    (event_label, WebhookOutcome::Stale)
                 }
                 _ => {
                     tracing::debug!(delivery, job_id, action, "job event accepted");
-                    (
-                        event_label,
-                        "accepted",
-                        text(StatusCode::ACCEPTED, "accepted\n"),
-                    )
+                    (event_label, WebhookOutcome::Accepted)
                 }
             }
         }
         Err(status) => {
             st.metrics
                 .count_control_plane_error("SubmitJobEvents", &status);
-            let (http, outcome) = map_status(&status);
-            if http == StatusCode::BAD_REQUEST {
+            let outcome = outcome_of(&status);
+            if outcome == WebhookOutcome::Refused {
                 tracing::warn!(
                     delivery,
                     job_id,
@@ -308,33 +373,24 @@ async fn handle_webhook(
             } else {
                 tracing::error!(delivery, job_id, action, code = ?status.code(), "control plane did not take the event, GitHub will see a failed delivery: {}", status.message());
             }
-            (
-                event_label,
-                outcome,
-                text(
-                    http,
-                    if http == StatusCode::BAD_REQUEST {
-                        "refused\n"
-                    } else {
-                        "control plane unavailable\n"
-                    },
-                ),
-            )
+            (event_label, outcome)
         }
     }
 }
 
-fn map_status(s: &tonic::Status) -> (StatusCode, &'static str) {
+/// What a control-plane error means for a delivery (and, mapped to a
+/// status, for a cloud-init request).
+fn outcome_of(s: &tonic::Status) -> WebhookOutcome {
     use tonic::Code;
     match s.code() {
-        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "bad_request"),
+        Code::InvalidArgument => WebhookOutcome::Refused,
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Cancelled
         | Code::ResourceExhausted
         | Code::Aborted
-        | Code::Unknown => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
+        | Code::Unknown => WebhookOutcome::Unavailable,
+        _ => WebhookOutcome::Error,
     }
 }
 
@@ -398,17 +454,16 @@ async fn cloud_init(
         Err(s) => {
             st.metrics
                 .count_control_plane_error("GetBootstrapDocument", &s);
-            let (http, outcome) = map_status(&s);
-            count(if outcome == "unavailable" {
+            let outcome = outcome_of(&s);
+            count(if outcome == WebhookOutcome::Unavailable {
                 "unavailable"
             } else {
                 "error"
             });
             tracing::error!(document = name, code = ?s.code(), "cannot serve cloud-init document: {}", s.message());
-            let http = if http == StatusCode::BAD_REQUEST {
-                StatusCode::NOT_FOUND
-            } else {
-                http
+            let http = match outcome {
+                WebhookOutcome::Refused => StatusCode::NOT_FOUND,
+                o => o.status(),
             };
             text(http, "unavailable\n")
         }

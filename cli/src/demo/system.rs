@@ -22,7 +22,7 @@ use grs_github::GitHubConfig;
 use grs_github::sim::{GitHubSim, SimConfig};
 use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use grs_provisioner_proxmox::sim::{PveSim, SimOptions, TaskDurations};
-use grs_provisioner_proxmox::{NodeConfig, ProxmoxBackend, ProxmoxConfig, ProxmoxPoolConfig};
+use grs_provisioner_proxmox::{NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 use grs_webhook_gateway::config::{GatewayConfig, ResolvedSecrets};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
@@ -232,7 +232,7 @@ impl System {
                         ..RedisStoreOptions::default()
                     },
                 )
-                .map_err(|e| DemoError::Start("the Redis store", e))?;
+                .map_err(|e| DemoError::Start("the Redis store", e.to_string()))?;
                 tokio::time::timeout(Duration::from_secs(5), store.ping())
                     .await
                     .map_err(|_| {
@@ -437,17 +437,13 @@ fn control_plane_config(
         .map_err(|e| DemoError::Start("the control plane's configuration", e.to_string()))?;
     // The in-process Proxmox backend over the simulator's connection, as
     // the grs-control-plane binary registers it.
-    let (installation, prefix) = (
-        config.control_plane.installation_id.clone(),
-        config.control_plane.instance_prefix.clone(),
-    );
     let registry = ProvisionerRegistry::new().with(
         "proxmox",
-        Arc::new(move || {
-            let b = ProxmoxBackend::new(&conn, &installation, &prefix)
-                .map_err(|e| grs_config::ConfigError::key("proxmox", e.to_string()))?;
-            Ok(Arc::new(b) as Arc<dyn grs_provisioner::Provisioner>)
-        }),
+        Arc::new(grs_provisioner_proxmox::factory(
+            Some(conn),
+            config.control_plane.installation_id.clone(),
+            config.control_plane.instance_prefix.clone(),
+        )),
     );
     let pools = Pools::from_config(&config, &registry)
         .map_err(|e| DemoError::Start("the control plane's pools", e.to_string()))?;

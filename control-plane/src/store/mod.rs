@@ -51,6 +51,7 @@
 //! instance's state change. Set semantics make both idempotent, and atomicity
 //! means any number of control-plane replicas never exceed a pool's maximum.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 mod memory;
 mod redis;
@@ -62,7 +63,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisStore, RedisStoreOptions};
+pub use self::redis::{InvalidRedisUrl, RedisStore, RedisStoreOptions};
 use crate::model::{
     Event, InstanceRecord, Job, JobEvent, JobState, Millis, PoolOverrides, SubmitOutcome,
 };
@@ -72,8 +73,14 @@ use crate::model::{
 pub enum StoreError {
     /// The backing store cannot be reached or answered with an error; the
     /// call may be retried. Maps to gRPC UNAVAILABLE.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        /// What failed (the underlying error's text, when there is one).
+        message: String,
+        /// The underlying error (Redis's), if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// Stored data could not be understood (a bug or a foreign writer under
     /// our key prefix).
     #[error("corrupt record {key}: {message}")]
@@ -204,6 +211,16 @@ pub struct QueueDepth {
     pub depth: u64,
     /// Of those, held by a worker.
     pub pending: u64,
+}
+
+impl StoreError {
+    /// [`StoreError::Unavailable`] without an underlying error.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
 }
 
 /// The durable state of GRS. All methods are safe to call concurrently from

@@ -25,7 +25,9 @@
 //! first checks that every record the decision read is unchanged (its
 //! `rev`, a key's existence, the live set's size) and writes nothing of a
 //! group whose check fails; the decision is then redone on fresh records
-//! (see [`tx`]). So a crash of a control plane never leaves half a
+//! (see [`tx`]). A `queued` event's delivery and job are assumed new rather
+//! than read (checked all the same), so a batch of new jobs is one round
+//! trip. So a crash of a control plane never leaves half a
 //! transition, and two replicas never both take the last capacity slot.
 //! Every replica must run this version: an older one writes without
 //! bumping `rev`, which the checks cannot see.
@@ -78,6 +80,8 @@ mod inspect;
 mod queues;
 mod tx;
 
+use self::tx::Snapshot;
+
 use self::conn::unavailable;
 use self::encoding::{
     as_string, corrupt, event_from_fields, first_stream_entries, instance_from_hash, items,
@@ -111,6 +115,15 @@ impl Default for RedisStoreOptions {
     }
 }
 
+/// A Redis URL [`RedisStore::new`] cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Redis URL: {source}")]
+pub struct InvalidRedisUrl {
+    /// Why (the URL itself is not repeated: it may hold a password).
+    #[source]
+    source: redis::RedisError,
+}
+
 /// Redis-backed [`Store`].
 pub struct RedisStore {
     /// Where the primary is (`redis.url` or Sentinel); see [`conn`].
@@ -133,7 +146,7 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`,
     /// `rediss://` for TLS). Checks the URL only; connects on first use.
-    pub fn new(url: &str, opts: RedisStoreOptions) -> Result<Self, String> {
+    pub fn new(url: &str, opts: RedisStoreOptions) -> Result<Self, InvalidRedisUrl> {
         Ok(Self::with_link(conn::Link::direct(url)?, opts))
     }
 
@@ -255,17 +268,28 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut prefetch = Vec::with_capacity(batch.len() * 2);
+        // A queued (or waiting) event is nearly always a job's first and its
+        // delivery's first: assumed so rather than read, which makes a batch
+        // of them one round trip (the script's checks confirm the
+        // assumption; see `Snapshot::assume_new`). Later events of a job
+        // usually find it recorded: read first.
+        let mut snap = Snapshot::default();
+        let mut prefetch = Vec::new();
         for (ev, _) in batch {
-            prefetch.push(Key::Delivery(ev.delivery_id.clone()));
-            prefetch.push(Key::Job(ev.job_id));
-            if !ev.runner_name.is_empty()
-                && matches!(ev.action, JobAction::InProgress | JobAction::Completed)
-            {
-                prefetch.push(Key::Instance(ev.runner_name.clone()));
+            match ev.action {
+                JobAction::Queued | JobAction::Waiting => {
+                    snap.assume_new(&ev.delivery_id, ev.job_id);
+                }
+                JobAction::InProgress | JobAction::Completed => {
+                    prefetch.push(Key::Delivery(ev.delivery_id.clone()));
+                    prefetch.push(Key::Job(ev.job_id));
+                    if !ev.runner_name.is_empty() {
+                        prefetch.push(Key::Instance(ev.runner_name.clone()));
+                    }
+                }
             }
         }
-        self.transact(batch.len(), prefetch, now, |tx, i| {
+        self.transact_from(snap, batch.len(), prefetch, now, |tx, i| {
             let (ev, routed_pool) = batch[i];
             rules::submit(tx, ev, routed_pool, now)
         })
@@ -791,6 +815,7 @@ mod tests {
     #[test]
     fn a_bad_redis_url_is_refused_with_the_reason() {
         let e = RedisStore::new("http://nope", RedisStoreOptions::default()).unwrap_err();
-        assert!(e.contains("invalid Redis URL"), "{e}");
+        assert!(e.to_string().contains("invalid Redis URL"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
     }
 }

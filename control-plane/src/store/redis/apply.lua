@@ -2,13 +2,15 @@
 -- Rust (store/rules.rs), each only if every record its decision read is
 -- unchanged. It knows no rule of GRS: it compares and writes.
 --
--- ARGV: the number of groups, then per group:
+-- ARGV: groups back to back; per group:
 --   the number of checks, then per check: kind, key, expected
 --     'r': the hash's `rev` field ('' when absent)
 --     'e': EXISTS (0 or 1)
 --     'c': SCARD
---   the number of writes, then per write: op and its arguments
+--   then per write: op and its arguments
 --     'h' key n f1 v1 ... fn vn   HSET the n fields, then HINCRBY rev 1
+--     'n' key n f1 v1 ... fn vn   HSET the n fields and rev 1: a record its
+--                                 group checked has no rev (is new)
 --     'x' key seconds             EXPIRE
 --     'p' key                     PERSIST
 --     's' key value seconds       SET with EX
@@ -17,6 +19,7 @@
 --     'm' key member              SREM
 --     'z' key score member        ZADD
 --     'q' key maxlen n f1 v1 ...  XADD (MAXLEN ~ maxlen unless it is '')
+--   then '.', the end of the group.
 -- Groups apply in order. The first group whose check fails stops the
 -- script, with nothing of it written. Returns how many groups applied.
 local i = 1
@@ -25,8 +28,9 @@ local function nxt()
   i = i + 1
   return v
 end
-local groups = tonumber(nxt())
-for g = 1, groups do
+local g = 0
+while i <= #ARGV do
+  g = g + 1
   for _ = 1, tonumber(nxt()) do
     local kind, key, want = nxt(), nxt(), nxt()
     local have
@@ -39,14 +43,23 @@ for g = 1, groups do
     end
     if have ~= want then return g - 1 end
   end
-  for _ = 1, tonumber(nxt()) do
-    local op, key = nxt(), nxt()
+  while true do
+    local op = nxt()
+    if op == '.' then break end
+    local key = nxt()
     if op == 'h' then
       local n = tonumber(nxt())
       local args = {}
       for f = 1, 2 * n do args[f] = nxt() end
       if n > 0 then redis.call('HSET', key, unpack(args)) end
       redis.call('HINCRBY', key, 'rev', 1)
+    elseif op == 'n' then
+      local n = tonumber(nxt())
+      local args = {}
+      for f = 1, 2 * n do args[f] = nxt() end
+      args[2 * n + 1] = 'rev'
+      args[2 * n + 2] = '1'
+      redis.call('HSET', key, unpack(args))
     elseif op == 'x' then
       redis.call('EXPIRE', key, nxt())
     elseif op == 'p' then
@@ -77,4 +90,4 @@ for g = 1, groups do
     end
   end
 end
-return groups
+return g

@@ -38,7 +38,7 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo};
 use tokio::sync::OnceCell;
 
-use super::{RedisStore, RedisStoreOptions};
+use super::{InvalidRedisUrl, RedisStore, RedisStoreOptions};
 use crate::config::RedisConfig;
 use crate::store::{StoreError, StoreResult};
 use grs_config::ConfigError;
@@ -52,7 +52,10 @@ pub const RECHECK: Duration = Duration::from_millis(500);
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(super) fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable {
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    }
 }
 
 /// How the store reaches its primary, and what it waits for after a write.
@@ -109,8 +112,8 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// The Redis at `url`, nothing waited for after writes.
-    pub(super) fn direct(url: &str) -> Result<Self, String> {
-        let client = Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+    pub(super) fn direct(url: &str) -> Result<Self, InvalidRedisUrl> {
+        let client = Client::open(url).map_err(|source| InvalidRedisUrl { source })?;
         Ok(Self::direct_client(client))
     }
 
@@ -296,14 +299,17 @@ impl RedisStore {
                 return Ok(self.mark_checked(s, p));
             }
             (Ok(Err(e)), None) => {
-                return Err(StoreError::Unavailable(format!(
-                    "Redis Sentinel ({}) names no primary for {:?}: {e}",
-                    s.addresses.join(", "),
-                    s.master_name
-                )));
+                return Err(StoreError::Unavailable {
+                    message: format!(
+                        "Redis Sentinel ({}) names no primary for {:?}: {e}",
+                        s.addresses.join(", "),
+                        s.master_name
+                    ),
+                    source: Some(Box::new(e)),
+                });
             }
             (Err(_), None) => {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::unavailable(format!(
                     "Redis Sentinel ({}) did not answer within {SENTINEL_TIMEOUT:?}",
                     s.addresses.join(", ")
                 )));
@@ -372,7 +378,7 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         if acked < i64::from(n) {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "the write reached {acked} of the {n} replicas redis.wait_replicas asks for within {timeout:?}"
             )));
         }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use redis::Value;
+use redis::{RedisWrite, ToRedisArgs, Value};
 
 use crate::model::{Event, InstanceRecord, InstanceState, Job, JobState, PoolOverrides};
 use crate::store::{StoreError, StoreResult};
@@ -181,31 +181,53 @@ pub(super) fn overrides_from_hash(h: &HashMap<String, String>) -> PoolOverrides 
     }
 }
 
+/// A field value as written, borrowed from its record where it can be (a
+/// job is written on every event: no string per field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Val<'a> {
+    Str(&'a str),
+    Uint(u64),
+    Int(i64),
+    Owned(String),
+}
+
+impl ToRedisArgs for Val<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        match self {
+            Val::Str(s) => s.write_redis_args(out),
+            Val::Uint(n) => n.write_redis_args(out),
+            Val::Int(n) => n.write_redis_args(out),
+            Val::Owned(s) => s.write_redis_args(out),
+        }
+    }
+}
+
 /// The hash fields of a job.
-pub(super) fn job_fields(j: &Job) -> Vec<(&'static str, String)> {
+pub(super) fn job_fields(j: &Job) -> Vec<(&'static str, Val<'_>)> {
+    use Val::{Int, Owned, Str, Uint};
     vec![
-        ("job_id", j.job_id.to_string()),
-        ("run_id", j.run_id.to_string()),
-        ("run_attempt", j.run_attempt.to_string()),
-        ("repository", j.repository.clone()),
-        ("organization", j.organization.clone()),
-        ("installation_id", j.installation_id.to_string()),
+        ("job_id", Uint(j.job_id)),
+        ("run_id", Uint(j.run_id)),
+        ("run_attempt", Uint(j.run_attempt.into())),
+        ("repository", Str(&j.repository)),
+        ("organization", Str(&j.organization)),
+        ("installation_id", Uint(j.installation_id)),
         (
             "labels",
-            serde_json::to_string(&j.labels).unwrap_or_else(|_| "[]".into()),
+            Owned(serde_json::to_string(&j.labels).unwrap_or_else(|_| "[]".into())),
         ),
-        ("state", j.state.as_str().into()),
-        ("pool", j.pool.clone()),
-        ("instance_name", j.instance_name.clone()),
-        ("runner_name", j.runner_name.clone()),
-        ("runner_id", j.runner_id.to_string()),
-        ("conclusion", j.conclusion.clone()),
-        ("reason", j.reason.clone()),
-        ("attempts", j.attempts.to_string()),
-        ("job_name", j.job_name.clone()),
-        ("workflow_name", j.workflow_name.clone()),
-        ("recorded_at", j.recorded_at.to_string()),
-        ("updated_at", j.updated_at.to_string()),
+        ("state", Str(j.state.as_str())),
+        ("pool", Str(&j.pool)),
+        ("instance_name", Str(&j.instance_name)),
+        ("runner_name", Str(&j.runner_name)),
+        ("runner_id", Uint(j.runner_id)),
+        ("conclusion", Str(&j.conclusion)),
+        ("reason", Str(&j.reason)),
+        ("attempts", Uint(j.attempts.into())),
+        ("job_name", Str(&j.job_name)),
+        ("workflow_name", Str(&j.workflow_name)),
+        ("recorded_at", Int(j.recorded_at)),
+        ("updated_at", Int(j.updated_at)),
     ]
 }
 
@@ -227,23 +249,21 @@ pub(super) fn instance_fields(i: &InstanceRecord) -> Vec<(&'static str, String)>
     ]
 }
 
-/// The fields of `after` that differ from `before` (all when new).
-pub(super) fn changed(
-    before: Option<Vec<(&'static str, String)>>,
-    after: Vec<(&'static str, String)>,
-) -> Vec<(&'static str, String)> {
-    match before {
-        None => after,
-        Some(b) => after
-            .into_iter()
-            .zip(b)
-            .filter(|((_, a), (_, b))| a != b)
-            .map(|(a, _)| a)
-            .collect(),
-    }
+/// The fields of `after` that differ from `before`.
+pub(super) fn changed<V: PartialEq>(
+    before: Vec<(&'static str, V)>,
+    after: Vec<(&'static str, V)>,
+) -> Vec<(&'static str, V)> {
+    after
+        .into_iter()
+        .zip(before)
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|(a, _)| a)
+        .collect()
 }
 
-pub(super) fn event_fields(e: &Event) -> Vec<(&'static str, String)> {
+pub(super) fn event_fields(e: &Event) -> Vec<(&'static str, Val<'_>)> {
+    use Val::{Int, Str, Uint};
     match e {
         Event::Job {
             at,
@@ -253,13 +273,13 @@ pub(super) fn event_fields(e: &Event) -> Vec<(&'static str, String)> {
             to,
             reason,
         } => vec![
-            ("kind", "job".into()),
-            ("at", at.to_string()),
-            ("id", job_id.to_string()),
-            ("pool", pool.clone()),
-            ("from", from.map(|s| s.as_str()).unwrap_or_default().into()),
-            ("to", to.as_str().into()),
-            ("reason", reason.clone()),
+            ("kind", Str("job")),
+            ("at", Int(*at)),
+            ("id", Uint(*job_id)),
+            ("pool", Str(pool)),
+            ("from", Str(from.map(|s| s.as_str()).unwrap_or_default())),
+            ("to", Str(to.as_str())),
+            ("reason", Str(reason)),
         ],
         Event::Instance {
             at,
@@ -269,13 +289,13 @@ pub(super) fn event_fields(e: &Event) -> Vec<(&'static str, String)> {
             to,
             reason,
         } => vec![
-            ("kind", "instance".into()),
-            ("at", at.to_string()),
-            ("id", name.clone()),
-            ("pool", pool.clone()),
-            ("from", from.map(|s| s.as_str()).unwrap_or_default().into()),
-            ("to", to.as_str().into()),
-            ("reason", reason.clone()),
+            ("kind", Str("instance")),
+            ("at", Int(*at)),
+            ("id", Str(name)),
+            ("pool", Str(pool)),
+            ("from", Str(from.map(|s| s.as_str()).unwrap_or_default())),
+            ("to", Str(to.as_str())),
+            ("reason", Str(reason)),
         ],
     }
 }

@@ -17,10 +17,19 @@
 //! writes the same records meanwhile (three when a completion without a
 //! runner needs its job's instance, which only the job record names), and
 //! one when it writes nothing (redeliveries) on a snapshot read at once.
+//! A batch of new jobs (`queued` events, nearly always a job's first) costs
+//! one: its records are assumed absent instead of read
+//! ([`Snapshot::assume_new`]), and `apply.lua` checks the assumption as it
+//! checks any read; a wrong one (a redelivery, a job seen before) is a
+//! conflict, redone on records read from Redis.
+//!
+//! The script's arguments are written straight into the `EVALSHA` command
+//! ([`Call`]): records' fields are borrowed, not turned into strings first,
+//! and only the fields that changed are sent.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use redis::Value;
+use redis::{ErrorKind, RedisWrite, ServerErrorKind, ToRedisArgs, Value};
 
 use super::RedisStore;
 use super::conn::unavailable;
@@ -30,7 +39,7 @@ use super::encoding::{
 };
 use crate::model::{InstanceRecord, Job, JobState, Millis};
 use crate::store::rules::{Change, Group, Key, PoolState, Read, Records, Seen, Tx};
-use crate::store::{QueueItem, StoreError, StoreResult};
+use crate::store::{Queue, QueueItem, StoreError, StoreResult};
 
 /// How many times a decision is redone on conflicting writes before the
 /// call fails (as `Unavailable`, so the caller may retry). Each conflict
@@ -53,9 +62,26 @@ pub(super) struct Snapshot {
     nodes: HashMap<String, BTreeSet<String>>,
     /// Reads it took; 1 means one atomic snapshot.
     rounds: u32,
+    /// Whether some records were assumed ([`Snapshot::assume_new`]) rather
+    /// than read: then nothing is known until the checks of `apply.lua`
+    /// have confirmed the assumptions.
+    assumed: bool,
 }
 
 impl Snapshot {
+    /// Assumes, without reading, that delivery `delivery` was never seen and
+    /// that job `job` is not recorded: true of nearly every `queued` event,
+    /// so such a batch is decided with no read and written in one round
+    /// trip. The assumption is checked like any read (`apply.lua` compares
+    /// the delivery's existence and the job's `rev` before writing), so a
+    /// wrong one costs a conflict and a redo on records read from Redis,
+    /// never a wrong write.
+    pub(super) fn assume_new(&mut self, delivery: &str, job: u64) {
+        self.assumed = true;
+        self.deliveries.entry(delivery.to_owned()).or_insert(false);
+        self.jobs.entry(job).or_insert((None, String::new()));
+    }
+
     fn has(&self, key: &Key) -> bool {
         match key {
             Key::Delivery(id) => self.deliveries.contains_key(id),
@@ -128,52 +154,91 @@ fn int(v: &Value) -> i64 {
     }
 }
 
-/// The arguments of one `apply.lua` call.
-#[derive(Debug, Default)]
-struct Args(Vec<String>);
+/// One `apply.lua` call being written: every argument goes straight into
+/// the `EVALSHA` command's buffer (no string per argument, no copy).
+struct Call {
+    cmd: redis::Cmd,
+}
 
-impl Args {
-    fn push(&mut self, a: impl ToString) {
-        self.0.push(a.to_string());
+impl Call {
+    fn new(sha: &str) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha).arg(0);
+        Self { cmd }
     }
-}
 
-/// A group's writes, counted as `apply.lua` wants them.
-#[derive(Debug, Default)]
-struct Writes {
-    count: usize,
-    args: Vec<String>,
-}
+    fn arg(&mut self, a: impl ToRedisArgs) -> &mut Self {
+        self.cmd.arg(a);
+        self
+    }
 
-impl Writes {
-    fn op<const N: usize>(&mut self, parts: [String; N]) {
-        self.count += 1;
-        self.args.extend(parts);
+    /// The key `<prefix>:<parts joined by ':'>`, written in place.
+    fn key(&mut self, prefix: &str, parts: &[&dyn std::fmt::Display]) -> &mut Self {
+        struct KeyArg<'a>(&'a str, &'a [&'a dyn std::fmt::Display]);
+        impl ToRedisArgs for KeyArg<'_> {
+            fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+                use std::io::Write as _;
+                let mut w = out.writer_for_next_arg();
+                // Writing to the command's own buffer cannot fail.
+                let _ = w.write_all(self.0.as_bytes());
+                for p in self.1 {
+                    let _ = write!(w, ":{p}");
+                }
+            }
+        }
+        self.arg(KeyArg(prefix, parts))
     }
 
     /// `HSET` of `fields` (and a new `rev`).
-    fn hset(&mut self, key: String, fields: Vec<(&'static str, String)>) {
-        self.count += 1;
-        self.args.push("h".into());
-        self.args.push(key);
-        self.args.push(fields.len().to_string());
+    fn hset<V: ToRedisArgs>(
+        &mut self,
+        prefix: &str,
+        key: &[&dyn std::fmt::Display],
+        fields: &[(&'static str, V)],
+    ) {
+        self.hset_op("h", prefix, key, fields);
+    }
+
+    /// `HSET` of `fields` and `rev` 1, for a record the group checked has
+    /// no `rev` (a new record): one command less than [`hset`](Self::hset).
+    fn hset_new<V: ToRedisArgs>(
+        &mut self,
+        prefix: &str,
+        key: &[&dyn std::fmt::Display],
+        fields: &[(&'static str, V)],
+    ) {
+        self.hset_op("n", prefix, key, fields);
+    }
+
+    fn hset_op<V: ToRedisArgs>(
+        &mut self,
+        op: &str,
+        prefix: &str,
+        key: &[&dyn std::fmt::Display],
+        fields: &[(&'static str, V)],
+    ) {
+        self.arg(op).key(prefix, key).arg(fields.len());
         for (f, v) in fields {
-            self.args.push(f.into());
-            self.args.push(v);
+            self.arg(*f).arg(v);
         }
     }
 
     /// `XADD` of `fields`, capped at `maxlen` entries (`None`: uncapped).
-    fn xadd(&mut self, key: String, maxlen: Option<u64>, fields: &[(&str, String)]) {
-        self.count += 1;
-        self.args.push("q".into());
-        self.args.push(key);
-        self.args
-            .push(maxlen.map(|m| m.to_string()).unwrap_or_default());
-        self.args.push(fields.len().to_string());
+    fn xadd<V: ToRedisArgs>(
+        &mut self,
+        prefix: &str,
+        key: &[&dyn std::fmt::Display],
+        maxlen: Option<u64>,
+        fields: &[(&'static str, V)],
+    ) {
+        self.arg("q").key(prefix, key);
+        match maxlen {
+            Some(m) => self.arg(m),
+            None => self.arg(""),
+        };
+        self.arg(fields.len());
         for (f, v) in fields {
-            self.args.push((*f).into());
-            self.args.push(v.clone());
+            self.arg(*f).arg(v);
         }
     }
 }
@@ -279,102 +344,89 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The checks and writes of `group`, appended to `args`.
-    fn encode(&self, args: &mut Args, snap: &Snapshot, group: &Group, now: Millis) {
-        args.push(group.seen.len());
+    /// The checks and writes of `group`, appended to `call`.
+    fn encode(&self, call: &mut Call, snap: &Snapshot, group: &Group, now: Millis) {
+        let p = self.opts.prefix.as_str();
+        call.arg(group.seen.len());
         for s in &group.seen {
-            let (kind, key, want) = match s {
-                Seen::Stored(Key::Delivery(id)) => (
-                    "e",
-                    self.key(&["delivery", id]),
-                    if snap.deliveries.get(id).copied().unwrap_or(false) {
-                        "1".to_owned()
-                    } else {
-                        "0".to_owned()
-                    },
-                ),
-                Seen::Stored(Key::Job(id)) => (
-                    "r",
-                    self.job_key(*id),
-                    snap.jobs
-                        .get(id)
-                        .map(|(_, r)| r.clone())
-                        .unwrap_or_default(),
-                ),
-                Seen::Stored(Key::Instance(name)) => (
-                    "r",
-                    self.instance_key(name),
-                    snap.instances
-                        .get(name)
-                        .map(|(_, _, r)| r.clone())
-                        .unwrap_or_default(),
-                ),
-                Seen::Stored(Key::Pool(pool)) => (
-                    "r",
-                    self.key(&["pool", pool, "settings"]),
-                    snap.pools
-                        .get(pool)
-                        .map(|(_, r)| r.clone())
-                        .unwrap_or_default(),
-                ),
+            match s {
+                Seen::Stored(Key::Delivery(id)) => {
+                    let seen = snap.deliveries.get(id).copied().unwrap_or(false);
+                    call.arg("e")
+                        .key(p, &[&"delivery", id])
+                        .arg(if seen { "1" } else { "0" });
+                }
+                Seen::Stored(Key::Job(id)) => {
+                    let rev = snap.jobs.get(id).map(|(_, r)| r.as_str());
+                    call.arg("r")
+                        .key(p, &[&"job", id])
+                        .arg(rev.unwrap_or_default());
+                }
+                Seen::Stored(Key::Instance(name)) => {
+                    let rev = snap.instances.get(name).map(|(_, _, r)| r.as_str());
+                    call.arg("r")
+                        .key(p, &[&"instance", name])
+                        .arg(rev.unwrap_or_default());
+                }
+                Seen::Stored(Key::Pool(pool)) => {
+                    let rev = snap.pools.get(pool).map(|(_, r)| r.as_str());
+                    call.arg("r")
+                        .key(p, &[&"pool", pool, &"settings"])
+                        .arg(rev.unwrap_or_default());
+                }
                 Seen::InUse { pool, count } => {
-                    ("c", self.key(&["pool", pool, "live"]), count.to_string())
+                    call.arg("c").key(p, &[&"pool", pool, &"live"]).arg(*count);
                 }
                 Seen::Warm { pool, count } => {
-                    ("c", self.key(&["pool", pool, "warm"]), count.to_string())
+                    call.arg("c").key(p, &[&"pool", pool, &"warm"]).arg(*count);
                 }
                 // Node places are read as counts (Seen::Node), never as a
                 // stored record; this compares the snapshot's count all the
                 // same.
-                Seen::Stored(Key::Node(node)) => (
-                    "c",
-                    self.node_key(node),
-                    snap.nodes.get(node).map_or(0, |n| n.len()).to_string(),
-                ),
-                Seen::Node { node, count } => ("c", self.node_key(node), count.to_string()),
-            };
-            args.push(kind);
-            args.push(key);
-            args.push(want);
+                Seen::Stored(Key::Node(node)) => {
+                    let count = snap.nodes.get(node).map_or(0, |n| n.len());
+                    call.arg("c").key(p, &[&"node", node, &"places"]).arg(count);
+                }
+                Seen::Node { node, count } => {
+                    call.arg("c")
+                        .key(p, &[&"node", node, &"places"])
+                        .arg(*count);
+                }
+            }
         }
-        let mut w = Writes::default();
         for c in &group.changes {
-            self.encode_change(&mut w, c, now);
+            self.encode_change(call, c, now);
         }
-        args.push(w.count);
-        args.0.extend(w.args);
+        call.arg(".");
     }
 
-    fn encode_change(&self, w: &mut Writes, change: &Change, now: Millis) {
-        let secs = |d: std::time::Duration| d.as_secs().max(1).to_string();
+    fn encode_change(&self, call: &mut Call, change: &Change, now: Millis) {
+        let p = self.opts.prefix.as_str();
+        let secs = |d: std::time::Duration| d.as_secs().max(1);
         match change {
-            Change::Delivery(id) => w.op([
-                "s".into(),
-                self.key(&["delivery", id]),
-                now.to_string(),
-                secs(self.opts.dedup_ttl),
-            ]),
+            Change::Delivery(id) => {
+                call.arg("s")
+                    .key(p, &[&"delivery", id])
+                    .arg(now)
+                    .arg(secs(self.opts.dedup_ttl));
+            }
             Change::Job { before, after } => {
-                let jk = self.job_key(after.job_id);
-                w.hset(
-                    jk.clone(),
-                    changed(before.as_ref().map(job_fields), job_fields(after)),
-                );
-                if before.is_none() {
-                    let id = after.job_id.to_string();
-                    w.op([
-                        "z".into(),
-                        self.key(&["jobs"]),
-                        after.recorded_at.to_string(),
-                        id.clone(),
-                    ]);
+                let id = &after.job_id;
+                if let Some(b) = before {
+                    call.hset(p, &[&"job", id], &changed(job_fields(b), job_fields(after)));
+                } else {
+                    // Read as absent by this group's decision, so its
+                    // check (no `rev`) is in this group.
+                    call.hset_new(p, &[&"job", id], &job_fields(after));
+                    call.arg("z")
+                        .key(p, &[&"jobs"])
+                        .arg(after.recorded_at)
+                        .arg(id);
                     if !after.pool.is_empty() {
-                        w.op([
-                            "z".into(),
-                            self.key(&["pool", &after.pool, "jobs"]),
-                            after.recorded_at.to_string(),
-                            id,
-                        ]);
+                        call.arg("z")
+                            .key(p, &[&"pool", &after.pool, &"jobs"])
+                            .arg(after.recorded_at)
+                            .arg(id);
                     }
                 }
                 // An unrouted job a pool now serves (rules::submit) joins
@@ -383,12 +435,10 @@ impl RedisStore {
                     && b.pool.is_empty()
                     && !after.pool.is_empty()
                 {
-                    w.op([
-                        "z".into(),
-                        self.key(&["pool", &after.pool, "jobs"]),
-                        after.recorded_at.to_string(),
-                        after.job_id.to_string(),
-                    ]);
+                    call.arg("z")
+                        .key(p, &[&"pool", &after.pool, &"jobs"])
+                        .arg(after.recorded_at)
+                        .arg(id);
                 }
                 // An ended (or unroutable) job is kept for the retention
                 // period from when it got there.
@@ -397,60 +447,69 @@ impl RedisStore {
                     JobState::Completed | JobState::Failed | JobState::Unrouted
                 );
                 if ends && before.as_ref().is_none_or(|b| b.state != after.state) {
-                    w.op(["x".into(), jk, secs(self.opts.job_retention)]);
+                    call.arg("x")
+                        .key(p, &[&"job", id])
+                        .arg(secs(self.opts.job_retention));
                 } else if !ends
                     && before
                         .as_ref()
                         .is_some_and(|b| b.state == JobState::Unrouted)
                 {
-                    w.op(["p".into(), jk]);
+                    call.arg("p").key(p, &[&"job", id]);
                 }
             }
             Change::Instance { before, after } => {
-                w.hset(
-                    self.instance_key(&after.name),
-                    changed(before.as_ref().map(instance_fields), instance_fields(after)),
-                );
+                let fields = match before {
+                    Some(b) => changed(instance_fields(b), instance_fields(after)),
+                    None => instance_fields(after),
+                };
+                call.hset(p, &[&"instance", &after.name], &fields);
                 if before.is_none() {
-                    w.op(["a".into(), self.key(&["instances"]), after.name.clone()]);
+                    call.arg("a").key(p, &[&"instances"]).arg(&after.name);
                 }
             }
             Change::Retain { name, retention } => {
-                w.op(["x".into(), self.instance_key(name), secs(*retention)]);
+                call.arg("x")
+                    .key(p, &[&"instance", name])
+                    .arg(secs(*retention));
             }
             Change::TakeSlot { pool, instance } => {
-                w.op([
-                    "a".into(),
-                    self.key(&["pool", pool, "live"]),
-                    instance.clone(),
-                ]);
+                call.arg("a")
+                    .key(p, &[&"pool", pool, &"live"])
+                    .arg(instance);
             }
             Change::ReleaseSlot { pool, instance } => {
-                w.op([
-                    "m".into(),
-                    self.key(&["pool", pool, "live"]),
-                    instance.clone(),
-                ]);
+                call.arg("m")
+                    .key(p, &[&"pool", pool, &"live"])
+                    .arg(instance);
+            }
+            Change::Push(Queue::Provision(pool), QueueItem::Provision { job_id }) => {
+                call.xadd(
+                    p,
+                    &[&"queue", &"provision", pool],
+                    None,
+                    &[("job_id", *job_id)],
+                );
             }
             Change::WarmAdd { pool, instance } => {
-                w.op([
-                    "a".into(),
-                    self.key(&["pool", pool, "warm"]),
-                    instance.clone(),
-                ]);
+                call.arg("a")
+                    .key(p, &[&"pool", pool, &"warm"])
+                    .arg(instance);
             }
             Change::WarmRemove { pool, instance } => {
-                w.op([
-                    "m".into(),
-                    self.key(&["pool", pool, "warm"]),
-                    instance.clone(),
-                ]);
+                call.arg("m")
+                    .key(p, &[&"pool", pool, &"warm"])
+                    .arg(instance);
             }
             Change::NodeTake { node, instance } => {
-                w.op(["a".into(), self.node_key(node), instance.clone()]);
+                call.arg("a")
+                    .key(p, &[&"node", node, &"places"])
+                    .arg(instance);
             }
             Change::NodeRelease { node, instance } => {
-                w.op(["m".into(), self.node_key(node), instance.clone()]);
+                call.arg("m")
+                    .key(p, &[&"node", node, &"places"])
+                    .arg(instance);
             }
             Change::Push(q, item) => {
                 let (key, _) = self.queue_key(q);
@@ -458,11 +517,12 @@ impl RedisStore {
                     QueueItem::Provision { job_id } => ("job_id", job_id.to_string()),
                     QueueItem::Teardown { instance } => ("instance", instance.clone()),
                 };
-                w.xadd(key, None, &[field]);
+                call.xadd(&key, &[], None, &[field]);
             }
             Change::Emit(e) => {
-                w.xadd(
-                    self.key(&["events"]),
+                call.xadd(
+                    p,
+                    &[&"events"],
                     Some(self.opts.events_max),
                     &event_fields(e),
                 );
@@ -472,39 +532,31 @@ impl RedisStore {
                 token_hash,
                 ttl,
             } => {
-                w.op([
-                    "s".into(),
-                    self.key(&["bootstrap", token_hash]),
-                    instance.clone(),
-                    secs(*ttl),
-                ]);
-                w.hset(
-                    self.instance_key(instance),
-                    vec![("bootstrap", token_hash.clone())],
-                );
+                call.arg("s")
+                    .key(p, &[&"bootstrap", token_hash])
+                    .arg(instance)
+                    .arg(secs(*ttl));
+                call.hset(p, &[&"instance", instance], &[("bootstrap", token_hash)]);
             }
             Change::DropToken {
                 instance,
                 token_hash,
             } => {
-                w.op(["d".into(), self.key(&["bootstrap", token_hash])]);
-                w.hset(
-                    self.instance_key(instance),
-                    vec![("bootstrap", String::new())],
-                );
+                call.arg("d").key(p, &[&"bootstrap", token_hash]);
+                call.hset(p, &[&"instance", instance], &[("bootstrap", "")]);
             }
             Change::Overrides { pool, overrides } => {
                 let mut fields = Vec::new();
-                if let Some(p) = overrides.paused {
-                    fields.push(("paused", if p { "1" } else { "0" }.to_owned()));
+                if let Some(paused) = overrides.paused {
+                    fields.push(("paused", u32::from(paused)));
                 }
                 if let Some(m) = overrides.min_idle {
-                    fields.push(("min_idle", m.to_string()));
+                    fields.push(("min_idle", m));
                 }
                 if let Some(m) = overrides.max_instances {
-                    fields.push(("max_instances", m.to_string()));
+                    fields.push(("max_instances", m));
                 }
-                w.hset(self.key(&["pool", pool, "settings"]), fields);
+                call.hset(p, &[&"pool", pool, &"settings"], &fields);
             }
         }
     }
@@ -512,17 +564,21 @@ impl RedisStore {
     /// Writes `groups` with `apply.lua`; how many applied (the rest found a
     /// record changed since `snap` was read).
     async fn apply(&self, snap: &Snapshot, groups: &[Group], now: Millis) -> StoreResult<usize> {
-        let mut args = Args::default();
-        args.push(groups.len());
+        let script = &self.scripts.apply;
+        let mut call = Call::new(script.get_hash());
         for g in groups {
-            self.encode(&mut args, snap, g, now);
+            self.encode(&mut call, snap, g, now);
         }
         let mut conn = self.conn().await?;
-        let mut inv = self.scripts.apply.prepare_invoke();
-        for a in &args.0 {
-            inv.arg(a);
+        let applied: i64 = match call.cmd.query_async(&mut conn).await {
+            // Redis restarted, or the script cache was flushed: load it.
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.load_async(&mut conn).await.map_err(unavailable)?;
+                call.cmd.query_async(&mut conn).await
+            }
+            r => r,
         }
-        let applied: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        .map_err(unavailable)?;
         self.replicated(&mut conn).await?;
         usize::try_from(applied)
             .ok()
@@ -540,8 +596,22 @@ impl RedisStore {
         now: Millis,
         decide: impl Fn(&mut Tx<'_>, usize) -> Read<T>,
     ) -> StoreResult<Vec<T>> {
+        self.transact_from(Snapshot::default(), n, prefetch, now, decide)
+            .await
+    }
+
+    /// [`transact`](Self::transact) starting from `snap` (records assumed
+    /// with [`Snapshot::assume_new`]; `prefetch` read on top of them).
+    pub(super) async fn transact_from<T>(
+        &self,
+        snap: Snapshot,
+        n: usize,
+        prefetch: Vec<Key>,
+        now: Millis,
+        decide: impl Fn(&mut Tx<'_>, usize) -> Read<T>,
+    ) -> StoreResult<Vec<T>> {
         let mut out = Vec::with_capacity(n);
-        let mut snap = Snapshot::default();
+        let mut snap = snap;
         let mut keys = prefetch;
         for _ in 0..MAX_ATTEMPTS {
             if out.len() == n {
@@ -567,8 +637,9 @@ impl RedisStore {
                 keys = missing;
                 continue;
             }
-            // Nothing to write, decided on one atomic read: done.
-            if snap.rounds == 1 && groups.iter().all(|g| g.changes.is_empty()) {
+            // Nothing to write, decided on one atomic read (and no
+            // assumption): done.
+            if snap.rounds == 1 && !snap.assumed && groups.iter().all(|g| g.changes.is_empty()) {
                 out.extend(results);
                 break;
             }
@@ -582,7 +653,7 @@ impl RedisStore {
         if out.len() == n {
             Ok(out)
         } else {
-            Err(StoreError::Unavailable(format!(
+            Err(StoreError::unavailable(format!(
                 "gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the records"
             )))
         }
