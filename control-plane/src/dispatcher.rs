@@ -44,7 +44,7 @@
 //!   flight gets the shutdown grace period, then is dropped: its entry is
 //!   redone elsewhere.
 
-use grs_provisioner::{Bootstrap, Instance, InstanceSpec, ProvisionerError};
+use grs_provisioner::{Bootstrap, Instance, InstanceSpec, InstanceState, ProvisionerError};
 
 use crate::bootstrap;
 use crate::guest_agent;
@@ -368,6 +368,26 @@ pub(crate) async fn create(
     job_id: u64,
     hold: Option<(&Queue, &str, &str)>,
 ) -> StoreResult<Result<Instance, ProvisionerError>> {
+    // A redone create (the worker that began it died, or its entry was
+    // reclaimed) may find the VM already running on the first attempt's
+    // seed and runner registration. Minting new ones would revoke the token
+    // that VM holds (one per instance) and replace the registration its
+    // runner starts from, so the runner would never start and the job would
+    // wait for ever: a running VM is kept as it is. A stopped or half-made
+    // one gets the new bootstrap (the backend writes it again, or starts
+    // over). Found by the end-to-end soak (control-plane kills).
+    if let Some(prior) = ctx.store.get_instance(name).await?
+        && prior.state == InstanceState::Creating
+    {
+        match pool.provisioner.get(&pool.name, name).await {
+            Ok(Some(vm)) if vm.state == InstanceState::Running => {
+                tracing::info!(instance = %name, "redone create: the instance already runs; kept with its first bootstrap");
+                return Ok(Ok(vm));
+            }
+            Ok(_) => {}
+            Err(e) => return Ok(Err(e)),
+        }
+    }
     ctx.store.mark_creating(name, now_ms()).await?;
     let bootstrap = if guest_agent::wanted(pool) {
         guest_agent::bootstrap(ctx.registrar.as_deref(), name, pool).await
@@ -414,6 +434,79 @@ mod tests {
             },
             Arc::new(grs_provisioner::FakeProvisioner::new()),
         )
+    }
+
+    /// Mints distinct JIT configs and counts them.
+    #[derive(Debug, Default)]
+    struct CountingRegistrar(std::sync::atomic::AtomicU32);
+
+    #[async_trait::async_trait]
+    impl crate::worker::RunnerRegistrar for CountingRegistrar {
+        async fn jit_config(
+            &self,
+            name: &str,
+            _labels: &[String],
+            _runner_group_id: u64,
+        ) -> Result<secrecy::SecretString, String> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(format!("jit-{name}-{n}").into())
+        }
+
+        async fn remove_runner(&self, _name: &str) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+        use crate::store::{MemoryStore, Store};
+        use crate::testing::{fake_pools, test_config};
+
+        let config = test_config();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
+        let pools = fake_pools(&config, &fake);
+        let registrar = Arc::new(CountingRegistrar::default());
+        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
+        settings.gateway_url = Some("http://gw:8080".into());
+        let ctx = WorkerContext {
+            store: store.clone(),
+            pools: pools.clone(),
+            settings,
+            registrar: Some(registrar.clone()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: Default::default(),
+            github: None,
+        };
+        let pool = pools.get("linux").unwrap();
+        let t = now_ms();
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), t)
+            .await
+            .unwrap();
+        store
+            .begin_provision(7, "grs-7", &pool.limits(), t)
+            .await
+            .unwrap();
+
+        // The first attempt makes the VM; its worker dies before recording
+        // it, so the instance stays creating and the entry is redone.
+        let first = create(&ctx, pool, "grs-7", 7, None).await.unwrap().unwrap();
+        assert_eq!(first.state, InstanceState::Running);
+        let minted = registrar.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(minted, 1);
+
+        let again = create(&ctx, pool, "grs-7", 7, None).await.unwrap().unwrap();
+        assert_eq!(again.state, InstanceState::Running);
+        assert_eq!(again.provider_id, first.provider_id, "the same VM");
+        assert_eq!(
+            registrar.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the redo minted a second runner config (and token): the running VM's would be revoked"
+        );
+        assert_eq!(fake.creates(), 1);
     }
 
     #[test]
