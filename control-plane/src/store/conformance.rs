@@ -94,6 +94,7 @@ macro_rules! store_conformance_checks {
             a_job_completed_during_creation_is_torn_down_after_it,
             a_job_taken_by_another_runner_is_recorded_on_that_instance,
             a_job_that_completed_on_another_jobs_runner_still_gets_its_instance,
+            a_job_first_heard_of_on_another_jobs_runner_still_gets_its_instance,
             failure_fails_the_job_and_queues_cleanup,
             unacked_entries_are_claimed_by_another_worker,
             touched_entries_are_not_claimed,
@@ -694,6 +695,58 @@ async fn a_job_that_completed_on_another_jobs_runner_still_gets_its_instance(
             .unwrap(),
         BeginProvision::Skip(_)
     ));
+}
+
+/// The same when the job's `queued` delivery comes late (or never): its
+/// first event says a runner made for another job took it. That job now
+/// needs an instance, so this one is owed one, exactly as in order.
+async fn a_job_first_heard_of_on_another_jobs_runner_still_gets_its_instance(
+    store: Arc<dyn Store>,
+) {
+    let provision_queue = Queue::Provision("linux".into());
+    queue_one(&*store, 75).await;
+    let b = provision(&*store, 75).await;
+    let queued = store.queue_depth(&provision_queue).await.unwrap().depth;
+    let mut started = event("p76", JobAction::InProgress, 76);
+    started.runner_name = b.clone();
+    store
+        .submit_event(&started, Some("linux"), 3000)
+        .await
+        .unwrap();
+    let mut done = event("c76", JobAction::Completed, 76);
+    done.runner_name = b.clone();
+    let r = store
+        .submit_event(&done, Some("linux"), 3001)
+        .await
+        .unwrap();
+    assert_eq!(r.teardown.as_deref(), Some(b.as_str()));
+    let late = store
+        .submit_event(&event("q76", JobAction::Queued, 76), Some("linux"), 3002)
+        .await
+        .unwrap();
+    assert_eq!(late.outcome, SubmitOutcome::Stale);
+    assert_eq!(
+        store.queue_depth(&provision_queue).await.unwrap().depth,
+        queued + 1,
+        "job 76 took job 75's runner: one provision entry owed, no more"
+    );
+    let a = provision(&*store, 76).await;
+    assert_eq!(
+        store.get_instance(&a).await.unwrap().unwrap().state,
+        InstanceState::Running,
+        "the instance owed to job 75 stays up for it"
+    );
+    // A runner not ours took nothing from GRS: nothing is owed.
+    let mut foreign = event("p77", JobAction::InProgress, 77);
+    foreign.runner_name = "someone-elses-runner".into();
+    store
+        .submit_event(&foreign, Some("linux"), 3003)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.queue_depth(&provision_queue).await.unwrap().depth,
+        queued + 1
+    );
 }
 
 async fn failure_fails_the_job_and_queues_cleanup(store: Arc<dyn Store>) {

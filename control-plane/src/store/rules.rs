@@ -574,8 +574,24 @@ pub fn submit(
         to: job.state,
         reason: why,
     });
+    let first_heard = existing.is_none();
     tx.put_job(existing, job.clone());
-    if applied.enqueue_provision {
+    // A job first heard of as taken by a runner (its `queued` delivery late
+    // or lost) that GRS made for another job owes that job an instance, as
+    // it would have, had its `queued` come first: begin_provision proceeds
+    // for a job in progress with no instance, or completed on another's
+    // runner. (A warm runner is replaced by its pool's keeper instead; a
+    // runner not ours took nothing from GRS.) Found by the e2e soak:
+    // reordered `queued` deliveries left the last jobs waiting for ever.
+    let owes_instance = first_heard
+        && !applied.enqueue_provision
+        && !job.pool.is_empty()
+        && matches!(ev.action, JobAction::InProgress | JobAction::Completed)
+        && !ev.runner_name.is_empty()
+        && tx
+            .instance(&ev.runner_name)?
+            .is_some_and(|i| !i.warm && i.job_id != job.job_id);
+    if applied.enqueue_provision || owes_instance {
         tx.push(
             Queue::Provision(job.pool.clone()),
             QueueItem::Provision { job_id: job.job_id },
