@@ -1,7 +1,8 @@
 //! Every relative link in README.md and docs/*.md names a file of this
 //! repository, and every `#anchor` a heading of that file (GitHub's slugs:
-//! lower case, punctuation dropped, spaces to `-`). Links leaving the
-//! repository (`../shared/...`) and absolute URLs are not checked.
+//! lower case, punctuation dropped, spaces to `-`). A relative link that
+//! leaves the repository (`../shared/...`) is refused: it resolves only in
+//! the checkout it was written in. Absolute URLs are not checked.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
