@@ -156,7 +156,8 @@ mod tests {
             url.starts_with("http://gw:8080/cloud-init/") && url.ends_with('/'),
             "{url}"
         );
-        let token = url.trim_end_matches('/').rsplit('/').next().unwrap();
+        let token = token_in(url);
+        let token = token.as_str();
         assert_eq!(token.len(), 22, "128 bits in base64url");
         assert_eq!(
             redeem(&store, token).await.unwrap().as_deref(),
@@ -174,6 +175,15 @@ mod tests {
         assert_eq!(redeem(&store, "../../etc/passwd").await.unwrap(), None);
     }
 
+    /// The token of a seed URL (`<gateway>/cloud-init/<token>/`).
+    fn token_in(url: &str) -> String {
+        url.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
     #[tokio::test]
     async fn a_secret_issued_with_a_token_comes_back_only_with_that_token_and_instance() {
         let store = MemoryStore::new();
@@ -187,13 +197,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let token = url
-            .expose_secret()
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let token = token_in(url.expose_secret());
         let got = sealed_secret(&store, &token, "grs-1")
             .await
             .unwrap()
@@ -241,13 +245,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let token = url
-            .expose_secret()
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let token = token_in(url.expose_secret());
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(
             sealed_secret(&store, &token, "grs-1")
