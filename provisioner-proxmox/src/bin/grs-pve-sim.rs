@@ -12,7 +12,7 @@
 //! `tests/`): `GET /vms` (every VM, read without going through the PVE
 //! API, so injected faults do not hide them), `POST /vms` (a VM made
 //! behind GRS's back: `{"node","vmid","name"}`), `POST /faults` (one
-//! [`FaultSpec`] as JSON) and `DELETE /faults`. Keep it on loopback: it
+//! [`Fault`] as JSON) and `DELETE /faults`. Keep it on loopback: it
 //! has no authentication.
 
 use std::time::Duration;
@@ -128,7 +128,6 @@ async fn main() -> anyhow::Result<()> {
 /// The control API of `--control-listen`.
 mod control {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use axum::extract::State;
     use axum::http::StatusCode;
@@ -137,114 +136,6 @@ mod control {
     use grs_provisioner_proxmox::sim::{Fault, PveSim};
     use serde::Deserialize;
     use serde_json::{Value, json};
-
-    /// A fault, as JSON: `{"fault": "clone_lock_contention", "probability": 0.2}`.
-    /// Mirrors [`Fault`] (durations in milliseconds).
-    #[derive(Debug, Deserialize)]
-    #[serde(tag = "fault", rename_all = "snake_case", deny_unknown_fields)]
-    pub enum FaultSpec {
-        CloneLockTimeout {
-            times: u32,
-        },
-        CloneLockContention {
-            probability: f64,
-        },
-        CloneStorageLockTimeout {
-            times: u32,
-        },
-        FailTask {
-            kind: String,
-            times: u32,
-            message: String,
-        },
-        SlowTasks {
-            extra_ms: u64,
-        },
-        HttpError {
-            path_contains: String,
-            #[serde(default)]
-            method: Option<String>,
-            status: u16,
-            message: String,
-            times: u32,
-        },
-        DropConnections {
-            times: u32,
-        },
-        TaskNotYetVisible {
-            times: u32,
-        },
-        DropRequests {
-            path_contains: String,
-            times: u32,
-        },
-        LoseAnswers {
-            path_contains: String,
-            times: u32,
-        },
-        Latency {
-            extra_ms: u64,
-        },
-    }
-
-    impl From<FaultSpec> for Fault {
-        fn from(f: FaultSpec) -> Self {
-            let ms = Duration::from_millis;
-            match f {
-                FaultSpec::CloneLockTimeout { times } => Fault::CloneLockTimeout { times },
-                FaultSpec::CloneLockContention { probability } => {
-                    Fault::CloneLockContention { probability }
-                }
-                FaultSpec::CloneStorageLockTimeout { times } => {
-                    Fault::CloneStorageLockTimeout { times }
-                }
-                FaultSpec::FailTask {
-                    kind,
-                    times,
-                    message,
-                } => Fault::FailTask {
-                    kind,
-                    times,
-                    message,
-                },
-                FaultSpec::SlowTasks { extra_ms } => Fault::SlowTasks {
-                    extra: ms(extra_ms),
-                },
-                FaultSpec::HttpError {
-                    path_contains,
-                    method,
-                    status,
-                    message,
-                    times,
-                } => Fault::HttpError {
-                    path_contains,
-                    method,
-                    status,
-                    message,
-                    times,
-                },
-                FaultSpec::DropConnections { times } => Fault::DropConnections { times },
-                FaultSpec::TaskNotYetVisible { times } => Fault::TaskNotYetVisible { times },
-                FaultSpec::DropRequests {
-                    path_contains,
-                    times,
-                } => Fault::DropRequests {
-                    path_contains,
-                    times,
-                },
-                FaultSpec::LoseAnswers {
-                    path_contains,
-                    times,
-                } => Fault::LoseAnswers {
-                    path_contains,
-                    times,
-                },
-                FaultSpec::Latency { extra_ms } => Fault::Latency {
-                    extra: ms(extra_ms),
-                },
-            }
-        }
-    }
 
     #[derive(Debug, Deserialize)]
     struct NewVm {
@@ -288,8 +179,8 @@ mod control {
         StatusCode::CREATED
     }
 
-    async fn inject(State(sim): State<Arc<PveSim>>, Json(f): Json<FaultSpec>) -> StatusCode {
-        sim.inject(f.into());
+    async fn inject(State(sim): State<Arc<PveSim>>, Json(f): Json<Fault>) -> StatusCode {
+        sim.inject(f);
         StatusCode::NO_CONTENT
     }
 

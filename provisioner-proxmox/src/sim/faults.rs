@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use super::state::Shared;
 
-/// A fault to inject.
-#[derive(Debug, Clone)]
+/// A fault to inject. As JSON (`grs-pve-sim --control-listen`'s
+/// `POST /faults`): `{"fault": "clone_lock_contention", "probability": 0.2}`,
+/// durations as `extra_ms` in milliseconds.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "fault", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Fault {
     /// The next `times` clone TASKS fail with PVE's lock timeout on the
     /// source (`can't lock file '/var/lock/qemu-server/lock-N.conf' - got
@@ -41,6 +44,7 @@ pub enum Fault {
     /// Every task takes `extra` longer.
     SlowTasks {
         /// Added duration.
+        #[serde(rename = "extra_ms", deserialize_with = "millis")]
         extra: Duration,
     },
     /// The next `times` requests whose path contains `path_contains` (and
@@ -49,6 +53,7 @@ pub enum Fault {
         /// Substring of the path.
         path_contains: String,
         /// Only this method, when given.
+        #[serde(default)]
         method: Option<String>,
         /// HTTP status.
         status: u16,
@@ -88,8 +93,13 @@ pub enum Fault {
     /// Every answer comes this much later (a slow or hung API).
     Latency {
         /// Added delay.
+        #[serde(rename = "extra_ms", deserialize_with = "millis")]
         extra: Duration,
     },
+}
+
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_millis)
 }
 
 #[derive(Debug, Default)]
