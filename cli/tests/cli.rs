@@ -923,8 +923,13 @@ async fn top_on_a_pty_until(s: &Server, quit: &[u8]) {
     let mut stdin = child.stdin.take().unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    // Until the screen shows the instance.
-    while !String::from_utf8_lossy(&seen).contains("grs-4000000921") {
+    // Until a whole screen, instance row and footer, has arrived: one read
+    // can end mid-screen (CI saw the instance row without the footer).
+    let drawn = |seen: &[u8]| {
+        let s = String::from_utf8_lossy(seen);
+        s.contains("grs-4000000921") && s.contains("q: quit")
+    };
+    while !drawn(&seen) {
         let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
             .await
             .expect("the screen is drawn")
