@@ -67,7 +67,8 @@ impl Documents {
                                 &pool.config.labels,
                                 pool.config.runner_group_id,
                             )
-                            .await?
+                            .await
+                            .map_err(|e| e.to_string())?
                     }
                 };
                 let bootstrap = RunnerBootstrap {

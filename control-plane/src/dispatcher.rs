@@ -338,7 +338,7 @@ async fn cloud_init_bootstrap(
             .await
         {
             Ok(jit) => Some(jit),
-            Err(e) => return Ok(Err(ProvisionerError::Transient(e))),
+            Err(e) => return Ok(Err(ProvisionerError::Transient(e.to_string()))),
         },
         None => None,
     };
@@ -447,12 +447,12 @@ mod tests {
             name: &str,
             _labels: &[String],
             _runner_group_id: u64,
-        ) -> Result<secrecy::SecretString, String> {
+        ) -> Result<secrecy::SecretString, crate::worker::RegistrarError> {
             let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(format!("jit-{name}-{n}").into())
         }
 
-        async fn remove_runner(&self, _name: &str) -> Result<(), String> {
+        async fn remove_runner(&self, _name: &str) -> Result<(), crate::worker::RegistrarError> {
             Ok(())
         }
     }

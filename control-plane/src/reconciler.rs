@@ -719,6 +719,7 @@ mod tests {
     use crate::store::conformance::event;
     use crate::store::{BeginProvision, MemoryStore};
     use crate::testing::{eventually, fake_pools, test_config};
+    use crate::worker::RegistrarError;
     use crate::worker::{WorkerContext, WorkerSettings};
 
     const BOOTSTRAP: Duration = Duration::from_millis(1_000);
@@ -871,27 +872,30 @@ mod tests {
             _: &str,
             _: &[String],
             _: u64,
-        ) -> Result<secrecy::SecretString, String> {
-            Err("not used".into())
+        ) -> Result<secrecy::SecretString, RegistrarError> {
+            Err(RegistrarError::Unsupported("mint JIT configs".into()))
         }
-        async fn remove_runner(&self, _: &str) -> Result<(), String> {
+        async fn remove_runner(&self, _: &str) -> Result<(), RegistrarError> {
             Ok(())
         }
-        async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+        async fn runner_busy(&self, name: &str) -> Result<Option<bool>, RegistrarError> {
             match self.busy.lock().unwrap().get(name) {
                 Some(Ok(b)) => Ok(Some(*b)),
-                Some(Err(e)) => Err(e.clone()),
+                Some(Err(e)) => Err(crate::testing::github_failure(
+                    &format!("look up the runner {name}"),
+                    e,
+                )),
                 None => Ok(Some(false)),
             }
         }
         async fn offline_runners(
             &self,
             prefix: &str,
-        ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+        ) -> Result<Option<Vec<RunnerRegistration>>, RegistrarError> {
             self.prefixes.lock().unwrap().push(prefix.to_owned());
             Ok(Some(self.offline.lock().unwrap().clone()))
         }
-        async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+        async fn remove_runner_id(&self, id: u64) -> Result<(), RegistrarError> {
             self.removed.lock().unwrap().push(id);
             self.offline.lock().unwrap().retain(|r| r.id != id);
             Ok(())

@@ -248,3 +248,15 @@ pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, 
     })
     .await
 }
+
+/// A GitHub failure as a registrar reports it: `action` failed because
+/// GitHub did not answer (`message` says how). For fake registrars.
+pub fn github_failure(action: &str, message: &str) -> crate::worker::RegistrarError {
+    crate::worker::RegistrarError::GitHub {
+        action: action.to_owned(),
+        source: grs_github::GitHubError::Transport {
+            path: "/runners".into(),
+            message: message.to_owned(),
+        },
+    }
+}

@@ -16,7 +16,7 @@ use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
     RunningControlPlane, eventually, job_event, submit, test_config, wait_for_no_instances_in_use,
 };
-use grs_control_plane::worker::RunnerRegistrar;
+use grs_control_plane::worker::{RegistrarError, RunnerRegistrar};
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::testing::SimFixture;
@@ -33,10 +33,10 @@ impl RunnerRegistrar for Registrar {
         name: &str,
         _labels: &[String],
         _group: u64,
-    ) -> Result<SecretString, String> {
+    ) -> Result<SecretString, RegistrarError> {
         Ok(SecretString::from(format!("JIT-{name}")))
     }
-    async fn remove_runner(&self, _name: &str) -> Result<(), String> {
+    async fn remove_runner(&self, _name: &str) -> Result<(), RegistrarError> {
         Ok(())
     }
 }

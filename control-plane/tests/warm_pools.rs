@@ -14,7 +14,7 @@ use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, fake_pools, job_event, redis_store_at,
     redis_url, submit, test_config, unique_prefix,
 };
-use grs_control_plane::worker::RunnerRegistrar;
+use grs_control_plane::worker::{RegistrarError, RunnerRegistrar};
 use grs_proto::v1 as pb;
 use grs_provisioner::FakeProvisioner;
 use secrecy::SecretString;
@@ -213,17 +213,25 @@ struct GitHub {
 
 #[async_trait]
 impl RunnerRegistrar for GitHub {
-    async fn jit_config(&self, _: &str, _: &[String], _: u64) -> Result<SecretString, String> {
-        Err("not used".into())
+    async fn jit_config(
+        &self,
+        _: &str,
+        _: &[String],
+        _: u64,
+    ) -> Result<SecretString, RegistrarError> {
+        Err(RegistrarError::Unsupported("mint JIT configs".into()))
     }
-    async fn remove_runner(&self, _: &str) -> Result<(), String> {
+    async fn remove_runner(&self, _: &str) -> Result<(), RegistrarError> {
         Ok(())
     }
-    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, RegistrarError> {
         self.asked.lock().unwrap().push(name.to_owned());
         match self.busy.lock().unwrap().get(name) {
             Some(Ok(b)) => Ok(Some(*b)),
-            Some(Err(e)) => Err(e.clone()),
+            Some(Err(e)) => Err(grs_control_plane::testing::github_failure(
+                &format!("look up the runner {name}"),
+                e,
+            )),
             None => Ok(Some(false)),
         }
     }
