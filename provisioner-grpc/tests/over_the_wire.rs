@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use grs_proto::provisioner::v1 as pb;
 use grs_proto::provisioner::v1::provisioner_client::ProvisionerClient;
-use grs_provisioner::conformance::{self, Harness};
+use grs_provisioner::conformance::{self, Harness, HarnessError};
 use grs_provisioner::fake::InjectedFailure;
 use grs_provisioner::{
     Capabilities, FakeProvisioner, Instance, InstanceSpec, PoolDocument, Provisioner,
@@ -79,12 +79,12 @@ impl Harness for WireHarness {
     fn pool(&self) -> String {
         "conformance".into()
     }
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         self.fake.add_foreign(name);
-        true
+        Ok(())
     }
-    async fn exists_at_all(&self, name: &str) -> bool {
-        self.fake.exists(name)
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        Ok(self.fake.exists(name))
     }
 }
 
@@ -301,12 +301,12 @@ impl Harness for ForgetfulHarness {
     fn pool(&self) -> String {
         "conformance".into()
     }
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         self.0.fake.add_foreign(name);
-        true
+        Ok(())
     }
-    async fn exists_at_all(&self, name: &str) -> bool {
-        self.0.fake.exists(name)
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        Ok(self.0.fake.exists(name))
     }
 }
 
