@@ -220,7 +220,8 @@ impl Provisioner for FakeProvisioner {
     }
 
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {
-        validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
+        validate_instance_name(&spec.name)
+            .map_err(|e| ProvisionerError::InvalidSpec(e.to_string()))?;
         {
             let mut s = self.state.lock().unwrap();
             match Self::owned_mut(&mut s, &spec.pool, &spec.name)? {
