@@ -736,6 +736,19 @@ mod tests {
         setup_with(test_config())
     }
 
+    /// [`setup`], its reconciler asking a [`FakeRegistrar`] about runners.
+    fn setup_with_registrar() -> (Setup, Arc<FakeRegistrar>) {
+        let mut s = setup();
+        let runners = Arc::new(FakeRegistrar::default());
+        s.reconciler = Reconciler::new(
+            s.store.clone(),
+            s.pools.clone(),
+            s.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        (s, runners)
+    }
+
     fn setup_with(config: crate::config::Config) -> Setup {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let fake = Arc::new(FakeProvisioner::new());
@@ -857,14 +870,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_runner_whose_in_progress_webhook_was_lost_is_not_torn_down() {
-        let mut s = setup();
-        let runners = Arc::new(FakeRegistrar::default());
-        s.reconciler = Reconciler::new(
-            s.store.clone(),
-            s.pools.clone(),
-            s.reconciler.settings.clone(),
-        )
-        .with_registrar(Some(runners.clone()));
+        let (mut s, runners) = setup_with_registrar();
         let t = 1_000_000;
         let busy = provisioned(&s, 11, t).await;
         let unsure = provisioned(&s, 12, t).await;
@@ -1148,14 +1154,7 @@ mod tests {
 
     #[tokio::test]
     async fn offline_runner_registrations_of_no_live_instance_are_removed_within_budget() {
-        let mut s = setup();
-        let runners = Arc::new(FakeRegistrar::default());
-        s.reconciler = Reconciler::new(
-            s.store.clone(),
-            s.pools.clone(),
-            s.reconciler.settings.clone(),
-        )
-        .with_registrar(Some(runners.clone()));
+        let (mut s, runners) = setup_with_registrar();
         let t = 1_000_000;
         let live = provisioned(&s, 30, t).await;
         runners.add_offline(RunnerRegistration {
