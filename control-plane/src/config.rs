@@ -702,13 +702,7 @@ impl Config {
                         "every pool needs a [pools.<name>.provisioner] section with its type (e.g. type = \"fake\", \"proxmox\", \"grpc\" or \"plugin\")",
                     ));
                 }
-                Some(p) => {
-                    p.validate(name)?;
-                    if crate::guest_agent::requested(p) {
-                        crate::guest_agent::check_pool(self.github.is_some(), pool)
-                            .map_err(|(k, m)| ConfigError::key(key(k), m))?;
-                    }
-                }
+                Some(p) => p.validate(name)?,
             }
             if pool.idle_max_age.is_zero() {
                 return Err(ConfigError::key(

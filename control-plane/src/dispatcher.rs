@@ -44,7 +44,9 @@
 //!   flight gets the shutdown grace period, then is dropped: its entry is
 //!   redone elsewhere.
 
-use grs_provisioner::{Bootstrap, Instance, InstanceSpec, InstanceState, ProvisionerError};
+use grs_provisioner::{
+    Bootstrap, BootstrapKind, Instance, InstanceSpec, InstanceState, ProvisionerError,
+};
 
 use crate::bootstrap;
 use crate::guest_agent;
@@ -389,10 +391,25 @@ pub(crate) async fn create(
         }
     }
     ctx.store.mark_creating(name, now_ms()).await?;
-    let bootstrap = if guest_agent::wanted(pool) {
-        guest_agent::bootstrap(ctx.registrar.as_deref(), name, pool).await
-    } else {
-        cloud_init_bootstrap(ctx, name, pool).await?
+    // The backend says how the pool's VMs take their runner registration;
+    // a plugin that has not answered ValidatePool yet is asked now.
+    let kind = match pool.provisioner.pool_bootstrap(&pool.name) {
+        Some(kind) => kind,
+        None => {
+            if let Err(e) = pool.provisioner.validate_pool(&pool.name).await {
+                return Ok(Err(e));
+            }
+            pool.provisioner
+                .pool_bootstrap(&pool.name)
+                .unwrap_or_default()
+        }
+    };
+    let bootstrap = match kind {
+        BootstrapKind::GuestAgent => {
+            guest_agent::bootstrap(ctx.registrar.as_deref(), name, pool).await
+        }
+        BootstrapKind::CloudInit => cloud_init_bootstrap(ctx, name, pool).await?,
+        BootstrapKind::None => Ok(Bootstrap::None),
     };
     let bootstrap = match bootstrap {
         Ok(b) => b,

@@ -1,6 +1,9 @@
-//! The guest-agent bootstrap: for a Proxmox pool with
-//! `bootstrap = "guest-agent"`, the runner registration reaches the VM
-//! through the QEMU guest agent instead of a cloud-init seed.
+//! The guest-agent bootstrap: for a pool whose backend says its instances
+//! take [`BootstrapKind::GuestAgent`] (a Proxmox pool with
+//! `bootstrap = "guest-agent"`: the backend reads its own setting, see
+//! [`Provisioner::pool_bootstrap`](grs_provisioner::Provisioner::pool_bootstrap)),
+//! the runner registration reaches the VM through the QEMU guest agent
+//! instead of a cloud-init seed.
 //!
 //! The dispatcher mints the JIT runner config at create time (there is no
 //! gateway round trip) and hands the provisioner a
@@ -17,33 +20,15 @@
 //! runner directory with owner `runner_user` and mode 0600, and the runner's
 //! shell reads and deletes it before `exec`, as the cloud-init template does.
 
-use grs_provisioner::{Bootstrap, ProvisionerError};
+use grs_provisioner::{Bootstrap, BootstrapKind, ProvisionerError};
 
-use crate::config::ProvisionerConfig;
 use crate::pools::Pool;
 use crate::worker::RunnerRegistrar;
+use grs_config::ConfigError;
 
 /// Where the agent writes the JIT config (root-only directory, see the
 /// module docs).
 pub const STAGING_PATH: &str = "/root/.grs-jitconfig";
-
-/// Whether a pool's provisioner section asks for the guest-agent bootstrap:
-/// `bootstrap = "guest-agent"` among its settings (the Proxmox backend's
-/// key; any backend that takes [`Bootstrap::GuestAgent`] may use it). The
-/// control plane reads this one setting of the otherwise opaque document
-/// because it, not the backend, mints the runner registration.
-pub fn requested(provisioner: &ProvisionerConfig) -> bool {
-    provisioner
-        .document
-        .get("bootstrap")
-        .and_then(|v| v.as_str())
-        == Some("guest-agent")
-}
-
-/// Whether `pool` wants its runner config through the guest agent.
-pub fn wanted(pool: &Pool) -> bool {
-    pool.config.provisioner.as_ref().is_some_and(requested)
-}
 
 /// The command the agent runs (as root) to start the runner: move the
 /// staged config into the runner directory, owned by the runner user, mode
@@ -72,23 +57,25 @@ pub fn start_command(runner_user: &str, runner_dir: &str) -> Option<Vec<String>>
     Some(vec!["/bin/sh".into(), "-c".into(), script])
 }
 
-/// Start-up check of a guest-agent pool: `[github]` is configured (the
-/// dispatcher mints the runner config itself) and the runner names fit the
-/// start command. The error is (key below `pools.<name>.`, message).
-pub fn check_pool(
-    github_configured: bool,
-    pool: &crate::config::PoolConfig,
-) -> Result<(), (&'static str, String)> {
+/// Start-up check of a pool whose backend says it bootstraps through the
+/// guest agent (any other pool passes; so does a plugin's pool before the
+/// plugin has said, checked again once it has): `[github]` is configured
+/// (the dispatcher mints the runner config itself) and the runner names
+/// fit the start command. Errors name the pool's key.
+pub fn check_pool(github_configured: bool, pool: &Pool) -> Result<(), ConfigError> {
+    if pool.provisioner.pool_bootstrap(&pool.name) != Some(BootstrapKind::GuestAgent) {
+        return Ok(());
+    }
     if !github_configured {
-        return Err((
-            "provisioner.bootstrap",
-            "\"guest-agent\" needs [github]: GRS mints each runner's registration and hands it over through the agent".into(),
+        return Err(ConfigError::key(
+            format!("pools.{}.provisioner", pool.name),
+            "its backend bootstraps VMs through the guest agent (Proxmox: bootstrap = \"guest-agent\"), which needs [github]: GRS mints each runner's registration and hands it over through the agent",
         ));
     }
-    if start_command(&pool.runner_user, &pool.runner_dir).is_none() {
-        return Err((
-            "runner_user",
-            "runner_user (letters, digits, '_', '-') or runner_dir (an absolute path of letters, digits, '/', '.', '_', '-') is not usable in the guest-agent start command".into(),
+    if start_command(&pool.config.runner_user, &pool.config.runner_dir).is_none() {
+        return Err(ConfigError::key(
+            format!("pools.{}.runner_user", pool.name),
+            "runner_user (letters, digits, '_', '-') or runner_dir (an absolute path of letters, digits, '/', '.', '_', '-') is not usable in the guest-agent start command",
         ));
     }
     Ok(())
@@ -104,7 +91,7 @@ pub async fn bootstrap(
 ) -> Result<Bootstrap, ProvisionerError> {
     let registrar = registrar.ok_or_else(|| {
         ProvisionerError::Config(format!(
-            "pool {} uses bootstrap = \"guest-agent\", which needs [github] to mint runner registrations",
+            "pool {} bootstraps through the guest agent, which needs [github] to mint runner registrations",
             pool.name
         ))
     })?;
@@ -146,16 +133,41 @@ mod tests {
         );
     }
 
+    /// Pool `p` of a fake backend whose document says `bootstrap`.
+    fn pool(bootstrap: &str, config: crate::config::PoolConfig) -> Pool {
+        let fake = grs_provisioner::FakeProvisioner::new();
+        let doc = serde_json::json!({ "bootstrap": bootstrap });
+        grs_provisioner::Provisioner::configure_pool(&fake, "p", doc.as_object().unwrap()).unwrap();
+        Pool::new("p", config, std::sync::Arc::new(fake))
+    }
+
+    fn key_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Key { key, .. } => key,
+            other => panic!("not a key error: {other}"),
+        }
+    }
+
     #[test]
-    fn a_guest_agent_pool_needs_github_and_usable_runner_names() {
-        let mut pool = crate::config::PoolConfig::default();
+    fn a_pool_its_backend_bootstraps_through_the_agent_needs_github_and_usable_runner_names() {
+        let ga = pool("guest-agent", Default::default());
         assert_eq!(
-            check_pool(false, &pool).unwrap_err().0,
-            "provisioner.bootstrap"
+            key_of(check_pool(false, &ga).unwrap_err()),
+            "pools.p.provisioner"
         );
-        check_pool(true, &pool).unwrap();
-        pool.runner_dir = "/home/runner/$(reboot)".into();
-        assert_eq!(check_pool(true, &pool).unwrap_err().0, "runner_user");
+        check_pool(true, &ga).unwrap();
+        let bad = crate::config::PoolConfig {
+            runner_dir: "/home/runner/$(reboot)".into(),
+            ..Default::default()
+        };
+        let ga = pool("guest-agent", bad.clone());
+        assert_eq!(
+            key_of(check_pool(true, &ga).unwrap_err()),
+            "pools.p.runner_user"
+        );
+        // What the backend says decides, not a key of the document: a
+        // cloud-init pool needs neither.
+        check_pool(false, &pool("cloud-init", bad)).unwrap();
     }
 
     #[test]

@@ -199,7 +199,8 @@ async fn serve_pools(config: Config, store: Arc<dyn Store>, pools: &Pools) -> an
     // answer yet is not fatal (creates retry until it does).
     for pool in pools.iter() {
         match pool.provisioner.validate_pool(&pool.name).await {
-            Ok(()) => {}
+            // A plugin has now said how the pool bootstraps.
+            Ok(()) => grs_control_plane::guest_agent::check_pool(config.github.is_some(), pool)?,
             Err(e @ (ProvisionerError::Config(_) | ProvisionerError::InvalidSpec(_))) => {
                 return Err(
                     anyhow::Error::new(e).context(format!("pools.{}.provisioner", pool.name))

@@ -25,6 +25,7 @@ use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, SupervisorOptions};
 use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target};
 
 use crate::config::{Config, PoolConfig, ProvisionerConfig};
+use crate::guest_agent;
 use crate::store::{PoolLimits, Store};
 
 /// The installation's node places, kept in the store (Redis: shared by
@@ -236,7 +237,11 @@ impl Pools {
             provisioner
                 .configure_pool(name, &pc.document)
                 .map_err(|e| backend_config_error(name, e))?;
-            pools.push(Pool::new(name.clone(), cfg.clone(), provisioner));
+            let pool = Pool::new(name.clone(), cfg.clone(), provisioner);
+            // In-process backends have said how the pool bootstraps; a
+            // plugin says so in ValidatePool (checked again then).
+            guest_agent::check_pool(config.github.is_some(), &pool)?;
+            pools.push(pool);
         }
         let mut made = Self::new(pools);
         made.plugins = Arc::new(Mutex::new(plugins));

@@ -30,12 +30,30 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
     config.control_plane.gateway_url = gateway_url.map(Into::into);
     config.pools.get_mut("linux").unwrap().provisioner =
         Some(ProvisionerConfig::with_settings("proxmox", &pool).unwrap());
-    // A guest-agent pool needs [github] (checked at start-up); the
-    // registrar below stands in for the client built from it.
-    let e = config.validate().unwrap_err();
+    config.validate().unwrap();
+    // As the binary registers it: one backend for the [proxmox] connection.
+    let (installation, prefix) = (
+        config.control_plane.installation_id.clone(),
+        config.control_plane.instance_prefix.clone(),
+    );
+    let registry = || {
+        ProvisionerRegistry::new().with(
+            "proxmox",
+            Arc::new(grs_provisioner_proxmox::factory(
+                Some(fx.conn.clone()),
+                installation.clone(),
+                prefix.clone(),
+            )),
+        )
+    };
+    // The backend says the pool bootstraps through the guest agent, which
+    // needs [github] (checked at start-up); the registrar below stands in
+    // for the client built from it.
+    let e = Pools::from_config(&config, &registry()).unwrap_err();
     assert!(
-        e.to_string()
-            .contains("`pools.linux.provisioner.bootstrap`: \"guest-agent\" needs [github]"),
+        e.to_string().contains("`pools.linux.provisioner`")
+            && e.to_string().contains("guest agent")
+            && e.to_string().contains("needs [github]"),
         "{e}"
     );
     config.github = Some(grs_github::GitHubConfig {
@@ -47,16 +65,7 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
     // No GitHub here: no optional calls (job-status checks, recovery).
     config.control_plane.github_api_budget = 0;
     config.validate().unwrap();
-    // As the binary registers it: one backend for the [proxmox] connection.
-    let registry = ProvisionerRegistry::new().with(
-        "proxmox",
-        Arc::new(grs_provisioner_proxmox::factory(
-            Some(fx.conn.clone()),
-            config.control_plane.installation_id.clone(),
-            config.control_plane.instance_prefix.clone(),
-        )),
-    );
-    let pools = Pools::from_config(&config, &registry).unwrap();
+    let pools = Pools::from_config(&config, &registry()).unwrap();
     let cp = RunningControlPlane::start(ControlPlane {
         config,
         store: Arc::new(MemoryStore::new()),

@@ -185,7 +185,9 @@ class Backend(rpc.ProvisionerServicer):
         if not os.access(self.dir, os.W_OK):
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"{key}: cannot write {self.dir}")
         log.info("pool %s configured: %s", request.pool, self.pools[request.pool])
-        return pb.ValidatePoolResponse()
+        # The toy hypervisor boots nothing: any bootstrap will do. A real
+        # backend says what its pool's VMs take (its document may choose).
+        return pb.ValidatePoolResponse(bootstrap=pb.BOOTSTRAP_KIND_CLOUD_INIT)
 
     def Create(self, request, context):
         pool, name = request.pool, request.name

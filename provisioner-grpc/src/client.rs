@@ -30,14 +30,15 @@ use async_trait::async_trait;
 use grs_proto::provisioner::v1 as pb;
 use grs_proto::provisioner::v1::provisioner_client::ProvisionerClient;
 use grs_provisioner::{
-    Capabilities, Instance, InstanceSpec, PoolDocument, Provisioner, ProvisionerError,
+    BootstrapKind, Capabilities, Instance, InstanceSpec, PoolDocument, Provisioner,
+    ProvisionerError,
 };
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Response, Status};
 
 use crate::PROTOCOL_VERSION;
-use crate::convert::{instance_from_pb, spec_to_pb, status_to_error};
+use crate::convert::{bootstrap_kind_from_pb, instance_from_pb, spec_to_pb, status_to_error};
 
 /// Where a plugin listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +139,9 @@ pub struct GrpcProvisioner {
     opts: ClientOptions,
     hello: tokio::sync::OnceCell<Hello>,
     docs: Mutex<HashMap<String, PoolDocument>>,
+    /// Each pool's bootstrap kind, from the plugin's last `ValidatePool`
+    /// answer for its current document.
+    bootstraps: Mutex<HashMap<String, BootstrapKind>>,
 }
 
 fn fixed_endpoint() -> Endpoint {
@@ -261,6 +265,7 @@ impl GrpcProvisioner {
             opts,
             hello: tokio::sync::OnceCell::new(),
             docs: Mutex::new(HashMap::new()),
+            bootstraps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -376,13 +381,18 @@ impl GrpcProvisioner {
             pool: pool.to_owned(),
             config_json: serde_json::Value::Object(doc).to_string(),
         };
-        self.retrying("validate_pool", "", self.opts.call_timeout, |mut c, t| {
-            let mut r = Request::new(req.clone());
-            r.set_timeout(t);
-            async move { c.validate_pool(r).await }
-        })
-        .await
-        .map_err(|s| self.error(&s, "", &format!("validating pool {pool}")))?;
+        let answer = self
+            .retrying("validate_pool", "", self.opts.call_timeout, |mut c, t| {
+                let mut r = Request::new(req.clone());
+                r.set_timeout(t);
+                async move { c.validate_pool(r).await }
+            })
+            .await
+            .map_err(|s| self.error(&s, "", &format!("validating pool {pool}")))?;
+        self.bootstraps
+            .lock()
+            .unwrap()
+            .insert(pool.to_owned(), bootstrap_kind_from_pb(answer.bootstrap));
         Ok(())
     }
 }
@@ -424,7 +434,14 @@ impl Provisioner for GrpcProvisioner {
             .lock()
             .unwrap()
             .insert(pool.to_owned(), config.clone());
+        // What the plugin said of the old document no longer holds.
+        self.bootstraps.lock().unwrap().remove(pool);
         Ok(())
+    }
+
+    /// From the plugin's `ValidatePool` answer; `None` before one.
+    fn pool_bootstrap(&self, pool: &str) -> Option<BootstrapKind> {
+        self.bootstraps.lock().unwrap().get(pool).copied()
     }
 
     /// Handshake, then `ValidatePool` with the pool's document.

@@ -21,7 +21,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grs_proto::provisioner::v1 as pb;
-use grs_provisioner::{Bootstrap, Instance, InstanceSpec, InstanceState, ProvisionerError};
+use grs_provisioner::{
+    Bootstrap, BootstrapKind, Instance, InstanceSpec, InstanceState, ProvisionerError,
+};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{Code, Status};
 
@@ -144,6 +146,25 @@ pub fn instance_from_pb(i: pb::Instance) -> Instance {
         pool: i.pool,
         job_id: i.job_id,
         location: (!i.location.is_empty()).then_some(i.location),
+    }
+}
+
+/// A pool's bootstrap kind for the wire.
+pub fn bootstrap_kind_to_pb(k: BootstrapKind) -> pb::BootstrapKind {
+    match k {
+        BootstrapKind::CloudInit => pb::BootstrapKind::CloudInit,
+        BootstrapKind::GuestAgent => pb::BootstrapKind::GuestAgent,
+        BootstrapKind::None => pb::BootstrapKind::None,
+    }
+}
+
+/// A pool's bootstrap kind from the wire: unset (a plugin from before the
+/// field) or unknown is cloud-init, as before the field existed.
+pub fn bootstrap_kind_from_pb(k: i32) -> BootstrapKind {
+    match pb::BootstrapKind::try_from(k) {
+        Ok(pb::BootstrapKind::GuestAgent) => BootstrapKind::GuestAgent,
+        Ok(pb::BootstrapKind::None) => BootstrapKind::None,
+        _ => BootstrapKind::CloudInit,
     }
 }
 

@@ -18,7 +18,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::PROTOCOL_VERSION;
-use crate::convert::{error_to_status, instance_to_pb, spec_from_pb};
+use crate::convert::{bootstrap_kind_to_pb, error_to_status, instance_to_pb, spec_from_pb};
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,13 @@ impl ProvisionerService for Service {
         })?;
         self.inner.configure_pool(&r.pool, &doc).map_err(status)?;
         self.inner.validate_pool(&r.pool).await.map_err(status)?;
-        Ok(Response::new(pb::ValidatePoolResponse {}))
+        let bootstrap = self
+            .inner
+            .pool_bootstrap(&r.pool)
+            .map_or(pb::BootstrapKind::Unspecified, bootstrap_kind_to_pb);
+        Ok(Response::new(pb::ValidatePoolResponse {
+            bootstrap: bootstrap.into(),
+        }))
     }
 
     async fn create(

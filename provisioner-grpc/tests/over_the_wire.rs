@@ -11,8 +11,8 @@ use grs_proto::provisioner::v1::provisioner_client::ProvisionerClient;
 use grs_provisioner::conformance::{self, Harness, HarnessError};
 use grs_provisioner::fake::InjectedFailure;
 use grs_provisioner::{
-    Capabilities, FakeProvisioner, Instance, InstanceSpec, PoolDocument, Provisioner,
-    ProvisionerError,
+    BootstrapKind, Capabilities, FakeProvisioner, Instance, InstanceSpec, PoolDocument,
+    Provisioner, ProvisionerError,
 };
 use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, PluginState, SupervisorOptions};
 use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target, serve};
@@ -289,6 +289,40 @@ async fn a_plugin_that_forgot_a_pool_gets_its_document_again() {
         .unwrap();
     s.client.validate_pool("conformance").await.unwrap();
     conformance::run_all(&h).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_plugin_says_how_each_pool_bootstraps_in_its_validate_pool_answer() {
+    let fake = Arc::new(FakeProvisioner::new());
+    let s = serve_unix(fake.clone(), fast()).await;
+    let doc = |bootstrap: &str| -> PoolDocument {
+        serde_json::from_value(serde_json::json!({ "bootstrap": bootstrap })).unwrap()
+    };
+    s.client.configure_pool("ga", &doc("guest-agent")).unwrap();
+    s.client.configure_pool("ci", &doc("cloud-init")).unwrap();
+    s.client.configure_pool("bare", &doc("none")).unwrap();
+    // Not said before the plugin answered.
+    assert_eq!(s.client.pool_bootstrap("ga"), None);
+    for pool in ["ga", "ci", "bare"] {
+        s.client.validate_pool(pool).await.unwrap();
+    }
+    assert_eq!(
+        s.client.pool_bootstrap("ga"),
+        Some(BootstrapKind::GuestAgent)
+    );
+    assert_eq!(
+        s.client.pool_bootstrap("ci"),
+        Some(BootstrapKind::CloudInit)
+    );
+    assert_eq!(s.client.pool_bootstrap("bare"), Some(BootstrapKind::None));
+    // A new document: what the plugin said of the old one no longer holds.
+    s.client.configure_pool("ga", &doc("cloud-init")).unwrap();
+    assert_eq!(s.client.pool_bootstrap("ga"), None);
+    s.client.validate_pool("ga").await.unwrap();
+    assert_eq!(
+        s.client.pool_bootstrap("ga"),
+        Some(BootstrapKind::CloudInit)
+    );
 }
 
 struct ForgetfulHarness(Arc<Forgetful>, Arc<GrpcProvisioner>);

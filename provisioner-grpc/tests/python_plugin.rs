@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use grs_provisioner::conformance::{self, Harness, HarnessError};
-use grs_provisioner::{PoolDocument, Provisioner, ProvisionerError};
+use grs_provisioner::{BootstrapKind, PoolDocument, Provisioner, ProvisionerError};
 use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, SupervisorOptions};
 use grs_provisioner_grpc::{ClientOptions, GrpcProvisioner};
 
@@ -132,6 +132,11 @@ async fn the_python_example_plugin_passes_the_conformance_suite_over_grpc() {
         .configure_pool("conformance", &doc(r#"{"capacity": 8}"#))
         .unwrap();
     client.validate_pool("conformance").await.unwrap();
+    // Its answer says how the pool's VMs bootstrap.
+    assert_eq!(
+        client.pool_bootstrap("conformance"),
+        Some(BootstrapKind::CloudInit)
+    );
 
     let h = PythonHarness {
         client: client.clone(),

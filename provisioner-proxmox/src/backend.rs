@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use grs_provisioner::{
-    Capabilities, Instance, InstanceSpec, PoolDocument, Provisioner, ProvisionerError,
-    validate_instance_name,
+    BootstrapKind, Capabilities, Instance, InstanceSpec, PoolDocument, Provisioner,
+    ProvisionerError, validate_instance_name,
 };
 
-use crate::config::{NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
+use crate::config::{BootstrapMode, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 use crate::provisioner::{Backend, ProxmoxProvisioner};
 
 /// The Proxmox VE backend: one connection (`[proxmox]`), any number of pools.
@@ -159,6 +159,15 @@ impl Provisioner for ProxmoxBackend {
 
     async fn validate_pool(&self, pool: &str) -> Result<(), ProvisionerError> {
         self.configured(pool)?.validate().await
+    }
+
+    /// The pool's `bootstrap` setting; `None` for a pool not configured.
+    fn pool_bootstrap(&self, pool: &str) -> Option<BootstrapKind> {
+        self.pool(pool).map(|p| match p.bootstrap() {
+            BootstrapMode::CloudInit => BootstrapKind::CloudInit,
+            BootstrapMode::GuestAgent => BootstrapKind::GuestAgent,
+            BootstrapMode::None => BootstrapKind::None,
+        })
     }
 
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use grs_provisioner::conformance::{self, Harness, HarnessError};
-use grs_provisioner::{PoolDocument, Provisioner};
+use grs_provisioner::{BootstrapKind, PoolDocument, Provisioner};
 use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target, serve};
 use grs_provisioner_proxmox::ProxmoxBackend;
 use grs_provisioner_proxmox::testing::{INSTALLATION, POOL, PREFIX, SimFixture};
@@ -57,6 +57,14 @@ async fn the_proxmox_backend_passes_the_conformance_suite_over_grpc() {
     client.configure_pool(POOL, &doc).unwrap();
     client.validate_pool(POOL).await.unwrap();
     assert_eq!(client.kind(), "proxmox");
+    // The plugin says how the pool bootstraps: its `bootstrap` setting,
+    // read by the backend, not by GRS.
+    assert_eq!(client.pool_bootstrap(POOL), Some(BootstrapKind::CloudInit));
+    let mut ga = doc.clone();
+    ga.insert("bootstrap".into(), "guest-agent".into());
+    client.configure_pool("ga", &ga).unwrap();
+    client.validate_pool("ga").await.unwrap();
+    assert_eq!(client.pool_bootstrap("ga"), Some(BootstrapKind::GuestAgent));
     // A wrong document is refused by the plugin, naming the key.
     let mut bad: PoolDocument = doc.clone();
     bad.insert("vlna".into(), 20.into());

@@ -12,17 +12,34 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::{
-    Capabilities, Instance, InstanceSpec, InstanceState, PoolDocument, Provisioner,
+    BootstrapKind, Capabilities, Instance, InstanceSpec, InstanceState, PoolDocument, Provisioner,
     ProvisionerError, validate_instance_name,
 };
 
-/// The fake's pool document: `create_delay = "2s"` (simulated boot time).
+/// The fake's pool document: `create_delay = "2s"` (simulated boot time),
+/// `bootstrap = "guest-agent"` (the kind it reports for the pool; default
+/// `"cloud-init"`).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FakePoolConfig {
     /// Every `create` in the pool sleeps this long before the instance runs.
     #[serde(with = "humantime_serde")]
     pub create_delay: Duration,
+    /// The bootstrap the pool's instances take.
+    pub bootstrap: FakeBootstrap,
+}
+
+/// `bootstrap` in the fake's pool document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FakeBootstrap {
+    /// [`BootstrapKind::CloudInit`].
+    #[default]
+    CloudInit,
+    /// [`BootstrapKind::GuestAgent`].
+    GuestAgent,
+    /// [`BootstrapKind::None`].
+    None,
 }
 
 /// A failure the fake injects into its next `create` calls.
@@ -77,6 +94,7 @@ pub struct FakeProvisioner {
     create_delay: Mutex<Duration>,
     /// Per-pool boot times from [`Provisioner::configure_pool`].
     pool_delays: Mutex<HashMap<String, Duration>>,
+    pool_bootstraps: Mutex<HashMap<String, BootstrapKind>>,
     state: Mutex<State>,
 }
 
@@ -92,6 +110,7 @@ impl FakeProvisioner {
         Self {
             create_delay: Mutex::new(Duration::ZERO),
             pool_delays: Mutex::new(HashMap::new()),
+            pool_bootstraps: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 next_id: 100,
                 ..State::default()
@@ -212,11 +231,32 @@ impl Provisioner for FakeProvisioner {
             .lock()
             .unwrap()
             .insert(pool.to_owned(), parsed.create_delay);
+        let kind = match parsed.bootstrap {
+            FakeBootstrap::CloudInit => BootstrapKind::CloudInit,
+            FakeBootstrap::GuestAgent => BootstrapKind::GuestAgent,
+            FakeBootstrap::None => BootstrapKind::None,
+        };
+        self.pool_bootstraps
+            .lock()
+            .unwrap()
+            .insert(pool.to_owned(), kind);
         Ok(())
     }
 
     async fn validate_pool(&self, _pool: &str) -> Result<(), ProvisionerError> {
         Ok(())
+    }
+
+    /// The document's `bootstrap`; cloud-init for a pool never configured.
+    fn pool_bootstrap(&self, pool: &str) -> Option<BootstrapKind> {
+        Some(
+            self.pool_bootstraps
+                .lock()
+                .unwrap()
+                .get(pool)
+                .copied()
+                .unwrap_or_default(),
+        )
     }
 
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {

@@ -35,8 +35,8 @@ use async_trait::async_trait;
 pub use error::ProvisionerError;
 pub use fake::FakeProvisioner;
 pub use types::{
-    Bootstrap, Instance, InstanceSpec, InstanceState, InvalidInstanceName, instance_name,
-    validate_instance_name,
+    Bootstrap, BootstrapKind, Instance, InstanceSpec, InstanceState, InvalidInstanceName,
+    instance_name, validate_instance_name,
 };
 
 /// What a backend supports beyond the verbs every backend has.
@@ -103,6 +103,16 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
     /// [`ProvisionerError::Config`] here is a configuration error the
     /// operator must fix, anything else (hypervisor unreachable) is not fatal.
     async fn validate_pool(&self, pool: &str) -> Result<(), ProvisionerError>;
+
+    /// Which bootstrap the instances of configured pool `pool` take, as
+    /// its document chose; `None` while the backend has not said (a plugin
+    /// whose `ValidatePool` has not been answered yet: the control plane
+    /// then calls [`validate_pool`](Self::validate_pool) before it creates
+    /// in the pool). The default: cloud-init, for every pool.
+    fn pool_bootstrap(&self, pool: &str) -> Option<BootstrapKind> {
+        let _ = pool;
+        Some(BootstrapKind::CloudInit)
+    }
 
     /// Creates, bootstraps and starts the instance `spec.name` of pool
     /// `spec.pool`; returns it once running.

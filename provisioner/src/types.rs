@@ -94,6 +94,24 @@ pub enum Bootstrap {
     },
 }
 
+/// The kinds of [`Bootstrap`] a pool's instances take. The backend says
+/// which ([`Provisioner::pool_bootstrap`](crate::Provisioner::pool_bootstrap)),
+/// as its pool document chose; the control plane makes that bootstrap and
+/// reads no backend setting to decide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BootstrapKind {
+    /// [`Bootstrap::CloudInit`] ([`Bootstrap::None`] when the control plane
+    /// has no gateway to serve the documents).
+    #[default]
+    CloudInit,
+    /// [`Bootstrap::GuestAgent`]: the control plane mints the runner config
+    /// (it needs `[github]`) and the backend hands it over through the
+    /// QEMU guest agent.
+    GuestAgent,
+    /// [`Bootstrap::None`]: the template brings its own runner set-up.
+    None,
+}
+
 /// What to make: one instance for one job of one pool.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {

@@ -71,7 +71,7 @@ use std::sync::{Arc, Mutex};
 use grs_provisioner::{ProvisionerError, validate_instance_name};
 
 use crate::client::{PveClient, Upid};
-use crate::config::{NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
+use crate::config::{BootstrapMode, NodeConfig, ProxmoxConfig, ProxmoxPoolConfig};
 use crate::error::PveError;
 use crate::placement::Placement;
 
@@ -265,6 +265,11 @@ impl ProxmoxProvisioner {
             .gates
             .of(&self.pool.node, self.pool.template_vmid)
             .limit()
+    }
+
+    /// How the pool's VMs take their runner registration (its `bootstrap`).
+    pub fn bootstrap(&self) -> BootstrapMode {
+        self.pool.bootstrap
     }
 
     /// The pool this provisioner serves.
