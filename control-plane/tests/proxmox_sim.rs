@@ -14,17 +14,21 @@ use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, job_event, submit, test_config,
     wait_for_no_instances_in_use,
 };
+use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner_proxmox::testing::{SimFixture, TEMPLATE_VMID};
+use grs_provisioner_proxmox::{BootstrapMode, ProxmoxPoolConfig};
+use tonic::transport::Channel;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
-    let fx = SimFixture::single_node().await;
+/// A control plane (gateway `http://gw.example:8080`) whose pool `linux`
+/// is `pool` on the simulator, as an operator configures it: a `[proxmox]`
+/// section and `type = "proxmox"`.
+async fn start(fx: &SimFixture, pool: &ProxmoxPoolConfig) -> RunningControlPlane {
     let mut config = test_config();
     config.control_plane.installation_id = "grs-it".into();
     config.control_plane.gateway_url = Some("http://gw.example:8080".into());
     config.pools.get_mut("linux").unwrap().provisioner =
-        Some(ProvisionerConfig::with_settings("proxmox", &fx.pool).unwrap());
+        Some(ProvisionerConfig::with_settings("proxmox", pool).unwrap());
     config.validate().unwrap();
     // As the binary registers it: one backend for the [proxmox] connection.
     let registry = ProvisionerRegistry::new().with(
@@ -39,24 +43,32 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
     for p in pools.iter() {
         p.provisioner.validate_pool(&p.name).await.unwrap();
     }
-    let cp = RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools))
-        .await;
-    let mut c = cp.client().await;
-    submit(&mut c, job_event("d1", JobAction::Queued, 8_000_000_001)).await;
-    let inst = eventually("the clone to run", Duration::from_secs(20), || {
+    RunningControlPlane::start(control_plane(config, Arc::new(MemoryStore::new()), pools)).await
+}
+
+/// Instance `name` once it runs.
+async fn running(c: &ControlPlaneClient<Channel>, name: &str) -> pb::Instance {
+    eventually(&format!("{name} to run"), Duration::from_secs(20), || {
         let mut c = c.clone();
         async move {
             let i = c
-                .get_instance(pb::GetInstanceRequest {
-                    name: "grs-8000000001".into(),
-                })
+                .get_instance(pb::GetInstanceRequest { name: name.into() })
                 .await
                 .ok()?
                 .into_inner();
             (i.state() == pb::InstanceState::Running).then_some(i)
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
+    let fx = SimFixture::single_node().await;
+    let cp = start(&fx, &fx.pool).await;
+    let mut c = cp.client().await;
+    submit(&mut c, job_event("d1", JobAction::Queued, 8_000_000_001)).await;
+    let inst = running(&c, "grs-8000000001").await;
     assert_eq!(inst.location, "pve1");
     let vms = fx.sim.vms_named("grs-8000000001");
     assert_eq!(vms.len(), 1, "one VM");
@@ -106,5 +118,25 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
         "the template is never touched"
     );
     wait_for_no_instances_in_use(&c, Duration::from_secs(5)).await;
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_backend_says_no_bootstrap_gets_no_seed_even_with_a_gateway() {
+    let fx = SimFixture::single_node().await;
+    let mut pool = fx.pool.clone();
+    pool.bootstrap = BootstrapMode::None;
+    let cp = start(&fx, &pool).await;
+    let mut c = cp.client().await;
+    submit(&mut c, job_event("n1", JobAction::Queued, 8_000_000_002)).await;
+    running(&c, "grs-8000000002").await;
+    let vm = fx.sim.vms_named("grs-8000000002").remove(0);
+    assert!(
+        !vm.config
+            .get("smbios1")
+            .is_some_and(|s| s.contains("serial=")),
+        "no cloud-init seed: {:?}",
+        vm.config.get("smbios1")
+    );
     cp.shutdown().await.unwrap();
 }
