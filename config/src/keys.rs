@@ -32,8 +32,31 @@ pub const NAME: &str = "<name>";
 /// Strings offered to a string field, in turn, until it takes one.
 pub const SAMPLES: &[&str] = &["1s", "127.0.0.1:1", "http://127.0.0.1:1", "x"];
 
+/// Why the keys of a type could not be listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeysError {
+    /// The type asks for the same field twice, or fails in a way the walk
+    /// cannot answer.
+    #[error("cannot walk the type: {message}")]
+    Walk {
+        /// The deserializer's message.
+        message: String,
+    },
+    /// No sample value is accepted by the leaf at `key`.
+    #[error("no sample fits `{key}`: {message}")]
+    NoSample {
+        /// The leaf's dotted path.
+        key: String,
+        /// The deserializer's message for the last sample.
+        message: String,
+    },
+    /// The walk kept finding new fields.
+    #[error("the walk did not settle")]
+    Unsettled,
+}
+
 /// The dotted paths of every leaf key `T` reads, sorted.
-pub fn keys<T: DeserializeOwned>() -> Result<Vec<String>, String> {
+pub fn keys<T: DeserializeOwned>() -> Result<Vec<String>, KeysError> {
     let state = Rc::new(RefCell::new(State::default()));
     for _ in 0..500 {
         {
@@ -58,20 +81,23 @@ pub fn keys<T: DeserializeOwned>() -> Result<Vec<String>, String> {
                     let at = s.map_at.clone();
                     let extra = s.extra.entry(at).or_default();
                     if !extra.insert(field.to_owned()) {
-                        return Err(format!("cannot walk the type: {msg}"));
+                        return Err(KeysError::Walk { message: msg });
                     }
                 } else {
                     let at = s.at.clone();
                     let n = s.sample.entry(at.clone()).or_default();
                     *n += 1;
                     if *n >= SAMPLES.len() {
-                        return Err(format!("no sample fits `{at}`: {msg}"));
+                        return Err(KeysError::NoSample {
+                            key: at,
+                            message: msg,
+                        });
                     }
                 }
             }
         }
     }
-    Err("the walk did not settle".into())
+    Err(KeysError::Unsettled)
 }
 
 fn missing_field(msg: &str) -> Option<&str> {

@@ -86,6 +86,60 @@ pub fn visible_on<'a>(
         .collect()
 }
 
+/// Why a candidate node cannot take a VM now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeRefusal {
+    /// A create failed there a moment ago (the request excludes it).
+    #[error("{node}: failed just now")]
+    FailedJustNow {
+        /// The node.
+        node: String,
+    },
+    /// The cluster does not list it.
+    #[error("{node}: not in the cluster")]
+    NotInCluster {
+        /// The node.
+        node: String,
+    },
+    /// Listed, not online.
+    #[error("{node}: {status}")]
+    NotOnline {
+        /// The node.
+        node: String,
+        /// Its status (`offline`, or `status unknown`).
+        status: String,
+    },
+    /// At its `max_instances`.
+    #[error("{node}: {count}/{max} instances")]
+    Full {
+        /// The node.
+        node: String,
+        /// This installation's VMs there, made or in flight.
+        count: usize,
+        /// Its maximum.
+        max: u32,
+    },
+    /// Not enough memory left.
+    #[error("{node}: {free_mib} MiB free, {needed_mib} MiB needed")]
+    Memory {
+        /// The node.
+        node: String,
+        /// Free memory after the node's reserve and VMs in flight.
+        free_mib: u64,
+        /// The VM's memory.
+        needed_mib: u64,
+    },
+}
+
+/// No candidate node has room: why, node by node (`a: offline; b: 2/2
+/// instances`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .refusals.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct NoRoom {
+    /// One per candidate node, in the candidates' order.
+    pub refusals: Vec<NodeRefusal>,
+}
+
 impl Placement {
     /// Reserves room for `req` on the best node of `snapshot`, or says why
     /// there is none (one reason per node).
@@ -94,27 +148,27 @@ impl Placement {
         req: &Request<'_>,
         snapshot: &[Resource],
         limits: &[NodeConfig],
-    ) -> Result<Reservation, String> {
+    ) -> Result<Reservation, NoRoom> {
         let mut held = self.held.lock().unwrap();
         let mut best: Option<(u64, usize, &String)> = None;
         let mut reasons = Vec::new();
         for node in req.candidates {
             if req.exclude.contains(node) {
-                reasons.push(format!("{node}: failed just now"));
+                reasons.push(NodeRefusal::FailedJustNow { node: node.clone() });
                 continue;
             }
             let Some(n) = snapshot
                 .iter()
                 .find(|r| r.kind == "node" && r.node.as_deref() == Some(node))
             else {
-                reasons.push(format!("{node}: not in the cluster"));
+                reasons.push(NodeRefusal::NotInCluster { node: node.clone() });
                 continue;
             };
             if n.status.as_deref() != Some("online") {
-                reasons.push(format!(
-                    "{node}: {}",
-                    n.status.as_deref().unwrap_or("status unknown")
-                ));
+                reasons.push(NodeRefusal::NotOnline {
+                    node: node.clone(),
+                    status: n.status.as_deref().unwrap_or("status unknown").to_owned(),
+                });
                 continue;
             }
             let limit = limits.iter().find(|l| &l.name == node);
@@ -130,7 +184,11 @@ impl Placement {
             if let Some(max) = limit.and_then(|l| l.max_instances)
                 && count >= max as usize
             {
-                reasons.push(format!("{node}: {count}/{max} instances"));
+                reasons.push(NodeRefusal::Full {
+                    node: node.clone(),
+                    count,
+                    max,
+                });
                 continue;
             }
             let reserve = limit.map(|l| l.reserved_memory_mib).unwrap_or(1024) * MIB;
@@ -141,11 +199,11 @@ impl Placement {
                 .saturating_sub(reserve)
                 .saturating_sub(inflight_mem);
             if free < req.mem {
-                reasons.push(format!(
-                    "{node}: {} MiB free, {} MiB needed",
-                    free / MIB,
-                    req.mem / MIB
-                ));
+                reasons.push(NodeRefusal::Memory {
+                    node: node.clone(),
+                    free_mib: free / MIB,
+                    needed_mib: req.mem / MIB,
+                });
                 continue;
             }
             if best.is_none_or(|(f, c, _)| free > f || (free == f && count < c)) {
@@ -153,7 +211,7 @@ impl Placement {
             }
         }
         let Some((_, _, node)) = best else {
-            return Err(reasons.join("; "));
+            return Err(NoRoom { refusals: reasons });
         };
         held.insert(
             req.name.to_owned(),
@@ -228,9 +286,18 @@ mod tests {
         assert_eq!(r.node, "c");
         let snap = vec![node("a", "offline", 64, 0), node("b", "online", 64, 63)];
         let why = p.reserve(&req("x-2", &cands, &ex), &snap, &[]).unwrap_err();
-        assert!(why.contains("a: offline"), "{why}");
-        assert!(why.contains("b: "), "{why}");
-        assert!(why.contains("c: not in the cluster"), "{why}");
+        assert!(
+            matches!(
+                &why.refusals[..],
+                [
+                    NodeRefusal::NotOnline { node: a, status },
+                    NodeRefusal::Memory { node: b, .. },
+                    NodeRefusal::NotInCluster { node: c },
+                ] if a == "a" && status == "offline" && b == "b" && c == "c"
+            ),
+            "{why:?}"
+        );
+        assert!(why.to_string().starts_with("a: offline; b: "), "{why}");
     }
 
     #[test]
@@ -244,7 +311,17 @@ mod tests {
         let full = p
             .reserve(&req("x-2", &cands, &ex), &snap, &limits)
             .unwrap_err();
-        assert!(full.contains("2/2"), "{full}");
+        assert!(
+            matches!(
+                &full.refusals[..],
+                [NodeRefusal::Full {
+                    count: 2,
+                    max: 2,
+                    ..
+                }]
+            ),
+            "{full:?}"
+        );
         drop(r1);
         p.reserve(&req("x-2", &cands, &ex), &snap, &limits).unwrap();
     }

@@ -60,6 +60,17 @@ pub struct ApiSchema {
     endpoints: Vec<Endpoint>,
 }
 
+/// Why an `endpoints.json` extract cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaFileError {
+    /// Not JSON.
+    #[error("endpoints.json is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// JSON, but not an extract: what is missing.
+    #[error("endpoints.json: {0}")]
+    Shape(&'static str),
+}
+
 impl ApiSchema {
     /// The bundled schema, parsed once.
     pub fn bundled() -> &'static ApiSchema {
@@ -70,21 +81,21 @@ impl ApiSchema {
     }
 
     /// Parses an `endpoints.json` extract.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> Result<Self, SchemaFileError> {
+        let v: Value = serde_json::from_str(text)?;
         let list = v
             .get("endpoints")
             .and_then(Value::as_array)
-            .ok_or("no endpoints array")?;
+            .ok_or(SchemaFileError::Shape("no endpoints array"))?;
         let mut endpoints = Vec::new();
         for e in list {
             let method = e["method"]
                 .as_str()
-                .ok_or("endpoint without method")?
+                .ok_or(SchemaFileError::Shape("endpoint without method"))?
                 .to_owned();
             let path = e["path"]
                 .as_str()
-                .ok_or("endpoint without path")?
+                .ok_or(SchemaFileError::Shape("endpoint without path"))?
                 .to_owned();
             let mut params = BTreeMap::new();
             for p in e["parameters"].as_array().into_iter().flatten() {
