@@ -325,7 +325,10 @@ async fn check_github(
 /// `[github]`, the runner's JIT config minted now and stored sealed under
 /// the token (see [`bootstrap`]), so the VM gets it even if GitHub is
 /// unreachable when it boots. A failure to mint is a failed create
-/// (retried like one). Store errors are the caller's.
+/// (retried when transient, see [`RegistrarError::is_transient`]). Store
+/// errors are the caller's.
+///
+/// [`RegistrarError::is_transient`]: crate::worker::RegistrarError::is_transient
 async fn cloud_init_bootstrap(
     ctx: &WorkerContext,
     name: &str,
@@ -340,7 +343,7 @@ async fn cloud_init_bootstrap(
             .await
         {
             Ok(jit) => Some(jit),
-            Err(e) => return Ok(Err(ProvisionerError::Transient(e.to_string()))),
+            Err(e) => return Ok(Err(e.into())),
         },
         None => None,
     };
@@ -502,6 +505,55 @@ mod tests {
             "the redo minted a second runner config (and token): the running VM's would be revoked"
         );
         assert_eq!(fake.creates(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_jit_config_github_refuses_fails_the_create_at_once_and_one_it_may_give_later_is_retried()
+     {
+        use crate::store::{MemoryStore, Store};
+        use crate::testing::{FakeRegistrar, fake_pools, test_config};
+
+        let config = test_config();
+        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
+        let pools = fake_pools(&config, &fake);
+        let registrar = Arc::new(FakeRegistrar::default());
+        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
+        settings.gateway_url = Some("http://gw:8080".into());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let ctx = WorkerContext {
+            store,
+            pools: pools.clone(),
+            settings,
+            registrar: Some(registrar.clone()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: Default::default(),
+            github: None,
+        };
+        let pool = pools.get("linux").unwrap();
+        // 403: the credentials lack a permission; no retry will change it.
+        registrar.fail_jit(Some(403));
+        let e = cloud_init_bootstrap(&ctx, "grs-1", pool)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e:?}");
+        assert!(
+            e.to_string().contains("mint a JIT runner config for grs-1"),
+            "{e}"
+        );
+        // 502: GitHub may answer next time.
+        registrar.fail_jit(Some(502));
+        let e = cloud_init_bootstrap(&ctx, "grs-1", pool)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e:?}");
+        registrar.fail_jit(None);
+        cloud_init_bootstrap(&ctx, "grs-1", pool)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fake.creates(), 0, "no VM is made without a runner config");
     }
 
     #[test]

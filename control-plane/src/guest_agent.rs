@@ -82,8 +82,9 @@ pub fn check_pool(github_configured: bool, pool: &Pool) -> Result<(), ConfigErro
 }
 
 /// The bootstrap of instance `name` of `pool`: a fresh JIT config minted
-/// through `registrar`. A GitHub failure is transient (the create is
-/// retried); no `[github]` or unsafe runner names are configuration errors.
+/// through `registrar`. A GitHub failure fails the create, retried when it
+/// is transient; no `[github]` or unsafe runner names are configuration
+/// errors.
 pub async fn bootstrap(
     registrar: Option<&dyn RunnerRegistrar>,
     name: &str,
@@ -106,7 +107,7 @@ pub async fn bootstrap(
     let content = registrar
         .jit_config(name, &pool.config.labels, pool.config.runner_group_id)
         .await
-        .map_err(|e| ProvisionerError::Transient(e.to_string()))?;
+        .map_err(ProvisionerError::from)?;
     Ok(Bootstrap::GuestAgent {
         path: STAGING_PATH.into(),
         content,

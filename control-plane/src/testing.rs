@@ -255,7 +255,8 @@ pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, 
 /// GitHub's runner registrations as a test scripts them: the one
 /// [`RunnerRegistrar`] fake of this crate's tests and the crates above.
 ///
-/// - `jit_config` mints `JIT-<name>` and counts ([`minted`](Self::minted)).
+/// - `jit_config` mints `JIT-<name>` and counts ([`minted`](Self::minted)),
+///   or answers an HTTP status ([`fail_jit`](Self::fail_jit)).
 /// - `runner_busy` answers what [`set_busy`](Self::set_busy) /
 ///   [`fail_busy`](Self::fail_busy) said of the runner (default: not busy)
 ///   and records who was asked ([`asked`](Self::asked)).
@@ -265,6 +266,7 @@ pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, 
 #[derive(Debug, Default)]
 pub struct FakeRegistrar {
     minted: AtomicU32,
+    jit_status: Mutex<Option<u16>>,
     busy: Mutex<HashMap<String, Result<bool, String>>>,
     asked: Mutex<Vec<String>>,
     offline: Mutex<Vec<RunnerRegistration>>,
@@ -273,6 +275,12 @@ pub struct FakeRegistrar {
 }
 
 impl FakeRegistrar {
+    /// GitHub answers every JIT config request with HTTP `status` (`None`:
+    /// mints again).
+    pub fn fail_jit(&self, status: Option<u16>) {
+        *lock(&self.jit_status) = status;
+    }
+
     /// GitHub says runner `name` is (or is not) running a job.
     pub fn set_busy(&self, name: &str, busy: bool) {
         lock(&self.busy).insert(name.to_owned(), Ok(busy));
@@ -327,6 +335,17 @@ impl RunnerRegistrar for FakeRegistrar {
         _labels: &[String],
         _runner_group_id: u64,
     ) -> Result<SecretString, RegistrarError> {
+        if let Some(status) = *lock(&self.jit_status) {
+            return Err(RegistrarError::GitHub {
+                action: format!("mint a JIT runner config for {name}"),
+                source: grs_github::GitHubError::Api {
+                    method: "POST".into(),
+                    path: "/orgs/o/actions/runners/generate-jitconfig".into(),
+                    status,
+                    message: format!("simulated {status}"),
+                },
+            });
+        }
         self.minted.fetch_add(1, Ordering::SeqCst);
         Ok(SecretString::from(format!("JIT-{name}")))
     }

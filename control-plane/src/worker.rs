@@ -33,6 +33,41 @@ pub enum RegistrarError {
     Unsupported(String),
 }
 
+impl RegistrarError {
+    /// Whether the same call may succeed later: GitHub did not answer, was
+    /// rate limited beyond what the client waits, answered 5xx, 408, 409
+    /// (a runner of that name still busy) or 429, or gave an answer that
+    /// could not be read. Any other answer is permanent (401/403 after the
+    /// client's token refresh and rate-limit waits: the credentials lack a
+    /// permission; 404/422: no such runner group, labels refused), and so
+    /// are a bad `[github]` and a call this registrar cannot make.
+    pub fn is_transient(&self) -> bool {
+        use grs_github::GitHubError as E;
+        match self {
+            Self::GitHub { source, .. } => match source {
+                E::Api { status, .. } => *status >= 500 || matches!(*status, 408 | 409 | 429),
+                E::RateLimited { .. } | E::Transport { .. } | E::Decode { .. } => true,
+                E::Config(_) => false,
+            },
+            Self::Unsupported(_) => false,
+        }
+    }
+}
+
+/// A registrar failure met while making an instance fails the create:
+/// retried when transient ([`RegistrarError::is_transient`]), else at once
+/// (the job fails with the reason instead of waiting out the retry
+/// deadline for an answer that will not change).
+impl From<RegistrarError> for grs_provisioner::ProvisionerError {
+    fn from(e: RegistrarError) -> Self {
+        if e.is_transient() {
+            Self::Transient(e.to_string())
+        } else {
+            Self::Permanent(e.to_string())
+        }
+    }
+}
+
 /// The control plane's view of GitHub's runner registrations. Implemented
 /// over `grs-github`'s REST client (or its simulator) by the binaries.
 #[async_trait]
