@@ -77,11 +77,7 @@ async fn a_job_gets_a_proxmox_clone_that_is_destroyed_when_the_job_completes() {
     assert_ne!(vm.vmid, TEMPLATE_VMID);
     // The seed URL is in the SMBIOS serial, base64-encoded; the token in it
     // redeems to this instance (checked through the store in other tests).
-    let smbios = vm.config.get("smbios1").expect("smbios1 set");
-    let serial = smbios
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("serial="))
-        .expect("serial");
+    let serial = vm.smbios_serial().expect("a serial in smbios1");
     let serial = String::from_utf8(
         base64::engine::general_purpose::STANDARD
             .decode(serial)
@@ -131,12 +127,6 @@ async fn a_pool_whose_backend_says_no_bootstrap_gets_no_seed_even_with_a_gateway
     submit(&mut c, job_event("n1", JobAction::Queued, 8_000_000_002)).await;
     running(&c, "grs-8000000002").await;
     let vm = fx.sim.vms_named("grs-8000000002").remove(0);
-    assert!(
-        !vm.config
-            .get("smbios1")
-            .is_some_and(|s| s.contains("serial=")),
-        "no cloud-init seed: {:?}",
-        vm.config.get("smbios1")
-    );
+    assert_eq!(vm.smbios_serial(), None, "no cloud-init seed");
     cp.shutdown().await.unwrap();
 }

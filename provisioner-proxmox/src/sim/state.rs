@@ -69,6 +69,15 @@ impl SimVm {
     pub fn name(&self) -> &str {
         self.config.get("name").map(String::as_str).unwrap_or("")
     }
+
+    /// The `serial=` of its `smbios1` (base64, as PVE keeps it), if any:
+    /// where a cloud-init seed URL goes.
+    pub fn smbios_serial(&self) -> Option<&str> {
+        self.config
+            .get("smbios1")?
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("serial="))
+    }
     pub(super) fn memory_bytes(&self) -> u64 {
         let m = self
             .config
