@@ -3,13 +3,33 @@
 
 use std::sync::Arc;
 
-use grs_github::cloud_init::{DEFAULT_USER_DATA_TEMPLATE, RunnerBootstrap, render_user_data};
+use grs_github::cloud_init::{
+    DEFAULT_USER_DATA_TEMPLATE, RunnerBootstrap, TemplateError, render_user_data,
+};
 use grs_proto::v1::BootstrapDocument;
 use secrecy::SecretString;
 
 use crate::model::InstanceRecord;
 use crate::pools::Pool;
-use crate::worker::RunnerRegistrar;
+use crate::worker::{RegistrarError, RunnerRegistrar};
+
+/// Why a bootstrap document could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// `user-data` needs a runner config minted now, and there is no
+    /// `[github]` to mint it.
+    #[error("GitHub is not configured ([github]): no runner registration can be minted")]
+    NoGitHub,
+    /// Minting the runner config failed.
+    #[error(transparent)]
+    Registrar(#[from] RegistrarError),
+    /// The pool's `user_data_template` cannot be rendered with these values.
+    #[error("pool user_data_template: {0}")]
+    Template(#[from] TemplateError),
+    /// The request named no document.
+    #[error("no document requested")]
+    Unspecified,
+}
 
 /// Renders the documents of an instance.
 #[derive(Debug)]
@@ -38,7 +58,7 @@ impl Documents {
         instance: &InstanceRecord,
         pool: &Pool,
         jit: Option<SecretString>,
-    ) -> Result<(Vec<u8>, &'static str), String> {
+    ) -> Result<(Vec<u8>, &'static str), DocumentError> {
         match doc {
             BootstrapDocument::MetaData => Ok((
                 format!(
@@ -58,9 +78,7 @@ impl Documents {
                 let jit = match jit {
                     Some(jit) => jit,
                     None => {
-                        let registrar = self.registrar.as_ref().ok_or(
-                            "GitHub is not configured ([github]): no runner registration can be minted",
-                        )?;
+                        let registrar = self.registrar.as_ref().ok_or(DocumentError::NoGitHub)?;
                         registrar
                             .jit_config(
                                 &instance.name,
@@ -82,10 +100,10 @@ impl Documents {
                     .user_data_template
                     .as_deref()
                     .unwrap_or(DEFAULT_USER_DATA_TEMPLATE);
-                let text = render_user_data(template, &bootstrap).map_err(|e| e.to_string())?;
+                let text = render_user_data(template, &bootstrap)?;
                 Ok((text.into_bytes(), "text/cloud-config"))
             }
-            BootstrapDocument::Unspecified => Err("no document requested".into()),
+            BootstrapDocument::Unspecified => Err(DocumentError::Unspecified),
         }
     }
 }

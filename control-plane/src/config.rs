@@ -566,7 +566,7 @@ impl Config {
             ));
         }
         grs_provisioner::validate_instance_name(&cp.instance_prefix)
-            .map_err(|e| ConfigError::key("control_plane.instance_prefix", e))?;
+            .map_err(|e| ConfigError::key("control_plane.instance_prefix", e.to_string()))?;
         if cp.teardown_workers == 0 {
             return Err(ConfigError::key(
                 "control_plane.teardown_workers",

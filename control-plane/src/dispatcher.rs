@@ -338,7 +338,7 @@ async fn cloud_init_bootstrap(
             .await
         {
             Ok(jit) => Some(jit),
-            Err(e) => return Ok(Err(ProvisionerError::Transient(e))),
+            Err(e) => return Ok(Err(ProvisionerError::Transient(e.to_string()))),
         },
         None => None,
     };
@@ -436,27 +436,6 @@ mod tests {
         )
     }
 
-    /// Mints distinct JIT configs and counts them.
-    #[derive(Debug, Default)]
-    struct CountingRegistrar(std::sync::atomic::AtomicU32);
-
-    #[async_trait::async_trait]
-    impl crate::worker::RunnerRegistrar for CountingRegistrar {
-        async fn jit_config(
-            &self,
-            name: &str,
-            _labels: &[String],
-            _runner_group_id: u64,
-        ) -> Result<secrecy::SecretString, String> {
-            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(format!("jit-{name}-{n}").into())
-        }
-
-        async fn remove_runner(&self, _name: &str) -> Result<(), String> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
         use crate::model::JobAction;
@@ -468,7 +447,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
         let pools = fake_pools(&config, &fake);
-        let registrar = Arc::new(CountingRegistrar::default());
+        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
         let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
         settings.gateway_url = Some("http://gw:8080".into());
         let ctx = WorkerContext {
@@ -495,14 +474,13 @@ mod tests {
         // it, so the instance stays creating and the entry is redone.
         let first = create(&ctx, pool, "grs-7", 7, None).await.unwrap().unwrap();
         assert_eq!(first.state, InstanceState::Running);
-        let minted = registrar.0.load(std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(minted, 1);
+        assert_eq!(registrar.minted(), 1);
 
         let again = create(&ctx, pool, "grs-7", 7, None).await.unwrap().unwrap();
         assert_eq!(again.state, InstanceState::Running);
         assert_eq!(again.provider_id, first.provider_id, "the same VM");
         assert_eq!(
-            registrar.0.load(std::sync::atomic::Ordering::SeqCst),
+            registrar.minted(),
             1,
             "the redo minted a second runner config (and token): the running VM's would be revoked"
         );

@@ -22,7 +22,7 @@ use grs_github::{GitHubClient, GitHubConfig};
 use secrecy::SecretString;
 
 use crate::model::{Job, JobAction, JobEvent};
-use crate::worker::{RunnerRegistrar, RunnerRegistration};
+use crate::worker::{RegistrarError, RunnerRegistrar, RunnerRegistration};
 
 /// Below this fraction (1/N) of the primary rate limit left, optional calls
 /// (status checks, the lost-webhook scan) are not made: runner registration
@@ -244,33 +244,42 @@ impl RunnerRegistrar for GitHubRegistrar {
         name: &str,
         labels: &[String],
         runner_group_id: u64,
-    ) -> Result<SecretString, String> {
+    ) -> Result<SecretString, RegistrarError> {
         let jit = self
             .client
             .generate_jit_config_in_group(name, labels, Some(runner_group_id), None)
             .await
-            .map_err(|e| format!("cannot mint a JIT runner config for {name}: {e}"))?;
+            .map_err(|source| RegistrarError::GitHub {
+                action: format!("mint a JIT runner config for {name}"),
+                source,
+            })?;
         Ok(jit.encoded_jit_config)
     }
 
-    async fn remove_runner(&self, name: &str) -> Result<(), String> {
+    async fn remove_runner(&self, name: &str) -> Result<(), RegistrarError> {
         let removed = self
             .client
             .remove_runner_by_name(name)
             .await
-            .map_err(|e| format!("cannot remove the runner registration {name}: {e}"))?;
+            .map_err(|source| RegistrarError::GitHub {
+                action: format!("remove the runner registration {name}"),
+                source,
+            })?;
         if removed > 0 {
             tracing::info!(runner = %name, removed, "removed a runner registration left behind");
         }
         Ok(())
     }
 
-    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, RegistrarError> {
         let runners = self
             .client
             .list_runners(Some(name))
             .await
-            .map_err(|e| format!("cannot look up the runner {name}: {e}"))?;
+            .map_err(|source| RegistrarError::GitHub {
+                action: format!("look up the runner {name}"),
+                source,
+            })?;
         Ok(Some(runners.iter().any(|r| r.name == name && r.busy)))
     }
 
@@ -281,12 +290,15 @@ impl RunnerRegistrar for GitHubRegistrar {
     async fn offline_runners(
         &self,
         prefix: &str,
-    ) -> Result<Option<Vec<RunnerRegistration>>, String> {
-        let runners = self
-            .client
-            .list_runners(None)
-            .await
-            .map_err(|e| format!("cannot list the runner registrations: {e}"))?;
+    ) -> Result<Option<Vec<RunnerRegistration>>, RegistrarError> {
+        let runners =
+            self.client
+                .list_runners(None)
+                .await
+                .map_err(|source| RegistrarError::GitHub {
+                    action: "list the runner registrations".into(),
+                    source,
+                })?;
         Ok(Some(
             runners
                 .into_iter()
@@ -300,11 +312,14 @@ impl RunnerRegistrar for GitHubRegistrar {
         ))
     }
 
-    async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
+    async fn remove_runner_id(&self, id: u64) -> Result<(), RegistrarError> {
         self.client
             .delete_runner(id)
             .await
-            .map_err(|e| format!("cannot remove the runner registration {id}: {e}"))
+            .map_err(|source| RegistrarError::GitHub {
+                action: format!("remove the runner registration {id}"),
+                source,
+            })
     }
 }
 
@@ -337,12 +352,12 @@ mod tests {
         let registrar = GitHubRegistrar::new(client);
         let name = "grs-4242";
         // Not registered: not busy.
-        assert_eq!(registrar.runner_busy(name).await, Ok(Some(false)));
+        assert_eq!(registrar.runner_busy(name).await.unwrap(), Some(false));
         let labels = vec!["self-hosted".to_owned(), "linux".to_owned()];
         let jit = registrar.jit_config(name, &labels, 1).await.unwrap();
         sim.boot_runner(jit.expose_secret()).await.unwrap();
         // Registered, online, no job yet.
-        assert_eq!(registrar.runner_busy(name).await, Ok(Some(false)));
+        assert_eq!(registrar.runner_busy(name).await.unwrap(), Some(false));
         sim.queue_job(NewJob::labels(["self-hosted", "linux"]))
             .await;
         assert!(
@@ -353,9 +368,12 @@ mod tests {
                 .await,
             "the simulator gave the runner the job"
         );
-        assert_eq!(registrar.runner_busy(name).await, Ok(Some(true)));
+        assert_eq!(registrar.runner_busy(name).await.unwrap(), Some(true));
         // Another runner's name is not this one's.
-        assert_eq!(registrar.runner_busy("grs-4243").await, Ok(Some(false)));
+        assert_eq!(
+            registrar.runner_busy("grs-4243").await.unwrap(),
+            Some(false)
+        );
         sim.shutdown().await;
     }
 

@@ -119,7 +119,7 @@ pub async fn bootstrap(
     let content = registrar
         .jit_config(name, &pool.config.labels, pool.config.runner_group_id)
         .await
-        .map_err(ProvisionerError::Transient)?;
+        .map_err(|e| ProvisionerError::Transient(e.to_string()))?;
     Ok(Bootstrap::GuestAgent {
         path: STAGING_PATH.into(),
         content,

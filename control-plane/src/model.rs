@@ -429,6 +429,35 @@ impl Event {
     }
 }
 
+/// What the store holds of the runner an `in_progress` or `completed`
+/// event names, as [`apply_event`] needs it: its instance record, if GRS
+/// made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedRunner {
+    /// No runner named (or the event is `queued` or `waiting`, which name
+    /// none), or a runner GRS did not make: it took nothing from GRS.
+    NotOurs,
+    /// One of a pool's warm instances: its pool's warm keeper replaces it.
+    Warm,
+    /// An instance GRS made for job `job_id` (a job's own instance).
+    MadeFor {
+        /// The job it was made for.
+        job_id: u64,
+    },
+}
+
+impl NamedRunner {
+    /// The runner whose instance record is `instance` (`None`: no instance
+    /// of that name).
+    pub fn of(instance: Option<&InstanceRecord>) -> Self {
+        match instance {
+            None => Self::NotOurs,
+            Some(i) if i.warm => Self::Warm,
+            Some(i) => Self::MadeFor { job_id: i.job_id },
+        }
+    }
+}
+
 /// What [`apply_event`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -524,10 +553,21 @@ pub mod reason {
 /// - Only `in_progress` and `completed` record a runner: GitHub names none
 ///   while a job waits, so a runner on a `queued` or `waiting` event is
 ///   ignored, for a new record as for an existing one.
+/// - A routed job first heard of through an `in_progress` or `completed`
+///   naming `runner`, an instance GRS made for another job (its `queued`
+///   delivery late or lost), owes that other job an instance, as it would
+///   have, had its `queued` come first: it is queued for provisioning
+///   ([`store::rules::begin_provision`](crate::store::rules::begin_provision)
+///   proceeds for a job in progress with no instance, or completed on
+///   another's runner). A warm runner is replaced by its pool's keeper
+///   instead; a runner not ours took nothing from GRS. (Found by the e2e
+///   soak: reordered `queued` deliveries left the last jobs waiting for
+///   ever.)
 pub fn apply_event(
     existing: Option<&Job>,
     ev: &JobEvent,
     routed_pool: Option<&str>,
+    runner: NamedRunner,
     now: Millis,
 ) -> Applied {
     let stale = |job: &Job| Applied {
@@ -578,6 +618,12 @@ pub fn apply_event(
         }
         job
     };
+    // Only a first-heard in_progress or completed asks (see the rule above).
+    let owed_to_another_job = |job: &Job| {
+        !job.pool.is_empty()
+            && !ev.runner_name.is_empty()
+            && matches!(runner, NamedRunner::MadeFor { job_id } if job_id != job.job_id)
+    };
     match (ev.action, existing) {
         (JobAction::Queued, None) => {
             let state = if routed_pool.is_some() {
@@ -618,7 +664,8 @@ pub fn apply_event(
         }
         (JobAction::InProgress, None) => {
             let job = with_runner(fresh(JobState::InProgress));
-            moved(job, None, false)
+            let owed = owed_to_another_job(&job);
+            moved(job, None, owed)
         }
         (JobAction::InProgress, Some(job))
             if !job.state.is_terminal() && job.state != JobState::InProgress =>
@@ -633,7 +680,8 @@ pub fn apply_event(
             let mut job = with_runner(fresh(JobState::Completed));
             job.conclusion = ev.conclusion.clone();
             job.reason = reason::COMPLETED_UNSEEN.to_owned();
-            moved(job, None, false)
+            let owed = owed_to_another_job(&job);
+            moved(job, None, owed)
         }
         (JobAction::Completed, Some(job)) if job.state != JobState::Completed => {
             let mut job = with_runner(job.clone());
@@ -680,10 +728,16 @@ mod tests {
 
     #[test]
     fn a_routed_queued_job_is_queued_and_an_unrouted_one_is_recorded_with_its_labels() {
-        let a = apply_event(None, &ev(JobAction::Queued), Some("linux"), 1);
+        let a = apply_event(
+            None,
+            &ev(JobAction::Queued),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            1,
+        );
         assert_eq!(a.job.state, JobState::Queued);
         assert!(a.enqueue_provision);
-        let a = apply_event(None, &ev(JobAction::Queued), None, 1);
+        let a = apply_event(None, &ev(JobAction::Queued), None, NamedRunner::NotOurs, 1);
         assert_eq!(a.job.state, JobState::Unrouted);
         assert!(!a.enqueue_provision);
         assert!(a.job.reason.contains("self-hosted"));
@@ -691,25 +745,63 @@ mod tests {
 
     #[test]
     fn queued_twice_is_stale_and_completed_before_queued_makes_no_instance() {
-        let q = apply_event(None, &ev(JobAction::Queued), Some("linux"), 1).job;
+        let q = apply_event(
+            None,
+            &ev(JobAction::Queued),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            1,
+        )
+        .job;
         assert_eq!(
-            apply_event(Some(&q), &ev(JobAction::Queued), Some("linux"), 2).outcome,
+            apply_event(
+                Some(&q),
+                &ev(JobAction::Queued),
+                Some("linux"),
+                NamedRunner::NotOurs,
+                2
+            )
+            .outcome,
             SubmitOutcome::Stale
         );
-        let c = apply_event(None, &ev(JobAction::Completed), Some("linux"), 1);
+        let c = apply_event(
+            None,
+            &ev(JobAction::Completed),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            1,
+        );
         assert_eq!(c.job.state, JobState::Completed);
-        let late = apply_event(Some(&c.job), &ev(JobAction::Queued), Some("linux"), 2);
+        let late = apply_event(
+            Some(&c.job),
+            &ev(JobAction::Queued),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            2,
+        );
         assert_eq!(late.outcome, SubmitOutcome::Stale);
         assert!(!late.enqueue_provision);
     }
 
     #[test]
     fn an_unrouted_job_is_queued_once_a_pool_serves_it() {
-        let u = apply_event(None, &ev(JobAction::Queued), None, 1).job;
+        let u = apply_event(None, &ev(JobAction::Queued), None, NamedRunner::NotOurs, 1).job;
         assert_eq!(u.state, JobState::Unrouted);
-        let still = apply_event(Some(&u), &ev(JobAction::Queued), None, 2);
+        let still = apply_event(
+            Some(&u),
+            &ev(JobAction::Queued),
+            None,
+            NamedRunner::NotOurs,
+            2,
+        );
         assert_eq!(still.outcome, SubmitOutcome::Stale);
-        let q = apply_event(Some(&u), &ev(JobAction::Queued), Some("linux"), 3);
+        let q = apply_event(
+            Some(&u),
+            &ev(JobAction::Queued),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            3,
+        );
         assert_eq!(q.outcome, SubmitOutcome::Accepted);
         assert!(q.enqueue_provision);
         assert_eq!(
@@ -722,40 +814,93 @@ mod tests {
 
     #[test]
     fn waiting_then_queued_queues_once() {
-        let w = apply_event(None, &ev(JobAction::Waiting), Some("linux"), 1);
+        let w = apply_event(
+            None,
+            &ev(JobAction::Waiting),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            1,
+        );
         assert_eq!(w.job.state, JobState::Waiting);
         assert!(!w.enqueue_provision);
-        let q = apply_event(Some(&w.job), &ev(JobAction::Queued), Some("linux"), 2);
+        let q = apply_event(
+            Some(&w.job),
+            &ev(JobAction::Queued),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            2,
+        );
         assert!(q.enqueue_provision);
         assert_eq!(q.from, Some(JobState::Waiting));
     }
 
     #[test]
     fn in_progress_records_the_runner_and_never_reopens_a_completed_job() {
-        let q = apply_event(None, &ev(JobAction::Queued), Some("linux"), 1).job;
+        let q = apply_event(
+            None,
+            &ev(JobAction::Queued),
+            Some("linux"),
+            NamedRunner::NotOurs,
+            1,
+        )
+        .job;
         let mut e = ev(JobAction::InProgress);
         e.runner_name = "grs-linux-7".into();
         e.runner_id = 9;
-        let p = apply_event(Some(&q), &e, Some("linux"), 2).job;
+        let p = apply_event(Some(&q), &e, Some("linux"), NamedRunner::NotOurs, 2).job;
         assert_eq!(
             (p.state, p.runner_name.as_str(), p.runner_id),
             (JobState::InProgress, "grs-linux-7", 9)
         );
         let mut c = ev(JobAction::Completed);
         c.conclusion = "success".into();
-        let done = apply_event(Some(&p), &c, Some("linux"), 3).job;
+        let done = apply_event(Some(&p), &c, Some("linux"), NamedRunner::NotOurs, 3).job;
         assert_eq!(
             done.runner_name, "grs-linux-7",
             "an empty runner_name on completed keeps the known runner"
         );
         assert_eq!(
-            apply_event(Some(&done), &e, Some("linux"), 4).outcome,
+            apply_event(Some(&done), &e, Some("linux"), NamedRunner::NotOurs, 4).outcome,
             SubmitOutcome::Stale
         );
         assert_eq!(
-            apply_event(Some(&done), &c, Some("linux"), 4).outcome,
+            apply_event(Some(&done), &c, Some("linux"), NamedRunner::NotOurs, 4).outcome,
             SubmitOutcome::Stale
         );
+    }
+
+    #[test]
+    fn a_job_first_heard_on_another_jobs_runner_is_owed_an_instance() {
+        let other = NamedRunner::MadeFor { job_id: 7 };
+        for action in [JobAction::InProgress, JobAction::Completed] {
+            let mut e = ev(action);
+            e.runner_name = "grs-7".into();
+            let owed = |existing: Option<&Job>, pool: Option<&str>, runner| {
+                apply_event(existing, &e, pool, runner, 1).enqueue_provision
+            };
+            assert!(owed(None, Some("linux"), other), "{action:?}: owed");
+            // Its own instance, a warm one, one not ours, no pool, or a job
+            // already recorded (its queued came first): nothing owed.
+            let own = NamedRunner::MadeFor { job_id: e.job_id };
+            for runner in [own, NamedRunner::Warm, NamedRunner::NotOurs] {
+                assert!(!owed(None, Some("linux"), runner), "{action:?} {runner:?}");
+            }
+            assert!(!owed(None, None, other), "{action:?}: unrouted");
+            let q = apply_event(
+                None,
+                &ev(JobAction::Queued),
+                Some("linux"),
+                NamedRunner::NotOurs,
+                0,
+            );
+            assert!(
+                !owed(Some(&q.job), Some("linux"), other),
+                "{action:?}: known job"
+            );
+            // No runner named: nothing to owe, whatever the caller says.
+            e.runner_name.clear();
+            assert!(!apply_event(None, &e, Some("linux"), other, 1).enqueue_provision);
+        }
     }
 
     #[test]

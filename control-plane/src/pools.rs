@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use grs_config::ConfigError;
-use grs_provisioner::{FakeProvisioner, NodeLedger, Provisioner, ProvisionerError};
+use grs_provisioner::{FakeProvisioner, LedgerError, NodeLedger, Provisioner, ProvisionerError};
 use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, SupervisorOptions};
 use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target};
 
@@ -50,18 +50,18 @@ impl NodeLedger for StoreNodeLedger {
         instance: &str,
         max: u32,
         visible: &[String],
-    ) -> Result<bool, String> {
+    ) -> Result<bool, LedgerError> {
         self.store
             .reserve_node(node, instance, max, visible)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| LedgerError { source: e.into() })
     }
 
-    async fn release(&self, node: &str, instance: &str) -> Result<(), String> {
+    async fn release(&self, node: &str, instance: &str) -> Result<(), LedgerError> {
         self.store
             .release_node(node, instance)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| LedgerError { source: e.into() })
     }
 }
 

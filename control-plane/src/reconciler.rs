@@ -718,7 +718,7 @@ mod tests {
     use crate::model::{JobAction, SubmitOutcome};
     use crate::store::conformance::event;
     use crate::store::{BeginProvision, MemoryStore};
-    use crate::testing::{eventually, fake_pools, test_config};
+    use crate::testing::{FakeRegistrar, eventually, fake_pools, test_config};
     use crate::worker::{WorkerContext, WorkerSettings};
 
     const BOOTSTRAP: Duration = Duration::from_millis(1_000);
@@ -734,6 +734,19 @@ mod tests {
 
     fn setup() -> Setup {
         setup_with(test_config())
+    }
+
+    /// [`setup`], its reconciler asking a [`FakeRegistrar`] about runners.
+    fn setup_with_registrar() -> (Setup, Arc<FakeRegistrar>) {
+        let mut s = setup();
+        let runners = Arc::new(FakeRegistrar::default());
+        s.reconciler = Reconciler::new(
+            s.store.clone(),
+            s.pools.clone(),
+            s.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        (s, runners)
     }
 
     fn setup_with(config: crate::config::Config) -> Setup {
@@ -855,69 +868,15 @@ mod tests {
         worker.await.unwrap();
     }
 
-    /// A registrar whose runners' busy flags the test sets.
-    #[derive(Debug, Default)]
-    struct Runners {
-        busy: std::sync::Mutex<HashMap<String, Result<bool, String>>>,
-        offline: std::sync::Mutex<Vec<RunnerRegistration>>,
-        removed: std::sync::Mutex<Vec<u64>>,
-        prefixes: std::sync::Mutex<Vec<String>>,
-    }
-
-    #[async_trait::async_trait]
-    impl RunnerRegistrar for Runners {
-        async fn jit_config(
-            &self,
-            _: &str,
-            _: &[String],
-            _: u64,
-        ) -> Result<secrecy::SecretString, String> {
-            Err("not used".into())
-        }
-        async fn remove_runner(&self, _: &str) -> Result<(), String> {
-            Ok(())
-        }
-        async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
-            match self.busy.lock().unwrap().get(name) {
-                Some(Ok(b)) => Ok(Some(*b)),
-                Some(Err(e)) => Err(e.clone()),
-                None => Ok(Some(false)),
-            }
-        }
-        async fn offline_runners(
-            &self,
-            prefix: &str,
-        ) -> Result<Option<Vec<RunnerRegistration>>, String> {
-            self.prefixes.lock().unwrap().push(prefix.to_owned());
-            Ok(Some(self.offline.lock().unwrap().clone()))
-        }
-        async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
-            self.removed.lock().unwrap().push(id);
-            self.offline.lock().unwrap().retain(|r| r.id != id);
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_busy_runner_whose_in_progress_webhook_was_lost_is_not_torn_down() {
-        let mut s = setup();
-        let runners = Arc::new(Runners::default());
-        s.reconciler = Reconciler::new(
-            s.store.clone(),
-            s.pools.clone(),
-            s.reconciler.settings.clone(),
-        )
-        .with_registrar(Some(runners.clone()));
+        let (mut s, runners) = setup_with_registrar();
         let t = 1_000_000;
         let busy = provisioned(&s, 11, t).await;
         let unsure = provisioned(&s, 12, t).await;
         let idle = provisioned(&s, 13, t).await;
-        runners.busy.lock().unwrap().insert(busy.clone(), Ok(true));
-        runners
-            .busy
-            .lock()
-            .unwrap()
-            .insert(unsure.clone(), Err("GitHub answered 502".into()));
+        runners.set_busy(&busy, true);
+        runners.fail_busy(&unsure, "GitHub answered 502");
         let r = s.reconciler.reconcile_once(t + 1_000).await.unwrap();
         assert_eq!(r.bootstrap_timed_out, vec![idle.clone()], "{r:?}");
         assert_eq!(r.busy_kept, vec![busy.clone()], "{r:?}");
@@ -1195,30 +1154,20 @@ mod tests {
 
     #[tokio::test]
     async fn offline_runner_registrations_of_no_live_instance_are_removed_within_budget() {
-        let mut s = setup();
-        let runners = Arc::new(Runners::default());
-        s.reconciler = Reconciler::new(
-            s.store.clone(),
-            s.pools.clone(),
-            s.reconciler.settings.clone(),
-        )
-        .with_registrar(Some(runners.clone()));
+        let (mut s, runners) = setup_with_registrar();
         let t = 1_000_000;
         let live = provisioned(&s, 30, t).await;
-        {
-            let mut offline = runners.offline.lock().unwrap();
-            offline.push(RunnerRegistration {
-                id: 1,
-                name: live.clone(),
+        runners.add_offline(RunnerRegistration {
+            id: 1,
+            name: live.clone(),
+            busy: false,
+        });
+        for i in 0..OFFLINE_RUNNER_BUDGET as u64 + 2 {
+            runners.add_offline(RunnerRegistration {
+                id: 100 + i,
+                name: format!("grs-{}", 100 + i),
                 busy: false,
             });
-            for i in 0..OFFLINE_RUNNER_BUDGET as u64 + 2 {
-                offline.push(RunnerRegistration {
-                    id: 100 + i,
-                    name: format!("grs-{}", 100 + i),
-                    busy: false,
-                });
-            }
         }
         let r = s.reconciler.reconcile_once(t + 10).await.unwrap();
         assert_eq!(
@@ -1229,12 +1178,9 @@ mod tests {
         assert!(!r.offline_runners_removed.contains(&live), "{r:?}");
         let r = s.reconciler.reconcile_once(t + 20).await.unwrap();
         assert_eq!(r.offline_runners_removed.len(), 2, "{r:?}");
+        assert_eq!(runners.removed_ids().len(), OFFLINE_RUNNER_BUDGET + 2);
         assert_eq!(
-            runners.removed.lock().unwrap().len(),
-            OFFLINE_RUNNER_BUDGET + 2
-        );
-        assert_eq!(
-            *runners.prefixes.lock().unwrap().last().unwrap(),
+            runners.prefixes().last().unwrap(),
             "grs-",
             "only this installation's names are listed"
         );

@@ -122,7 +122,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                 if let Some(registrar) = &ctx.registrar
                     && let Err(e) = registrar.remove_runner(&name).await
                 {
-                    tracing::warn!(instance = %name, error = e, "could not remove the runner registration; it stays listed as an offline runner until removed on GitHub (nothing retries this yet)");
+                    tracing::warn!(instance = %name, error = %e, "could not remove the runner registration; it stays listed as an offline runner until removed on GitHub (nothing retries this yet)");
                 }
                 ctx.store
                     .finish_teardown(&name, "", ctx.settings.instance_retention, now_ms())
@@ -176,7 +176,7 @@ enum RunnerCheck {
     /// GitHub says it runs a job.
     Busy,
     /// GitHub could not be asked.
-    Unknown(String),
+    Unknown(crate::worker::RegistrarError),
 }
 
 /// Asks GitHub whether the runner of `name` is busy, unless the teardown

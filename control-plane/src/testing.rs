@@ -2,14 +2,16 @@
 //! end-to-end): a real control plane on a loopback port, Redis stores under
 //! private key prefixes, event builders.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use grs_proto::v1 as pb;
 use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use grs_provisioner::FakeProvisioner;
+use secrecy::SecretString;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -18,6 +20,7 @@ use crate::config::{Config, PoolConfig, ProvisionerConfig, StoreKind};
 use crate::pools::{Pool, Pools};
 use crate::server::{self, ControlPlane, ServerError};
 use crate::store::{RedisStore, RedisStoreOptions, Store};
+use crate::worker::{RegistrarError, RunnerRegistrar, RunnerRegistration};
 
 /// The Redis URL tests use: `GRS_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`.
 /// (Not `GRS_REDIS_URL`: that overrides `redis.url` in every config the
@@ -247,4 +250,126 @@ pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, 
         }
     })
     .await
+}
+
+/// GitHub's runner registrations as a test scripts them: the one
+/// [`RunnerRegistrar`] fake of this crate's tests and the crates above.
+///
+/// - `jit_config` mints `JIT-<name>` and counts ([`minted`](Self::minted)).
+/// - `runner_busy` answers what [`set_busy`](Self::set_busy) /
+///   [`fail_busy`](Self::fail_busy) said of the runner (default: not busy)
+///   and records who was asked ([`asked`](Self::asked)).
+/// - `offline_runners` lists [`add_offline`](Self::add_offline)'s
+///   registrations (recording the prefix asked for); `remove_runner_id`
+///   removes one and records its id ([`removed_ids`](Self::removed_ids)).
+#[derive(Debug, Default)]
+pub struct FakeRegistrar {
+    minted: AtomicU32,
+    busy: Mutex<HashMap<String, Result<bool, String>>>,
+    asked: Mutex<Vec<String>>,
+    offline: Mutex<Vec<RunnerRegistration>>,
+    removed_ids: Mutex<Vec<u64>>,
+    prefixes: Mutex<Vec<String>>,
+}
+
+impl FakeRegistrar {
+    /// GitHub says runner `name` is (or is not) running a job.
+    pub fn set_busy(&self, name: &str, busy: bool) {
+        lock(&self.busy).insert(name.to_owned(), Ok(busy));
+    }
+
+    /// GitHub cannot be asked about runner `name` (`message` says why)
+    /// until [`clear_busy`](Self::clear_busy).
+    pub fn fail_busy(&self, name: &str, message: &str) {
+        lock(&self.busy).insert(name.to_owned(), Err(message.to_owned()));
+    }
+
+    /// Forgets what was said of runner `name`: not busy.
+    pub fn clear_busy(&self, name: &str) {
+        lock(&self.busy).remove(name);
+    }
+
+    /// An offline registration GitHub lists.
+    pub fn add_offline(&self, registration: RunnerRegistration) {
+        lock(&self.offline).push(registration);
+    }
+
+    /// How many JIT configs were minted.
+    pub fn minted(&self) -> u32 {
+        self.minted.load(Ordering::SeqCst)
+    }
+
+    /// The runners `runner_busy` was asked about, in order.
+    pub fn asked(&self) -> Vec<String> {
+        lock(&self.asked).clone()
+    }
+
+    /// The registration ids removed, in order.
+    pub fn removed_ids(&self) -> Vec<u64> {
+        lock(&self.removed_ids).clone()
+    }
+
+    /// The prefixes `offline_runners` was asked for, in order.
+    pub fn prefixes(&self) -> Vec<String> {
+        lock(&self.prefixes).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait::async_trait]
+impl RunnerRegistrar for FakeRegistrar {
+    async fn jit_config(
+        &self,
+        name: &str,
+        _labels: &[String],
+        _runner_group_id: u64,
+    ) -> Result<SecretString, RegistrarError> {
+        self.minted.fetch_add(1, Ordering::SeqCst);
+        Ok(SecretString::from(format!("JIT-{name}")))
+    }
+
+    async fn remove_runner(&self, _name: &str) -> Result<(), RegistrarError> {
+        Ok(())
+    }
+
+    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, RegistrarError> {
+        lock(&self.asked).push(name.to_owned());
+        match lock(&self.busy).get(name) {
+            Some(Ok(busy)) => Ok(Some(*busy)),
+            Some(Err(message)) => Err(github_failure(
+                &format!("look up the runner {name}"),
+                message,
+            )),
+            None => Ok(Some(false)),
+        }
+    }
+
+    async fn offline_runners(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<Vec<RunnerRegistration>>, RegistrarError> {
+        lock(&self.prefixes).push(prefix.to_owned());
+        Ok(Some(lock(&self.offline).clone()))
+    }
+
+    async fn remove_runner_id(&self, id: u64) -> Result<(), RegistrarError> {
+        lock(&self.removed_ids).push(id);
+        lock(&self.offline).retain(|r| r.id != id);
+        Ok(())
+    }
+}
+
+/// A GitHub failure as a registrar reports it: `action` failed because
+/// GitHub did not answer (`message` says how).
+pub fn github_failure(action: &str, message: &str) -> RegistrarError {
+    RegistrarError::GitHub {
+        action: action.to_owned(),
+        source: grs_github::GitHubError::Transport {
+            path: "/runners".into(),
+            message: message.to_owned(),
+        },
+    }
 }

@@ -14,6 +14,25 @@ use crate::model::backoff;
 use crate::pools::Pools;
 use crate::store::{Delivery, Queue, Store, StoreResult};
 
+/// Why a [`RunnerRegistrar`] call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrarError {
+    /// GitHub failed the call: it answered with an error, or not at all.
+    #[error("cannot {action}: {source}")]
+    GitHub {
+        /// What was asked, naming the runner or registration
+        /// ("mint a JIT runner config for grs-7").
+        action: String,
+        /// GitHub's error.
+        #[source]
+        source: grs_github::GitHubError,
+    },
+    /// This registrar cannot do that at all (say, remove a registration by
+    /// id); asking again will not help.
+    #[error("this registrar cannot {0}")]
+    Unsupported(String),
+}
+
 /// The control plane's view of GitHub's runner registrations. Implemented
 /// over `grs-github`'s REST client (or its simulator) by the binaries.
 #[async_trait]
@@ -26,18 +45,18 @@ pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
         name: &str,
         labels: &[String],
         runner_group_id: u64,
-    ) -> Result<SecretString, String>;
+    ) -> Result<SecretString, RegistrarError>;
 
     /// Removes the runner registration named `name`, if any is left behind
     /// (a runner that never ran its job). Absent is success.
-    async fn remove_runner(&self, name: &str) -> Result<(), String>;
+    async fn remove_runner(&self, name: &str) -> Result<(), RegistrarError>;
 
     /// Whether the runner named `name` is running a job right now:
     /// `Some(true)` busy, `Some(false)` registered and idle or not
     /// registered, `None` when this registrar cannot tell. The reconciler
     /// asks before it tears down an instance whose `in_progress` webhook
     /// never came: a lost delivery must not kill a running job.
-    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
+    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, RegistrarError> {
         let _ = name;
         Ok(None)
     }
@@ -55,17 +74,17 @@ pub trait RunnerRegistrar: Send + Sync + std::fmt::Debug {
     async fn offline_runners(
         &self,
         prefix: &str,
-    ) -> Result<Option<Vec<RunnerRegistration>>, String> {
+    ) -> Result<Option<Vec<RunnerRegistration>>, RegistrarError> {
         let _ = prefix;
         Ok(None)
     }
 
     /// Removes the runner registration with GitHub id `id`. Absent is
     /// success.
-    async fn remove_runner_id(&self, id: u64) -> Result<(), String> {
-        Err(format!(
-            "this registrar cannot remove runner registration {id} by id"
-        ))
+    async fn remove_runner_id(&self, id: u64) -> Result<(), RegistrarError> {
+        Err(RegistrarError::Unsupported(format!(
+            "remove runner registration {id} by id"
+        )))
     }
 }
 

@@ -7,39 +7,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use grs_control_plane::config::ProvisionerConfig;
 use grs_control_plane::guest_agent::{STAGING_PATH, start_command};
 use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::server::ControlPlane;
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
-    RunningControlPlane, eventually, job_event, submit, test_config, wait_for_no_instances_in_use,
+    FakeRegistrar, RunningControlPlane, eventually, job_event, submit, test_config,
+    wait_for_no_instances_in_use,
 };
-use grs_control_plane::worker::RunnerRegistrar;
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner_proxmox::BootstrapMode;
 use grs_provisioner_proxmox::testing::SimFixture;
 use secrecy::SecretString;
-
-/// Mints `JIT-<name>` for every runner.
-#[derive(Debug)]
-struct Registrar;
-
-#[async_trait]
-impl RunnerRegistrar for Registrar {
-    async fn jit_config(
-        &self,
-        name: &str,
-        _labels: &[String],
-        _group: u64,
-    ) -> Result<SecretString, String> {
-        Ok(SecretString::from(format!("JIT-{name}")))
-    }
-    async fn remove_runner(&self, _name: &str) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>) {
     let fx = SimFixture::single_node().await;
@@ -81,7 +61,7 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
         config,
         store: Arc::new(MemoryStore::new()),
         pools,
-        registrar: Some(Arc::new(Registrar)),
+        registrar: Some(Arc::new(FakeRegistrar::default())),
     })
     .await;
     let mut c = cp.client().await;

@@ -2,22 +2,18 @@
 //! control plane (gRPC, workers, the fake provisioner; the memory store, and
 //! a real Redis shared by two replicas).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use grs_control_plane::config::Config;
 use grs_control_plane::model::InstanceState;
 use grs_control_plane::store::{MemoryStore, Store};
 use grs_control_plane::testing::{
-    RunningControlPlane, control_plane, eventually, fake_pools, job_event, redis_store_at,
-    redis_url, submit, test_config, unique_prefix,
+    FakeRegistrar, RunningControlPlane, control_plane, eventually, fake_pools, job_event,
+    redis_store_at, redis_url, submit, test_config, unique_prefix,
 };
-use grs_control_plane::worker::RunnerRegistrar;
 use grs_proto::v1 as pb;
 use grs_provisioner::FakeProvisioner;
-use secrecy::SecretString;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -204,36 +200,11 @@ async fn two_replicas_on_one_redis_keep_one_warm_pool_between_them() {
         .unwrap();
 }
 
-/// GitHub as the teardown worker sees it: which runners are busy.
-#[derive(Debug, Default)]
-struct GitHub {
-    busy: Mutex<HashMap<String, Result<bool, String>>>,
-    asked: Mutex<Vec<String>>,
-}
-
-#[async_trait]
-impl RunnerRegistrar for GitHub {
-    async fn jit_config(&self, _: &str, _: &[String], _: u64) -> Result<SecretString, String> {
-        Err("not used".into())
-    }
-    async fn remove_runner(&self, _: &str) -> Result<(), String> {
-        Ok(())
-    }
-    async fn runner_busy(&self, name: &str) -> Result<Option<bool>, String> {
-        self.asked.lock().unwrap().push(name.to_owned());
-        match self.busy.lock().unwrap().get(name) {
-            Some(Ok(b)) => Ok(Some(*b)),
-            Some(Err(e)) => Err(e.clone()),
-            None => Ok(Some(false)),
-        }
-    }
-}
-
 #[tokio::test]
 async fn no_runner_is_torn_down_while_github_says_it_is_busy() {
     let fake = Arc::new(FakeProvisioner::new());
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let github = Arc::new(GitHub::default());
+    let github = Arc::new(FakeRegistrar::default());
     let config = config(0, 4);
     let pools = fake_pools(&config, &fake);
     let mut cp = control_plane(config, store.clone(), pools);
@@ -251,12 +222,8 @@ async fn no_runner_is_torn_down_while_github_says_it_is_busy() {
     }
     // grs-1's runner took another job whose in_progress has not come yet;
     // GitHub cannot be asked about grs-2 for a while.
-    github.busy.lock().unwrap().insert("grs-1".into(), Ok(true));
-    github
-        .busy
-        .lock()
-        .unwrap()
-        .insert("grs-2".into(), Err("GitHub answered 502".into()));
+    github.set_busy("grs-1", true);
+    github.fail_busy("grs-2", "GitHub answered 502");
     for job in [1, 2, 3] {
         submit(
             &mut client,
@@ -284,19 +251,19 @@ async fn no_runner_is_torn_down_while_github_says_it_is_busy() {
     })
     .await;
     assert!(fake.exists("grs-2"));
-    github.busy.lock().unwrap().remove("grs-2");
+    github.clear_busy("grs-2");
     eventually("grs-2 deleted", WAIT, || async {
         (!fake.exists("grs-2")).then_some(())
     })
     .await;
     // grs-1's job completes there: that teardown asks nothing.
-    let asked = github.asked.lock().unwrap().len();
+    let asked = github.asked().len();
     submit(&mut client, started("p-9", 9, "grs-1")).await;
     submit(&mut client, completed("c-9", 9, "grs-1", "success")).await;
     eventually("grs-1 deleted", WAIT, || async {
         (!fake.exists("grs-1")).then_some(())
     })
     .await;
-    assert_eq!(github.asked.lock().unwrap().len(), asked);
+    assert_eq!(github.asked().len(), asked);
     cp.shutdown().await.unwrap();
 }

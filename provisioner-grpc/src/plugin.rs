@@ -44,19 +44,78 @@ pub const HANDSHAKE_TAG: &str = "grs-plugin";
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// The plugin did not come up (bad command, bad handshake line, exit).
-    #[error("plugin {name}: {message}")]
+    #[error("plugin {name}: {source}")]
     Start {
         /// The plugin's name (its command).
         name: String,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: PluginDown,
     },
-    /// Listening or serving failed (plugin side).
+    /// Plugin side: no address to listen on (neither `--listen` nor
+    /// [`SOCKET_ENV`] from GRS).
+    #[error(
+        "plugin: this is a GRS provisioner plugin: give --listen ADDR, or let GRS start it (it sets {SOCKET_ENV})"
+    )]
+    NoListenAddress,
+    /// Plugin side: serving failed.
     #[error("plugin: {0}")]
-    Serve(String),
+    Serve(#[from] crate::ServeError),
     /// An I/O error (plugin side).
     #[error("plugin: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why a supervised plugin is not running: its last start failed, or its
+/// process exited. (I/O errors are shared: a state is cloned to every
+/// watcher.)
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginDown {
+    /// The configured command is empty.
+    #[error("the command is empty")]
+    EmptyCommand,
+    /// The program could not be started.
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Its stdout could not be read.
+    #[error("no stdout")]
+    NoStdout,
+    /// It exited before printing its handshake line.
+    #[error("exited before printing its handshake line{}", status.map(|s| format!(" ({s})")).unwrap_or_default())]
+    ExitedBeforeHandshake {
+        /// How it exited, when known.
+        status: Option<std::process::ExitStatus>,
+    },
+    /// Its stdout failed while GRS read the handshake line.
+    #[error("reading its handshake line: {0}")]
+    ReadHandshake(#[source] Arc<std::io::Error>),
+    /// No handshake line within the start timeout.
+    #[error("printed no handshake line within {0:?}")]
+    NoHandshake(Duration),
+    /// A handshake line GRS cannot use.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// Waiting for the process failed.
+    #[error("waiting for the process: {0}")]
+    Wait(#[source] Arc<std::io::Error>),
+    /// The process exited.
+    #[error("exited ({0})")]
+    Exited(std::process::ExitStatus),
+    /// Stopped on request (shutdown).
+    #[error("stopped")]
+    Stopped,
+    /// The supervisor is gone.
+    #[error("the supervisor ended")]
+    SupervisorEnded,
+    /// Not running when the caller's wait ran out.
+    #[error("not running after {0:?}")]
+    NotRunningAfter(Duration),
 }
 
 /// A handshake line GRS cannot use.
@@ -155,14 +214,14 @@ impl Default for SupervisorOptions {
 }
 
 /// Where a supervised plugin stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum PluginState {
     /// Being started (first time or after a crash).
     Starting,
     /// Serving; the pid of its process.
     Running(u32),
     /// The last start failed or the process exited; a restart is pending.
-    Failed(String),
+    Failed(PluginDown),
     /// Stopped for good (shutdown).
     Stopped,
 }
@@ -258,9 +317,9 @@ impl Plugin {
         let mut rx = self.state.clone();
         Self::wait_running_on(&mut rx, timeout)
             .await
-            .map_err(|message| PluginError::Start {
+            .map_err(|source| PluginError::Start {
                 name: self.name.clone(),
-                message,
+                source,
             })
     }
 
@@ -269,23 +328,23 @@ impl Plugin {
     pub async fn wait_running_on(
         rx: &mut watch::Receiver<PluginState>,
         timeout: Duration,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, PluginDown> {
         let wait = async {
             loop {
                 match rx.borrow_and_update().clone() {
                     PluginState::Running(pid) => return Ok(pid),
-                    PluginState::Failed(m) => return Err(m),
-                    PluginState::Stopped => return Err("stopped".to_owned()),
+                    PluginState::Failed(why) => return Err(why),
+                    PluginState::Stopped => return Err(PluginDown::Stopped),
                     PluginState::Starting => {}
                 }
                 if rx.changed().await.is_err() {
-                    return Err("the supervisor ended".to_owned());
+                    return Err(PluginDown::SupervisorEnded);
                 }
             }
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .unwrap_or_else(|_| Err(format!("not running after {timeout:?}")))
+            .unwrap_or(Err(PluginDown::NotRunningAfter(timeout)))
     }
 
     /// Waits until the plugin has been started `n` times and runs (tests:
@@ -353,16 +412,16 @@ impl Supervisor {
             let started = Instant::now();
             let outcome = self.run_once().await;
             *self.address.lock().unwrap() = None;
-            let message = match outcome {
+            let why = match outcome {
                 Ok(None) => break,
-                Ok(Some(status)) => format!("exited ({status})"),
-                Err(m) => m,
+                Ok(Some(status)) => PluginDown::Exited(status),
+                Err(why) => why,
             };
             if started.elapsed() >= self.opts.stable_after {
                 backoff = self.opts.backoff;
             }
-            tracing::warn!(plugin = %self.name, reason = %message, restart_in_ms = backoff.as_millis() as u64, "provisioner plugin is down; restarting it");
-            self.set(PluginState::Failed(message));
+            tracing::warn!(plugin = %self.name, reason = %why, restart_in_ms = backoff.as_millis() as u64, "provisioner plugin is down; restarting it");
+            self.set(PluginState::Failed(why));
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 _ = tokio::time::sleep(backoff) => {}
@@ -375,9 +434,9 @@ impl Supervisor {
 
     /// One life of the process. `Ok(None)`: stopped on request;
     /// `Ok(Some(status))`: it exited; `Err`: it did not come up.
-    async fn run_once(&self) -> Result<Option<std::process::ExitStatus>, String> {
+    async fn run_once(&self) -> Result<Option<std::process::ExitStatus>, PluginDown> {
         let Some((program, args)) = self.cmd.command.split_first() else {
-            return Err("the command is empty".into());
+            return Err(PluginDown::EmptyCommand);
         };
         let _ = std::fs::remove_file(&self.socket);
         let mut child = tokio::process::Command::new(program)
@@ -390,7 +449,10 @@ impl Supervisor {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+            .map_err(|e| PluginDown::Spawn {
+                program: program.clone(),
+                source: Arc::new(e),
+            })?;
         self.starts.fetch_add(1, Ordering::Relaxed);
         let pid = child.id().unwrap_or(0);
         let stdin = child.stdin.take();
@@ -398,7 +460,7 @@ impl Supervisor {
             forward_lines(self.name.clone(), "stderr", BufReader::new(err));
         }
         let Some(out) = child.stdout.take() else {
-            return Err("no stdout".into());
+            return Err(PluginDown::NoStdout);
         };
         let mut out = BufReader::new(out);
         let mut line = String::new();
@@ -410,22 +472,21 @@ impl Supervisor {
             r = tokio::time::timeout(self.opts.start_timeout, out.read_line(&mut line)) => r,
         };
         let address = match read {
-            Ok(Ok(n)) if n > 0 => parse_handshake(&line).map_err(|e| e.to_string()),
-            Ok(Ok(_)) => Err("exited before printing its handshake line".into()),
-            Ok(Err(e)) => Err(format!("reading its handshake line: {e}")),
-            Err(_) => Err(format!(
-                "printed no handshake line within {:?}",
-                self.opts.start_timeout
-            )),
+            Ok(Ok(n)) if n > 0 => parse_handshake(&line).map_err(PluginDown::from),
+            Ok(Ok(_)) => Err(PluginDown::ExitedBeforeHandshake { status: None }),
+            Ok(Err(e)) => Err(PluginDown::ReadHandshake(Arc::new(e))),
+            Err(_) => Err(PluginDown::NoHandshake(self.opts.start_timeout)),
         };
         let address = match address {
             Ok(a) => a,
-            Err(m) => {
+            Err(why) => {
                 let _ = child.start_kill();
                 let status = child.wait().await.ok();
-                return Err(match status {
-                    Some(s) if !s.success() && m.contains("exited") => format!("{m} ({s})"),
-                    _ => m,
+                return Err(match why {
+                    PluginDown::ExitedBeforeHandshake { .. } => PluginDown::ExitedBeforeHandshake {
+                        status: status.filter(|s| !s.success()),
+                    },
+                    why => why,
                 });
             }
         };
@@ -440,7 +501,7 @@ impl Supervisor {
             }
             status = child.wait() => match status {
                 Ok(s) => Ok(Some(s)),
-                Err(e) => Err(format!("waiting for the process: {e}")),
+                Err(e) => Err(PluginDown::Wait(Arc::new(e))),
             },
         }
     }
@@ -479,9 +540,7 @@ pub async fn run_plugin(
         None => match std::env::var(SOCKET_ENV) {
             Ok(p) => format!("unix:{p}"),
             Err(_) => {
-                return Err(PluginError::Serve(format!(
-                    "this is a GRS provisioner plugin: give --listen ADDR, or let GRS start it (it sets {SOCKET_ENV})"
-                )));
+                return Err(PluginError::NoListenAddress);
             }
         },
     };
@@ -512,17 +571,13 @@ pub async fn run_plugin(
         let listener = tokio::net::UnixListener::bind(path)?;
         announce(&format!("unix|{path}"));
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        crate::serve(provisioner, version, incoming, shutdown)
-            .await
-            .map_err(|e| PluginError::Serve(e.to_string()))?;
+        crate::serve(provisioner, version, incoming, shutdown).await?;
         let _ = std::fs::remove_file(path);
     } else {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         announce(&format!("tcp|{}", listener.local_addr()?));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        crate::serve(provisioner, version, incoming, shutdown)
-            .await
-            .map_err(|e| PluginError::Serve(e.to_string()))?;
+        crate::serve(provisioner, version, incoming, shutdown).await?;
     }
     Ok(())
 }

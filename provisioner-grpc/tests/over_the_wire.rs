@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use grs_proto::provisioner::v1 as pb;
 use grs_proto::provisioner::v1::provisioner_client::ProvisionerClient;
-use grs_provisioner::conformance::{self, Harness};
+use grs_provisioner::conformance::{self, Harness, HarnessError};
 use grs_provisioner::fake::InjectedFailure;
 use grs_provisioner::{
     Capabilities, FakeProvisioner, Instance, InstanceSpec, PoolDocument, Provisioner,
@@ -79,12 +79,12 @@ impl Harness for WireHarness {
     fn pool(&self) -> String {
         "conformance".into()
     }
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         self.fake.add_foreign(name);
-        true
+        Ok(())
     }
-    async fn exists_at_all(&self, name: &str) -> bool {
-        self.fake.exists(name)
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        Ok(self.fake.exists(name))
     }
 }
 
@@ -301,12 +301,12 @@ impl Harness for ForgetfulHarness {
     fn pool(&self) -> String {
         "conformance".into()
     }
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         self.0.fake.add_foreign(name);
-        true
+        Ok(())
     }
-    async fn exists_at_all(&self, name: &str) -> bool {
-        self.0.fake.exists(name)
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        Ok(self.0.fake.exists(name))
     }
 }
 
@@ -409,7 +409,11 @@ async fn a_supervised_plugin_is_restarted_after_a_crash_and_gets_its_pools_again
     tokio::time::timeout(Duration::from_secs(20), plugin.wait_started(2))
         .await
         .expect("restarted");
-    assert_ne!(plugin.state(), PluginState::Running(pid));
+    assert!(
+        !matches!(plugin.state(), PluginState::Running(p) if p == pid),
+        "{:?}",
+        plugin.state()
+    );
     // The new process knows nothing (the fake keeps VMs in memory), but it
     // serves, and the client's calls reach it.
     assert!(client.list("linux").await.unwrap().is_empty());
@@ -419,7 +423,11 @@ async fn a_supervised_plugin_is_restarted_after_a_crash_and_gets_its_pools_again
         .unwrap();
 
     plugin.shutdown().await;
-    assert_eq!(plugin.state(), PluginState::Stopped);
+    assert!(
+        matches!(plugin.state(), PluginState::Stopped),
+        "{:?}",
+        plugin.state()
+    );
     let e = client.list("linux").await.unwrap_err();
     assert!(e.is_retryable(), "{e:?}");
     // The process is gone: its pid no longer answers to signal 0.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use grs_provisioner::conformance::{self, Harness};
+use grs_provisioner::conformance::{self, Harness, HarnessError};
 use grs_provisioner::{PoolDocument, Provisioner, ProvisionerError};
 use grs_provisioner_grpc::plugin::{Plugin, PluginCommand, SupervisorOptions};
 use grs_provisioner_grpc::{ClientOptions, GrpcProvisioner};
@@ -64,15 +64,15 @@ impl Harness for PythonHarness {
         "conformance".into()
     }
     /// A VM of the toy hypervisor without GRS's marker.
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         std::fs::write(
             self.state.join(format!("{name}.json")),
             r#"{"id": "someone-else/1", "state": "running"}"#,
-        )
-        .is_ok()
+        )?;
+        Ok(())
     }
-    async fn exists_at_all(&self, name: &str) -> bool {
-        self.state.join(format!("{name}.json")).exists()
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        Ok(std::fs::exists(self.state.join(format!("{name}.json")))?)
     }
 }
 

@@ -264,7 +264,7 @@ impl ProxmoxConfig {
         }
         if let Some(fp) = &self.fingerprint {
             crate::tls::parse_fingerprint(fp)
-                .map_err(|m| ConfigError::new("proxmox.fingerprint", m))?;
+                .map_err(|e| ConfigError::new("proxmox.fingerprint", e.to_string()))?;
         }
         if self.insecure_skip_verify && (self.fingerprint.is_some() || self.ca_file.is_some()) {
             return Err(ConfigError::new(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use grs_provisioner::Provisioner;
-use grs_provisioner::conformance::Harness;
+use grs_provisioner::conformance::{Harness, HarnessError};
 use secrecy::SecretString;
 
 use crate::backend::ProxmoxBackend;
@@ -182,13 +182,13 @@ impl Harness for SimFixture {
         POOL.into()
     }
 
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         let vmid = 5000 + self.sim.vms().len() as u32;
         self.sim.add_vm(&self.pool.node, vmid, name, false);
-        true
+        Ok(())
     }
 
-    async fn exists_at_all(&self, name: &str) -> bool {
-        !self.sim.vms_named(name).is_empty()
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        Ok(!self.sim.vms_named(name).is_empty())
     }
 }

@@ -17,14 +17,42 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ConfigError, ProxmoxConfig};
 
+/// Why a certificate fingerprint or a PEM file is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// Not hex digits (with or without `:`).
+    #[error("{fingerprint:?} is not a SHA-256 fingerprint (AA:BB:... hex)")]
+    FingerprintNotHex {
+        /// The fingerprint as given.
+        fingerprint: String,
+        /// The decoder's complaint.
+        #[source]
+        source: hex::FromHexError,
+    },
+    /// Hex, but not 32 bytes long.
+    #[error("{fingerprint:?} is not a SHA-256 fingerprint (32 bytes)")]
+    FingerprintLength {
+        /// The fingerprint as given.
+        fingerprint: String,
+    },
+    /// Not a PEM certificate file.
+    #[error("not a PEM certificate file: {0}")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    /// A PEM file without a certificate.
+    #[error("no certificate found")]
+    NoCertificate,
+}
+
 /// Parses `AA:BB:...` (or plain hex) into the 32 bytes of a SHA-256 digest.
-pub fn parse_fingerprint(fp: &str) -> Result<[u8; 32], String> {
+pub fn parse_fingerprint(fp: &str) -> Result<[u8; 32], CertError> {
     let hexed: String = fp.chars().filter(|c| *c != ':').collect();
-    let bytes = hex::decode(&hexed)
-        .map_err(|_| format!("{fp:?} is not a SHA-256 fingerprint (AA:BB:... hex)"))?;
-    bytes
-        .try_into()
-        .map_err(|_| format!("{fp:?} is not a SHA-256 fingerprint (32 bytes)"))
+    let bytes = hex::decode(&hexed).map_err(|source| CertError::FingerprintNotHex {
+        fingerprint: fp.to_owned(),
+        source,
+    })?;
+    bytes.try_into().map_err(|_| CertError::FingerprintLength {
+        fingerprint: fp.to_owned(),
+    })
 }
 
 /// The SHA-256 fingerprint of a DER certificate, as `AA:BB:...`.
@@ -53,9 +81,9 @@ pub fn client_config(conn: &ProxmoxConfig) -> Result<ClientConfig, ConfigError> 
         })?;
     let algs = provider().signature_verification_algorithms;
     if let Some(fp) = &conn.fingerprint {
-        let pin = parse_fingerprint(fp).map_err(|message| ConfigError {
+        let pin = parse_fingerprint(fp).map_err(|e| ConfigError {
             key: "proxmox.fingerprint".into(),
-            message,
+            message: e.to_string(),
         })?;
         return Ok(builder
             .dangerous()
@@ -112,12 +140,12 @@ pub fn client_config(conn: &ProxmoxConfig) -> Result<ClientConfig, ConfigError> 
 }
 
 /// Certificates of a PEM file.
-pub fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
     use rustls_pki_types::pem::PemObject;
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
-    let certs = certs.map_err(|e| format!("not a PEM certificate file: {e}"))?;
+    let certs = certs.map_err(CertError::Pem)?;
     if certs.is_empty() {
-        return Err("no certificate found".into());
+        return Err(CertError::NoCertificate);
     }
     Ok(certs)
 }
@@ -198,7 +226,15 @@ mod tests {
         let a = parse_fingerprint(&fp).unwrap();
         let b = parse_fingerprint(&fp.replace(':', "").to_lowercase()).unwrap();
         assert_eq!(a, b);
-        assert!(parse_fingerprint("AA:BB").unwrap_err().contains("32 bytes"));
-        assert!(parse_fingerprint("not hex").is_err());
+        assert!(matches!(
+            parse_fingerprint("AA:BB").unwrap_err(),
+            CertError::FingerprintLength { fingerprint } if fingerprint == "AA:BB"
+        ));
+        let e = parse_fingerprint("not hex").unwrap_err();
+        assert!(matches!(e, CertError::FingerprintNotHex { .. }), "{e}");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the decoder's error is kept"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use grs_provisioner::conformance::{self, Harness, spec};
+use grs_provisioner::conformance::{self, Harness, HarnessError, spec};
 use grs_provisioner::{Bootstrap, Provisioner, ProvisionerError};
 use grs_provisioner_proxmox::client::{Param, Upid};
 use grs_provisioner_proxmox::schema::ApiSchema;
@@ -121,24 +121,19 @@ impl Harness for FakeHarness {
     fn pool(&self) -> String {
         "linux".into()
     }
-    async fn create_foreign(&self, name: &str) -> bool {
-        let Ok(id) = self.admin.nextid().await else {
-            return false;
-        };
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
+        let id = self.admin.nextid().await?;
         let params = [Param::new("newid", id), Param::new("name", name)];
-        match self.admin.clone_vm("pve1", 9000, &params).await {
-            Ok(upid) => self.admin.wait_task(&upid).await.is_ok(),
-            Err(_) => false,
-        }
+        let upid = self.admin.clone_vm("pve1", 9000, &params).await?;
+        self.admin.wait_task(&upid).await?;
+        Ok(())
     }
-    /// Panics when fakepve cannot be asked: an API failure must fail the
-    /// check, not count as "it exists" (which made "a foreign VM survives"
+    /// An API failure is an error, which fails the check that asked: it
+    /// must not count as "it exists" (that made "a foreign VM survives"
     /// pass without looking).
-    async fn exists_at_all(&self, name: &str) -> bool {
-        match self.admin.resources(Some("vm")).await {
-            Ok(rs) => rs.iter().any(|r| r.name.as_deref() == Some(name)),
-            Err(e) => panic!("cannot list fakepve's VMs to look for {name}: {e}"),
-        }
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        let vms = self.admin.resources(Some("vm")).await?;
+        Ok(vms.iter().any(|r| r.name.as_deref() == Some(name)))
     }
 }
 
@@ -180,7 +175,7 @@ async fn conformance_suite_passes_on_fakepve() {
     let inst = p.get("grs-conf-ci").await.unwrap().unwrap();
     assert_eq!(inst.job_id, Some(77));
     p.delete("grs-conf-ci").await.unwrap();
-    assert!(!h.exists_at_all("grs-conf-ci").await);
+    assert!(!h.exists_at_all("grs-conf-ci").await.unwrap());
 
     let requests = log.lock().unwrap().clone();
     assert!(
@@ -189,6 +184,53 @@ async fn conformance_suite_passes_on_fakepve() {
         requests.len()
     );
     assert_schema_clean(&requests);
+}
+
+/// Makes foreign VMs through `maker`, looks for VMs through `looker`.
+struct SplitHarness {
+    maker: FakeHarness,
+    looker: FakeHarness,
+}
+
+#[async_trait]
+impl Harness for SplitHarness {
+    fn provisioner(&self) -> Arc<dyn Provisioner> {
+        self.maker.provisioner()
+    }
+    fn pool(&self) -> String {
+        self.maker.pool()
+    }
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
+        self.maker.create_foreign(name).await
+    }
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+        self.looker.exists_at_all(name).await
+    }
+}
+
+#[tokio::test]
+async fn the_foreign_vm_checks_fail_when_fakepve_refuses_the_lookup() {
+    let Some(fake) = start_fakepve("").await else {
+        return;
+    };
+    let backend = Arc::new(ProxmoxBackend::new(&fake.conn, "grs-fakepve", "grs-conf").unwrap());
+    backend.add_pool("linux", &pool()).unwrap();
+    let mut wrong = fake.conn.clone();
+    wrong.token_secret = Some(SecretString::from("not-the-secret".to_owned()));
+    let h = SplitHarness {
+        maker: FakeHarness {
+            provisioner: backend.clone(),
+            admin: PveClient::new(&fake.conn).unwrap(),
+        },
+        looker: FakeHarness {
+            provisioner: backend,
+            admin: PveClient::new(&wrong).unwrap(),
+        },
+    };
+    let e = conformance::foreign_vms_are_invisible_and_untouchable(&h, "refused")
+        .await
+        .expect_err("the check could not look, so it must fail");
+    assert!(e.contains("cannot tell whether a VM named"), "{e}");
 }
 
 #[tokio::test]

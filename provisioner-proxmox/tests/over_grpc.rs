@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use grs_provisioner::conformance::{self, Harness};
+use grs_provisioner::conformance::{self, Harness, HarnessError};
 use grs_provisioner::{PoolDocument, Provisioner};
 use grs_provisioner_grpc::{Address, ClientOptions, GrpcProvisioner, Target, serve};
 use grs_provisioner_proxmox::ProxmoxBackend;
@@ -23,10 +23,10 @@ impl Harness for WireHarness {
     fn pool(&self) -> String {
         POOL.into()
     }
-    async fn create_foreign(&self, name: &str) -> bool {
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
         self.fixture.create_foreign(name).await
     }
-    async fn exists_at_all(&self, name: &str) -> bool {
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
         self.fixture.exists_at_all(name).await
     }
 }

@@ -19,6 +19,11 @@ use async_trait::async_trait;
 
 use crate::{Bootstrap, InstanceSpec, InstanceState, Provisioner, ProvisionerError};
 
+/// Why a [`Harness`] could not look or act behind the provisioner's back
+/// (the backend's API failed, a file could not be written): whatever error
+/// the harness's own client has.
+pub type HarnessError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Access to a live backend for the suite.
 #[async_trait]
 pub trait Harness: Send + Sync {
@@ -27,11 +32,27 @@ pub trait Harness: Send + Sync {
     /// The pool the provisioner serves.
     fn pool(&self) -> String;
     /// Makes a VM named `name` that the provisioner does NOT own (no marker),
-    /// behind its back. Returns false if the backend cannot; the foreign checks
-    /// then fail, because a backend's tests must be able to prove them.
-    async fn create_foreign(&self, name: &str) -> bool;
-    /// Whether any VM named `name` exists, owned or not.
-    async fn exists_at_all(&self, name: &str) -> bool;
+    /// behind its back. An error fails the foreign checks: a backend's tests
+    /// must be able to prove them.
+    async fn create_foreign(&self, name: &str) -> Result<(), HarnessError>;
+    /// Whether any VM named `name` exists, owned or not. An error (the
+    /// backend could not be asked) fails the check that asked, whichever
+    /// answer it wanted: "a foreign VM survives" must not pass unseen.
+    async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError>;
+}
+
+/// [`Harness::exists_at_all`], its error a check failure naming the VM.
+async fn exists_at_all(h: &dyn Harness, name: &str) -> Result<bool, String> {
+    h.exists_at_all(name)
+        .await
+        .map_err(|e| format!("cannot tell whether a VM named {name} exists: {e}"))
+}
+
+/// [`Harness::create_foreign`], its error a check failure naming the VM.
+async fn create_foreign(h: &dyn Harness, name: &str) -> CheckResult {
+    h.create_foreign(name).await.map_err(|e| {
+        format!("the harness cannot make foreign VM {name} (this check must run): {e}")
+    })
 }
 
 /// A spec with no bootstrap, for tests.
@@ -190,7 +211,7 @@ pub async fn delete_removes_the_instance(h: &dyn Harness, run: &str) -> CheckRes
         "list still shows {n} after delete"
     );
     ensure!(
-        !h.exists_at_all(&n).await,
+        !exists_at_all(h, &n).await?,
         "the backend still holds a VM named {n} after delete"
     );
     Ok(())
@@ -263,7 +284,7 @@ pub async fn stop_and_start_change_the_state(h: &dyn Harness, run: &str) -> Chec
     // Deleting a running instance stops it first.
     p.delete(&pool, &n).await.map_err(err)?;
     ensure!(
-        !h.exists_at_all(&n).await,
+        !exists_at_all(h, &n).await?,
         "running instance {n} survived delete"
     );
     Ok(())
@@ -275,10 +296,7 @@ pub async fn foreign_vms_are_invisible_and_untouchable(h: &dyn Harness, run: &st
     let p = h.provisioner();
     let pool = h.pool();
     let n = name(run, 6);
-    ensure!(
-        h.create_foreign(&n).await,
-        "the harness cannot make a foreign VM; this check must run"
-    );
+    create_foreign(h, &n).await?;
     ensure!(
         p.get(&pool, &n).await.map_err(err)?.is_none(),
         "get returned foreign VM {n}"
@@ -302,7 +320,7 @@ pub async fn foreign_vms_are_invisible_and_untouchable(h: &dyn Harness, run: &st
         }
     }
     ensure!(
-        h.exists_at_all(&n).await,
+        exists_at_all(h, &n).await?,
         "foreign VM {n} is gone after a refused delete"
     );
     if p.capabilities().start_stop {
@@ -324,7 +342,7 @@ pub async fn foreign_vms_are_invisible_and_untouchable(h: &dyn Harness, run: &st
         }
     }
     ensure!(
-        h.exists_at_all(&n).await,
+        exists_at_all(h, &n).await?,
         "foreign VM {n} is gone after a refused create"
     );
     Ok(())
@@ -374,7 +392,7 @@ pub async fn invalid_names_are_refused(h: &dyn Harness, _run: &str) -> CheckResu
         }
     }
     ensure!(
-        !h.exists_at_all("Not_A_DNS_Name").await,
+        !exists_at_all(h, "Not_A_DNS_Name").await?,
         "a VM was made with an invalid name"
     );
     Ok(())
@@ -429,10 +447,7 @@ pub async fn remove_all_deletes_the_pools_instances_and_nothing_else(
             .map_err(err)?;
     }
     let foreign = name(run, 32);
-    ensure!(
-        h.create_foreign(&foreign).await,
-        "the harness cannot make a foreign VM; this check must run"
-    );
+    create_foreign(h, &foreign).await?;
     let mut removed = p.remove_all(&pool).await.map_err(err)?;
     removed.sort();
     for n in &mine {
@@ -440,14 +455,17 @@ pub async fn remove_all_deletes_the_pools_instances_and_nothing_else(
             removed.contains(n),
             "remove_all({pool}) returned {removed:?}, without {n}"
         );
-        ensure!(!h.exists_at_all(n).await, "{n} survived remove_all({pool})");
+        ensure!(
+            !exists_at_all(h, n).await?,
+            "{n} survived remove_all({pool})"
+        );
     }
     ensure!(
         !removed.contains(&foreign),
         "remove_all({pool}) claims to have removed foreign VM {foreign}"
     );
     ensure!(
-        h.exists_at_all(&foreign).await,
+        exists_at_all(h, &foreign).await?,
         "foreign VM {foreign} is gone after remove_all({pool})"
     );
     let left = p.list(&pool).await.map_err(err)?;

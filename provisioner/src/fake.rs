@@ -220,7 +220,8 @@ impl Provisioner for FakeProvisioner {
     }
 
     async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProvisionerError> {
-        validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
+        validate_instance_name(&spec.name)
+            .map_err(|e| ProvisionerError::InvalidSpec(e.to_string()))?;
         {
             let mut s = self.state.lock().unwrap();
             match Self::owned_mut(&mut s, &spec.pool, &spec.name)? {
@@ -344,7 +345,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::conformance::{self, Harness};
+    use crate::conformance::{self, Harness, HarnessError};
 
     #[derive(Debug)]
     struct FakeHarness(Arc<FakeProvisioner>);
@@ -357,12 +358,12 @@ mod tests {
         fn pool(&self) -> String {
             "conformance".into()
         }
-        async fn create_foreign(&self, name: &str) -> bool {
+        async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
             self.0.add_foreign(name);
-            true
+            Ok(())
         }
-        async fn exists_at_all(&self, name: &str) -> bool {
-            self.0.exists(name)
+        async fn exists_at_all(&self, name: &str) -> Result<bool, HarnessError> {
+            Ok(self.0.exists(name))
         }
     }
 
@@ -370,6 +371,42 @@ mod tests {
     async fn fake_passes_the_conformance_suite() {
         let h = FakeHarness(Arc::new(FakeProvisioner::new()));
         conformance::run_all(&h).await.unwrap();
+    }
+
+    /// A harness that makes foreign VMs but cannot look for VMs: its
+    /// backend's API fails.
+    struct BlindHarness(Arc<FakeProvisioner>);
+
+    #[async_trait]
+    impl Harness for BlindHarness {
+        fn provisioner(&self) -> Arc<dyn Provisioner> {
+            self.0.clone()
+        }
+        fn pool(&self) -> String {
+            "conformance".into()
+        }
+        async fn create_foreign(&self, name: &str) -> Result<(), HarnessError> {
+            self.0.add_foreign(name);
+            Ok(())
+        }
+        async fn exists_at_all(&self, _name: &str) -> Result<bool, HarnessError> {
+            Err("the backend's API answered 503".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_foreign_vm_check_fails_when_the_backend_cannot_be_asked() {
+        let h = BlindHarness(Arc::new(FakeProvisioner::new()));
+        for check in [
+            conformance::foreign_vms_are_invisible_and_untouchable(&h, "blind").await,
+            conformance::remove_all_deletes_the_pools_instances_and_nothing_else(&h, "blind").await,
+        ] {
+            let e = check.expect_err("a check that cannot look must fail");
+            assert!(
+                e.contains("cannot tell whether a VM named") && e.contains("answered 503"),
+                "{e}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -35,7 +35,8 @@ use async_trait::async_trait;
 pub use error::ProvisionerError;
 pub use fake::FakeProvisioner;
 pub use types::{
-    Bootstrap, Instance, InstanceSpec, InstanceState, instance_name, validate_instance_name,
+    Bootstrap, Instance, InstanceSpec, InstanceState, InvalidInstanceName, instance_name,
+    validate_instance_name,
 };
 
 /// What a backend supports beyond the verbs every backend has.
@@ -144,6 +145,17 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Why a [`NodeLedger`] call failed: the shared places could not be read or
+/// written (the control plane's store did not answer). Nothing was held or
+/// released; the call may be repeated.
+#[derive(Debug, thiserror::Error)]
+#[error("node places unavailable: {source}")]
+pub struct LedgerError {
+    /// The ledger's own error (the store's).
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 /// Places on nodes, held for instances by every process of an
 /// installation (implemented by the control plane over its store).
 ///
@@ -164,9 +176,9 @@ pub trait NodeLedger: Send + Sync + std::fmt::Debug {
         instance: &str,
         max: u32,
         visible: &[String],
-    ) -> Result<bool, String>;
+    ) -> Result<bool, LedgerError>;
 
     /// Releases `instance`'s place on `node` (a create that failed or was
     /// placed elsewhere). Idempotent.
-    async fn release(&self, node: &str, instance: &str) -> Result<(), String>;
+    async fn release(&self, node: &str, instance: &str) -> Result<(), LedgerError>;
 }

@@ -17,29 +17,54 @@ pub fn instance_name(prefix: &str, job_id: u64) -> String {
     format!("{prefix}-{job_id}")
 }
 
+/// Why a name is not an instance name (see [`validate_instance_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInstanceName {
+    /// Empty, or longer than [`MAX_INSTANCE_NAME_LEN`].
+    #[error("instance name {name:?} must be 1 to {MAX_INSTANCE_NAME_LEN} characters long")]
+    Length {
+        /// The name refused.
+        name: String,
+    },
+    /// A character other than a lowercase letter, a digit or `-`.
+    #[error(
+        "instance name {name:?} contains {found:?}; only lowercase letters, digits and '-' are allowed"
+    )]
+    Character {
+        /// The name refused.
+        name: String,
+        /// Its first character not allowed.
+        found: char,
+    },
+    /// Starts or ends with `-`.
+    #[error("instance name {name:?} must not start or end with '-'")]
+    Dash {
+        /// The name refused.
+        name: String,
+    },
+}
+
 /// Checks that `name` is a DNS label: 1..=63 characters of lowercase ASCII
 /// letters, digits and `-`, not starting or ending with `-`.
 ///
 /// Hypervisors and GitHub both accept such names, so every backend can use
 /// the instance name as the VM's name and the runner's name.
-pub fn validate_instance_name(name: &str) -> Result<(), String> {
+pub fn validate_instance_name(name: &str) -> Result<(), InvalidInstanceName> {
+    let name_owned = || name.to_owned();
     if name.is_empty() || name.len() > MAX_INSTANCE_NAME_LEN {
-        return Err(format!(
-            "instance name {name:?} must be 1 to {MAX_INSTANCE_NAME_LEN} characters long"
-        ));
+        return Err(InvalidInstanceName::Length { name: name_owned() });
     }
-    if let Some(c) = name
+    if let Some(found) = name
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
-        return Err(format!(
-            "instance name {name:?} contains {c:?}; only lowercase letters, digits and '-' are allowed"
-        ));
+        return Err(InvalidInstanceName::Character {
+            name: name_owned(),
+            found,
+        });
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(format!(
-            "instance name {name:?} must not start or end with '-'"
-        ));
+        return Err(InvalidInstanceName::Dash { name: name_owned() });
     }
     Ok(())
 }
@@ -176,16 +201,29 @@ mod tests {
 
     #[test]
     fn bad_instance_names_are_refused_with_the_reason() {
-        assert!(validate_instance_name("").is_err());
-        assert!(
-            validate_instance_name(&"a".repeat(64))
-                .unwrap_err()
-                .contains("63")
+        let refused = |n: &str| validate_instance_name(n).unwrap_err();
+        assert_eq!(refused(""), InvalidInstanceName::Length { name: "".into() });
+        assert!(refused(&"a".repeat(64)).to_string().contains("63"));
+        assert_eq!(
+            refused("Grs-1"),
+            InvalidInstanceName::Character {
+                name: "Grs-1".into(),
+                found: 'G'
+            }
         );
-        assert!(validate_instance_name("Grs-1").unwrap_err().contains("'G'"));
-        assert!(validate_instance_name("grs_1").unwrap_err().contains("'_'"));
-        assert!(validate_instance_name("-grs").is_err());
-        assert!(validate_instance_name("grs-").is_err());
+        assert!(refused("grs_1").to_string().contains("'_'"));
+        assert_eq!(
+            refused("-grs"),
+            InvalidInstanceName::Dash {
+                name: "-grs".into()
+            }
+        );
+        assert_eq!(
+            refused("grs-"),
+            InvalidInstanceName::Dash {
+                name: "grs-".into()
+            }
+        );
         validate_instance_name("a").unwrap();
     }
 

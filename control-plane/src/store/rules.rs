@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use super::{BeginProvision, BeginWarm, PoolLimits, Queue, QueueItem, SubmitResult};
 use crate::model::{
-    Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis,
+    Event, InstanceRecord, InstanceState, Job, JobAction, JobEvent, JobState, Millis, NamedRunner,
     PoolOverrides, SubmitOutcome, apply_event, instance_is_created, instance_is_live, reason,
 };
 
@@ -552,7 +552,15 @@ pub fn submit(
     }
     let existing = tx.job(ev.job_id)?;
     tx.record_delivery(&ev.delivery_id);
-    let applied = apply_event(existing.as_ref(), ev, routed_pool, now);
+    // Only in_progress and completed name a runner (read by the rest of
+    // this decision anyway, so the Redis store prefetches it).
+    let runner = match ev.action {
+        JobAction::InProgress | JobAction::Completed if !ev.runner_name.is_empty() => {
+            NamedRunner::of(tx.instance(&ev.runner_name)?.as_ref())
+        }
+        _ => NamedRunner::NotOurs,
+    };
+    let applied = apply_event(existing.as_ref(), ev, routed_pool, runner, now);
     if applied.outcome != SubmitOutcome::Accepted {
         return Ok(SubmitResult {
             outcome: applied.outcome,
@@ -574,24 +582,8 @@ pub fn submit(
         to: job.state,
         reason: why,
     });
-    let first_heard = existing.is_none();
     tx.put_job(existing, job.clone());
-    // A job first heard of as taken by a runner (its `queued` delivery late
-    // or lost) that GRS made for another job owes that job an instance, as
-    // it would have, had its `queued` come first: begin_provision proceeds
-    // for a job in progress with no instance, or completed on another's
-    // runner. (A warm runner is replaced by its pool's keeper instead; a
-    // runner not ours took nothing from GRS.) Found by the e2e soak:
-    // reordered `queued` deliveries left the last jobs waiting for ever.
-    let owes_instance = first_heard
-        && !applied.enqueue_provision
-        && !job.pool.is_empty()
-        && matches!(ev.action, JobAction::InProgress | JobAction::Completed)
-        && !ev.runner_name.is_empty()
-        && tx
-            .instance(&ev.runner_name)?
-            .is_some_and(|i| !i.warm && i.job_id != job.job_id);
-    if applied.enqueue_provision || owes_instance {
+    if applied.enqueue_provision {
         tx.push(
             Queue::Provision(job.pool.clone()),
             QueueItem::Provision { job_id: job.job_id },

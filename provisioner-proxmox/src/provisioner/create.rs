@@ -110,7 +110,8 @@ impl ProxmoxProvisioner {
     }
 
     pub(super) fn check_spec(&self, spec: &InstanceSpec) -> Result<(), ProvisionerError> {
-        validate_instance_name(&spec.name).map_err(ProvisionerError::InvalidSpec)?;
+        validate_instance_name(&spec.name)
+            .map_err(|e| ProvisionerError::InvalidSpec(e.to_string()))?;
         if !self.has_prefix(&spec.name) {
             return Err(ProvisionerError::InvalidSpec(format!(
                 "instance name {} does not start with this installation's prefix {:?}",
