@@ -442,7 +442,14 @@ pub(crate) async fn create(
     }
 }
 
-/// [`create`]'s steps; `hold` is checked right before the provisioner call.
+/// [`create`]'s steps. `hold` is checked first and again right before the
+/// provisioner call: the heartbeat around this may not have run for a
+/// while (a starved runtime fires no tick), and a worker that lost its
+/// entry must neither mint a runner config (minting removes the
+/// registration of that name, the new holder's) nor issue a bootstrap token
+/// (that revokes the new holder's VM's) nor ask for a VM. Found by the CI
+/// soak on a loaded machine: a worker woke from a capacity wait after its
+/// entry and fence had gone to another and re-minted under the other's VM.
 async fn make(
     ctx: &WorkerContext,
     pool: &Pool,
@@ -450,6 +457,9 @@ async fn make(
     job_id: u64,
     hold: Option<Hold<'_>>,
 ) -> Result<Result<Instance, ProvisionerError>, WorkError> {
+    if let Some(hold) = hold {
+        heartbeat(ctx, hold).await?;
+    }
     // A redone create (the worker that began it died, or its entry was
     // reclaimed) may find the VM already running on the first attempt's
     // seed and runner registration. Minting new ones would revoke the token
@@ -487,9 +497,7 @@ async fn make(
         labels: pool.config.labels.clone(),
         bootstrap,
     };
-    // The heartbeat around this may not have run for a while (a starved
-    // runtime): make sure the entry is still this worker's before a VM is
-    // asked for.
+    // Minting may have taken long: still this worker's?
     if let Some(hold) = hold {
         heartbeat(ctx, hold).await?;
     }
@@ -688,6 +696,69 @@ mod tests {
             "the worker that lost the entry created grs-7 again (a: {a:?})"
         );
         assert!(matches!(a, Err(WorkError::Lost)), "a: {a:?}");
+    }
+
+    /// A worker that wakes (a starved runtime, a long wait) after its
+    /// entry went to another worker: it must neither mint a runner config
+    /// nor issue a token nor create, all of which would undo the new
+    /// holder's instance. The CI soak met it on a loaded machine.
+    #[tokio::test]
+    async fn a_create_by_a_worker_that_lost_its_entry_mints_and_makes_nothing() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+        use crate::store::{MemoryStore, Store};
+        use crate::testing::{fake_pools, test_config};
+
+        let config = test_config();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
+        let pools = fake_pools(&config, &fake);
+        let registrar = Arc::new(CountingRegistrar::default());
+        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
+        settings.gateway_url = Some("http://gw:8080".into());
+        let ctx = WorkerContext {
+            store: store.clone(),
+            pools: pools.clone(),
+            settings,
+            registrar: Some(registrar.clone()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: Default::default(),
+            github: None,
+        };
+        let pool = pools.get("linux").unwrap();
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
+            .await
+            .unwrap();
+        let queue = Queue::Provision("linux".into());
+        let d = store
+            .read(&queue, "a", std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .begin_provision(7, "grs-7", &pool.limits(), now_ms())
+            .await
+            .unwrap();
+        let claimed = store
+            .claim_stale(&queue, "b", std::time::Duration::ZERO, 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        let hold = Hold {
+            queue: &queue,
+            consumer: "a",
+            id: &d.id,
+            lease: None,
+        };
+        let r = create(&ctx, pool, "grs-7", 7, Some(hold)).await;
+        assert!(matches!(r, Err(WorkError::Lost)), "{r:?}");
+        assert_eq!(
+            registrar.0.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a runner config was minted by a worker that had lost its entry"
+        );
+        assert_eq!(fake.create_calls(), 0);
     }
 
     #[test]

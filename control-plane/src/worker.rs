@@ -279,20 +279,26 @@ pub(crate) async fn with_heartbeat<T>(
     }
 }
 
-/// Waits `delay` holding `hold`; false if shutdown came first.
+/// Waits `delay` holding `hold`; false if shutdown came first. A wait that
+/// ran its course ends with a heartbeat: a worker stalled during the wait
+/// (a starved runtime fires no tick) learns of a loss before it goes on.
 pub(crate) async fn wait_holding(
     ctx: &WorkerContext,
     hold: Hold<'_>,
     delay: Duration,
 ) -> Result<bool, WorkError> {
     let shutdown = ctx.shutdown.clone();
-    with_heartbeat(ctx, hold, async move {
+    let waited = with_heartbeat(ctx, hold, async move {
         tokio::select! {
             _ = shutdown.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
         }
     })
-    .await
+    .await?;
+    if waited {
+        heartbeat(ctx, hold).await?;
+    }
+    Ok(waited)
 }
 
 /// Sleeps `delay` unless shutdown comes first; false then.
