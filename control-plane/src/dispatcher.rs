@@ -2,7 +2,8 @@
 //!
 //! # Expected flow
 //! 1. Take the next entry of the pool's provision queue (or one a dead worker
-//!    left behind).
+//!    left behind), then the instance's create fence (a lease named
+//!    `create:<instance>`); while another worker holds it, wait.
 //! 2. With `[github]` configured, ask GitHub whether the job still waits for
 //!    a runner ([`GitHubJobs::check`](crate::github::GitHubJobs::check),
 //!    budgeted): if a runner took it or it completed, that is recorded as
@@ -27,7 +28,16 @@
 //!   entry pending; another claims it after the claim timeout and repeats
 //!   from step 2, which takes no second slot, and the provisioner's create is
 //!   idempotent by name.
-//! - **Bounded.** Capacity is only ever taken in step 2, atomically.
+//! - **One worker per entry, one create per instance.** A worker taken for
+//!   dead while it was only slow (heartbeats later than the claim timeout)
+//!   learns of it at its next heartbeat, which no longer takes the entry
+//!   back, and stops: it creates nothing more and acknowledges nothing (the
+//!   store's [`touch`](crate::store::Store::touch) and
+//!   [`ack`](crate::store::Store::ack) act only for the entry's holder). It
+//!   also asks right before calling the provisioner. The create fence,
+//!   renewed with the entry, keeps two workers holding the same job (that
+//!   one, or a job queued twice) from making the instance at once.
+//! - **Bounded.** Capacity is only ever taken in step 3, atomically.
 //! - **Failure is recorded.** A permanent provisioner error fails the job
 //!   at once with the reason (and queues the instance's cleanup, which
 //!   frees its slot). Transient errors and lost workers are retried, with
@@ -51,7 +61,10 @@ use crate::guest_agent;
 use crate::model::now_ms;
 use crate::pools::Pool;
 use crate::store::{BeginProvision, Delivery, Queue, QueueItem, StoreResult};
-use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
+use crate::worker::{
+    Handled, Hold, WorkError, WorkerContext, heartbeat, run_queue_worker, wait_holding,
+    with_heartbeat,
+};
 
 /// How long a worker waits before asking again for room in a full or paused
 /// pool.
@@ -88,12 +101,21 @@ pub async fn run(ctx: WorkerContext, pool: String, consumer: String) {
     .await
 }
 
+/// The lease that fences the create of instance `name`: a dispatcher
+/// holds it from before [`begin_provision`](crate::store::Store::begin_provision)
+/// until it is done with the entry, renewed with every heartbeat, so two
+/// workers that both think they hold the job (one was taken for dead, or
+/// the job was queued twice) never make the instance at the same time.
+fn create_fence(name: &str) -> String {
+    format!("create:{name}")
+}
+
 async fn handle(
     ctx: &WorkerContext,
     pool_name: &str,
     consumer: &str,
     d: Delivery,
-) -> StoreResult<Handled> {
+) -> Result<Handled, WorkError> {
     let queue = Queue::Provision(pool_name.to_owned());
     let QueueItem::Provision { job_id } = d.item else {
         tracing::error!(%queue, entry = %d.id, item = ?d.item, "not a provision entry; dropped");
@@ -113,6 +135,49 @@ async fn handle(
         return Ok(Handled::Done);
     };
     let name = grs_provisioner::instance_name(&ctx.settings.instance_prefix, job_id);
+    let hold = Hold {
+        queue: &queue,
+        consumer,
+        id: &d.id,
+        lease: None,
+    };
+    let fence = create_fence(&name);
+    while !ctx
+        .store
+        .acquire_lease(&fence, consumer, ctx.settings.claim_timeout)
+        .await?
+    {
+        // Another worker is on this instance: wait for it to finish (the
+        // job is then provisioned and there is nothing left to do) or to
+        // stop (it lost its entry, or died and its lease ran out).
+        tracing::info!(job_id, instance = %name, "another worker is making this instance; waiting");
+        if !wait_holding(ctx, hold, CAPACITY_POLL).await? {
+            return Ok(Handled::Released);
+        }
+    }
+    let fenced = Hold {
+        lease: Some(&fence),
+        ..hold
+    };
+    let handled = provision(ctx, pool, job_id, &name, fenced).await;
+    // Given up however the work ended (after a loss nothing more is done
+    // here); if this fails, the lease runs out after the claim timeout.
+    if let Err(e) = ctx.store.release_lease(&fence, consumer).await {
+        tracing::warn!(job_id, instance = %name, error = %e, "cannot release the create fence; it runs out after the claim timeout");
+    }
+    handled
+}
+
+/// Steps 2 to 5 for `job_id` in `pool` (instance `name`), holding `hold`
+/// and its create fence.
+async fn provision(
+    ctx: &WorkerContext,
+    pool: &Pool,
+    job_id: u64,
+    name: &str,
+    hold: Hold<'_>,
+) -> Result<Handled, WorkError> {
+    let pool_name = pool.name.as_str();
     let mut last_error = String::from("worker lost while creating (crash or restart)");
     let mut checked_at: Option<tokio::time::Instant> = None;
     let mut noted_waiting = false;
@@ -125,7 +190,7 @@ async fn handle(
         }
         let attempts = match ctx
             .store
-            .begin_provision(job_id, &name, &pool.limits(), now_ms())
+            .begin_provision(job_id, name, &pool.limits(), now_ms())
             .await?
         {
             BeginProvision::Skip(reason) => {
@@ -139,7 +204,7 @@ async fn handle(
                 continue;
             }
             BeginProvision::Paused | BeginProvision::NoCapacity => {
-                if !wait_holding(ctx, &queue, consumer, &d.id, CAPACITY_POLL).await {
+                if !wait_holding(ctx, hold, CAPACITY_POLL).await? {
                     return Ok(Handled::Released);
                 }
                 continue;
@@ -181,13 +246,13 @@ async fn handle(
             };
             tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
             ctx.store
-                .fail_provision(job_id, &name, &reason, now_ms())
+                .fail_provision(job_id, name, &reason, now_ms())
                 .await?;
             return Ok(Handled::Done);
         }
         tracing::info!(job_id, instance = %name, pool = pool_name, attempt = attempts, "creating instance");
         let started = std::time::Instant::now();
-        let created = create(ctx, pool, &name, job_id, Some((&queue, consumer, &d.id))).await?;
+        let created = create(ctx, pool, name, job_id, Some(hold)).await?;
         match created {
             Ok(made) => {
                 if noted_waiting {
@@ -197,7 +262,7 @@ async fn handle(
                     .store
                     .finish_provision(
                         job_id,
-                        &name,
+                        name,
                         &made.provider_id,
                         made.location.as_deref().unwrap_or(""),
                         now_ms(),
@@ -245,7 +310,7 @@ async fn handle(
                 noted_waiting = true;
                 // Ask GitHub again before the retry.
                 checked_at = None;
-                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                if !wait_holding(ctx, hold, delay).await? {
                     return Ok(Handled::Released);
                 }
             }
@@ -262,7 +327,7 @@ async fn handle(
                 };
                 tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
                 ctx.store
-                    .fail_provision(job_id, &name, &reason, now_ms())
+                    .fail_provision(job_id, name, &reason, now_ms())
                     .await?;
                 return Ok(Handled::Done);
             }
@@ -357,17 +422,44 @@ async fn cloud_init_bootstrap(
 /// moves it to creating, gives it its bootstrap (its runner config is
 /// minted here: handed over by the guest agent, see [`guest_agent`], or
 /// sealed under the bootstrap token for cloud-init, see
-/// [`cloud_init_bootstrap`]; a failure to mint it is a failed create), and asks the pool's provisioner for it,
-/// telling the store every heartbeat that the queue entry `hold` (queue,
-/// consumer, entry id), if any, is still worked on. The outer error is the
-/// store's; the inner one the backend's.
+/// [`cloud_init_bootstrap`]; a failure to mint it is a failed create), and
+/// asks the pool's provisioner for it. With `hold` (a queue entry), the
+/// store is told every heartbeat, all along, that the worker still holds
+/// it, and asked once more right before the provisioner is: a worker that
+/// lost the entry stops with [`WorkError::Lost`] and makes nothing more.
+/// The outer error is the store's (or the loss); the inner one the
+/// backend's.
 pub(crate) async fn create(
     ctx: &WorkerContext,
     pool: &Pool,
     name: &str,
     job_id: u64,
-    hold: Option<(&Queue, &str, &str)>,
-) -> StoreResult<Result<Instance, ProvisionerError>> {
+    hold: Option<Hold<'_>>,
+) -> Result<Result<Instance, ProvisionerError>, WorkError> {
+    match hold {
+        Some(hold) => with_heartbeat(ctx, hold, make(ctx, pool, name, job_id, Some(hold))).await?,
+        None => make(ctx, pool, name, job_id, None).await,
+    }
+}
+
+/// [`create`]'s steps. `hold` is checked first and again right before the
+/// provisioner call: the heartbeat around this may not have run for a
+/// while (a starved runtime fires no tick), and a worker that lost its
+/// entry must neither mint a runner config (minting removes the
+/// registration of that name, the new holder's) nor issue a bootstrap token
+/// (that revokes the new holder's VM's) nor ask for a VM. Found by the CI
+/// soak on a loaded machine: a worker woke from a capacity wait after its
+/// entry and fence had gone to another and re-minted under the other's VM.
+async fn make(
+    ctx: &WorkerContext,
+    pool: &Pool,
+    name: &str,
+    job_id: u64,
+    hold: Option<Hold<'_>>,
+) -> Result<Result<Instance, ProvisionerError>, WorkError> {
+    if let Some(hold) = hold {
+        heartbeat(ctx, hold).await?;
+    }
     // A redone create (the worker that began it died, or its entry was
     // reclaimed) may find the VM already running on the first attempt's
     // seed and runner registration. Minting new ones would revoke the token
@@ -405,13 +497,12 @@ pub(crate) async fn create(
         labels: pool.config.labels.clone(),
         bootstrap,
     };
+    // Minting may have taken long: still this worker's?
+    if let Some(hold) = hold {
+        heartbeat(ctx, hold).await?;
+    }
     let started = std::time::Instant::now();
-    let r = match hold {
-        Some((queue, consumer, id)) => {
-            with_heartbeat(ctx, queue, consumer, id, pool.provisioner.create(&spec)).await
-        }
-        None => pool.provisioner.create(&spec).await,
-    };
+    let r = pool.provisioner.create(&spec).await;
     ctx.metrics
         .provisioner_call(pool.provisioner.kind(), "create", started.elapsed(), &r);
     Ok(r)
@@ -485,6 +576,167 @@ mod tests {
             "the redo minted a second runner config (and token): the running VM's would be revoked"
         );
         assert_eq!(fake.creates(), 1);
+    }
+
+    /// Mints runner configs; the first mint waits until `release` is
+    /// notified (a worker stalled while making its instance) and tells
+    /// `entered` when it starts.
+    #[derive(Debug, Default)]
+    struct StallingRegistrar {
+        mints: std::sync::atomic::AtomicU32,
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::worker::RunnerRegistrar for StallingRegistrar {
+        async fn jit_config(
+            &self,
+            name: &str,
+            _labels: &[String],
+            _runner_group_id: u64,
+        ) -> Result<secrecy::SecretString, String> {
+            if self.mints.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+            Ok(format!("jit-{name}").into())
+        }
+
+        async fn remove_runner(&self, _name: &str) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// One entry, two workers: worker `a` stalls while making the instance
+    /// and is taken for dead (its entry claimed by `b`, as after heartbeats
+    /// that came too late on a loaded machine). `b` makes the instance;
+    /// `a` must find out it lost the entry and make nothing.
+    #[tokio::test]
+    async fn a_worker_that_lost_its_entry_to_another_creates_nothing() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+        use crate::store::{MemoryStore, Store};
+        use crate::testing::{fake_pools, test_config};
+
+        let config = test_config();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
+        let pools = fake_pools(&config, &fake);
+        let registrar = Arc::new(StallingRegistrar::default());
+        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
+        settings.gateway_url = Some("http://gw:8080".into());
+        let ctx = WorkerContext {
+            store: store.clone(),
+            pools,
+            settings,
+            registrar: Some(registrar.clone()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: Default::default(),
+            github: None,
+        };
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
+            .await
+            .unwrap();
+        let queue = Queue::Provision("linux".into());
+        let d = store
+            .read(&queue, "a", std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        let a = tokio::spawn({
+            let (ctx, d) = (ctx.clone(), d.clone());
+            async move { handle(&ctx, "linux", "a", d).await }
+        });
+        registrar.entered.notified().await;
+        // `a` is taken for dead: its entry goes to `b`.
+        let claimed = store
+            .claim_stale(&queue, "b", std::time::Duration::ZERO, 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec![d.clone()]);
+        let wait = std::time::Duration::from_secs(10);
+        let b = tokio::time::timeout(wait, handle(&ctx, "linux", "b", d))
+            .await
+            .expect("b finished");
+        assert_eq!(b.unwrap(), Handled::Done);
+        assert_eq!(fake.create_calls(), 1);
+        // `a` wakes up.
+        registrar.release.notify_one();
+        let a = tokio::time::timeout(wait, a)
+            .await
+            .expect("a finished")
+            .unwrap();
+        assert_eq!(
+            fake.create_calls(),
+            1,
+            "the worker that lost the entry created grs-7 again (a: {a:?})"
+        );
+        assert!(matches!(a, Err(WorkError::Lost)), "a: {a:?}");
+    }
+
+    /// A worker that wakes (a starved runtime, a long wait) after its
+    /// entry went to another worker: it must neither mint a runner config
+    /// nor issue a token nor create, all of which would undo the new
+    /// holder's instance. The CI soak met it on a loaded machine.
+    #[tokio::test]
+    async fn a_create_by_a_worker_that_lost_its_entry_mints_and_makes_nothing() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+        use crate::store::{MemoryStore, Store};
+        use crate::testing::{fake_pools, test_config};
+
+        let config = test_config();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
+        let pools = fake_pools(&config, &fake);
+        let registrar = Arc::new(CountingRegistrar::default());
+        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
+        settings.gateway_url = Some("http://gw:8080".into());
+        let ctx = WorkerContext {
+            store: store.clone(),
+            pools: pools.clone(),
+            settings,
+            registrar: Some(registrar.clone()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            metrics: Default::default(),
+            github: None,
+        };
+        let pool = pools.get("linux").unwrap();
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
+            .await
+            .unwrap();
+        let queue = Queue::Provision("linux".into());
+        let d = store
+            .read(&queue, "a", std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .begin_provision(7, "grs-7", &pool.limits(), now_ms())
+            .await
+            .unwrap();
+        let claimed = store
+            .claim_stale(&queue, "b", std::time::Duration::ZERO, 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        let hold = Hold {
+            queue: &queue,
+            consumer: "a",
+            id: &d.id,
+            lease: None,
+        };
+        let r = create(&ctx, pool, "grs-7", 7, Some(hold)).await;
+        assert!(matches!(r, Err(WorkError::Lost)), "{r:?}");
+        assert_eq!(
+            registrar.0.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a runner config was minted by a worker that had lost its entry"
+        );
+        assert_eq!(fake.create_calls(), 0);
     }
 
     #[test]

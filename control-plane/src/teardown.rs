@@ -40,7 +40,9 @@ use grs_provisioner::ProvisionerError;
 
 use crate::model::{InstanceRecord, InstanceState, JobState, now_ms};
 use crate::store::{Delivery, Queue, QueueItem, StoreResult};
-use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
+use crate::worker::{
+    Handled, Hold, WorkError, WorkerContext, run_queue_worker, wait_holding, with_heartbeat,
+};
 
 /// Runs one teardown worker until shutdown.
 pub async fn run(ctx: WorkerContext, consumer: String) {
@@ -51,11 +53,20 @@ pub async fn run(ctx: WorkerContext, consumer: String) {
     .await
 }
 
-async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult<Handled> {
+async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> Result<Handled, WorkError> {
     let queue = Queue::Teardown;
     let QueueItem::Teardown { instance: name } = d.item else {
         tracing::error!(entry = %d.id, item = ?d.item, "not a teardown entry; dropped");
         return Ok(Handled::Done);
+    };
+    // Two workers deleting one instance is harmless (every step is
+    // idempotent): no lease. The heartbeat still stops one that lost the
+    // entry.
+    let hold = Hold {
+        queue: &queue,
+        consumer,
+        id: &d.id,
+        lease: None,
     };
     let mut attempt = 0u32;
     loop {
@@ -79,7 +90,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                 ctx.store
                     .note_instance_error(&name, &reason, now_ms())
                     .await?;
-                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                if !wait_holding(ctx, hold, delay).await? {
                     return Ok(Handled::Released);
                 }
                 continue;
@@ -92,14 +103,8 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
         let outcome = match ctx.pools.get(&instance.pool) {
             Some(pool) => {
                 let started = std::time::Instant::now();
-                let r = with_heartbeat(
-                    ctx,
-                    &queue,
-                    consumer,
-                    &d.id,
-                    pool.provisioner.delete(&instance.pool, &name),
-                )
-                .await;
+                let r = with_heartbeat(ctx, hold, pool.provisioner.delete(&instance.pool, &name))
+                    .await?;
                 let backend = pool.provisioner.kind();
                 ctx.metrics
                     .provisioner_call(backend, "delete", started.elapsed(), &r);
@@ -160,7 +165,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                 ctx.store
                     .note_instance_error(&name, &reason, now_ms())
                     .await?;
-                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                if !wait_holding(ctx, hold, delay).await? {
                     return Ok(Handled::Released);
                 }
             }

@@ -185,11 +185,11 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         pve_time_scale: o.pve_time_scale,
         job_duration: o.job_duration,
         boot_delay: o.boot_delay,
-        // Long enough that a live worker is not mistaken for a dead one on
-        // a loaded machine (a reclaim of a live worker's entry makes two
-        // workers create the same instance: see the README), short enough
-        // that a killed replica's work is redone within the run.
-        claim_timeout: Duration::from_secs(10),
+        // Short (the harness's 2 s), so a killed replica's work is redone
+        // within the run, and so that on a loaded machine an entry a live
+        // but slow worker holds is now and then reclaimed: the queue's
+        // ownership rules must keep that to one worker and one create
+        // (README, "One entry, two workers").
         extra_control_plane:
             "recovery_interval = \"5s\"\nrecovery_repositories = [\"grs-sim/app\"]".into(),
         ..WorldOptions::default()
