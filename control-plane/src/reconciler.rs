@@ -29,7 +29,9 @@
 //!    first.
 //! 6. **Orphans**: a listed VM with no live record (the store never knew
 //!    it, forgot it, or records it as deleted) is deleted through its
-//!    provisioner once it is `orphan_grace` old. A VM whose backend cannot
+//!    provisioner once it is `orphan_grace` old, unless GitHub says (or
+//!    cannot rule out) that its runner is busy: a record lost by the store
+//!    does not make the job on it any less real. A VM whose backend cannot
 //!    tell its age must be seen as an orphan on consecutive passes spanning
 //!    `orphan_grace` instead.
 //! 7. **Offline runner registrations** named with this installation's
@@ -147,8 +149,9 @@ pub struct PassReport {
     pub orphans_deleted: Vec<String>,
     /// Orphan VMs seen but still within the grace period.
     pub orphans_waiting: Vec<String>,
-    /// Instances past the bootstrap timeout kept because GitHub says their
-    /// runner is busy (its `in_progress` webhook was lost).
+    /// Instances past the bootstrap timeout, and orphan VMs, kept because
+    /// GitHub says their runner is busy (its `in_progress` webhook was
+    /// lost, or the store lost the record).
     pub busy_kept: Vec<String>,
     /// Idle warm instances queued for teardown because they reached their
     /// pool's `idle_max_age`.
@@ -285,6 +288,9 @@ impl Reconciler {
                 report.orphans_waiting.push(vm.name);
                 continue;
             }
+            if self.runner_may_be_busy(&vm.name, &pool, &mut report).await {
+                continue;
+            }
             tracing::warn!(
                 instance = %vm.name,
                 pool,
@@ -394,7 +400,10 @@ impl Reconciler {
             && !warm_unbound
             && at_least(now, bound_at, s.bootstrap_timeout)
         {
-            if self.runner_may_be_busy(inst, report).await {
+            if self
+                .runner_may_be_busy(&inst.name, &inst.pool, report)
+                .await
+            {
                 return Ok(());
             }
             (
@@ -572,30 +581,31 @@ impl Reconciler {
     }
 
     /// Whether the registrar says (or cannot rule out) that the runner of
-    /// `inst`, idle by the store's records, is running a job: then the
-    /// instance stays, until its maximum lifetime at the latest.
-    async fn runner_may_be_busy(&self, inst: &InstanceRecord, report: &mut PassReport) -> bool {
+    /// instance `name` of `pool`, idle (or unknown) by the store's records,
+    /// is running a job: then its VM stays, and the next pass asks again (a
+    /// recorded instance goes at its maximum lifetime at the latest).
+    async fn runner_may_be_busy(&self, name: &str, pool: &str, report: &mut PassReport) -> bool {
         let Some(registrar) = &self.registrar else {
             return false;
         };
-        match registrar.runner_busy(&inst.name).await {
+        match registrar.runner_busy(name).await {
             Ok(Some(true)) => {
                 tracing::warn!(
-                    instance = %inst.name,
-                    pool = %inst.pool,
+                    instance = %name,
+                    pool,
                     "runner is busy though no in_progress webhook named it (a lost delivery?); \
-                     keeping the instance until its job completes or its maximum lifetime"
+                     keeping its VM until its job completes"
                 );
-                report.busy_kept.push(inst.name.clone());
+                report.busy_kept.push(name.to_owned());
                 true
             }
             Ok(_) => false,
             Err(e) => {
-                tracing::warn!(instance = %inst.name, pool = %inst.pool, error = %e,
-                    "cannot tell whether the runner is busy; the bootstrap timeout waits for the next pass");
+                tracing::warn!(instance = %name, pool, error = %e,
+                    "cannot tell whether the runner is busy; its teardown waits for the next pass");
                 report
                     .failures
-                    .push(format!("asking whether {} is busy: {e}", inst.name));
+                    .push(format!("asking whether {name} is busy: {e}"));
                 true
             }
         }
@@ -930,6 +940,37 @@ mod tests {
         let mut ended = r.lifetime_ended.clone();
         ended.sort();
         assert_eq!(ended, vec![busy.clone(), unsure.clone()], "{r:?}");
+    }
+
+    /// Seen failing before orphans were asked about: grs-14 was deleted
+    /// with a job on it.
+    #[tokio::test]
+    async fn an_orphan_whose_runner_is_busy_is_kept_until_github_says_it_is_idle() {
+        let mut s = setup();
+        let runners = Arc::new(Runners::default());
+        s.reconciler = Reconciler::new(
+            s.store.clone(),
+            s.pools.clone(),
+            s.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        let t = now_ms();
+        // A VM of ours the store has no record of (a wiped Redis, say)
+        // whose runner runs a job.
+        s.fake.create(&spec(14)).await.unwrap();
+        runners
+            .busy
+            .lock()
+            .unwrap()
+            .insert("grs-14".into(), Ok(true));
+        let r = s.reconciler.reconcile_once(t + 2_500).await.unwrap();
+        assert_eq!(r.busy_kept, vec!["grs-14".to_owned()], "{r:?}");
+        assert!(r.orphans_deleted.is_empty(), "{r:?}");
+        assert!(s.fake.exists("grs-14"));
+        runners.busy.lock().unwrap().remove("grs-14");
+        let r = s.reconciler.reconcile_once(t + 3_000).await.unwrap();
+        assert_eq!(r.orphans_deleted, vec!["grs-14".to_owned()], "{r:?}");
+        assert!(!s.fake.exists("grs-14"));
     }
 
     #[tokio::test]

@@ -190,8 +190,10 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         // workers create the same instance: see the README), short enough
         // that a killed replica's work is redone within the run.
         claim_timeout: Duration::from_secs(10),
-        extra_control_plane:
-            "recovery_interval = \"5s\"\nrecovery_repositories = [\"grs-sim/app\"]".into(),
+        // A lost `completed` is asked about 5 s after the job started.
+        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"5s\"\n\
+                              recovery_repositories = [\"grs-sim/app\"]"
+            .into(),
         ..WorldOptions::default()
     })
     .await?
@@ -206,6 +208,7 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
             lose: o.lost,
             reorder_max_ms: 500,
             redeliver_failed: true,
+            ..DeliveryFaults::default()
         })
         .await?;
     world
