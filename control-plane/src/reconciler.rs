@@ -41,7 +41,9 @@
 //!    `[github]` section).
 //! 8. **Removed pools**: for every pool that instance records name (deleted
 //!    ones too, while they are kept) but the configuration no longer has,
-//!    live instances are queued for teardown and every backend is asked to
+//!    live instances are queued for teardown and, unless GitHub says one
+//!    of their runners is busy (then the pool waits for a later pass),
+//!    every backend is asked to
 //!    [`remove_all`](grs_provisioner::Provisioner::remove_all) of that
 //!    pool's VMs (each only removes VMs carrying this installation's
 //!    marker).
@@ -540,7 +542,9 @@ impl Reconciler {
     }
 
     /// Queues the live instances of pools no longer configured for
-    /// teardown, and has every backend remove those pools' VMs.
+    /// teardown, and has every backend remove those pools' VMs; a pool
+    /// with a runner GitHub says is busy (or cannot say is idle) keeps its
+    /// VMs until a later pass finds them all idle.
     async fn remove_dropped_pools(&self, now: Millis, report: &mut PassReport) -> StoreResult<()> {
         let all = self.store.list_instances(None, true).await?;
         let dropped: BTreeSet<&str> = all
@@ -552,14 +556,22 @@ impl Reconciler {
             return Ok(());
         }
         let mut queued = Vec::new();
+        let mut busy = BTreeSet::new();
         for inst in all
             .iter()
             .filter(|i| dropped.contains(i.pool.as_str()) && i.state != InstanceState::Deleted)
         {
+            if self
+                .runner_may_be_busy(&inst.name, &inst.pool, report)
+                .await
+            {
+                busy.insert(inst.pool.as_str());
+                continue;
+            }
             let reason = format!("pool {} is no longer configured", inst.pool);
             self.queue_teardown(inst, &reason, now, &mut queued).await?;
         }
-        for pool in dropped {
+        for pool in dropped.difference(&busy) {
             for (backend, _) in self.pools.backends() {
                 match backend.remove_all(pool).await {
                     Ok(removed) => {
@@ -1320,6 +1332,35 @@ mod tests {
         .await;
         stop.cancel();
         worker.await.unwrap();
+    }
+
+    /// Seen failing before removed pools were asked about: grs-41's VM was
+    /// removed with a job on it.
+    #[tokio::test]
+    async fn a_removed_pools_vms_stay_while_a_runner_of_it_is_busy() {
+        let old = setup();
+        let t = now_ms();
+        let name = provisioned(&old, 41, t).await;
+        let mut config = test_config();
+        let linux = config.pools.remove("linux").unwrap();
+        config.pools.insert("arm".into(), linux);
+        let runners = Arc::new(Runners::default());
+        runners.busy.lock().unwrap().insert(name.clone(), Ok(true));
+        let mut r = Reconciler::new(
+            old.store.clone(),
+            fake_pools(&config, &old.fake),
+            old.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        let report = r.reconcile_once(t + 10).await.unwrap();
+        assert_eq!(report.busy_kept, vec![name.clone()], "{report:?}");
+        assert!(report.removed_pool_vms.is_empty(), "{report:?}");
+        assert!(old.fake.exists(&name));
+        assert_eq!(state(&old, &name).await.0, InstanceState::Running);
+        runners.busy.lock().unwrap().remove(&name);
+        let report = r.reconcile_once(t + 20).await.unwrap();
+        assert_eq!(report.removed_pool_vms, vec![name.clone()], "{report:?}");
+        assert!(!old.fake.exists(&name));
     }
 
     #[test]
