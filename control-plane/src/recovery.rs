@@ -25,7 +25,8 @@
 //!    with the delivery id `grs-recovered:<job id>:queued`. It takes the
 //!    normal path (routing, queue, status check, capacity): a later
 //!    webhook for the same job is a stale event, a second scan a duplicate.
-//! 4. **Lost completions** (with `[github]`): a job in progress on a
+//! 4. **Lost completions** (with `[github]`; run before step 3, whose
+//!    scan of many runs could otherwise spend the pass): a job in progress on a
 //!    created instance of GRS's (the instance's `assigned_job_id`), or
 //!    bound to one whose runner has not taken it (its `job_id`), that has
 //!    not changed for `recovery_running_age` is asked about
@@ -223,12 +224,15 @@ impl Recovery {
         let mut report = RecoveryReport::default();
         self.reroute_unrouted(now, &mut report).await?;
         if let Some(gh) = self.github.clone() {
+            // Lost completions before the scan: their checks are bounded
+            // (one per running job per age) and each frees a VM, while the
+            // scan may spend the whole pass on many runs.
             let mut out = match self.redeliver_failed(&gh, &mut report).await {
-                Ok(()) => self.scan_queued(&gh, now, &mut report).await?,
+                Ok(()) => self.check_running(&gh, now, &mut report).await?,
                 Err(o) => Err(o),
             };
             if out.is_ok() {
-                out = self.check_running(&gh, now, &mut report).await?;
+                out = self.scan_queued(&gh, now, &mut report).await?;
             }
             if let Err(OutOfBudget(why)) = out {
                 tracing::info!(why, "recovery pass stopped asking GitHub");

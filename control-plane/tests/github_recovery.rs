@@ -749,3 +749,144 @@ async fn a_rerouted_job_is_listed_under_its_new_pool_by_both_stores() {
     }
     flush.flush_prefix().await.unwrap();
 }
+
+/// The job event a simulator delivery of `action` carries, as the store
+/// takes it.
+fn store_event(
+    job: &grs_github::sim::SimJob,
+    action: grs_control_plane::model::JobAction,
+    runner: &str,
+) -> grs_control_plane::model::JobEvent {
+    grs_control_plane::model::JobEvent {
+        delivery_id: format!("{}-{}", action.as_str(), job.id),
+        action,
+        job_id: job.id,
+        run_id: job.run_id,
+        run_attempt: 1,
+        labels: job.labels.clone(),
+        runner_id: 0,
+        runner_name: runner.to_owned(),
+        repository: job.repository.clone(),
+        organization: "grs-sim".into(),
+        installation_id: 0,
+        conclusion: String::new(),
+        job_name: job.name.clone(),
+        workflow_name: String::new(),
+    }
+}
+
+/// The lost-`completed` check asks about a running job only once it has
+/// not changed for `recovery_running_age`, then at most once per that age,
+/// and only within the API budget: a job GitHub completed is recorded
+/// exactly when those allow it (passes driven at chosen times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_asked_about_after_the_age_once_per_age_within_the_budget() {
+    use grs_control_plane::github::{ApiBudget, GitHubJobs};
+    use grs_control_plane::model::{JobAction, JobState, now_ms};
+    use grs_control_plane::recovery::{Recovery, RecoverySettings};
+    use secrecy::ExposeSecret;
+
+    let sim = sim(None).await;
+    let age = Duration::from_secs(60);
+    let config = config_for(&sim, |c| c.control_plane.recovery_running_age = age);
+    let age = age.as_millis() as i64;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let fake = Arc::new(FakeProvisioner::new());
+    let pools = fake_pools(&config, &fake);
+    let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
+    let recovery = |budget: u32| {
+        Recovery::new(
+            store.clone(),
+            pools.clone(),
+            Some(GitHubJobs::new(
+                client.clone(),
+                Arc::new(ApiBudget::new(budget)),
+            )),
+            RecoverySettings::from_config(&config.control_plane),
+        )
+    };
+    // Two jobs running on their own instances: one short, one that is
+    // still running when first asked about.
+    let t = now_ms();
+    let limits = pools.get("linux").unwrap().limits();
+    let mut jobs = Vec::new();
+    for ms in [50, 1_500] {
+        let job = sim
+            .queue_job(NewJob {
+                duration: Some(Duration::from_millis(ms)),
+                ..NewJob::labels(LABELS)
+            })
+            .await;
+        let name = format!("grs-{}", job.id);
+        store
+            .submit_event(&store_event(&job, JobAction::Queued, ""), Some("linux"), t)
+            .await
+            .unwrap();
+        store
+            .begin_provision(job.id, &name, &limits, t)
+            .await
+            .unwrap();
+        store
+            .finish_provision(job.id, &name, "fake/1", "", t)
+            .await
+            .unwrap();
+        let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
+        let jit = client
+            .generate_jit_config_in_group(&name, &labels, Some(1), None)
+            .await
+            .unwrap();
+        sim.boot_runner(jit.encoded_jit_config.expose_secret())
+            .await
+            .unwrap();
+        store
+            .submit_event(&store_event(&job, JobAction::InProgress, &name), None, t)
+            .await
+            .unwrap();
+        jobs.push(job.id);
+    }
+    let (short, long) = (jobs[0], jobs[1]);
+    let done_on_github = |id: u64| {
+        let sim = sim.clone();
+        async move {
+            assert!(
+                sim.wait_until(Duration::from_secs(10), |s| s
+                    .job(id)
+                    .is_some_and(|j| j.status == grs_github::sim::SimJobStatus::Completed))
+                    .await
+            );
+        }
+    };
+    done_on_github(short).await;
+    let state = |id: u64| {
+        let store = store.clone();
+        async move { store.get_job(id).await.unwrap().unwrap().state }
+    };
+    // No budget: nothing asked.
+    let r = recovery(0).run_once(t + age).await.unwrap();
+    assert!(r.skipped.is_some() && r.completed.is_empty(), "{r:?}");
+    let mut recovery = recovery(1000);
+    // Not yet the age: nothing asked.
+    let r = recovery.run_once(t + age - 1).await.unwrap();
+    assert!(r.completed.is_empty(), "{r:?}");
+    assert_eq!(state(short).await, JobState::InProgress);
+    // At the age: both asked; the short job is recorded completed, its
+    // runner's instance queued for teardown; the long one still runs.
+    let r = recovery.run_once(t + age).await.unwrap();
+    assert_eq!(r.completed, vec![short], "{r:?}");
+    assert_eq!(state(short).await, JobState::Completed);
+    let inst = store
+        .get_instance(&format!("grs-{short}"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inst.state, grs_provisioner::InstanceState::PendingDelete);
+    // The long job completes on GitHub; it is asked about again only a
+    // whole age after it was last asked.
+    done_on_github(long).await;
+    let r = recovery.run_once(t + 2 * age - 1).await.unwrap();
+    assert!(r.completed.is_empty(), "{r:?}");
+    assert_eq!(state(long).await, JobState::InProgress);
+    let r = recovery.run_once(t + 2 * age).await.unwrap();
+    assert_eq!(r.completed, vec![long], "{r:?}");
+    sim.shutdown().await;
+}

@@ -172,6 +172,8 @@ pub struct ServeOptions {
     pub job_duration: Duration,
     /// Gateways' `/webhook` URLs.
     pub targets: Vec<String>,
+    /// API calls an hour the primary rate limit allows.
+    pub rate_limit: u64,
 }
 
 /// Runs the simulator, the relay and the control API; prints `api: URL`
@@ -184,6 +186,7 @@ pub async fn serve(
         webhook_secret: opts.webhook_secret,
         pat: Some(opts.pat),
         job_duration: opts.job_duration,
+        rate_limit: opts.rate_limit,
         ..SimConfig::default()
     })
     .await?;
