@@ -73,11 +73,14 @@
 //!   lease is released so another replica takes over at its next interval
 //!   (after a crash: once the lease expires, within three intervals).
 //!
+//! Lost webhooks (queued jobs GRS never heard of, completions it never
+//! got) are looked for after each pass by [`crate::recovery`].
+//!
 //! # Not yet
-//! Queued jobs whose webhook was lost (polling GitHub), and re-queueing
-//! teardowns whose queue entry was lost (pending_delete or deleting with no
-//! entry; only a Redis that lost writes does that) are still to come. Warm
-//! pools are filled by the [warm keepers](crate::warm), not here.
+//! Re-queueing teardowns whose queue entry was lost (pending_delete or
+//! deleting with no entry; only a Redis that lost writes does that) is
+//! still to come. Warm pools are filled by the [warm keepers](crate::warm),
+//! not here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;

@@ -212,7 +212,8 @@ impl Recovery {
         }
     }
 
-    /// Forgets the redeliveries asked for (on losing leadership).
+    /// Forgets the redeliveries and job statuses asked for (on losing
+    /// leadership).
     pub fn forget(&mut self) {
         self.asked.clear();
         self.status_asked.clear();
