@@ -38,14 +38,17 @@
 //!   renewed with the entry, keeps two workers holding the same job (that
 //!   one, or a job queued twice) from making the instance at once.
 //! - **Bounded.** Capacity is only ever taken in step 3, atomically.
-//! - **Failure is recorded.** A permanent provisioner error fails the job
-//!   at once with the reason (and queues the instance's cleanup, which
-//!   frees its slot). Transient errors and lost workers are retried, with
-//!   capped backoff, for as long as the job still wants an instance, up to
+//! - **A failure is not the end of a job GitHub still has queued.** Every
+//!   failed create ([`retried`]: all but a foreign VM holding the
+//!   instance's name) and every lost worker is retried, with capped
+//!   backoff, for as long as the job still wants an instance, up to
 //!   `retry_deadline` after the instance was first recorded (and, when
-//!   set, `max_attempts` attempts); then the job fails the same way. A PVE
+//!   set, `max_attempts` attempts); then the job fails with the reason (and
+//!   the instance's cleanup is queued, which frees its slot). A PVE
 //!   template under backup or a node rebooting takes minutes, not the
-//!   seconds a few attempts would wait. While it retries, the job's
+//!   seconds a few attempts would wait; a template deleted by mistake or a
+//!   revoked API token ("permanent" errors) are mended by an operator
+//!   while the job waits on GitHub, so they are retried too. While it retries, the job's
 //!   `reason` says why it waits (the last error, the next attempt, the
 //!   deadline), and each retry first asks GitHub (step 2): a job GitHub no
 //!   longer has queued stops being retried.
@@ -284,7 +287,7 @@ async fn provision(
                 return Ok(Handled::Done);
             }
             Err(e)
-                if e.is_retryable()
+                if retried(&e)
                     && (ctx.settings.max_attempts == 0 || attempts < ctx.settings.max_attempts)
                     && now_ms() < deadline =>
             {
@@ -315,15 +318,16 @@ async fn provision(
                 }
             }
             Err(e) => {
-                let reason = match &e {
-                    ProvisionerError::Transient(_) | ProvisionerError::NoCapacity(_) => format!(
+                let reason = if retried(&e) {
+                    format!(
                         "gave up after {attempts} attempts in {}: {e}",
                         humantime::format_duration(std::time::Duration::from_millis(
                             u64::try_from(now_ms().saturating_sub(recorded_at)).unwrap_or(0) / 1000
                                 * 1000
                         ))
-                    ),
-                    _ => e.to_string(),
+                    )
+                } else {
+                    e.to_string()
                 };
                 tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
                 ctx.store
@@ -333,6 +337,17 @@ async fn provision(
             }
         }
     }
+}
+
+/// Whether a create that failed with `e` is tried again (within the
+/// deadline, while the job still wants an instance): every failure but a
+/// VM of someone else's holding the instance's name, which GRS never
+/// touches and no retry gets past. A "permanent" error (a missing
+/// template, bad credentials) passes once an operator mends it, and the
+/// job waits on GitHub meanwhile: failing it at the first error left it
+/// waiting there with no instance coming.
+fn retried(e: &ProvisionerError) -> bool {
+    !matches!(e, ProvisionerError::NotOwned { .. })
 }
 
 /// Asks GitHub about `job_id` before a VM is spent on it; records what
@@ -595,7 +610,7 @@ mod tests {
             name: &str,
             _labels: &[String],
             _runner_group_id: u64,
-        ) -> Result<secrecy::SecretString, String> {
+        ) -> Result<secrecy::SecretString, crate::worker::RegistrarError> {
             if self.mints.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                 self.entered.notify_one();
                 self.release.notified().await;
@@ -603,7 +618,7 @@ mod tests {
             Ok(format!("jit-{name}").into())
         }
 
-        async fn remove_runner(&self, _name: &str) -> Result<(), String> {
+        async fn remove_runner(&self, _name: &str) -> Result<(), crate::worker::RegistrarError> {
             Ok(())
         }
     }
@@ -691,7 +706,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
         let pools = fake_pools(&config, &fake);
-        let registrar = Arc::new(CountingRegistrar::default());
+        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
         let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
         settings.gateway_url = Some("http://gw:8080".into());
         let ctx = WorkerContext {
@@ -732,7 +747,7 @@ mod tests {
         let r = create(&ctx, pool, "grs-7", 7, Some(hold)).await;
         assert!(matches!(r, Err(WorkError::Lost)), "{r:?}");
         assert_eq!(
-            registrar.0.load(std::sync::atomic::Ordering::SeqCst),
+            registrar.minted(),
             0,
             "a runner config was minted by a worker that had lost its entry"
         );

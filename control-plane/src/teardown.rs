@@ -8,7 +8,8 @@
 //!    is busy: a job cancelled before pickup, a bootstrap timeout, an idle
 //!    warm instance scaled down or recycled, a maximum lifetime, or an
 //!    operator's delete may meet a runner that has just taken a job whose
-//!    `in_progress` has not arrived. A busy runner's teardown is called off
+//!    `in_progress` has not arrived; so may a failed create (or start
+//!    poll) that left a VM behind. A busy runner's teardown is called off
 //!    ([`call_off_teardown`](crate::store::Store::call_off_teardown), the
 //!    reason recorded): the instance goes when that job completes, or when
 //!    the reconciler next finds it due and GitHub says it is idle. When
@@ -194,12 +195,11 @@ async fn runner_check(ctx: &WorkerContext, name: &str) -> StoreResult<RunnerChec
     let Some(inst) = ctx.store.get_instance(name).await? else {
         return Ok(RunnerCheck::Clear);
     };
-    // No VM recorded made (its create failed and cleaned up after itself):
-    // no runner to ask about.
-    if inst.state != InstanceState::PendingDelete
-        || inst.provider_id.is_empty()
-        || ran_its_job(ctx, &inst).await?
-    {
+    // An instance with no VM recorded made (its create failed, or its
+    // start poll did) is asked about too: the VM may exist all the same,
+    // and its runner, registered when the create began, may have taken a
+    // job.
+    if inst.state != InstanceState::PendingDelete || ran_its_job(ctx, &inst).await? {
         return Ok(RunnerCheck::Clear);
     }
     Ok(match registrar.runner_busy(name).await {

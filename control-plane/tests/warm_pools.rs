@@ -272,3 +272,34 @@ async fn no_runner_is_torn_down_while_github_says_it_is_busy() {
     assert_eq!(github.asked().len(), asked);
     cp.shutdown().await.unwrap();
 }
+
+/// A create that failed may still have left a VM whose runner (registered
+/// when the create began) took a job: its clean-up asks GitHub first, like
+/// every teardown that is not its job's completion. It was skipped for an
+/// instance with no VM recorded (seen failing: grs-4 was deleted).
+#[tokio::test]
+async fn a_failed_creates_cleanup_asks_github_whether_its_runner_is_busy() {
+    let fake = Arc::new(FakeProvisioner::new());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let github = Arc::new(FakeRegistrar::default());
+    let mut config = config(0, 4);
+    // One attempt: the first failure ends the job and queues the clean-up.
+    config.control_plane.max_attempts = 1;
+    let pools = fake_pools(&config, &fake);
+    let mut cp = control_plane(config, store.clone(), pools);
+    cp.registrar = Some(github.clone());
+    let cp = RunningControlPlane::start(cp).await;
+    let mut client = cp.client().await;
+    github.set_busy("grs-4", true);
+    fake.fail_next_creates(1, grs_provisioner::fake::InjectedFailure::Transient);
+    submit(&mut client, job_event("q-4", pb::JobAction::Queued, 4)).await;
+    grs_control_plane::testing::wait_for_job(&client, 4, pb::JobState::Failed, WAIT).await;
+    let kept = eventually("grs-4's clean-up called off", WAIT, || async {
+        let i = store.get_instance("grs-4").await.ok()??;
+        (i.state == InstanceState::Running).then_some(i)
+    })
+    .await;
+    assert!(kept.reason.contains("busy"), "{}", kept.reason);
+    assert!(github.asked().contains(&"grs-4".to_owned()));
+    cp.shutdown().await.unwrap();
+}

@@ -190,8 +190,17 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         // but slow worker holds is now and then reclaimed: the queue's
         // ownership rules must keep that to one worker and one create
         // (README, "One entry, two workers").
-        extra_control_plane:
-            "recovery_interval = \"5s\"\nrecovery_repositories = [\"grs-sim/app\"]".into(),
+        //
+        // 1,000 jobs in 50 s take about 5 calls each (runner config,
+        // status check, teardown, recovery): 5,000 an hour (a PAT) runs
+        // out near the end of the burst, and GRS then (by design) makes no
+        // optional call, lost-completed checks included, until the hour
+        // resets. An App installation on Enterprise Cloud gets 15,000.
+        github_rate_limit: 15_000,
+        // A lost `completed` is asked about 5 s after the job started.
+        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"5s\"\n\
+                              recovery_repositories = [\"grs-sim/app\"]"
+            .into(),
         ..WorldOptions::default()
     })
     .await?
@@ -206,6 +215,7 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
             lose: o.lost,
             reorder_max_ms: 500,
             redeliver_failed: true,
+            ..DeliveryFaults::default()
         })
         .await?;
     world
