@@ -196,8 +196,10 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         // optional call, lost-completed checks included, until the hour
         // resets. An App installation on Enterprise Cloud gets 15,000.
         github_rate_limit: 15_000,
-        // A lost `completed` is asked about 5 s after the job started.
-        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"5s\"\n\
+        // A lost `completed` is asked about 20 s after the job started (a
+        // shorter age asks about every running job every few seconds, which
+        // on a loaded machine makes recovery passes run past their time).
+        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"20s\"\n\
                               recovery_repositories = [\"grs-sim/app\"]"
             .into(),
         ..WorldOptions::default()
