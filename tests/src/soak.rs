@@ -238,8 +238,9 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         queued.spawn(async move { github.queue(LABELS, None).await });
         if rand::rng().random_bool(o.failing_tasks.clamp(0.0, 1.0)) {
             // Failures that pass by themselves, as PVE words them (a
-            // storage or the cluster hiccuping): GRS retries them. A
-            // permanent one fails the job at once by design.
+            // storage or the cluster hiccuping): GRS retries them (and a
+            // permanent one too, until retry_deadline, but that would only
+            // pass if the harness mended it).
             let (kind, message) = if failing % 2 == 0 {
                 ("qmclone", "storage 'ceph-rbd' is not online")
             } else {
