@@ -197,8 +197,10 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         // optional call, lost-completed checks included, until the hour
         // resets. An App installation on Enterprise Cloud gets 15,000.
         github_rate_limit: 15_000,
-        // A lost `completed` is asked about 5 s after the job started.
-        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"5s\"\n\
+        // A lost `completed` is asked about 20 s after the job started (a
+        // shorter age asks about every running job every few seconds, which
+        // on a loaded machine makes recovery passes run past their time).
+        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"20s\"\n\
                               recovery_repositories = [\"grs-sim/app\"]"
             .into(),
         ..WorldOptions::default()
@@ -237,8 +239,9 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         queued.spawn(async move { github.queue(LABELS, None).await });
         if rand::rng().random_bool(o.failing_tasks.clamp(0.0, 1.0)) {
             // Failures that pass by themselves, as PVE words them (a
-            // storage or the cluster hiccuping): GRS retries them. A
-            // permanent one fails the job at once by design.
+            // storage or the cluster hiccuping): GRS retries them (and a
+            // permanent one too, until retry_deadline, but that would only
+            // pass if the harness mended it).
             let (kind, message) = if failing % 2 == 0 {
                 ("qmclone", "storage 'ceph-rbd' is not online")
             } else {
