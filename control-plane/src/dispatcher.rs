@@ -145,6 +145,7 @@ async fn handle(
         lease: None,
     };
     let fence = create_fence(&name);
+    let mut noted = false;
     while !ctx
         .store
         .acquire_lease(&fence, consumer, ctx.settings.claim_timeout)
@@ -153,7 +154,10 @@ async fn handle(
         // Another worker is on this instance: wait for it to finish (the
         // job is then provisioned and there is nothing left to do) or to
         // stop (it lost its entry, or died and its lease ran out).
-        tracing::info!(job_id, instance = %name, "another worker is making this instance; waiting");
+        if !noted {
+            noted = true;
+            tracing::info!(job_id, instance = %name, "another worker is making this instance; waiting");
+        }
         if !wait_holding(ctx, hold, CAPACITY_POLL).await? {
             return Ok(Handled::Released);
         }

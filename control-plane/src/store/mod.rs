@@ -510,7 +510,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `ttl` from now. Atomic: of any number of callers on any number of
     /// replicas, at most one holds a lease at any time (as the store's clock
     /// sees it: Redis server time, so replicas' clocks need not agree).
-    /// Leader election of the [reconciler](crate::reconciler) uses it.
+    /// Leader election of the [reconciler](crate::reconciler) uses it, and
+    /// the [dispatcher](crate::dispatcher)'s create fence (one worker makes
+    /// an instance at a time).
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
 
     /// Gives the lease `name` up if `holder` holds it (then true); a caller

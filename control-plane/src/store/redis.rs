@@ -16,7 +16,7 @@
 //! | `P:queue:teardown` | stream, group `teardown` | instances to destroy (field `instance`) |
 //! | `P:events` | stream, capped | transitions, for `WatchEvents` (`kind`, `at`, `id`, `pool`, `from`, `to`, `reason`) |
 //! | `P:bootstrap:<sha256 of token>` | string, TTL | the instance a bootstrap token is bound to |
-//! | `P:lease:<name>` | string, TTL | a lease's holder (leader election) |
+//! | `P:lease:<name>` | string, TTL | a lease's holder (leader election; `create:<instance>`, the dispatcher's create fence) |
 //!
 //! # Atomicity, and where the rules are
 //! No rule lives here. Every change to jobs, instances, capacity, tokens and
