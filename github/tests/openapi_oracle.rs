@@ -24,14 +24,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use grs_github::GitHubClient;
 use grs_github::client::Hook;
 use grs_github::sim::{Exchange, GitHubSim, NewJob, SimConfig};
-use grs_github::{GitHubAppConfig, GitHubClient, GitHubConfig};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 
-const KEY: &str = include_str!("data/test-app.key.pem");
-const PUB: &str = include_str!("data/test-app.pub.pem");
+mod common;
+use common::{app_config, pat_config};
 const OPENAPI: &str = include_str!("../../fixtures/github/openapi-runners.json");
 const WEBHOOKS: &str = include_str!("../../fixtures/github/openapi-webhooks-workflow_job.json");
 
@@ -334,43 +333,11 @@ fn assert_conforms(api: &OpenApi, exchanges: &[Exchange]) -> BTreeSet<String> {
     covered
 }
 
+/// The simulator, keeping every exchange from the start.
 async fn sim() -> GitHubSim {
-    let sim = GitHubSim::start(SimConfig {
-        app_public_key_pem: Some(PUB.into()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = common::sim(SimConfig::default()).await;
     sim.record_exchanges();
     sim
-}
-
-fn app_config(sim: &GitHubSim) -> GitHubConfig {
-    GitHubConfig {
-        api_url: sim.url(),
-        organization: Some("grs-sim".into()),
-        runner_group_id: 3,
-        app: Some(GitHubAppConfig {
-            app_id: "4242".into(),
-            installation_id: 77,
-            private_key: Some(SecretString::from(KEY.to_owned())),
-            private_key_file: None,
-        }),
-        max_rate_limit_wait: Duration::from_secs(5),
-        ..GitHubConfig::default()
-    }
-}
-
-fn pat_config(sim: &GitHubSim) -> GitHubConfig {
-    GitHubConfig {
-        api_url: sim.url(),
-        repository: Some("grs-sim/app".into()),
-        token: Some(SecretString::from(
-            "ghp_simulated_personal_access_token".to_owned(),
-        )),
-        max_rate_limit_wait: Duration::from_secs(5),
-        ..GitHubConfig::default()
-    }
 }
 
 /// Every call the control plane, the recovery pass and `grs doctor` make,
