@@ -546,30 +546,41 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
-        use crate::model::JobAction;
-        use crate::store::conformance::event;
-        use crate::store::{MemoryStore, Store};
-        use crate::testing::{fake_pools, test_config};
-
-        let config = test_config();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    /// A worker's context over a memory store and the fake provisioner
+    /// (the test configuration's pool `linux`), bootstrap on, runner
+    /// configs from `registrar`.
+    fn worker_context(
+        registrar: Arc<dyn crate::worker::RunnerRegistrar>,
+    ) -> (
+        WorkerContext,
+        Arc<dyn crate::store::Store>,
+        Arc<grs_provisioner::FakeProvisioner>,
+    ) {
+        let config = crate::testing::test_config();
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::MemoryStore::new());
         let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
-        let pools = fake_pools(&config, &fake);
-        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
         let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
         settings.gateway_url = Some("http://gw:8080".into());
         let ctx = WorkerContext {
             store: store.clone(),
-            pools: pools.clone(),
+            pools: crate::testing::fake_pools(&config, &fake),
             settings,
-            registrar: Some(registrar.clone()),
+            registrar: Some(registrar),
             shutdown: tokio_util::sync::CancellationToken::new(),
             metrics: Default::default(),
             github: None,
         };
-        let pool = pools.get("linux").unwrap();
+        (ctx, store, fake)
+    }
+
+    #[tokio::test]
+    async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+
+        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
+        let (ctx, store, fake) = worker_context(registrar.clone());
+        let pool = ctx.pools.get("linux").unwrap();
         let t = now_ms();
         store
             .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), t)
@@ -635,25 +646,9 @@ mod tests {
     async fn a_worker_that_lost_its_entry_to_another_creates_nothing() {
         use crate::model::JobAction;
         use crate::store::conformance::event;
-        use crate::store::{MemoryStore, Store};
-        use crate::testing::{fake_pools, test_config};
 
-        let config = test_config();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
-        let pools = fake_pools(&config, &fake);
         let registrar = Arc::new(StallingRegistrar::default());
-        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
-        settings.gateway_url = Some("http://gw:8080".into());
-        let ctx = WorkerContext {
-            store: store.clone(),
-            pools,
-            settings,
-            registrar: Some(registrar.clone()),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            metrics: Default::default(),
-            github: None,
-        };
+        let (ctx, store, fake) = worker_context(registrar.clone());
         store
             .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
             .await
@@ -703,26 +698,10 @@ mod tests {
     async fn a_create_by_a_worker_that_lost_its_entry_mints_and_makes_nothing() {
         use crate::model::JobAction;
         use crate::store::conformance::event;
-        use crate::store::{MemoryStore, Store};
-        use crate::testing::{fake_pools, test_config};
 
-        let config = test_config();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
-        let pools = fake_pools(&config, &fake);
         let registrar = Arc::new(crate::testing::FakeRegistrar::default());
-        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
-        settings.gateway_url = Some("http://gw:8080".into());
-        let ctx = WorkerContext {
-            store: store.clone(),
-            pools: pools.clone(),
-            settings,
-            registrar: Some(registrar.clone()),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            metrics: Default::default(),
-            github: None,
-        };
-        let pool = pools.get("linux").unwrap();
+        let (ctx, store, fake) = worker_context(registrar.clone());
+        let pool = ctx.pools.get("linux").unwrap();
         store
             .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
             .await
