@@ -86,11 +86,13 @@ pub struct ControlPlaneConfig {
     /// Cap on create attempts per job (lost workers and transient errors
     /// alike); 0, the default: no cap, `retry_deadline` decides.
     pub max_attempts: u32,
-    /// How long after a job's instance was first recorded its transient
-    /// create failures (a template under backup, a node rebooting, a
-    /// storage hiccup) are still retried, with capped backoff, while the job
-    /// still wants a runner. Permanent errors fail the job at once. The
-    /// default, 2h, outlasts a long backup window.
+    /// How long after a job's instance was first recorded its create
+    /// failures (a template under backup, a node rebooting, a storage
+    /// hiccup, a template or token an operator has to mend) are still
+    /// retried, with capped backoff, while the job still wants a runner
+    /// (with `[github]`: while GitHub still has it queued). Only a foreign
+    /// VM holding the instance's name fails the job at once. The default,
+    /// 2h, outlasts a long backup window.
     #[serde(with = "humantime_serde")]
     pub retry_deadline: Duration,
     /// First retry delay after a transient provisioner error; doubles.
@@ -156,6 +158,14 @@ pub struct ControlPlaneConfig {
     /// `github.organization` is set, besides those of the jobs GRS recorded
     /// recently. With `github.repository`, that repository is scanned.
     pub recovery_repositories: Vec<String>,
+    /// A job GRS has had in progress on one of its instances (or bound to a
+    /// created instance whose runner has not taken it) this long is asked
+    /// about with GitHub by the reconciler's leader, and again every this
+    /// long: a `completed` GitHub reports is applied as its lost webhook
+    /// would have been (the runner's VM goes). One API call per such job
+    /// per period, from `github_api_budget`.
+    #[serde(with = "humantime_serde")]
+    pub recovery_running_age: Duration,
 }
 
 impl Default for ControlPlaneConfig {
@@ -189,6 +199,7 @@ impl Default for ControlPlaneConfig {
             recovery_interval: Duration::from_secs(60),
             recovery_lookback: Duration::from_secs(3600),
             recovery_repositories: Vec::new(),
+            recovery_running_age: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -498,6 +509,7 @@ impl Config {
         for (key, value) in [
             ("recovery_interval", cp.recovery_interval),
             ("recovery_lookback", cp.recovery_lookback),
+            ("recovery_running_age", cp.recovery_running_age),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(

@@ -2,7 +2,8 @@
 //!
 //! # Expected flow
 //! 1. Take the next entry of the pool's provision queue (or one a dead worker
-//!    left behind).
+//!    left behind), then the instance's create fence (a lease named
+//!    `create:<instance>`); while another worker holds it, wait.
 //! 2. With `[github]` configured, ask GitHub whether the job still waits for
 //!    a runner ([`GitHubJobs::check`](crate::github::GitHubJobs::check),
 //!    budgeted): if a runner took it or it completed, that is recorded as
@@ -27,15 +28,27 @@
 //!   entry pending; another claims it after the claim timeout and repeats
 //!   from step 2, which takes no second slot, and the provisioner's create is
 //!   idempotent by name.
-//! - **Bounded.** Capacity is only ever taken in step 2, atomically.
-//! - **Failure is recorded.** A permanent provisioner error fails the job
-//!   at once with the reason (and queues the instance's cleanup, which
-//!   frees its slot). Transient errors and lost workers are retried, with
-//!   capped backoff, for as long as the job still wants an instance, up to
+//! - **One worker per entry, one create per instance.** A worker taken for
+//!   dead while it was only slow (heartbeats later than the claim timeout)
+//!   learns of it at its next heartbeat, which no longer takes the entry
+//!   back, and stops: it creates nothing more and acknowledges nothing (the
+//!   store's [`touch`](crate::store::Store::touch) and
+//!   [`ack`](crate::store::Store::ack) act only for the entry's holder). It
+//!   also asks right before calling the provisioner. The create fence,
+//!   renewed with the entry, keeps two workers holding the same job (that
+//!   one, or a job queued twice) from making the instance at once.
+//! - **Bounded.** Capacity is only ever taken in step 3, atomically.
+//! - **A failure is not the end of a job GitHub still has queued.** Every
+//!   failed create ([`retried`]: all but a foreign VM holding the
+//!   instance's name) and every lost worker is retried, with capped
+//!   backoff, for as long as the job still wants an instance, up to
 //!   `retry_deadline` after the instance was first recorded (and, when
-//!   set, `max_attempts` attempts); then the job fails the same way. A PVE
+//!   set, `max_attempts` attempts); then the job fails with the reason (and
+//!   the instance's cleanup is queued, which frees its slot). A PVE
 //!   template under backup or a node rebooting takes minutes, not the
-//!   seconds a few attempts would wait. While it retries, the job's
+//!   seconds a few attempts would wait; a template deleted by mistake or a
+//!   revoked API token ("permanent" errors) are mended by an operator
+//!   while the job waits on GitHub, so they are retried too. While it retries, the job's
 //!   `reason` says why it waits (the last error, the next attempt, the
 //!   deadline), and each retry first asks GitHub (step 2): a job GitHub no
 //!   longer has queued stops being retried.
@@ -53,7 +66,10 @@ use crate::guest_agent;
 use crate::model::now_ms;
 use crate::pools::Pool;
 use crate::store::{BeginProvision, Delivery, Queue, QueueItem, StoreResult};
-use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
+use crate::worker::{
+    Handled, Hold, WorkError, WorkerContext, heartbeat, run_queue_worker, wait_holding,
+    with_heartbeat,
+};
 
 /// How long a worker waits before asking again for room in a full or paused
 /// pool.
@@ -90,12 +106,21 @@ pub async fn run(ctx: WorkerContext, pool: String, consumer: String) {
     .await
 }
 
+/// The lease that fences the create of instance `name`: a dispatcher
+/// holds it from before [`begin_provision`](crate::store::Store::begin_provision)
+/// until it is done with the entry, renewed with every heartbeat, so two
+/// workers that both think they hold the job (one was taken for dead, or
+/// the job was queued twice) never make the instance at the same time.
+fn create_fence(name: &str) -> String {
+    format!("create:{name}")
+}
+
 async fn handle(
     ctx: &WorkerContext,
     pool_name: &str,
     consumer: &str,
     d: Delivery,
-) -> StoreResult<Handled> {
+) -> Result<Handled, WorkError> {
     let queue = Queue::Provision(pool_name.to_owned());
     let QueueItem::Provision { job_id } = d.item else {
         tracing::error!(%queue, entry = %d.id, item = ?d.item, "not a provision entry; dropped");
@@ -115,6 +140,53 @@ async fn handle(
         return Ok(Handled::Done);
     };
     let name = grs_provisioner::instance_name(&ctx.settings.instance_prefix, job_id);
+    let hold = Hold {
+        queue: &queue,
+        consumer,
+        id: &d.id,
+        lease: None,
+    };
+    let fence = create_fence(&name);
+    let mut noted = false;
+    while !ctx
+        .store
+        .acquire_lease(&fence, consumer, ctx.settings.claim_timeout)
+        .await?
+    {
+        // Another worker is on this instance: wait for it to finish (the
+        // job is then provisioned and there is nothing left to do) or to
+        // stop (it lost its entry, or died and its lease ran out).
+        if !noted {
+            noted = true;
+            tracing::info!(job_id, instance = %name, "another worker is making this instance; waiting");
+        }
+        if !wait_holding(ctx, hold, CAPACITY_POLL).await? {
+            return Ok(Handled::Released);
+        }
+    }
+    let fenced = Hold {
+        lease: Some(&fence),
+        ..hold
+    };
+    let handled = provision(ctx, pool, job_id, &name, fenced).await;
+    // Given up however the work ended (after a loss nothing more is done
+    // here); if this fails, the lease runs out after the claim timeout.
+    if let Err(e) = ctx.store.release_lease(&fence, consumer).await {
+        tracing::warn!(job_id, instance = %name, error = %e, "cannot release the create fence; it runs out after the claim timeout");
+    }
+    handled
+}
+
+/// Steps 2 to 5 for `job_id` in `pool` (instance `name`), holding `hold`
+/// and its create fence.
+async fn provision(
+    ctx: &WorkerContext,
+    pool: &Pool,
+    job_id: u64,
+    name: &str,
+    hold: Hold<'_>,
+) -> Result<Handled, WorkError> {
+    let pool_name = pool.name.as_str();
     let mut last_error = String::from("worker lost while creating (crash or restart)");
     let mut checked_at: Option<tokio::time::Instant> = None;
     let mut noted_waiting = false;
@@ -127,7 +199,7 @@ async fn handle(
         }
         let attempts = match ctx
             .store
-            .begin_provision(job_id, &name, &pool.limits(), now_ms())
+            .begin_provision(job_id, name, &pool.limits(), now_ms())
             .await?
         {
             BeginProvision::Skip(reason) => {
@@ -141,7 +213,7 @@ async fn handle(
                 continue;
             }
             BeginProvision::Paused | BeginProvision::NoCapacity => {
-                if !wait_holding(ctx, &queue, consumer, &d.id, CAPACITY_POLL).await {
+                if !wait_holding(ctx, hold, CAPACITY_POLL).await? {
                     return Ok(Handled::Released);
                 }
                 continue;
@@ -183,13 +255,13 @@ async fn handle(
             };
             tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
             ctx.store
-                .fail_provision(job_id, &name, &reason, now_ms())
+                .fail_provision(job_id, name, &reason, now_ms())
                 .await?;
             return Ok(Handled::Done);
         }
         tracing::info!(job_id, instance = %name, pool = pool_name, attempt = attempts, "creating instance");
         let started = std::time::Instant::now();
-        let created = create(ctx, pool, &name, job_id, Some((&queue, consumer, &d.id))).await?;
+        let created = create(ctx, pool, name, job_id, Some(hold)).await?;
         match created {
             Ok(made) => {
                 if noted_waiting {
@@ -199,7 +271,7 @@ async fn handle(
                     .store
                     .finish_provision(
                         job_id,
-                        &name,
+                        name,
                         &made.provider_id,
                         made.location.as_deref().unwrap_or(""),
                         now_ms(),
@@ -221,7 +293,7 @@ async fn handle(
                 return Ok(Handled::Done);
             }
             Err(e)
-                if e.is_retryable()
+                if retried(&e)
                     && (ctx.settings.max_attempts == 0 || attempts < ctx.settings.max_attempts)
                     && now_ms() < deadline =>
             {
@@ -247,29 +319,41 @@ async fn handle(
                 noted_waiting = true;
                 // Ask GitHub again before the retry.
                 checked_at = None;
-                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                if !wait_holding(ctx, hold, delay).await? {
                     return Ok(Handled::Released);
                 }
             }
             Err(e) => {
-                let reason = match &e {
-                    ProvisionerError::Transient(_) | ProvisionerError::NoCapacity(_) => format!(
+                let reason = if retried(&e) {
+                    format!(
                         "gave up after {attempts} attempts in {}: {e}",
                         humantime::format_duration(std::time::Duration::from_millis(
                             u64::try_from(now_ms().saturating_sub(recorded_at)).unwrap_or(0) / 1000
                                 * 1000
                         ))
-                    ),
-                    _ => e.to_string(),
+                    )
+                } else {
+                    e.to_string()
                 };
                 tracing::warn!(job_id, instance = %name, reason, "provisioning failed");
                 ctx.store
-                    .fail_provision(job_id, &name, &reason, now_ms())
+                    .fail_provision(job_id, name, &reason, now_ms())
                     .await?;
                 return Ok(Handled::Done);
             }
         }
     }
+}
+
+/// Whether a create that failed with `e` is tried again (within the
+/// deadline, while the job still wants an instance): every failure but a
+/// VM of someone else's holding the instance's name, which GRS never
+/// touches and no retry gets past. A "permanent" error (a missing
+/// template, bad credentials) passes once an operator mends it, and the
+/// job waits on GitHub meanwhile: failing it at the first error left it
+/// waiting there with no instance coming.
+fn retried(e: &ProvisionerError) -> bool {
+    !matches!(e, ProvisionerError::NotOwned { .. })
 }
 
 /// Asks GitHub about `job_id` before a VM is spent on it; records what
@@ -324,9 +408,9 @@ async fn check_github(
 /// The cloud-init bootstrap of a new instance: a bootstrap token and, with
 /// `[github]`, the runner's JIT config minted now and stored sealed under
 /// the token (see [`bootstrap`]), so the VM gets it even if GitHub is
-/// unreachable when it boots. A failure to mint is a failed create
-/// (retried when transient, see [`RegistrarError::is_transient`]). Store
-/// errors are the caller's.
+/// unreachable when it boots. A failure to mint is a failed create,
+/// transient or permanent by [`RegistrarError::is_transient`] (retried
+/// like any, see [`retried`]). Store errors are the caller's.
 ///
 /// [`RegistrarError::is_transient`]: crate::worker::RegistrarError::is_transient
 async fn cloud_init_bootstrap(
@@ -362,17 +446,44 @@ async fn cloud_init_bootstrap(
 /// moves it to creating, gives it its bootstrap (its runner config is
 /// minted here: handed over by the guest agent, see [`guest_agent`], or
 /// sealed under the bootstrap token for cloud-init, see
-/// [`cloud_init_bootstrap`]; a failure to mint it is a failed create), and asks the pool's provisioner for it,
-/// telling the store every heartbeat that the queue entry `hold` (queue,
-/// consumer, entry id), if any, is still worked on. The outer error is the
-/// store's; the inner one the backend's.
+/// [`cloud_init_bootstrap`]; a failure to mint it is a failed create), and
+/// asks the pool's provisioner for it. With `hold` (a queue entry), the
+/// store is told every heartbeat, all along, that the worker still holds
+/// it, and asked once more right before the provisioner is: a worker that
+/// lost the entry stops with [`WorkError::Lost`] and makes nothing more.
+/// The outer error is the store's (or the loss); the inner one the
+/// backend's.
 pub(crate) async fn create(
     ctx: &WorkerContext,
     pool: &Pool,
     name: &str,
     job_id: u64,
-    hold: Option<(&Queue, &str, &str)>,
-) -> StoreResult<Result<Instance, ProvisionerError>> {
+    hold: Option<Hold<'_>>,
+) -> Result<Result<Instance, ProvisionerError>, WorkError> {
+    match hold {
+        Some(hold) => with_heartbeat(ctx, hold, make(ctx, pool, name, job_id, Some(hold))).await?,
+        None => make(ctx, pool, name, job_id, None).await,
+    }
+}
+
+/// [`create`]'s steps. `hold` is checked first and again right before the
+/// provisioner call: the heartbeat around this may not have run for a
+/// while (a starved runtime fires no tick), and a worker that lost its
+/// entry must neither mint a runner config (minting removes the
+/// registration of that name, the new holder's) nor issue a bootstrap token
+/// (that revokes the new holder's VM's) nor ask for a VM. Found by the CI
+/// soak on a loaded machine: a worker woke from a capacity wait after its
+/// entry and fence had gone to another and re-minted under the other's VM.
+async fn make(
+    ctx: &WorkerContext,
+    pool: &Pool,
+    name: &str,
+    job_id: u64,
+    hold: Option<Hold<'_>>,
+) -> Result<Result<Instance, ProvisionerError>, WorkError> {
+    if let Some(hold) = hold {
+        heartbeat(ctx, hold).await?;
+    }
     // A redone create (the worker that began it died, or its entry was
     // reclaimed) may find the VM already running on the first attempt's
     // seed and runner registration. Minting new ones would revoke the token
@@ -425,13 +536,12 @@ pub(crate) async fn create(
         labels: pool.config.labels.clone(),
         bootstrap,
     };
+    // Minting may have taken long: still this worker's?
+    if let Some(hold) = hold {
+        heartbeat(ctx, hold).await?;
+    }
     let started = std::time::Instant::now();
-    let r = match hold {
-        Some((queue, consumer, id)) => {
-            with_heartbeat(ctx, queue, consumer, id, pool.provisioner.create(&spec)).await
-        }
-        None => pool.provisioner.create(&spec).await,
-    };
+    let r = pool.provisioner.create(&spec).await;
     ctx.metrics
         .provisioner_call(pool.provisioner.kind(), "create", started.elapsed(), &r);
     Ok(r)
@@ -456,30 +566,41 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
-        use crate::model::JobAction;
-        use crate::store::conformance::event;
-        use crate::store::{MemoryStore, Store};
-        use crate::testing::{fake_pools, test_config};
-
-        let config = test_config();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    /// A worker's context over a memory store and the fake provisioner
+    /// (the test configuration's pool `linux`), bootstrap on, runner
+    /// configs from `registrar`.
+    fn worker_context(
+        registrar: Arc<dyn crate::worker::RunnerRegistrar>,
+    ) -> (
+        WorkerContext,
+        Arc<dyn crate::store::Store>,
+        Arc<grs_provisioner::FakeProvisioner>,
+    ) {
+        let config = crate::testing::test_config();
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::MemoryStore::new());
         let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
-        let pools = fake_pools(&config, &fake);
-        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
         let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
         settings.gateway_url = Some("http://gw:8080".into());
         let ctx = WorkerContext {
             store: store.clone(),
-            pools: pools.clone(),
+            pools: crate::testing::fake_pools(&config, &fake),
             settings,
-            registrar: Some(registrar.clone()),
+            registrar: Some(registrar),
             shutdown: tokio_util::sync::CancellationToken::new(),
             metrics: Default::default(),
             github: None,
         };
-        let pool = pools.get("linux").unwrap();
+        (ctx, store, fake)
+    }
+
+    #[tokio::test]
+    async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+
+        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
+        let (ctx, store, fake) = worker_context(registrar.clone());
+        let pool = ctx.pools.get("linux").unwrap();
         let t = now_ms();
         store
             .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), t)
@@ -507,53 +628,167 @@ mod tests {
         assert_eq!(fake.creates(), 1);
     }
 
+    /// How a minting failure is sorted: a JIT config GitHub refuses (403)
+    /// is a permanent create error, one it may give later (502) a
+    /// transient one; both name the runner. (The dispatcher retries both
+    /// until retry_deadline, see [`retried`]; the kind says what to expect.)
     #[tokio::test]
-    async fn a_jit_config_github_refuses_fails_the_create_at_once_and_one_it_may_give_later_is_retried()
+    async fn a_jit_config_github_refuses_is_a_permanent_create_error_and_one_it_may_give_later_transient()
      {
-        use crate::store::{MemoryStore, Store};
-        use crate::testing::{FakeRegistrar, fake_pools, test_config};
-
-        let config = test_config();
-        let fake = Arc::new(grs_provisioner::FakeProvisioner::new());
-        let pools = fake_pools(&config, &fake);
-        let registrar = Arc::new(FakeRegistrar::default());
-        let mut settings = crate::worker::WorkerSettings::from_config(&config.control_plane);
-        settings.gateway_url = Some("http://gw:8080".into());
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let ctx = WorkerContext {
-            store,
-            pools: pools.clone(),
-            settings,
-            registrar: Some(registrar.clone()),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            metrics: Default::default(),
-            github: None,
-        };
-        let pool = pools.get("linux").unwrap();
-        // 403: the credentials lack a permission; no retry will change it.
+        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
+        let (ctx, _store, fake) = worker_context(registrar.clone());
+        let pool = ctx.pools.get("linux").unwrap();
         registrar.fail_jit(Some(403));
         let e = cloud_init_bootstrap(&ctx, "grs-1", pool)
             .await
             .unwrap()
             .unwrap_err();
-        assert!(!e.is_retryable(), "{e:?}");
+        assert!(matches!(e, ProvisionerError::Permanent(_)), "{e:?}");
         assert!(
             e.to_string().contains("mint a JIT runner config for grs-1"),
             "{e}"
         );
-        // 502: GitHub may answer next time.
         registrar.fail_jit(Some(502));
         let e = cloud_init_bootstrap(&ctx, "grs-1", pool)
             .await
             .unwrap()
             .unwrap_err();
-        assert!(e.is_retryable(), "{e:?}");
+        assert!(matches!(e, ProvisionerError::Transient(_)), "{e:?}");
         registrar.fail_jit(None);
         cloud_init_bootstrap(&ctx, "grs-1", pool)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(fake.creates(), 0, "no VM is made without a runner config");
+    }
+
+    /// Mints runner configs; the first mint waits until `release` is
+    /// notified (a worker stalled while making its instance) and tells
+    /// `entered` when it starts.
+    #[derive(Debug, Default)]
+    struct StallingRegistrar {
+        mints: std::sync::atomic::AtomicU32,
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::worker::RunnerRegistrar for StallingRegistrar {
+        async fn jit_config(
+            &self,
+            name: &str,
+            _labels: &[String],
+            _runner_group_id: u64,
+        ) -> Result<secrecy::SecretString, crate::worker::RegistrarError> {
+            if self.mints.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+            Ok(format!("jit-{name}").into())
+        }
+
+        async fn remove_runner(&self, _name: &str) -> Result<(), crate::worker::RegistrarError> {
+            Ok(())
+        }
+    }
+
+    /// One entry, two workers: worker `a` stalls while making the instance
+    /// and is taken for dead (its entry claimed by `b`, as after heartbeats
+    /// that came too late on a loaded machine). `b` makes the instance;
+    /// `a` must find out it lost the entry and make nothing.
+    #[tokio::test]
+    async fn a_worker_that_lost_its_entry_to_another_creates_nothing() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+
+        let registrar = Arc::new(StallingRegistrar::default());
+        let (ctx, store, fake) = worker_context(registrar.clone());
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
+            .await
+            .unwrap();
+        let queue = Queue::Provision("linux".into());
+        let d = store
+            .read(&queue, "a", std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        let a = tokio::spawn({
+            let (ctx, d) = (ctx.clone(), d.clone());
+            async move { handle(&ctx, "linux", "a", d).await }
+        });
+        registrar.entered.notified().await;
+        // `a` is taken for dead: its entry goes to `b`.
+        let claimed = store
+            .claim_stale(&queue, "b", std::time::Duration::ZERO, 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec![d.clone()]);
+        let wait = std::time::Duration::from_secs(10);
+        let b = tokio::time::timeout(wait, handle(&ctx, "linux", "b", d))
+            .await
+            .expect("b finished");
+        assert_eq!(b.unwrap(), Handled::Done);
+        assert_eq!(fake.create_calls(), 1);
+        // `a` wakes up.
+        registrar.release.notify_one();
+        let a = tokio::time::timeout(wait, a)
+            .await
+            .expect("a finished")
+            .unwrap();
+        assert_eq!(
+            fake.create_calls(),
+            1,
+            "the worker that lost the entry created grs-7 again (a: {a:?})"
+        );
+        assert!(matches!(a, Err(WorkError::Lost)), "a: {a:?}");
+    }
+
+    /// A worker that wakes (a starved runtime, a long wait) after its
+    /// entry went to another worker: it must neither mint a runner config
+    /// nor issue a token nor create, all of which would undo the new
+    /// holder's instance. The CI soak met it on a loaded machine.
+    #[tokio::test]
+    async fn a_create_by_a_worker_that_lost_its_entry_mints_and_makes_nothing() {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+
+        let registrar = Arc::new(crate::testing::FakeRegistrar::default());
+        let (ctx, store, fake) = worker_context(registrar.clone());
+        let pool = ctx.pools.get("linux").unwrap();
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
+            .await
+            .unwrap();
+        let queue = Queue::Provision("linux".into());
+        let d = store
+            .read(&queue, "a", std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .begin_provision(7, "grs-7", &pool.limits(), now_ms())
+            .await
+            .unwrap();
+        let claimed = store
+            .claim_stale(&queue, "b", std::time::Duration::ZERO, 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        let hold = Hold {
+            queue: &queue,
+            consumer: "a",
+            id: &d.id,
+            lease: None,
+        };
+        let r = create(&ctx, pool, "grs-7", 7, Some(hold)).await;
+        assert!(matches!(r, Err(WorkError::Lost)), "{r:?}");
+        assert_eq!(
+            registrar.minted(),
+            0,
+            "a runner config was minted by a worker that had lost its entry"
+        );
+        assert_eq!(fake.create_calls(), 0);
     }
 
     #[test]

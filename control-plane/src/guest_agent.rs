@@ -82,9 +82,9 @@ pub fn check_pool(github_configured: bool, pool: &Pool) -> Result<(), ConfigErro
 }
 
 /// The bootstrap of instance `name` of `pool`: a fresh JIT config minted
-/// through `registrar`. A GitHub failure fails the create, retried when it
-/// is transient; no `[github]` or unsafe runner names are configuration
-/// errors.
+/// through `registrar`. A GitHub failure fails the create (transient or
+/// permanent by [`RegistrarError::is_transient`](crate::worker::RegistrarError::is_transient));
+/// no `[github]` or unsafe runner names are configuration errors.
 pub async fn bootstrap(
     registrar: Option<&dyn RunnerRegistrar>,
     name: &str,

@@ -116,11 +116,13 @@ const ACTION_KINDS: [&str; 5] = [
 ];
 
 /// What the lost-webhook recovery counts (`grs_github_recovered{outcome}`).
-pub const RECOVERY_OUTCOMES: [&str; 4] = [
+pub const RECOVERY_OUTCOMES: [&str; 6] = [
+    "completed_recorded",
     "job_submitted",
     "redelivery_requested",
     "rerouted",
     "skipped_pass",
+    "started_recorded",
 ];
 
 /// Stage: GRS recorded the job queued → its instance is running.
@@ -273,7 +275,7 @@ impl Metrics {
         );
         r.register(
             "github_recovered",
-            "Lost-webhook recovery by outcome: job_submitted, redelivery_requested, rerouted, skipped_pass (this replica)",
+            "Lost-webhook recovery by outcome: completed_recorded, job_submitted, redelivery_requested, rerouted, skipped_pass, started_recorded (this replica)",
             m.github_recovered.clone(),
         );
         r.register(

@@ -29,7 +29,9 @@
 //!    first.
 //! 6. **Orphans**: a listed VM with no live record (the store never knew
 //!    it, forgot it, or records it as deleted) is deleted through its
-//!    provisioner once it is `orphan_grace` old. A VM whose backend cannot
+//!    provisioner once it is `orphan_grace` old, unless GitHub says (or
+//!    cannot rule out) that its runner is busy: a record lost by the store
+//!    does not make the job on it any less real. A VM whose backend cannot
 //!    tell its age must be seen as an orphan on consecutive passes spanning
 //!    `orphan_grace` instead.
 //! 7. **Offline runner registrations** named with this installation's
@@ -39,7 +41,9 @@
 //!    `[github]` section).
 //! 8. **Removed pools**: for every pool that instance records name (deleted
 //!    ones too, while they are kept) but the configuration no longer has,
-//!    live instances are queued for teardown and every backend is asked to
+//!    live instances are queued for teardown and, unless GitHub says one
+//!    of their runners is busy (then the pool waits for a later pass),
+//!    every backend is asked to
 //!    [`remove_all`](grs_provisioner::Provisioner::remove_all) of that
 //!    pool's VMs (each only removes VMs carrying this installation's
 //!    marker).
@@ -69,11 +73,14 @@
 //!   lease is released so another replica takes over at its next interval
 //!   (after a crash: once the lease expires, within three intervals).
 //!
+//! Lost webhooks (queued jobs GRS never heard of, completions it never
+//! got) are looked for after each pass by [`crate::recovery`].
+//!
 //! # Not yet
-//! Queued jobs whose webhook was lost (polling GitHub), and re-queueing
-//! teardowns whose queue entry was lost (pending_delete or deleting with no
-//! entry; only a Redis that lost writes does that) are still to come. Warm
-//! pools are filled by the [warm keepers](crate::warm), not here.
+//! Re-queueing teardowns whose queue entry was lost (pending_delete or
+//! deleting with no entry; only a Redis that lost writes does that) is
+//! still to come. Warm pools are filled by the [warm keepers](crate::warm),
+//! not here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -147,8 +154,9 @@ pub struct PassReport {
     pub orphans_deleted: Vec<String>,
     /// Orphan VMs seen but still within the grace period.
     pub orphans_waiting: Vec<String>,
-    /// Instances past the bootstrap timeout kept because GitHub says their
-    /// runner is busy (its `in_progress` webhook was lost).
+    /// Instances past the bootstrap timeout, and orphan VMs, kept because
+    /// GitHub says their runner is busy (its `in_progress` webhook was
+    /// lost, or the store lost the record).
     pub busy_kept: Vec<String>,
     /// Idle warm instances queued for teardown because they reached their
     /// pool's `idle_max_age`.
@@ -285,6 +293,9 @@ impl Reconciler {
                 report.orphans_waiting.push(vm.name);
                 continue;
             }
+            if self.runner_may_be_busy(&vm.name, &pool, &mut report).await {
+                continue;
+            }
             tracing::warn!(
                 instance = %vm.name,
                 pool,
@@ -394,7 +405,10 @@ impl Reconciler {
             && !warm_unbound
             && at_least(now, bound_at, s.bootstrap_timeout)
         {
-            if self.runner_may_be_busy(inst, report).await {
+            if self
+                .runner_may_be_busy(&inst.name, &inst.pool, report)
+                .await
+            {
                 return Ok(());
             }
             (
@@ -531,7 +545,9 @@ impl Reconciler {
     }
 
     /// Queues the live instances of pools no longer configured for
-    /// teardown, and has every backend remove those pools' VMs.
+    /// teardown, and has every backend remove those pools' VMs; a pool
+    /// with a runner GitHub says is busy (or cannot say is idle) keeps its
+    /// VMs until a later pass finds them all idle.
     async fn remove_dropped_pools(&self, now: Millis, report: &mut PassReport) -> StoreResult<()> {
         let all = self.store.list_instances(None, true).await?;
         let dropped: BTreeSet<&str> = all
@@ -543,14 +559,22 @@ impl Reconciler {
             return Ok(());
         }
         let mut queued = Vec::new();
+        let mut busy = BTreeSet::new();
         for inst in all
             .iter()
             .filter(|i| dropped.contains(i.pool.as_str()) && i.state != InstanceState::Deleted)
         {
+            if self
+                .runner_may_be_busy(&inst.name, &inst.pool, report)
+                .await
+            {
+                busy.insert(inst.pool.as_str());
+                continue;
+            }
             let reason = format!("pool {} is no longer configured", inst.pool);
             self.queue_teardown(inst, &reason, now, &mut queued).await?;
         }
-        for pool in dropped {
+        for pool in dropped.difference(&busy) {
             for (backend, _) in self.pools.backends() {
                 match backend.remove_all(pool).await {
                     Ok(removed) => {
@@ -572,30 +596,31 @@ impl Reconciler {
     }
 
     /// Whether the registrar says (or cannot rule out) that the runner of
-    /// `inst`, idle by the store's records, is running a job: then the
-    /// instance stays, until its maximum lifetime at the latest.
-    async fn runner_may_be_busy(&self, inst: &InstanceRecord, report: &mut PassReport) -> bool {
+    /// instance `name` of `pool`, idle (or unknown) by the store's records,
+    /// is running a job: then its VM stays, and the next pass asks again (a
+    /// recorded instance goes at its maximum lifetime at the latest).
+    async fn runner_may_be_busy(&self, name: &str, pool: &str, report: &mut PassReport) -> bool {
         let Some(registrar) = &self.registrar else {
             return false;
         };
-        match registrar.runner_busy(&inst.name).await {
+        match registrar.runner_busy(name).await {
             Ok(Some(true)) => {
                 tracing::warn!(
-                    instance = %inst.name,
-                    pool = %inst.pool,
+                    instance = %name,
+                    pool,
                     "runner is busy though no in_progress webhook named it (a lost delivery?); \
-                     keeping the instance until its job completes or its maximum lifetime"
+                     keeping its VM until its job completes"
                 );
-                report.busy_kept.push(inst.name.clone());
+                report.busy_kept.push(name.to_owned());
                 true
             }
             Ok(_) => false,
             Err(e) => {
-                tracing::warn!(instance = %inst.name, pool = %inst.pool, error = %e,
-                    "cannot tell whether the runner is busy; the bootstrap timeout waits for the next pass");
+                tracing::warn!(instance = %name, pool, error = %e,
+                    "cannot tell whether the runner is busy; its teardown waits for the next pass");
                 report
                     .failures
-                    .push(format!("asking whether {} is busy: {e}", inst.name));
+                    .push(format!("asking whether {name} is busy: {e}"));
                 true
             }
         }
@@ -889,6 +914,26 @@ mod tests {
         let mut ended = r.lifetime_ended.clone();
         ended.sort();
         assert_eq!(ended, vec![busy.clone(), unsure.clone()], "{r:?}");
+    }
+
+    /// Seen failing before orphans were asked about: grs-14 was deleted
+    /// with a job on it.
+    #[tokio::test]
+    async fn an_orphan_whose_runner_is_busy_is_kept_until_github_says_it_is_idle() {
+        let (mut s, runners) = setup_with_registrar();
+        let t = now_ms();
+        // A VM of ours the store has no record of (a wiped Redis, say)
+        // whose runner runs a job.
+        s.fake.create(&spec(14)).await.unwrap();
+        runners.set_busy("grs-14", true);
+        let r = s.reconciler.reconcile_once(t + 2_500).await.unwrap();
+        assert_eq!(r.busy_kept, vec!["grs-14".to_owned()], "{r:?}");
+        assert!(r.orphans_deleted.is_empty(), "{r:?}");
+        assert!(s.fake.exists("grs-14"));
+        runners.clear_busy("grs-14");
+        let r = s.reconciler.reconcile_once(t + 3_000).await.unwrap();
+        assert_eq!(r.orphans_deleted, vec!["grs-14".to_owned()], "{r:?}");
+        assert!(!s.fake.exists("grs-14"));
     }
 
     #[tokio::test]
@@ -1225,6 +1270,35 @@ mod tests {
         .await;
         stop.cancel();
         worker.await.unwrap();
+    }
+
+    /// Seen failing before removed pools were asked about: grs-41's VM was
+    /// removed with a job on it.
+    #[tokio::test]
+    async fn a_removed_pools_vms_stay_while_a_runner_of_it_is_busy() {
+        let old = setup();
+        let t = now_ms();
+        let name = provisioned(&old, 41, t).await;
+        let mut config = test_config();
+        let linux = config.pools.remove("linux").unwrap();
+        config.pools.insert("arm".into(), linux);
+        let runners = Arc::new(FakeRegistrar::default());
+        runners.set_busy(&name, true);
+        let mut r = Reconciler::new(
+            old.store.clone(),
+            fake_pools(&config, &old.fake),
+            old.reconciler.settings.clone(),
+        )
+        .with_registrar(Some(runners.clone()));
+        let report = r.reconcile_once(t + 10).await.unwrap();
+        assert_eq!(report.busy_kept, vec![name.clone()], "{report:?}");
+        assert!(report.removed_pool_vms.is_empty(), "{report:?}");
+        assert!(old.fake.exists(&name));
+        assert_eq!(state(&old, &name).await.0, InstanceState::Running);
+        runners.clear_busy(&name);
+        let report = r.reconcile_once(t + 20).await.unwrap();
+        assert_eq!(report.removed_pool_vms, vec![name.clone()], "{report:?}");
+        assert!(!old.fake.exists(&name));
     }
 
     #[test]

@@ -25,6 +25,19 @@
 //!    with the delivery id `grs-recovered:<job id>:queued`. It takes the
 //!    normal path (routing, queue, status check, capacity): a later
 //!    webhook for the same job is a stale event, a second scan a duplicate.
+//! 4. **Lost completions** (with `[github]`; run before step 3, whose
+//!    scan of many runs could otherwise spend the pass): a job in progress on a
+//!    created instance of GRS's (the instance's `assigned_job_id`), or
+//!    bound to one whose runner has not taken it (its `job_id`), that has
+//!    not changed for `recovery_running_age` is asked about
+//!    (`GET /repos/{owner}/{repo}/actions/jobs/{job_id}`), oldest first, at
+//!    most once per `recovery_running_age` each. What GitHub reports is
+//!    submitted through the same path as a webhook (the event
+//!    [`status_event`] builds, delivery id `grs-status:<job>:<status>`):
+//!    `completed` tears down the runner that ran the job, wherever it was
+//!    made, exactly as the lost delivery would have; `in_progress` of a
+//!    job GRS has as provisioned records its runner. Without this a lost
+//!    `completed` kept its runner's VM until `max_lifetime`.
 //!
 //! # Guarantees
 //! - **Within the budget, honouring rate limits.** Every GitHub call of a
@@ -40,7 +53,13 @@
 //! - **Bounded latency.** A queued job whose every delivery was lost is
 //!   recorded at the first pass after it was queued: within
 //!   `recovery_interval` (rounded up to the reconciler's interval) plus one
-//!   scan. README gives the measured numbers.
+//!   scan. A job whose `completed` was lost is recorded completed within
+//!   `recovery_running_age` after its last recorded change (its
+//!   `in_progress`) plus that interval, or, when it ran longer, within
+//!   `recovery_running_age` plus the interval after it completed. README
+//!   gives the measured numbers.
+//! - **Leader only.** Passes run on the reconciler's lease holder; a new
+//!   leader starts with nothing asked (it may ask about a job once more).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -49,8 +68,8 @@ use std::time::{Duration, SystemTime};
 use grs_github::Scope;
 
 use crate::config::ControlPlaneConfig;
-use crate::github::GitHubJobs;
-use crate::model::{Job, JobAction, JobEvent, JobState, Millis, now_ms};
+use crate::github::{GitHubJobs, status_event};
+use crate::model::{Job, JobAction, JobEvent, JobState, Millis, instance_is_created, now_ms};
 use crate::pools::Pools;
 use crate::store::{Store, StoreResult};
 
@@ -77,6 +96,9 @@ pub struct RecoverySettings {
     pub lookback: Duration,
     /// Repositories an organisation's scan covers besides recent ones.
     pub repositories: Vec<String>,
+    /// Jobs running (or bound to a created instance) this long unchanged
+    /// are asked about with GitHub, each at most once per this long.
+    pub running_age: Duration,
 }
 
 impl RecoverySettings {
@@ -86,6 +108,7 @@ impl RecoverySettings {
             interval: c.recovery_interval,
             lookback: c.recovery_lookback,
             repositories: c.recovery_repositories.clone(),
+            running_age: c.recovery_running_age,
         }
     }
 }
@@ -99,6 +122,12 @@ pub struct RecoveryReport {
     pub redelivery_requested: Vec<String>,
     /// Queued jobs GRS never saw, submitted as `queued`.
     pub submitted: Vec<u64>,
+    /// Jobs GitHub says completed whose `completed` GRS never got,
+    /// recorded completed.
+    pub completed: Vec<u64>,
+    /// Jobs GRS had as provisioned that GitHub says a runner took (their
+    /// `in_progress` lost), recorded in progress.
+    pub started: Vec<u64>,
     /// Why GitHub was not (fully) asked, if it was not.
     pub skipped: Option<String>,
     /// GitHub failures the pass went past (the next pass retries).
@@ -123,6 +152,8 @@ pub struct Recovery {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     last_run: Option<tokio::time::Instant>,
     asked: HashMap<String, tokio::time::Instant>,
+    /// Job id → when its status was last asked for (step 4).
+    status_asked: HashMap<u64, Millis>,
 }
 
 /// Why a pass stopped asking GitHub.
@@ -145,6 +176,7 @@ impl Recovery {
             metrics: None,
             last_run: None,
             asked: HashMap::new(),
+            status_asked: HashMap::new(),
         }
     }
 
@@ -180,9 +212,11 @@ impl Recovery {
         }
     }
 
-    /// Forgets the redeliveries asked for (on losing leadership).
+    /// Forgets the redeliveries and job statuses asked for (on losing
+    /// leadership).
     pub fn forget(&mut self) {
         self.asked.clear();
+        self.status_asked.clear();
         self.last_run = None;
     }
 
@@ -191,10 +225,16 @@ impl Recovery {
         let mut report = RecoveryReport::default();
         self.reroute_unrouted(now, &mut report).await?;
         if let Some(gh) = self.github.clone() {
-            let out = match self.redeliver_failed(&gh, &mut report).await {
-                Ok(()) => self.scan_queued(&gh, now, &mut report).await?,
+            // Lost completions before the scan: their checks are bounded
+            // (one per running job per age) and each frees a VM, while the
+            // scan may spend the whole pass on many runs.
+            let mut out = match self.redeliver_failed(&gh, &mut report).await {
+                Ok(()) => self.check_running(&gh, now, &mut report).await?,
                 Err(o) => Err(o),
             };
+            if out.is_ok() {
+                out = self.scan_queued(&gh, now, &mut report).await?;
+            }
             if let Err(OutOfBudget(why)) = out {
                 tracing::info!(why, "recovery pass stopped asking GitHub");
                 report.skipped = Some(why.to_owned());
@@ -204,6 +244,8 @@ impl Recovery {
             m.github_recovered("rerouted", report.rerouted.len());
             m.github_recovered("redelivery_requested", report.redelivery_requested.len());
             m.github_recovered("job_submitted", report.submitted.len());
+            m.github_recovered("completed_recorded", report.completed.len());
+            m.github_recovered("started_recorded", report.started.len());
             m.github_recovered("skipped_pass", usize::from(report.skipped.is_some()));
         }
         Ok(report)
@@ -388,6 +430,93 @@ impl Recovery {
                         report.submitted.push(j.id);
                     }
                 }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Step 4: jobs running (or bound) on created instances for
+    /// `running_age` are asked about; what GitHub says they did is
+    /// submitted as the lost webhook would have been.
+    async fn check_running(
+        &mut self,
+        gh: &GitHubJobs,
+        now: Millis,
+        report: &mut RecoveryReport,
+    ) -> StoreResult<Result<(), OutOfBudget>> {
+        let age = millis(self.settings.running_age);
+        // The job each created instance serves: the one its runner took,
+        // else the one bound to it. A job on another job's runner is found
+        // through that runner's instance.
+        let ids: BTreeSet<u64> = self
+            .store
+            .list_instances(None, false)
+            .await?
+            .iter()
+            .filter(|i| instance_is_created(i.state))
+            .map(|i| {
+                if i.assigned_job_id != 0 {
+                    i.assigned_job_id
+                } else {
+                    i.job_id
+                }
+            })
+            .filter(|&id| id != 0)
+            .collect();
+        self.status_asked.retain(|id, _| ids.contains(id));
+        let mut due = Vec::new();
+        for &id in &ids {
+            let Some(job) = self.store.get_job(id).await? else {
+                continue;
+            };
+            let unchanged_long = now.saturating_sub(job.updated_at) >= age;
+            let asked_lately = self
+                .status_asked
+                .get(&id)
+                .is_some_and(|&t| now.saturating_sub(t) < age);
+            if matches!(job.state, JobState::InProgress | JobState::Provisioned)
+                && !job.repository.is_empty()
+                && unchanged_long
+                && !asked_lately
+            {
+                due.push(job);
+            }
+        }
+        due.sort_by_key(|j| (j.updated_at, j.job_id));
+        for job in due {
+            if let Err(o) = gh.may_call() {
+                return Ok(Err(OutOfBudget(o)));
+            }
+            self.status_asked.insert(job.job_id, now);
+            let seen = match gh.client().get_job(&job.repository, job.job_id).await {
+                Ok(seen) => seen,
+                Err(e) => {
+                    tracing::warn!(job_id = job.job_id, error = %e, "cannot ask GitHub about a running job");
+                    report
+                        .failures
+                        .push(format!("asking about job {}: {e}", job.job_id));
+                    continue;
+                }
+            };
+            let Some(ev) = status_event(&job, &seen) else {
+                continue;
+            };
+            let list = match ev.action {
+                JobAction::Completed => &mut report.completed,
+                JobAction::InProgress if job.state == JobState::Provisioned => &mut report.started,
+                _ => continue,
+            };
+            let pool = (!job.pool.is_empty()).then_some(job.pool.as_str());
+            let r = self.store.submit_event(&ev, pool, now).await?;
+            if r.outcome == crate::model::SubmitOutcome::Accepted {
+                tracing::warn!(
+                    job_id = job.job_id,
+                    status = %seen.status,
+                    runner = %ev.runner_name,
+                    was = %job.state,
+                    "GitHub reports what GRS was never told of a running job (lost webhook); recorded"
+                );
+                list.push(job.job_id);
             }
         }
         Ok(Ok(()))

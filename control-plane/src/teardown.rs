@@ -8,7 +8,8 @@
 //!    is busy: a job cancelled before pickup, a bootstrap timeout, an idle
 //!    warm instance scaled down or recycled, a maximum lifetime, or an
 //!    operator's delete may meet a runner that has just taken a job whose
-//!    `in_progress` has not arrived. A busy runner's teardown is called off
+//!    `in_progress` has not arrived; so may a failed create (or start
+//!    poll) that left a VM behind. A busy runner's teardown is called off
 //!    ([`call_off_teardown`](crate::store::Store::call_off_teardown), the
 //!    reason recorded): the instance goes when that job completes, or when
 //!    the reconciler next finds it due and GitHub says it is idle. When
@@ -40,7 +41,9 @@ use grs_provisioner::ProvisionerError;
 
 use crate::model::{InstanceRecord, InstanceState, JobState, now_ms};
 use crate::store::{Delivery, Queue, QueueItem, StoreResult};
-use crate::worker::{Handled, WorkerContext, run_queue_worker, wait_holding, with_heartbeat};
+use crate::worker::{
+    Handled, Hold, WorkError, WorkerContext, run_queue_worker, wait_holding, with_heartbeat,
+};
 
 /// Runs one teardown worker until shutdown.
 pub async fn run(ctx: WorkerContext, consumer: String) {
@@ -51,11 +54,20 @@ pub async fn run(ctx: WorkerContext, consumer: String) {
     .await
 }
 
-async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult<Handled> {
+async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> Result<Handled, WorkError> {
     let queue = Queue::Teardown;
     let QueueItem::Teardown { instance: name } = d.item else {
         tracing::error!(entry = %d.id, item = ?d.item, "not a teardown entry; dropped");
         return Ok(Handled::Done);
+    };
+    // Two workers deleting one instance is harmless (every step is
+    // idempotent): no lease. The heartbeat still stops one that lost the
+    // entry.
+    let hold = Hold {
+        queue: &queue,
+        consumer,
+        id: &d.id,
+        lease: None,
     };
     let mut attempt = 0u32;
     loop {
@@ -79,7 +91,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                 ctx.store
                     .note_instance_error(&name, &reason, now_ms())
                     .await?;
-                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                if !wait_holding(ctx, hold, delay).await? {
                     return Ok(Handled::Released);
                 }
                 continue;
@@ -92,14 +104,8 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
         let outcome = match ctx.pools.get(&instance.pool) {
             Some(pool) => {
                 let started = std::time::Instant::now();
-                let r = with_heartbeat(
-                    ctx,
-                    &queue,
-                    consumer,
-                    &d.id,
-                    pool.provisioner.delete(&instance.pool, &name),
-                )
-                .await;
+                let r = with_heartbeat(ctx, hold, pool.provisioner.delete(&instance.pool, &name))
+                    .await?;
                 let backend = pool.provisioner.kind();
                 ctx.metrics
                     .provisioner_call(backend, "delete", started.elapsed(), &r);
@@ -160,7 +166,7 @@ async fn handle(ctx: &WorkerContext, consumer: &str, d: Delivery) -> StoreResult
                 ctx.store
                     .note_instance_error(&name, &reason, now_ms())
                     .await?;
-                if !wait_holding(ctx, &queue, consumer, &d.id, delay).await {
+                if !wait_holding(ctx, hold, delay).await? {
                     return Ok(Handled::Released);
                 }
             }
@@ -189,12 +195,11 @@ async fn runner_check(ctx: &WorkerContext, name: &str) -> StoreResult<RunnerChec
     let Some(inst) = ctx.store.get_instance(name).await? else {
         return Ok(RunnerCheck::Clear);
     };
-    // No VM recorded made (its create failed and cleaned up after itself):
-    // no runner to ask about.
-    if inst.state != InstanceState::PendingDelete
-        || inst.provider_id.is_empty()
-        || ran_its_job(ctx, &inst).await?
-    {
+    // An instance with no VM recorded made (its create failed, or its
+    // start poll did) is asked about too: the VM may exist all the same,
+    // and its runner, registered when the create began, may have taken a
+    // job.
+    if inst.state != InstanceState::PendingDelete || ran_its_job(ctx, &inst).await? {
         return Ok(RunnerCheck::Clear);
     }
     Ok(match registrar.runner_busy(name).await {

@@ -93,6 +93,8 @@ pub async fn run(ctx: WorkerContext, pool_name: String) {
         };
         tracing::info!(pool = %pool_name, instance = %instance.name, "creating a warm instance");
         let started = std::time::Instant::now();
+        // No queue entry is held here (the name is this keeper's alone), so
+        // the only error is the store's.
         let outcome = match crate::dispatcher::create(&ctx, &pool, &name, 0, None).await {
             Ok(Ok(made)) => ctx
                 .store
@@ -104,13 +106,15 @@ pub async fn run(ctx: WorkerContext, pool_name: String) {
                     now_ms(),
                 )
                 .await
-                .map(|_| None),
+                .map(|_| None)
+                .map_err(Into::into),
             Ok(Err(e)) => {
                 let why = format!("warm instance not made: {e}");
                 ctx.store
                     .fail_provision(0, &name, &why, now_ms())
                     .await
                     .map(|()| Some(why))
+                    .map_err(Into::into)
             }
             Err(e) => Err(e),
         };

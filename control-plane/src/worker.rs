@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ControlPlaneConfig;
 use crate::model::backoff;
 use crate::pools::Pools;
-use crate::store::{Delivery, Queue, Store, StoreResult};
+use crate::store::{Delivery, Queue, Store, StoreError, StoreResult};
 
 /// Why a [`RunnerRegistrar`] call failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +54,11 @@ impl RegistrarError {
     }
 }
 
-/// A registrar failure met while making an instance fails the create:
-/// retried when transient ([`RegistrarError::is_transient`]), else at once
-/// (the job fails with the reason instead of waiting out the retry
-/// deadline for an answer that will not change).
+/// A registrar failure met while making an instance fails the create, as
+/// [`ProvisionerError::Transient`](grs_provisioner::ProvisionerError::Transient)
+/// or `Permanent` by [`RegistrarError::is_transient`]. (The dispatcher
+/// retries both until `retry_deadline`: an operator may mend a permission
+/// while the job waits; the kind says what to expect.)
 impl From<RegistrarError> for grs_provisioner::ProvisionerError {
     fn from(e: RegistrarError) -> Self {
         if e.is_transient() {
@@ -219,6 +220,34 @@ pub(crate) enum Handled {
     Released,
 }
 
+/// Why a worker stopped working on an entry before it was handled.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WorkError {
+    /// The store failed; the entry will be redone.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Another worker holds the entry now: this one was taken for dead (its
+    /// heartbeats came later than the claim timeout) and its entry claimed.
+    /// It stops without acknowledging; the new holder does the work.
+    #[error("another worker took the entry over")]
+    Lost,
+}
+
+/// A queue entry a worker holds while it works on it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hold<'a> {
+    /// The entry's queue.
+    pub queue: &'a Queue,
+    /// The worker, as the queue knows it.
+    pub consumer: &'a str,
+    /// The entry.
+    pub id: &'a str,
+    /// A lease the worker holds as long as the entry (held by `consumer`,
+    /// renewed with every heartbeat for the claim timeout), if any: the
+    /// dispatcher's create fence.
+    pub lease: Option<&'a str>,
+}
+
 /// The next entry for `consumer`: first any entry a dead worker left behind
 /// (looked for at most once per heartbeat, not before every read: the
 /// reclaim delay stays within the claim timeout plus one heartbeat, and the
@@ -251,48 +280,80 @@ pub(crate) async fn next_delivery(
         .await
 }
 
-/// Runs `work` while telling the store, every heartbeat, that `consumer`
-/// still holds entry `id`, so a long create or delete is not mistaken for a
-/// dead worker. Heartbeat failures are logged, not fatal: at worst the entry
-/// is redone, which every step tolerates.
+/// One heartbeat: tells the store `hold`'s worker still works on its entry
+/// and renews its lease. [`WorkError::Lost`] when the worker holds either
+/// no longer. Store failures are logged, not fatal: at worst the entry goes
+/// to another worker, which every step tolerates, and the next heartbeat
+/// then reports the loss.
+pub(crate) async fn heartbeat(ctx: &WorkerContext, hold: Hold<'_>) -> Result<(), WorkError> {
+    let queue = hold.queue;
+    match ctx.store.touch(queue, hold.consumer, hold.id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(%queue, entry = hold.id, consumer = hold.consumer, "another worker took the entry over (this one was taken for dead); stopping work on it");
+            return Err(WorkError::Lost);
+        }
+        Err(e) => tracing::warn!(%queue, entry = hold.id, error = %e, "heartbeat failed"),
+    }
+    if let Some(lease) = hold.lease {
+        match ctx
+            .store
+            .acquire_lease(lease, hold.consumer, ctx.settings.claim_timeout)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%queue, entry = hold.id, lease, "another worker took the lease over; stopping work on the entry");
+                return Err(WorkError::Lost);
+            }
+            Err(e) => {
+                tracing::warn!(%queue, entry = hold.id, lease, error = %e, "lease renewal failed")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `work` while telling the store, every heartbeat, that the worker
+/// still holds `hold`, so a long create or delete is not mistaken for a
+/// dead worker. Should a heartbeat find the entry (or the lease) taken
+/// over, `work` is dropped where it is and [`WorkError::Lost`] returned.
 pub(crate) async fn with_heartbeat<T>(
     ctx: &WorkerContext,
-    queue: &Queue,
-    consumer: &str,
-    id: &str,
+    hold: Hold<'_>,
     work: impl Future<Output = T>,
-) -> T {
+) -> Result<T, WorkError> {
     let mut tick = tokio::time::interval(ctx.settings.heartbeat());
     tick.tick().await;
     tokio::pin!(work);
     loop {
         tokio::select! {
-            r = &mut work => return r,
-            _ = tick.tick() => {
-                if let Err(e) = ctx.store.touch(queue, consumer, id).await {
-                    tracing::warn!(%queue, entry = id, error = %e, "heartbeat failed");
-                }
-            }
+            r = &mut work => return Ok(r),
+            _ = tick.tick() => heartbeat(ctx, hold).await?,
         }
     }
 }
 
-/// Waits `delay` holding entry `id`; false if shutdown came first.
+/// Waits `delay` holding `hold`; false if shutdown came first. A wait that
+/// ran its course ends with a heartbeat: a worker stalled during the wait
+/// (a starved runtime fires no tick) learns of a loss before it goes on.
 pub(crate) async fn wait_holding(
     ctx: &WorkerContext,
-    queue: &Queue,
-    consumer: &str,
-    id: &str,
+    hold: Hold<'_>,
     delay: Duration,
-) -> bool {
+) -> Result<bool, WorkError> {
     let shutdown = ctx.shutdown.clone();
-    with_heartbeat(ctx, queue, consumer, id, async move {
+    let waited = with_heartbeat(ctx, hold, async move {
         tokio::select! {
             _ = shutdown.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
         }
     })
-    .await
+    .await?;
+    if waited {
+        heartbeat(ctx, hold).await?;
+    }
+    Ok(waited)
 }
 
 /// Sleeps `delay` unless shutdown comes first; false then.
@@ -305,7 +366,8 @@ pub(crate) async fn pause(ctx: &WorkerContext, delay: Duration) -> bool {
 
 /// The shared loop of a queue worker: take an entry, hand it to `handle`,
 /// acknowledge it when handled. Store failures (Redis down) back off and
-/// retry; nothing is acknowledged that was not done.
+/// retry; nothing is acknowledged that was not done, nor an entry another
+/// worker took over.
 pub(crate) async fn run_queue_worker<F, Fut>(
     ctx: WorkerContext,
     queue: Queue,
@@ -313,7 +375,7 @@ pub(crate) async fn run_queue_worker<F, Fut>(
     handle: F,
 ) where
     F: Fn(WorkerContext, Delivery) -> Fut,
-    Fut: Future<Output = StoreResult<Handled>>,
+    Fut: Future<Output = Result<Handled, WorkError>>,
 {
     let mut failures = 0u32;
     let mut last_claim = None;
@@ -339,15 +401,27 @@ pub(crate) async fn run_queue_worker<F, Fut>(
         match handle(ctx.clone(), delivery).await {
             Ok(Handled::Done) => {
                 failures = 0;
-                if let Err(e) = ctx.store.ack(&queue, &id).await {
+                match ctx.store.ack(&queue, &consumer, &id).await {
+                    Ok(true) => {}
+                    // Claimed by another worker meanwhile: it finds the
+                    // work done and acknowledges it itself.
+                    Ok(false) => {
+                        tracing::info!(%queue, entry = %id, "entry no longer held (another worker took it over); left to it")
+                    }
                     // The work is done; redoing it is harmless.
-                    tracing::warn!(%queue, entry = %id, error = %e, "cannot acknowledge; the entry will be redone");
+                    Err(e) => {
+                        tracing::warn!(%queue, entry = %id, error = %e, "cannot acknowledge; the entry will be redone")
+                    }
                 }
             }
             Ok(Handled::Released) => {
                 tracing::info!(%queue, entry = %id, "released an entry at shutdown")
             }
-            Err(e) => {
+            Err(WorkError::Lost) => {
+                failures = 0;
+                tracing::info!(%queue, entry = %id, "stopped work on an entry another worker took over");
+            }
+            Err(WorkError::Store(e)) => {
                 failures += 1;
                 tracing::warn!(%queue, entry = %id, error = %e, "store error while working; the entry will be redone");
                 if !pause(&ctx, ctx.settings.backoff(failures.min(6))).await {

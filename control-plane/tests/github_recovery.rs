@@ -16,7 +16,7 @@ use grs_control_plane::config::Config;
 use grs_control_plane::store::{MemoryStore, Store};
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, fake_pools, job_event, submit, test_config,
-    wait_for_job,
+    wait_for_job, wait_for_no_instances_in_use,
 };
 use grs_github::sim::{DeliveryFault, GitHubSim, NewJob, SimConfig};
 use grs_github::{GitHubAppConfig, GitHubConfig};
@@ -62,12 +62,24 @@ async fn start(config: Config, fake: &Arc<FakeProvisioner>) -> RunningControlPla
 /// The control plane's event for a simulator job (what the gateway would
 /// send for its `queued` delivery).
 fn queued_event(job: &grs_github::sim::SimJob, delivery: &str) -> pb::JobEvent {
+    sim_event(job, delivery, pb::JobAction::Queued, "")
+}
+
+/// The control plane's event for a simulator job's delivery of `action`,
+/// naming `runner` (empty: none).
+fn sim_event(
+    job: &grs_github::sim::SimJob,
+    delivery: &str,
+    action: pb::JobAction,
+    runner: &str,
+) -> pb::JobEvent {
     pb::JobEvent {
         repository: job.repository.clone(),
         organization: "grs-sim".into(),
         run_id: job.run_id,
         labels: job.labels.clone(),
-        ..job_event(delivery, pb::JobAction::Queued, job.id)
+        runner_name: runner.to_owned(),
+        ..job_event(delivery, action, job.id)
     }
 }
 
@@ -109,9 +121,23 @@ async fn a_job_github_no_longer_has_queued_gets_no_vm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_provision_retries_saying_why_until_github_no_longer_has_the_job_queued() {
+    retries_until_github_no_longer_has_the_job_queued(InjectedFailure::Transient, "transient")
+        .await;
+}
+
+/// A "permanent" error (a missing template, a revoked token) is mended by
+/// an operator while the job waits on GitHub: it is retried the same way
+/// (it failed the job at the first attempt before, seen failing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanently_failing_provision_also_retries_until_github_no_longer_has_the_job_queued() {
+    retries_until_github_no_longer_has_the_job_queued(InjectedFailure::Permanent, "permanent")
+        .await;
+}
+
+async fn retries_until_github_no_longer_has_the_job_queued(failure: InjectedFailure, kind: &str) {
     let sim = sim(None).await;
     let fake = Arc::new(FakeProvisioner::new());
-    fake.fail_next_creates(100_000, InjectedFailure::Transient);
+    fake.fail_next_creates(100_000, failure);
     let cp = start(
         config_for(&sim, |c| {
             c.control_plane.retry_backoff = Duration::from_millis(50);
@@ -142,7 +168,7 @@ async fn a_failing_provision_retries_saying_why_until_github_no_longer_has_the_j
     .await;
     assert_eq!(waiting.state(), pb::JobState::Provisioning);
     assert!(
-        waiting.reason.contains("injected transient failure")
+        waiting.reason.contains(&format!("injected {kind} failure"))
             && waiting.reason.contains("retrying in")
             && waiting.reason.contains("GitHub no longer has it queued"),
         "{}",
@@ -246,6 +272,101 @@ async fn a_lost_queued_webhook_is_recovered_within_the_recovery_interval() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    cp.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
+
+/// A lost `completed` (GitHub never delivered it) is recovered by the
+/// leader asking GitHub about jobs in progress on its instances for
+/// `recovery_running_age`, and applied as the webhook would have been:
+/// here each job ran on the runner made for the other, and each runner's
+/// VM goes once GitHub says the job it ran completed. Without the check
+/// both jobs stay in progress and both VMs live until `max_lifetime`
+/// (seen failing before the check existed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_completed_webhooks_are_recovered_and_the_runners_that_ran_the_jobs_go() {
+    let sim = GitHubSim::start(SimConfig {
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let fake = Arc::new(FakeProvisioner::new());
+    let age = Duration::from_millis(500);
+    let config = config_for(&sim, |c| {
+        c.control_plane.reconcile_interval = Duration::from_millis(100);
+        c.control_plane.recovery_interval = Duration::from_millis(200);
+        c.control_plane.recovery_running_age = age;
+    });
+    let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
+    let cp = start(config, &fake).await;
+    let mut api = cp.client().await;
+    let a = sim.queue_job(NewJob::labels(LABELS)).await;
+    let b = sim.queue_job(NewJob::labels(LABELS)).await;
+    let mut made = Vec::new();
+    for job in [&a, &b] {
+        submit(&mut api, queued_event(job, &format!("q-{}", job.id))).await;
+        let j = wait_for_job(
+            &api,
+            job.id,
+            pb::JobState::Provisioned,
+            Duration::from_secs(10),
+        )
+        .await;
+        made.push(j.instance_name);
+    }
+    // B's VM boots first: GitHub gives its runner the oldest queued job, A;
+    // then A's VM boots and its runner takes B. Their `in_progress`
+    // deliveries arrive; their `completed` ones never do.
+    for (runner, job) in [(&made[1], &a), (&made[0], &b)] {
+        let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
+        let jit = client
+            .generate_jit_config_in_group(runner, &labels, Some(1), None)
+            .await
+            .unwrap();
+        use secrecy::ExposeSecret;
+        sim.boot_runner(jit.encoded_jit_config.expose_secret())
+            .await
+            .unwrap();
+        assert_eq!(sim.job(job.id).unwrap().runner_name.as_ref(), Some(runner));
+        let started = sim_event(
+            job,
+            &format!("p-{}", job.id),
+            pb::JobAction::InProgress,
+            runner,
+        );
+        submit(&mut api, started).await;
+    }
+    assert!(
+        sim.wait_until(Duration::from_secs(5), |s| {
+            s.jobs()
+                .iter()
+                .all(|j| j.status == grs_github::sim::SimJobStatus::Completed)
+        })
+        .await
+    );
+    let t0 = Instant::now();
+    for (job, runner) in [(&a, &made[1]), (&b, &made[0])] {
+        let j = wait_for_job(
+            &api,
+            job.id,
+            pb::JobState::Completed,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!((j.conclusion.as_str(), &j.runner_name), ("success", runner));
+    }
+    let took = t0.elapsed();
+    eventually("both runners' VMs deleted", Duration::from_secs(10), || {
+        let fake = fake.clone();
+        async move { (fake.live() == 0).then_some(()) }
+    })
+    .await;
+    wait_for_no_instances_in_use(&api, Duration::from_secs(5)).await;
+    eprintln!("lost completed webhooks recovered {took:?} after GitHub completed the jobs");
+    // Within the age, the recovery interval and a reconciler interval, plus
+    // slack for a loaded machine.
+    assert!(took <= age + Duration::from_secs(2), "{took:?}");
     cp.shutdown().await.unwrap();
     sim.shutdown().await;
 }
@@ -627,4 +748,145 @@ async fn a_rerouted_job_is_listed_under_its_new_pool_by_both_stores() {
         );
     }
     flush.flush_prefix().await.unwrap();
+}
+
+/// The job event a simulator delivery of `action` carries, as the store
+/// takes it.
+fn store_event(
+    job: &grs_github::sim::SimJob,
+    action: grs_control_plane::model::JobAction,
+    runner: &str,
+) -> grs_control_plane::model::JobEvent {
+    grs_control_plane::model::JobEvent {
+        delivery_id: format!("{}-{}", action.as_str(), job.id),
+        action,
+        job_id: job.id,
+        run_id: job.run_id,
+        run_attempt: 1,
+        labels: job.labels.clone(),
+        runner_id: 0,
+        runner_name: runner.to_owned(),
+        repository: job.repository.clone(),
+        organization: "grs-sim".into(),
+        installation_id: 0,
+        conclusion: String::new(),
+        job_name: job.name.clone(),
+        workflow_name: String::new(),
+    }
+}
+
+/// The lost-`completed` check asks about a running job only once it has
+/// not changed for `recovery_running_age`, then at most once per that age,
+/// and only within the API budget: a job GitHub completed is recorded
+/// exactly when those allow it (passes driven at chosen times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_asked_about_after_the_age_once_per_age_within_the_budget() {
+    use grs_control_plane::github::{ApiBudget, GitHubJobs};
+    use grs_control_plane::model::{JobAction, JobState, now_ms};
+    use grs_control_plane::recovery::{Recovery, RecoverySettings};
+    use secrecy::ExposeSecret;
+
+    let sim = sim(None).await;
+    let age = Duration::from_secs(60);
+    let config = config_for(&sim, |c| c.control_plane.recovery_running_age = age);
+    let age = age.as_millis() as i64;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let fake = Arc::new(FakeProvisioner::new());
+    let pools = fake_pools(&config, &fake);
+    let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
+    let recovery = |budget: u32| {
+        Recovery::new(
+            store.clone(),
+            pools.clone(),
+            Some(GitHubJobs::new(
+                client.clone(),
+                Arc::new(ApiBudget::new(budget)),
+            )),
+            RecoverySettings::from_config(&config.control_plane),
+        )
+    };
+    // Two jobs running on their own instances: one short, one that is
+    // still running when first asked about.
+    let t = now_ms();
+    let limits = pools.get("linux").unwrap().limits();
+    let mut jobs = Vec::new();
+    for ms in [50, 1_500] {
+        let job = sim
+            .queue_job(NewJob {
+                duration: Some(Duration::from_millis(ms)),
+                ..NewJob::labels(LABELS)
+            })
+            .await;
+        let name = format!("grs-{}", job.id);
+        store
+            .submit_event(&store_event(&job, JobAction::Queued, ""), Some("linux"), t)
+            .await
+            .unwrap();
+        store
+            .begin_provision(job.id, &name, &limits, t)
+            .await
+            .unwrap();
+        store
+            .finish_provision(job.id, &name, "fake/1", "", t)
+            .await
+            .unwrap();
+        let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
+        let jit = client
+            .generate_jit_config_in_group(&name, &labels, Some(1), None)
+            .await
+            .unwrap();
+        sim.boot_runner(jit.encoded_jit_config.expose_secret())
+            .await
+            .unwrap();
+        store
+            .submit_event(&store_event(&job, JobAction::InProgress, &name), None, t)
+            .await
+            .unwrap();
+        jobs.push(job.id);
+    }
+    let (short, long) = (jobs[0], jobs[1]);
+    let done_on_github = |id: u64| {
+        let sim = sim.clone();
+        async move {
+            assert!(
+                sim.wait_until(Duration::from_secs(10), |s| s
+                    .job(id)
+                    .is_some_and(|j| j.status == grs_github::sim::SimJobStatus::Completed))
+                    .await
+            );
+        }
+    };
+    done_on_github(short).await;
+    let state = |id: u64| {
+        let store = store.clone();
+        async move { store.get_job(id).await.unwrap().unwrap().state }
+    };
+    // No budget: nothing asked.
+    let r = recovery(0).run_once(t + age).await.unwrap();
+    assert!(r.skipped.is_some() && r.completed.is_empty(), "{r:?}");
+    let mut recovery = recovery(1000);
+    // Not yet the age: nothing asked.
+    let r = recovery.run_once(t + age - 1).await.unwrap();
+    assert!(r.completed.is_empty(), "{r:?}");
+    assert_eq!(state(short).await, JobState::InProgress);
+    // At the age: both asked; the short job is recorded completed, its
+    // runner's instance queued for teardown; the long one still runs.
+    let r = recovery.run_once(t + age).await.unwrap();
+    assert_eq!(r.completed, vec![short], "{r:?}");
+    assert_eq!(state(short).await, JobState::Completed);
+    let inst = store
+        .get_instance(&format!("grs-{short}"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inst.state, grs_provisioner::InstanceState::PendingDelete);
+    // The long job completes on GitHub; it is asked about again only a
+    // whole age after it was last asked.
+    done_on_github(long).await;
+    let r = recovery.run_once(t + 2 * age - 1).await.unwrap();
+    assert!(r.completed.is_empty(), "{r:?}");
+    assert_eq!(state(long).await, JobState::InProgress);
+    let r = recovery.run_once(t + 2 * age).await.unwrap();
+    assert_eq!(r.completed, vec![long], "{r:?}");
+    sim.shutdown().await;
 }

@@ -115,8 +115,9 @@ enum Op {
     FinishTeardown(u64),
     NoteError(u64),
     Read(Q, u8),
-    /// Acknowledge the n-th entry held (modulo how many are held).
-    Ack(u8),
+    /// Consumer `c` acknowledges the n-th entry held (modulo how many are
+    /// held); only its holder's acknowledgement takes it.
+    Ack(u8, u8),
     Touch(u8, u8),
     /// Reclaim every held entry (idle for at least 0 ms) of a queue.
     ClaimStale(Q, u8, u8),
@@ -206,7 +207,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => job().prop_map(Op::FinishTeardown),
         1 => job().prop_map(Op::NoteError),
         3 => (q(), 0u8..2).prop_map(|(q, c)| Op::Read(q, c)),
-        2 => any::<u8>().prop_map(Op::Ack),
+        2 => (any::<u8>(), 0u8..2).prop_map(|(n, c)| Op::Ack(n, c)),
         1 => (any::<u8>(), 0u8..2).prop_map(|(n, c)| Op::Touch(n, c)),
         1 => (q(), 0u8..2, 1u8..3).prop_map(|(q, c, n)| Op::ClaimStale(q, c, n)),
         1 => (
@@ -333,21 +334,25 @@ impl Side {
                 }
                 format!("{item:?}")
             }
-            Op::Ack(n) => {
+            Op::Ack(n, c) => {
                 if self.held.is_empty() {
                     return "nothing held".into();
                 }
-                let (q, id) = self.held.remove(*n as usize % self.held.len());
-                self.store.ack(&q, &id).await.unwrap();
-                format!("acked an entry of {q}")
+                let at = *n as usize % self.held.len();
+                let (q, id) = self.held[at].clone();
+                let acked = s.ack(&q, &format!("c{c}"), &id).await.unwrap();
+                if acked {
+                    self.held.remove(at);
+                }
+                format!("ack of an entry of {q} by c{c}: {acked}")
             }
             Op::Touch(n, c) => {
                 if self.held.is_empty() {
                     return "nothing held".into();
                 }
                 let (q, id) = self.held[*n as usize % self.held.len()].clone();
-                s.touch(&q, &format!("c{c}"), &id).await.unwrap();
-                format!("touched an entry of {q}")
+                let held = s.touch(&q, &format!("c{c}"), &id).await.unwrap();
+                format!("touch of an entry of {q} by c{c}: {held}")
             }
             Op::ClaimStale(q, c, n) => {
                 let queue = q.queue();

@@ -3,49 +3,12 @@
 use std::time::{Duration, Instant};
 
 use grs_github::client::GitHubError;
-use grs_github::sim::{Fault, GitHubSim, NewJob, SimConfig};
+use grs_github::sim::{Fault, NewJob, SimConfig};
 use grs_github::{GitHubAppConfig, GitHubClient, GitHubConfig, Scope};
 use secrecy::{ExposeSecret, SecretString};
 
-const KEY: &str = include_str!("data/test-app.key.pem");
-const PUB: &str = include_str!("data/test-app.pub.pem");
-
-async fn sim(cfg: SimConfig) -> GitHubSim {
-    GitHubSim::start(SimConfig {
-        app_public_key_pem: Some(PUB.into()),
-        ..cfg
-    })
-    .await
-    .unwrap()
-}
-
-fn app_config(sim: &GitHubSim) -> GitHubConfig {
-    GitHubConfig {
-        api_url: sim.url(),
-        organization: Some("grs-sim".into()),
-        runner_group_id: 3,
-        app: Some(GitHubAppConfig {
-            app_id: "4242".into(),
-            installation_id: 77,
-            private_key: Some(SecretString::from(KEY.to_owned())),
-            private_key_file: None,
-        }),
-        max_rate_limit_wait: Duration::from_secs(5),
-        ..GitHubConfig::default()
-    }
-}
-
-fn pat_config(sim: &GitHubSim) -> GitHubConfig {
-    GitHubConfig {
-        api_url: sim.url(),
-        repository: Some("grs-sim/app".into()),
-        token: Some(SecretString::from(
-            "ghp_simulated_personal_access_token".to_owned(),
-        )),
-        max_rate_limit_wait: Duration::from_secs(5),
-        ..GitHubConfig::default()
-    }
-}
+mod common;
+use common::{app_config, pat_config, sim};
 
 fn labels(l: &[&str]) -> Vec<String> {
     l.iter().map(|s| s.to_string()).collect()

@@ -53,7 +53,10 @@ pub enum ProvisionerError {
 }
 
 impl ProvisionerError {
-    /// Whether retrying the same call later may succeed.
+    /// Whether retrying the same call after a short backoff may succeed.
+    /// (The control plane retries the others too, with capped backoff until
+    /// `retry_deadline`: an operator may mend a template or a token while
+    /// the job waits on GitHub.)
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Transient(_) | Self::NoCapacity(_))
     }

@@ -83,6 +83,7 @@ struct State {
     delete_failures: u32,
     next_id: u64,
     creates: u64,
+    create_calls: u64,
     deletes: u64,
     peak_live: usize,
 }
@@ -192,6 +193,11 @@ impl FakeProvisioner {
         self.state.lock().unwrap().creates
     }
 
+    /// Every `create` call, repeated ones (the instance existed) included.
+    pub fn create_calls(&self) -> u64 {
+        self.state.lock().unwrap().create_calls
+    }
+
     /// `delete` calls that removed an instance.
     pub fn deletes(&self) -> u64 {
         self.state.lock().unwrap().deletes
@@ -264,6 +270,7 @@ impl Provisioner for FakeProvisioner {
             .map_err(|e| ProvisionerError::InvalidSpec(e.to_string()))?;
         {
             let mut s = self.state.lock().unwrap();
+            s.create_calls += 1;
             match Self::owned_mut(&mut s, &spec.pool, &spec.name)? {
                 // Idempotent: the instance exists already (a repeated call).
                 Some(vm) if vm.instance.state != InstanceState::Creating => {

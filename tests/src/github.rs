@@ -45,6 +45,10 @@ pub struct DeliveryFaults {
     pub reorder: f64,
     /// Never sent; GitHub sees an error answer.
     pub lose: f64,
+    /// Deliveries with these actions (`completed`, ...) are all lost, as
+    /// `lose` loses them, redeliveries included: no copy ever gets
+    /// through, so only GRS asking GitHub finds out.
+    pub lose_actions: Vec<String>,
     /// The longest hold of a reordered delivery or a duplicate.
     pub reorder_max_ms: u64,
     /// Failed deliveries are sent again until accepted (see the module
@@ -168,6 +172,8 @@ pub struct ServeOptions {
     pub job_duration: Duration,
     /// Gateways' `/webhook` URLs.
     pub targets: Vec<String>,
+    /// API calls an hour the primary rate limit allows.
+    pub rate_limit: u64,
 }
 
 /// Runs the simulator, the relay and the control API; prints `api: URL`
@@ -180,6 +186,7 @@ pub async fn serve(
         webhook_secret: opts.webhook_secret,
         pat: Some(opts.pat),
         job_duration: opts.job_duration,
+        rate_limit: opts.rate_limit,
         ..SimConfig::default()
     })
     .await?;
@@ -280,7 +287,7 @@ async fn relay(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Statu
         let mut rng = rand::rng();
         let max = faults.reorder_max_ms.max(1);
         (
-            rng.random_bool(faults.lose.clamp(0.0, 1.0)),
+            faults.lose_actions.contains(&action) || rng.random_bool(faults.lose.clamp(0.0, 1.0)),
             rng.random_bool(faults.reorder.clamp(0.0, 1.0)),
             rng.random_bool(faults.duplicate.clamp(0.0, 1.0)),
             Duration::from_millis(rng.random_range(0..max)),

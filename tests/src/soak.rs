@@ -185,13 +185,24 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         pve_time_scale: o.pve_time_scale,
         job_duration: o.job_duration,
         boot_delay: o.boot_delay,
-        // Long enough that a live worker is not mistaken for a dead one on
-        // a loaded machine (a reclaim of a live worker's entry makes two
-        // workers create the same instance: see the README), short enough
-        // that a killed replica's work is redone within the run.
-        claim_timeout: Duration::from_secs(10),
-        extra_control_plane:
-            "recovery_interval = \"5s\"\nrecovery_repositories = [\"grs-sim/app\"]".into(),
+        // Short (the harness's 2 s), so a killed replica's work is redone
+        // within the run, and so that on a loaded machine an entry a live
+        // but slow worker holds is now and then reclaimed: the queue's
+        // ownership rules must keep that to one worker and one create
+        // (README, "One entry, two workers").
+        //
+        // 1,000 jobs in 50 s take about 5 calls each (runner config,
+        // status check, teardown, recovery): 5,000 an hour (a PAT) runs
+        // out near the end of the burst, and GRS then (by design) makes no
+        // optional call, lost-completed checks included, until the hour
+        // resets. An App installation on Enterprise Cloud gets 15,000.
+        github_rate_limit: 15_000,
+        // A lost `completed` is asked about 20 s after the job started (a
+        // shorter age asks about every running job every few seconds, which
+        // on a loaded machine makes recovery passes run past their time).
+        extra_control_plane: "recovery_interval = \"5s\"\nrecovery_running_age = \"20s\"\n\
+                              recovery_repositories = [\"grs-sim/app\"]"
+            .into(),
         ..WorldOptions::default()
     })
     .await?
@@ -206,6 +217,7 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
             lose: o.lost,
             reorder_max_ms: 500,
             redeliver_failed: true,
+            ..DeliveryFaults::default()
         })
         .await?;
     world
@@ -227,8 +239,9 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<Option<SoakResult>> {
         queued.spawn(async move { github.queue(LABELS, None).await });
         if rand::rng().random_bool(o.failing_tasks.clamp(0.0, 1.0)) {
             // Failures that pass by themselves, as PVE words them (a
-            // storage or the cluster hiccuping): GRS retries them. A
-            // permanent one fails the job at once by design.
+            // storage or the cluster hiccuping): GRS retries them (and a
+            // permanent one too, until retry_deadline, but that would only
+            // pass if the harness mended it).
             let (kind, message) = if failing % 2 == 0 {
                 ("qmclone", "storage 'ceph-rbd' is not online")
             } else {

@@ -60,6 +60,8 @@ pub struct WorldOptions {
     pub min_idle: u32,
     /// Extra `[control_plane]` lines (TOML), for a scenario's settings.
     pub extra_control_plane: String,
+    /// The GitHub simulator's primary rate limit, calls an hour.
+    pub github_rate_limit: u64,
 }
 
 impl Default for WorldOptions {
@@ -75,6 +77,7 @@ impl Default for WorldOptions {
             reconcile_interval: Duration::from_secs(1),
             min_idle: 0,
             extra_control_plane: String::new(),
+            github_rate_limit: 5000,
         }
     }
 }
@@ -277,6 +280,8 @@ impl World {
         let mut gh_args: Vec<OsString> = vec![
             "--job-duration".into(),
             format!("{}ms", opts.job_duration.as_millis()).into(),
+            "--rate-limit".into(),
+            opts.github_rate_limit.to_string().into(),
         ];
         for p in &gw_ports {
             gh_args.push("--gateway".into());

@@ -7,9 +7,6 @@
 //! (or was cancelled before any runner took it), no VM or runner
 //! registration left, the foreign VM untouched, no secret in any log, and
 //! every GRS process stops cleanly on SIGTERM.
-//!
-//! Not here yet: a lost webhook recovered (it needs lost-webhook recovery
-//! in the control plane).
 
 use std::time::Duration;
 
@@ -70,6 +67,27 @@ async fn grs_state(w: &World, job: u64) -> Option<pb::JobState> {
     w.grs_job(job).await.ok().map(|j| j.state())
 }
 
+/// Queues jobs A and B so that each runs on the VM made for the other:
+/// A's VM is held back, B's boots first, and GitHub gives its runner the
+/// oldest queued job, A; once A is done, A's VM boots and its runner takes
+/// B. Returns (A, B) with A completed on GitHub and B taken or queued.
+async fn on_each_others_runners(w: &World) -> (u64, u64) {
+    w.fleet.pause();
+    let a = w.github.queue(LABELS, None).await.unwrap();
+    vm_running(w, &w.instance_name(a)).await;
+    w.fleet.hold(&w.instance_name(a));
+    let b = w.github.queue(LABELS, None).await.unwrap();
+    vm_running(w, &w.instance_name(b)).await;
+    w.fleet.resume();
+    until("A done on B's runner", || async {
+        let j = w.github.job(a).await.ok()??;
+        (j.status == "completed").then_some(j)
+    })
+    .await;
+    w.fleet.release(&w.instance_name(a));
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cancelled_before_pickup_has_its_vm_and_registration_removed() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -109,21 +127,7 @@ async fn a_job_taken_by_another_jobs_runner_and_that_job_both_run_once() {
     else {
         return;
     };
-    // A's VM is held back; B's boots first, and GitHub gives its runner
-    // the oldest queued job: A. B then runs on A's VM.
-    w.fleet.pause();
-    let a = w.github.queue(LABELS, None).await.unwrap();
-    vm_running(&w, &w.instance_name(a)).await;
-    w.fleet.hold(&w.instance_name(a));
-    let b = w.github.queue(LABELS, None).await.unwrap();
-    vm_running(&w, &w.instance_name(b)).await;
-    w.fleet.resume();
-    until("A done on B's runner", || async {
-        let j = w.github.job(a).await.ok()??;
-        (j.status == "completed").then_some(j)
-    })
-    .await;
-    w.fleet.release(&w.instance_name(a));
+    let (a, b) = on_each_others_runners(&w).await;
     let jobs = w.wait_all_completed(SETTLE).await.unwrap();
     let runner = |id| {
         jobs.iter()
@@ -453,4 +457,71 @@ async fn a_lost_queued_webhook_is_recovered() {
         "lost queued webhook of job {job}: queued -> started {} ms",
         report.pickup_ms[0]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_completed_webhook_is_recovered() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(w) = world(WorldOptions {
+        name: "lost-completed".into(),
+        extra_control_plane: "recovery_interval = \"1s\"\nrecovery_running_age = \"1s\"".into(),
+        ..WorldOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // Every `completed` delivery, and every redelivery of one, is lost:
+    // GRS learns that a job ended only by asking GitHub. Without that, each
+    // job's runner VM stays until max_lifetime (1h here) and the
+    // invariants find the VMs left.
+    w.github
+        .set_faults(&grs_e2e::github::DeliveryFaults {
+            lose_actions: vec!["completed".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Each on the other's runner: the recovered completion must tear down
+    // the runner that ran the job, not the VM made for it.
+    let (a, b) = on_each_others_runners(&w).await;
+    // From the first poll that sees a job completed on GitHub to the first
+    // that sees GRS record it (polled every 20 ms).
+    let deadline = std::time::Instant::now() + SETTLE;
+    let mut on_github = std::collections::HashMap::new();
+    let mut in_grs = std::collections::HashMap::new();
+    while in_grs.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "GRS did not record both completions within {SETTLE:?}"
+        );
+        for job in [a, b] {
+            let now = std::time::Instant::now();
+            if let Ok(Some(j)) = w.github.job(job).await
+                && j.status == "completed"
+            {
+                on_github.entry(job).or_insert(now);
+            }
+            if grs_state(&w, job).await == Some(pb::JobState::Completed) {
+                in_grs.entry(job).or_insert(now);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took: Vec<u128> = [a, b]
+        .iter()
+        .map(|j| {
+            in_grs[j]
+                .saturating_duration_since(on_github[j])
+                .as_millis()
+        })
+        .collect();
+    assert!(w.github.relay_stats().await.unwrap().lost >= 2);
+    for job in [a, b] {
+        let j = w.grs_job(job).await.unwrap();
+        assert_eq!(j.conclusion, "success", "GitHub's conclusion recorded");
+    }
+    let report = finish(w).await;
+    assert_eq!((report.ran_once, report.on_another_jobs_vm), (2, 2));
+    eprintln!("lost completed webhooks recovered: GitHub completed -> GRS completed {took:?} ms");
 }

@@ -4,10 +4,11 @@
 //! invariant must hold. The full soak is `grs-soak` (README, end-to-end
 //! proof).
 //!
-//! Run it with `cargo test -p grs-e2e --test soak -- --ignored --nocapture`.
+//! It runs in CI (`cargo test -p grs-e2e --test soak -- --nocapture` shows
+//! its report); a passing run took 16-22 s on a loaded 2-core machine
+//! (README, the soak).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not in CI yet: one provision entry can be worked by two workers when a live worker's entry is reclaimed on a loaded machine (see README, end-to-end proof); run with --ignored"]
 async fn a_small_soak_with_every_fault_mixed_keeps_every_invariant() {
     let opts = grs_e2e::soak::SoakOptions::ci();
     match grs_e2e::soak::run(&opts).await {

@@ -99,6 +99,8 @@ macro_rules! store_conformance_checks {
             unacked_entries_are_claimed_by_another_worker,
             touched_entries_are_not_claimed,
             acked_entries_leave_the_queue,
+            a_touch_by_a_worker_that_lost_its_entry_reports_it_and_takes_nothing,
+            an_ack_by_a_worker_that_lost_its_entry_leaves_it_to_its_holder,
             paused_pools_hold_their_jobs,
             pool_overrides_persist_and_merge,
             bootstrap_tokens_resolve_until_revoked,
@@ -383,7 +385,7 @@ async fn provision_then_completion_tears_down_exactly_once(store: Arc<dyn Store>
         .finish_teardown(&name, "job done", KEEP, 4004)
         .await
         .unwrap();
-    store.ack(&Queue::Teardown, &d.id).await.unwrap();
+    assert!(store.ack(&Queue::Teardown, "t", &d.id).await.unwrap());
     assert_eq!(
         store.get_instance(&name).await.unwrap().unwrap().state,
         InstanceState::Deleted
@@ -828,10 +830,13 @@ async fn touched_entries_are_not_claimed(store: Arc<dyn Store>) {
     queue_one(&*store, 71).await;
     let (id, _) = take(&*store, "busy").await;
     tokio::time::sleep(Duration::from_millis(60)).await;
-    store
-        .touch(&Queue::Provision("linux".into()), "busy", &id)
-        .await
-        .unwrap();
+    assert!(
+        store
+            .touch(&Queue::Provision("linux".into()), "busy", &id)
+            .await
+            .unwrap(),
+        "its holder's touch keeps the entry"
+    );
     let claimed = store
         .claim_stale(
             &Queue::Provision("linux".into()),
@@ -849,14 +854,19 @@ async fn acked_entries_leave_the_queue(store: Arc<dyn Store>) {
     queue_one(&*store, 73).await;
     let (id, job) = take(&*store, "w").await;
     assert_eq!(job, 72, "in order");
-    store
-        .ack(&Queue::Provision("linux".into()), &id)
-        .await
-        .unwrap();
-    store
-        .ack(&Queue::Provision("linux".into()), &id)
-        .await
-        .unwrap();
+    assert!(
+        store
+            .ack(&Queue::Provision("linux".into()), "w", &id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .ack(&Queue::Provision("linux".into()), "w", &id)
+            .await
+            .unwrap(),
+        "acknowledged twice"
+    );
     let depth = store
         .queue_depth(&Queue::Provision("linux".into()))
         .await
@@ -876,6 +886,77 @@ async fn acked_entries_leave_the_queue(store: Arc<dyn Store>) {
             .is_empty()
     );
     assert_eq!(take(&*store, "w").await.1, 73);
+}
+
+/// Takes `consumer`'s provision entry of pool `linux` over for `to`, as
+/// a worker does once `consumer` is taken for dead.
+async fn take_over(store: &dyn Store, consumer: &str, to: &str) -> String {
+    let (id, _) = take(store, consumer).await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let claimed = store
+        .claim_stale(
+            &Queue::Provision("linux".into()),
+            to,
+            Duration::from_millis(50),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|d| &d.id).collect::<Vec<_>>(),
+        [&id],
+        "claimed"
+    );
+    id
+}
+
+async fn a_touch_by_a_worker_that_lost_its_entry_reports_it_and_takes_nothing(
+    store: Arc<dyn Store>,
+) {
+    let q = Queue::Provision("linux".into());
+    queue_one(&*store, 74).await;
+    let id = take_over(&*store, "slow", "w2").await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(
+        !store.touch(&q, "slow", &id).await.unwrap(),
+        "the touch of a worker that lost its entry reported it held"
+    );
+    // Nothing was reset or taken: the entry is still w2's and idle since
+    // w2 claimed it, so a third worker may claim it now.
+    let claimed = store
+        .claim_stale(&q, "w3", Duration::from_millis(50), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the lost worker's touch reset the entry's idle time"
+    );
+    assert!(
+        !store.touch(&q, "w2", &id).await.unwrap(),
+        "w3 holds it now"
+    );
+    assert!(store.touch(&q, "w3", &id).await.unwrap());
+    assert!(
+        !store.touch(&q, "w3", "999999-0").await.unwrap(),
+        "an unknown entry is held by nobody"
+    );
+}
+
+async fn an_ack_by_a_worker_that_lost_its_entry_leaves_it_to_its_holder(store: Arc<dyn Store>) {
+    let q = Queue::Provision("linux".into());
+    queue_one(&*store, 75).await;
+    let id = take_over(&*store, "slow", "w2").await;
+    assert!(!store.ack(&q, "slow", &id).await.unwrap());
+    let depth = store.queue_depth(&q).await.unwrap();
+    assert_eq!(
+        (depth.depth, depth.pending),
+        (1, 1),
+        "the lost worker's ack removed the entry its new holder works on"
+    );
+    assert!(store.ack(&q, "w2", &id).await.unwrap());
+    let depth = store.queue_depth(&q).await.unwrap();
+    assert_eq!((depth.depth, depth.pending), (0, 0));
 }
 
 async fn paused_pools_hold_their_jobs(store: Arc<dyn Store>) {
@@ -1183,7 +1264,7 @@ async fn drain(store: &dyn Store, queue: &Queue) -> Vec<QueueItem> {
         .await
         .unwrap()
     {
-        store.ack(queue, &d.id).await.unwrap();
+        assert!(store.ack(queue, "drain", &d.id).await.unwrap());
         items.push(d.item);
     }
     items

@@ -238,6 +238,19 @@ impl MemoryStore {
         }
     }
 
+    /// Entry `id` of `queue` if `consumer` holds it: its sequence number
+    /// and when it was last delivered or touched.
+    fn held<'a>(
+        s: &'a mut State,
+        queue: &Queue,
+        consumer: &str,
+        id: &str,
+    ) -> Option<(u64, &'a mut Instant)> {
+        let seq = entry_seq(id)?;
+        let (_, owner, at) = s.queues.get_mut(queue)?.pending.get_mut(&seq)?;
+        (owner == consumer).then_some((seq, at))
+    }
+
     fn deliver(mq: &mut MemQueue, consumer: &str) -> Option<Delivery> {
         let (seq, item) = mq.waiting.pop_front()?;
         mq.pending
@@ -504,31 +517,28 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<()> {
+    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<bool> {
         let mut s = self.state.lock().unwrap();
-        if let Some((_, owner, at)) = entry_seq(id).and_then(|seq| {
-            s.queues
-                .entry(queue.clone())
-                .or_default()
-                .pending
-                .get_mut(&seq)
-        }) {
-            *owner = consumer.to_owned();
-            *at = Instant::now();
+        match Self::held(&mut s, queue, consumer, id) {
+            Some((_, at)) => {
+                *at = Instant::now();
+                Ok(true)
+            }
+            None => Ok(false),
         }
-        Ok(())
     }
 
-    async fn ack(&self, queue: &Queue, id: &str) -> StoreResult<()> {
+    async fn ack(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<bool> {
         let mut s = self.state.lock().unwrap();
-        if let Some(seq) = entry_seq(id) {
-            s.queues
-                .entry(queue.clone())
-                .or_default()
-                .pending
-                .remove(&seq);
-        }
-        Ok(())
+        let Some((seq, _)) = Self::held(&mut s, queue, consumer, id) else {
+            return Ok(false);
+        };
+        s.queues
+            .entry(queue.clone())
+            .or_default()
+            .pending
+            .remove(&seq);
+        Ok(true)
     }
 
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth> {

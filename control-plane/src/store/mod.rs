@@ -27,6 +27,14 @@
 //! worker that died mid-job has its job redone. Delivery is therefore at
 //! least once, and every step a worker takes is idempotent.
 //!
+//! An entry has one holder at a time. A worker that was only slow (its
+//! heartbeats came later than the claim timeout, on a loaded machine) is
+//! taken for dead like a crashed one; its next `touch` reports the loss
+//! instead of taking the entry back, and its `ack` does not remove the
+//! entry its new holder works on. The [dispatcher](crate::dispatcher) then
+//! stops, and fences the create of an instance with a lease besides, so
+//! two workers never make one instance at once.
+//!
 //! # Warm pools
 //! Each pool's idle warm instances (made for no job, runner idle, not on
 //! their way out) form its warm set, kept in step with the instance
@@ -436,11 +444,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         count: usize,
     ) -> StoreResult<Vec<Delivery>>;
 
-    /// Tells the store `consumer` still works on `id` (resets its idle time).
-    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<()>;
+    /// Tells the store `consumer` still works on `id`: resets its idle time
+    /// (so [`claim_stale`](Store::claim_stale) leaves it alone) and returns
+    /// true, if `consumer` holds it. Returns false, changing nothing, when
+    /// it does not: another consumer claimed it (this one was taken for
+    /// dead) or it was acknowledged. The caller has then lost the entry
+    /// and must stop working on it. Never takes an entry from its holder.
+    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<bool>;
 
-    /// Acknowledges and removes a finished entry. Idempotent.
-    async fn ack(&self, queue: &Queue, id: &str) -> StoreResult<()>;
+    /// Acknowledges and removes entry `id` if `consumer` holds it (then
+    /// true), in one atomic step. An entry another consumer holds stays
+    /// with it, and one already acknowledged changes nothing: false. So a
+    /// worker taken for dead cannot drop the entry its new holder works on,
+    /// and a repeated acknowledgement is harmless.
+    async fn ack(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<bool>;
 
     /// Backlog of a queue.
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth>;
@@ -493,7 +510,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `ttl` from now. Atomic: of any number of callers on any number of
     /// replicas, at most one holds a lease at any time (as the store's clock
     /// sees it: Redis server time, so replicas' clocks need not agree).
-    /// Leader election of the [reconciler](crate::reconciler) uses it.
+    /// Leader election of the [reconciler](crate::reconciler) uses it, and
+    /// the [dispatcher](crate::dispatcher)'s create fence (one worker makes
+    /// an instance at a time).
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
 
     /// Gives the lease `name` up if `holder` holds it (then true); a caller

@@ -16,7 +16,7 @@
 //! | `P:queue:teardown` | stream, group `teardown` | instances to destroy (field `instance`) |
 //! | `P:events` | stream, capped | transitions, for `WatchEvents` (`kind`, `at`, `id`, `pool`, `from`, `to`, `reason`) |
 //! | `P:bootstrap:<sha256 of token>` | string, TTL | the instance a bootstrap token is bound to |
-//! | `P:lease:<name>` | string, TTL | a lease's holder (leader election) |
+//! | `P:lease:<name>` | string, TTL | a lease's holder (leader election; `create:<instance>`, the dispatcher's create fence) |
 //!
 //! # Atomicity, and where the rules are
 //! No rule lives here. Every change to jobs, instances, capacity, tokens and
@@ -226,6 +226,11 @@ struct Scripts {
     // Leases stand alone: they name their key in KEYS.
     acquire_lease: Script,
     release_lease: Script,
+    /// `redis/queue_touch.lua`: a heartbeat that takes nothing from
+    /// another consumer.
+    queue_touch: Script,
+    /// `redis/queue_ack.lua`: acknowledges only the consumer's own entry.
+    queue_ack: Script,
 }
 
 impl Scripts {
@@ -234,6 +239,8 @@ impl Scripts {
             apply: Script::new(include_str!("redis/apply.lua")),
             acquire_lease: Script::new(include_str!("redis/acquire_lease.lua")),
             release_lease: Script::new(include_str!("redis/release_lease.lua")),
+            queue_touch: Script::new(include_str!("redis/queue_touch.lua")),
+            queue_ack: Script::new(include_str!("redis/queue_ack.lua")),
         }
     }
 }
@@ -540,12 +547,12 @@ impl Store for RedisStore {
             .await
     }
 
-    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<()> {
+    async fn touch(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<bool> {
         self.queue_touch(queue, consumer, id).await
     }
 
-    async fn ack(&self, queue: &Queue, id: &str) -> StoreResult<()> {
-        self.queue_ack(queue, id).await
+    async fn ack(&self, queue: &Queue, consumer: &str, id: &str) -> StoreResult<bool> {
+        self.queue_ack(queue, consumer, id).await
     }
 
     async fn queue_depth(&self, queue: &Queue) -> StoreResult<QueueDepth> {

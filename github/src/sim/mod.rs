@@ -190,6 +190,12 @@ pub struct SimJob {
     pub runner_name: Option<String>,
     /// Run time once taken.
     pub duration: Duration,
+    /// When it was queued (`created_at`).
+    pub created_at: SystemTime,
+    /// When a runner took it.
+    pub started_at: Option<SystemTime>,
+    /// When it completed.
+    pub completed_at: Option<SystemTime>,
 }
 
 /// A runner registration the simulator knows.
@@ -248,6 +254,26 @@ impl DeliveryRecord {
     pub fn succeeded(&self) -> bool {
         (200..400).contains(&self.status_code())
     }
+}
+
+/// One REST call the simulator answered, kept while
+/// [`GitHubSim::record_exchanges`] is on: what an oracle (GitHub's OpenAPI
+/// description, in `tests/openapi_oracle.rs`) checks requests and answers
+/// against. The simulator's own `/_sim/...` control calls are not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// The HTTP method.
+    pub method: String,
+    /// The path as GitHub.com spells it (a GHES `/api/v3` prefix removed).
+    pub path: String,
+    /// The query string, if any (without `?`).
+    pub query: Option<String>,
+    /// The request body (empty when none was sent).
+    pub request: Vec<u8>,
+    /// The answer's status.
+    pub status: u16,
+    /// The answer's body.
+    pub response: Vec<u8>,
 }
 
 /// What happens to webhook deliveries while the switch is set.
@@ -340,6 +366,8 @@ pub(crate) struct State {
     pub(crate) rate_remaining: u64,
     pub(crate) rate_reset: SystemTime,
     tasks: Vec<JoinHandle<()>>,
+    /// REST calls answered, while recording is on (`None`: off).
+    pub(crate) exchanges: Option<Vec<Exchange>>,
 }
 
 /// The running simulator. Dropping it without [`GitHubSim::shutdown`]
@@ -388,6 +416,7 @@ impl GitHubSim {
                 bodies: HashMap::new(),
                 next_delivery: 1,
                 tasks: Vec::new(),
+                exchanges: None,
             }),
             addr,
             http: reqwest::Client::builder()
@@ -447,6 +476,9 @@ impl GitHubSim {
                 runner_id: None,
                 runner_name: None,
                 duration: new.duration.unwrap_or(st.cfg.job_duration),
+                created_at: SystemTime::now(),
+                started_at: None,
+                completed_at: None,
             };
             st.jobs.insert(id, job.clone());
             job
@@ -467,6 +499,7 @@ impl GitHubSim {
             }
             job.status = SimJobStatus::Completed;
             job.conclusion = Some("cancelled".into());
+            job.completed_at = Some(SystemTime::now());
             job.clone()
         };
         self.deliver(&job, "completed").await;
@@ -518,6 +551,24 @@ impl GitHubSim {
     /// Every delivery made, in order.
     pub fn deliveries(&self) -> Vec<DeliveryRecord> {
         self.lock().deliveries.clone()
+    }
+
+    /// Starts keeping every REST call answered from now on (off by default:
+    /// a long run would keep them all), dropping any kept so far.
+    pub fn record_exchanges(&self) {
+        self.lock().exchanges = Some(Vec::new());
+    }
+
+    /// The REST calls answered since [`record_exchanges`](Self::record_exchanges),
+    /// in order; empty when recording is off.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.lock().exchanges.clone().unwrap_or_default()
+    }
+
+    /// The body of delivery `delivery_id` (`X-GitHub-Delivery`) as it was
+    /// sent, signed bytes and all.
+    pub fn delivery_body(&self, delivery_id: &str) -> Option<Vec<u8>> {
+        self.lock().bodies.get(delivery_id).map(|(_, b)| b.clone())
     }
 
     /// Installation tokens minted so far.
@@ -722,6 +773,7 @@ impl GitHubSim {
                 let (rid, rname) = (runner.id, runner.name.clone());
                 let job = st.jobs.get_mut(&job_id).expect("listed above");
                 job.status = SimJobStatus::InProgress;
+                job.started_at = Some(SystemTime::now());
                 job.runner_id = Some(rid);
                 job.runner_name = Some(rname);
                 started.push(job.clone());
@@ -739,6 +791,7 @@ impl GitHubSim {
                     };
                     j.status = SimJobStatus::Completed;
                     j.conclusion = Some("success".into());
+                    j.completed_at = Some(SystemTime::now());
                     let done = j.clone();
                     if let Some(rid) = done.runner_id {
                         // Ephemeral: the registration goes with its job.
@@ -804,57 +857,111 @@ impl GitHubSim {
     }
 }
 
-/// A `workflow_job` payload shaped like GitHub's (the keys GRS reads, and
-/// enough of the rest to look real).
+/// RFC 3339, as GitHub writes times.
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A job as GitHub describes it (the `job` schema of its REST description,
+/// every required field; the same object is a webhook's `workflow_job`),
+/// with `status` as given: a delivery says what its action says, even when
+/// the job has moved on since. Checked against GitHub's OpenAPI description
+/// by `tests/openapi_oracle.rs`.
+pub(crate) fn job_json(job: &SimJob, status: &str) -> serde_json::Value {
+    let repo = &job.repository;
+    serde_json::json!({
+        "id": job.id,
+        "run_id": job.run_id,
+        "run_attempt": 1,
+        "workflow_name": "CI",
+        "head_branch": "main",
+        "run_url": format!("https://api.github.com/repos/{repo}/actions/runs/{}", job.run_id),
+        "node_id": format!("CR_sim{}", job.id),
+        "head_sha": "0000000000000000000000000000000000000000",
+        "url": format!("https://api.github.com/repos/{repo}/actions/jobs/{}", job.id),
+        "html_url": format!("https://github.com/{repo}/actions/runs/{}/job/{}", job.run_id, job.id),
+        "status": status,
+        "conclusion": if status == "completed" { job.conclusion.as_deref() } else { None },
+        "created_at": rfc3339(job.created_at),
+        // GitHub gives a job not yet taken its creation time here.
+        "started_at": rfc3339(job.started_at.unwrap_or(job.created_at)),
+        "completed_at": job.completed_at.filter(|_| status == "completed").map(rfc3339),
+        "name": job.name,
+        "steps": [],
+        "check_run_url": format!("https://api.github.com/repos/{repo}/check-runs/{}", job.id),
+        "labels": job.labels,
+        "runner_id": job.runner_id,
+        "runner_name": job.runner_name,
+        "runner_group_id": job.runner_id.map(|_| 1),
+        "runner_group_name": job.runner_id.map(|_| "Default"),
+    })
+}
+
+/// GitHub's own example of a `workflow_job` delivery (octokit/webhooks,
+/// `completed.success.with-organization`, a verbatim fixture): every
+/// delivery the simulator sends is this document with the job, the
+/// repository, the organisation and the installation made its own, so the
+/// parts GRS does not read are shaped as GitHub shapes them.
+static EXAMPLE_DELIVERY: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(|| {
+    serde_json::from_str(include_str!(
+        "../../../fixtures/github/payloads/octokit-webhooks/workflow_job/completed.success.with-organization.payload.json"
+    ))
+    .expect("the bundled example delivery is JSON")
+});
+
+/// Replaces `from` by `to` in every string of `v`.
+fn rename(v: &mut serde_json::Value, from: &str, to: &str) {
+    match v {
+        serde_json::Value::String(s) if s.contains(from) => *s = s.replace(from, to),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|v| rename(v, from, to)),
+        serde_json::Value::Object(o) => o.values_mut().for_each(|v| rename(v, from, to)),
+        _ => {}
+    }
+}
+
+/// A `workflow_job` delivery for `job`: GitHub's example
+/// ([`EXAMPLE_DELIVERY`]) with this job, its repository, the organisation
+/// and the App installation (checked against GitHub's webhook schemas by
+/// `tests/openapi_oracle.rs`).
 fn workflow_job_payload(cfg: &SimConfig, job: &SimJob, action: &str) -> serde_json::Value {
     let status = match (action, job.status) {
         ("queued", _) => "queued",
         ("in_progress", _) => "in_progress",
         _ => "completed",
     };
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let (owner, _) = job
+    let (owner, name) = job
         .repository
         .split_once('/')
         .unwrap_or((&job.repository, ""));
-    serde_json::json!({
-        "action": action,
-        "workflow_job": {
-            "id": job.id,
-            "run_id": job.run_id,
-            "run_attempt": 1,
-            "workflow_name": "CI",
-            "head_branch": "main",
-            "run_url": format!("https://api.github.com/repos/{}/actions/runs/{}", job.repository, job.run_id),
-            "node_id": "CR_sim",
-            "head_sha": "0000000000000000000000000000000000000000",
-            "url": format!("https://api.github.com/repos/{}/actions/jobs/{}", job.repository, job.id),
-            "html_url": format!("https://github.com/{}/actions/runs/{}/job/{}", job.repository, job.run_id, job.id),
-            "status": status,
-            "conclusion": job.conclusion,
-            "created_at": now,
-            "started_at": now,
-            "completed_at": if status == "completed" { serde_json::Value::from(now.clone()) } else { serde_json::Value::Null },
-            "name": job.name,
-            "steps": [],
-            "check_run_url": "https://api.github.com/repos/sim/check-runs/1",
-            "labels": job.labels,
-            "runner_id": job.runner_id,
-            "runner_name": job.runner_name,
-            "runner_group_id": job.runner_id.map(|_| 1),
-            "runner_group_name": job.runner_id.map(|_| "Default"),
-        },
-        "repository": {
-            "id": 1,
-            "name": job.repository.split('/').nth(1).unwrap_or(""),
-            "full_name": job.repository,
-            "private": true,
-            "owner": { "login": owner, "id": 2, "type": "Organization" },
-        },
-        "organization": { "login": cfg.organization, "id": 2 },
-        "installation": { "id": cfg.installation_id },
-        "sender": { "login": "octocat", "id": 3, "type": "User" },
-    })
+    let mut payload = EXAMPLE_DELIVERY.clone();
+    let example_repo = payload["repository"]["full_name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let example_owner = payload["repository"]["owner"]["login"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let example_org = payload["organization"]["login"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    rename(&mut payload["repository"], &example_repo, &job.repository);
+    rename(&mut payload["repository"], &example_owner, owner);
+    payload["repository"]["name"] = name.into();
+    payload["repository"]["private"] = true.into();
+    rename(
+        &mut payload["organization"],
+        &example_org,
+        &cfg.organization,
+    );
+    payload["action"] = action.into();
+    payload["workflow_job"] = job_json(job, status);
+    payload["installation"] = serde_json::json!({
+        "id": cfg.installation_id,
+        "node_id": format!("MDIzOkludGVncmF0aW9uSW5zdGFsbGF0aW9u{}", cfg.installation_id),
+    });
+    payload
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Fault, GitHubSim, SimJobStatus, SimRunner};
+use super::{Exchange, Fault, GitHubSim, SimJobStatus, SimRunner};
 
 pub(super) fn router(sim: GitHubSim) -> Router {
     Router::new().fallback(
@@ -18,15 +18,50 @@ pub(super) fn router(sim: GitHubSim) -> Router {
             let sim = sim.clone();
             async move {
                 let scopes = super::installation::pat_scopes(&sim, &headers);
+                let recording = sim.lock().exchanges.is_some() && !uri.path().starts_with("/_sim/");
+                let request = recording.then(|| (method.clone(), uri.clone(), body.clone()));
                 let mut resp = handle(&sim, method, uri, headers, body).await;
                 // GitHub names a classic PAT's scopes on every answer.
                 if let Some(v) = scopes.and_then(|s| s.parse().ok()) {
                     resp.headers_mut().insert("x-oauth-scopes", v);
                 }
-                resp
+                match request {
+                    Some(request) => record(&sim, request, resp).await,
+                    None => resp,
+                }
             }
         },
     )
+}
+
+/// Keeps `request` and its answer in the exchange log; the answer's body
+/// is read whole (the simulator's answers are small JSON documents) and put
+/// back.
+async fn record(
+    sim: &GitHubSim,
+    (method, uri, body): (Method, Uri, Bytes),
+    resp: Response,
+) -> Response {
+    let (parts, answer) = resp.into_parts();
+    let answer = axum::body::to_bytes(answer, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let exchange = Exchange {
+        method: method.to_string(),
+        path: uri
+            .path()
+            .strip_prefix("/api/v3")
+            .unwrap_or(uri.path())
+            .to_owned(),
+        query: uri.query().map(str::to_owned),
+        request: body.to_vec(),
+        status: parts.status.as_u16(),
+        response: answer.to_vec(),
+    };
+    if let Some(log) = sim.lock().exchanges.as_mut() {
+        log.push(exchange);
+    }
+    Response::from_parts(parts, axum::body::Body::from(answer))
 }
 
 pub(super) fn err(status: StatusCode, message: &str) -> Response {
@@ -289,19 +324,12 @@ fn route(
 /// A job as the REST API shows it (`components/schemas/job`, the keys GRS
 /// and the tests read).
 fn job_json(job: &super::SimJob) -> serde_json::Value {
-    json!({
-        "id": job.id,
-        "run_id": job.run_id,
-        "run_attempt": 1,
-        "status": job.status,
-        "conclusion": job.conclusion,
-        "labels": job.labels,
-        "runner_id": job.runner_id,
-        "runner_name": job.runner_name,
-        "name": job.name,
-        "workflow_name": "CI",
-        "head_branch": "main",
-    })
+    let status = match job.status {
+        SimJobStatus::Queued => "queued",
+        SimJobStatus::InProgress => "in_progress",
+        SimJobStatus::Completed => "completed",
+    };
+    super::job_json(job, status)
 }
 
 /// The runs of `repo` with their status, derived from their jobs: queued

@@ -20,6 +20,10 @@ struct Args {
     /// How long a job runs once a runner took it.
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
     job_duration: std::time::Duration,
+    /// API calls an hour the primary rate limit allows (GitHub: 5,000 for
+    /// a PAT, up to 15,000 for an App installation on Enterprise Cloud).
+    #[arg(long, default_value_t = 5000)]
+    rate_limit: u64,
 }
 
 #[tokio::main]
@@ -41,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
             pat,
             job_duration: args.job_duration,
             targets: args.gateways,
+            rate_limit: args.rate_limit,
         },
         grs_config::process::shutdown_signal(),
     )

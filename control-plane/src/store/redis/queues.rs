@@ -2,7 +2,10 @@
 //! consumer group (created on first use, from id 0, so entries added before
 //! it are work too); an entry is acknowledged and deleted in one
 //! transaction once done, so a stream's length is its backlog; entries a
-//! dead worker held are reclaimed with `XAUTOCLAIM`.
+//! dead worker held are reclaimed with `XAUTOCLAIM`. Heartbeats and
+//! acknowledgements act only on the caller's own entries (checked with
+//! `XPENDING` in the same script), so a worker taken for dead neither takes
+//! its entry back nor acknowledges it under its new holder.
 
 use std::time::Duration;
 
@@ -143,47 +146,50 @@ impl RedisStore {
         Ok(self.parse_deliveries(queue, &entries))
     }
 
+    /// See [`Store::touch`](crate::store::Store::touch): the ownership
+    /// check and the reset are one script (`queue_touch.lua`).
     pub(super) async fn queue_touch(
         &self,
         queue: &Queue,
         consumer: &str,
         id: &str,
-    ) -> StoreResult<()> {
-        let (key, group) = self.queue_key(queue);
-        let mut conn = self.conn().await?;
-        let _: Value = redis::cmd("XCLAIM")
-            .arg(&key)
-            .arg(group)
-            .arg(consumer)
-            .arg(0)
-            .arg(id)
-            .arg("JUSTID")
-            .query_async(&mut conn)
+    ) -> StoreResult<bool> {
+        self.held_entry_script(&self.scripts.queue_touch, queue, consumer, id)
             .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 
-    pub(super) async fn queue_ack(&self, queue: &Queue, id: &str) -> StoreResult<()> {
+    /// See [`Store::ack`](crate::store::Store::ack): the ownership check,
+    /// `XACK` and `XDEL` are one script (`queue_ack.lua`).
+    pub(super) async fn queue_ack(
+        &self,
+        queue: &Queue,
+        consumer: &str,
+        id: &str,
+    ) -> StoreResult<bool> {
+        self.held_entry_script(&self.scripts.queue_ack, queue, consumer, id)
+            .await
+    }
+
+    /// Runs a script over entry `id` of `queue` that acts only if
+    /// `consumer` holds the entry; true if it did.
+    async fn held_entry_script(
+        &self,
+        script: &redis::Script,
+        queue: &Queue,
+        consumer: &str,
+        id: &str,
+    ) -> StoreResult<bool> {
         let (key, group) = self.queue_key(queue);
         let mut conn = self.conn().await?;
-        // Acknowledge and delete in one transaction: the stream only ever
-        // holds work not yet done, so it needs no other trimming.
-        let _: () = redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&key)
+        let done: i64 = script
+            .key(key)
             .arg(group)
+            .arg(consumer)
             .arg(id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&key)
-            .arg(id)
-            .ignore()
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(done == 1)
     }
 
     pub(super) async fn queue_depth_of(&self, queue: &Queue) -> StoreResult<QueueDepth> {
