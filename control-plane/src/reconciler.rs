@@ -5,8 +5,9 @@
 //!
 //! # Expected flow
 //! Every `reconcile_interval`, each replica asks the store for the lease
-//! [`LEASE`] (held for three intervals, renewed on every pass). The replica
-//! holding it runs one pass, [`Reconciler::reconcile_once`]:
+//! [`LEASE`] (held for three intervals). The replica holding it runs one
+//! pass, [`Reconciler::reconcile_once`], then recovery ([`crate::recovery`]),
+//! renewing the lease every interval while they run (see *Guarantees*):
 //! 1. The provisioner of every configured pool
 //!    [`list`](grs_provisioner::Provisioner::list)s the pool's VMs carrying
 //!    this installation's marker.
@@ -52,12 +53,22 @@
 //! capacity slot and its record are handled by the teardown workers.
 //!
 //! # Guarantees
-//! - **Idempotent; safe on two replicas by mistake.** A lease can expire
-//!   under a slow leader while another replica takes it, so two passes may
-//!   overlap. Nothing breaks: queueing a teardown twice queues it once
+//! - **No pass outlives the lease.** The leader renews the lease every
+//!   interval while a pass runs, so a pass longer than the lease keeps it.
+//!   Each confirmed renewal moves the leader's [`Fence`] to one interval
+//!   before the lease could expire; every change a pass makes (a teardown
+//!   queued, a warm instance retired, an orphan, runner registration or
+//!   removed pool's VMs deleted, an event submitted or a redelivery asked
+//!   for by recovery) checks the fence first. A renewal that finds another
+//!   holder, or no renewal confirmed before the fence closes (an
+//!   unreachable store, a stalled runtime), stops the pass where it is:
+//!   a replica that lost the lease makes no further change.
+//! - **Idempotent; safe on two replicas by mistake.** A change already
+//!   sent when the fence closes may still land, and clocks can drift, so
+//!   two passes' last steps may overlap. Nothing breaks: queueing a
+//!   teardown twice queues it once
 //!   ([`enqueue_teardown`](crate::store::Store::enqueue_teardown)), and
-//!   deleting an absent VM succeeds. The lease saves work, it is not needed
-//!   for correctness.
+//!   deleting an absent VM succeeds.
 //! - **Nothing foreign touched.** Only VMs the provisioner lists are ever
 //!   deleted, and a provisioner lists only VMs with this installation's
 //!   marker (and prefix); its `delete` checks the marker again.
@@ -93,7 +104,7 @@ use crate::config::ControlPlaneConfig;
 use crate::model::{InstanceRecord, InstanceState, Millis, instance_is_created, now_ms, to_ms};
 use crate::pools::Pools;
 use crate::store::rules::is_warm_idle;
-use crate::store::{Store, StoreResult};
+use crate::store::{Store, StoreError};
 use crate::worker::{RunnerRegistrar, RunnerRegistration};
 
 /// Most offline runner registrations removed per pass: each removal is one
@@ -106,6 +117,76 @@ pub const LEASE: &str = "reconciler";
 /// How long releasing the lease may take at shutdown before it is left to
 /// expire.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a pass (of the reconciler or of [`crate::recovery`]) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The store failed; the next pass redoes the work.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// This replica can no longer be sure it holds the lease: it stopped
+    /// before its next change.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+}
+
+/// This replica no longer holds (or cannot confirm it still holds) the
+/// reconciler lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this replica no longer holds the reconciler lease")]
+pub struct LeaseLost;
+
+/// The leader's fence: until when this replica is sure it holds the
+/// reconciler lease. Every step of a pass that changes something (a
+/// teardown queued, a VM or runner registration removed, an event
+/// submitted) checks it first, so a replica that lost the lease, or whose
+/// renewals stalled (a starved runtime, an unreachable store), stops before
+/// its next change instead of working alongside the new leader.
+///
+/// [`run`] moves the deadline forward with every confirmed renewal; it lies
+/// [`LEASE_MARGIN_INTERVALS`] intervals before the lease itself can expire
+/// (the store counts the lease from when it got the renewal, which is after
+/// it was sent), so a change let through just before the deadline has that
+/// margin to reach the store. A fence nobody armed (a pass run directly, as
+/// tests do) always holds.
+#[derive(Debug, Clone, Default)]
+pub struct Fence(Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+
+/// How many intervals before the lease's expiry the fence closes: one of
+/// the lease's three.
+const LEASE_MARGIN_INTERVALS: u32 = 1;
+
+impl Fence {
+    /// `Ok` while the lease is known to be held (or the fence was never
+    /// armed).
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        match *lock(&self.0) {
+            Some(until) if tokio::time::Instant::now() >= until => Err(LeaseLost),
+            _ => Ok(()),
+        }
+    }
+
+    /// The lease is held until `until` (the fence's deadline, margin
+    /// already taken off).
+    fn hold_until(&self, until: tokio::time::Instant) {
+        *lock(&self.0) = Some(until);
+    }
+
+    /// The lease is lost: every check fails until the next
+    /// [`hold_until`](Self::hold_until).
+    fn revoke(&self) {
+        *lock(&self.0) = Some(tokio::time::Instant::now());
+    }
+
+    /// When the fence closes, if armed.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        *lock(&self.0)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Reconciler settings, taken from `[control_plane]`.
 #[derive(Debug, Clone)]
@@ -138,6 +219,13 @@ impl ReconcilerSettings {
     /// failed renewal does not hand leadership over.
     pub fn lease_ttl(&self) -> Duration {
         self.interval.saturating_mul(3)
+    }
+
+    /// How long after a renewal was sent the fence stays open: the lease's
+    /// TTL less the margin ([`Fence`]).
+    fn fence_span(&self) -> Duration {
+        self.lease_ttl()
+            .saturating_sub(self.interval.saturating_mul(LEASE_MARGIN_INTERVALS))
     }
 }
 
@@ -198,6 +286,8 @@ pub struct Reconciler {
     /// Lost webhooks and unrouted jobs, looked for by the leader after its
     /// passes ([`crate::recovery`]).
     recovery: Option<crate::recovery::Recovery>,
+    /// Checked before every change a pass makes (also by `recovery`).
+    fence: Fence,
 }
 
 /// `d` in milliseconds, saturating.
@@ -225,12 +315,13 @@ impl Reconciler {
             registrar: None,
             metrics: None,
             recovery: None,
+            fence: Fence::default(),
         }
     }
 
     /// Runs `recovery` after each pass while leading ([`run`]).
     pub fn with_recovery(mut self, recovery: crate::recovery::Recovery) -> Self {
-        self.recovery = Some(recovery);
+        self.recovery = Some(recovery.with_fence(self.fence.clone()));
         self
     }
 
@@ -251,10 +342,11 @@ impl Reconciler {
     }
 
     /// Runs one pass at time `now` (see the module docs), whether or not
-    /// this replica holds the lease: [`run`] checks that. Store errors end
+    /// this replica holds the lease: [`run`] checks that (and arms the
+    /// [`Fence`] every change checks). Store errors and a lost lease end
     /// the pass (the next one redoes it); provisioner errors are logged,
     /// reported and passed over.
-    pub async fn reconcile_once(&mut self, now: Millis) -> StoreResult<PassReport> {
+    pub async fn reconcile_once(&mut self, now: Millis) -> Result<PassReport, PassError> {
         let mut report = PassReport::default();
         // 1. VMs (and runner registrations) first, records second: see "No
         // create is raced".
@@ -270,7 +362,7 @@ impl Reconciler {
         // 7. Runner registrations.
         let live_names: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
         self.remove_offline_runners(runners, &live_names, &mut report)
-            .await;
+            .await?;
         // 8. Removed pools.
         self.remove_dropped_pools(now, &mut report).await?;
         // 6. Orphans.
@@ -303,6 +395,7 @@ impl Reconciler {
                 grace = %human(self.settings.orphan_grace),
                 "deleting an orphan: a VM of this installation with no live instance record"
             );
+            self.fence.check()?;
             match provisioner.delete(&pool, &vm.name).await {
                 Ok(()) => {
                     undated.remove(&vm.name);
@@ -352,7 +445,7 @@ impl Reconciler {
         inst: &InstanceRecord,
         now: Millis,
         report: &mut PassReport,
-    ) -> StoreResult<()> {
+    ) -> Result<(), PassError> {
         let s = &self.settings;
         let warm_unbound = inst.warm && inst.job_id == 0;
         if warm_unbound
@@ -423,6 +516,7 @@ impl Reconciler {
         };
         if is_warm_idle(inst) {
             // Only while still idle: a job may be bound to it meanwhile.
+            self.fence.check()?;
             if self.store.retire_warm(&inst.name, &reason, now).await? == Some(true) {
                 tracing::info!(instance = %inst.name, pool = %inst.pool, reason, "idle warm instance queued for teardown");
                 list.push(inst.name.clone());
@@ -440,9 +534,10 @@ impl Reconciler {
         reason: &str,
         now: Millis,
         list: &mut Vec<String>,
-    ) -> StoreResult<()> {
+    ) -> Result<(), PassError> {
         // false: already on its way out (another pass or an event was
         // first); None: gone meanwhile. Either way nothing to do.
+        self.fence.check()?;
         if self.store.enqueue_teardown(&inst.name, reason, now).await? == Some(true) {
             tracing::info!(instance = %inst.name, pool = %inst.pool, reason, "instance queued for teardown");
             list.push(inst.name.clone());
@@ -458,7 +553,7 @@ impl Reconciler {
         records: &[InstanceRecord],
         now: Millis,
         report: &mut PassReport,
-    ) -> StoreResult<()> {
+    ) -> Result<(), PassError> {
         let gone: HashSet<String> = report
             .lifetime_ended
             .iter()
@@ -485,6 +580,7 @@ impl Reconciler {
             idle.sort_by_key(|i| (i.created_at, i.name.clone()));
             let reason = format!("idle warm instance above the pool's min_idle of {min_idle}");
             for inst in idle.into_iter().take(surplus) {
+                self.fence.check()?;
                 if self.store.retire_warm(&inst.name, &reason, now).await? == Some(true) {
                     tracing::info!(instance = %inst.name, pool = %pool.name, reason, "idle warm instance queued for teardown");
                     report.warm_surplus.push(inst.name.clone());
@@ -520,15 +616,16 @@ impl Reconciler {
         runners: Vec<RunnerRegistration>,
         live: &HashSet<&str>,
         report: &mut PassReport,
-    ) {
+    ) -> Result<(), LeaseLost> {
         let Some(registrar) = &self.registrar else {
-            return;
+            return Ok(());
         };
         let stale = runners
             .into_iter()
             .filter(|r| !r.busy && !live.contains(r.name.as_str()))
             .take(OFFLINE_RUNNER_BUDGET);
         for r in stale {
+            self.fence.check()?;
             match registrar.remove_runner_id(r.id).await {
                 Ok(()) => {
                     tracing::info!(runner = %r.name, id = r.id, "removed an offline runner registration of this installation");
@@ -542,13 +639,18 @@ impl Reconciler {
                 }
             }
         }
+        Ok(())
     }
 
     /// Queues the live instances of pools no longer configured for
     /// teardown, and has every backend remove those pools' VMs; a pool
     /// with a runner GitHub says is busy (or cannot say is idle) keeps its
     /// VMs until a later pass finds them all idle.
-    async fn remove_dropped_pools(&self, now: Millis, report: &mut PassReport) -> StoreResult<()> {
+    async fn remove_dropped_pools(
+        &self,
+        now: Millis,
+        report: &mut PassReport,
+    ) -> Result<(), PassError> {
         let all = self.store.list_instances(None, true).await?;
         let dropped: BTreeSet<&str> = all
             .iter()
@@ -576,6 +678,7 @@ impl Reconciler {
         }
         for pool in dropped.difference(&busy) {
             for (backend, _) in self.pools.backends() {
+                self.fence.check()?;
                 match backend.remove_all(pool).await {
                     Ok(removed) => {
                         for name in &removed {
@@ -636,22 +739,122 @@ impl Reconciler {
     }
 }
 
+impl Reconciler {
+    /// One leader's turn: a pass, its metrics, then recovery if due
+    /// (bounded, so a slow GitHub cannot hold the turn up for long; a
+    /// recovery pass cut short is redone by the next one). A lost lease
+    /// ends the turn at the next change it would have made.
+    async fn lead_once(&mut self) -> Result<(), LeaseLost> {
+        let pass = self.reconcile_once(now_ms()).await;
+        if let (Some(m), Ok(r)) = (&self.metrics, &pass) {
+            m.reconciler_actions("bootstrap_timeout", r.bootstrap_timed_out.len());
+            m.reconciler_actions("lifetime_ended", r.lifetime_ended.len());
+            m.reconciler_actions("orphan_deleted", r.orphans_deleted.len());
+            m.reconciler_actions("busy_kept", r.busy_kept.len());
+            m.reconciler_actions("warm_recycled", r.warm_recycled.len());
+            m.reconciler_actions("warm_surplus", r.warm_surplus.len());
+            m.reconciler_actions("offline_runner_removed", r.offline_runners_removed.len());
+            m.reconciler_actions("removed_pool_vm", r.removed_pool_vms.len());
+            m.reconciler_actions("failure", r.failures.len());
+        }
+        match pass {
+            Ok(report) if report.is_quiet() => tracing::debug!("reconcile pass: nothing to do"),
+            Ok(report) => tracing::info!(?report, "reconcile pass done"),
+            Err(PassError::LeaseLost(lost)) => return Err(lost),
+            Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying next interval"),
+        }
+        if let Some(recovery) = &mut self.recovery {
+            let limit = self.settings.interval.max(Duration::from_secs(2));
+            match tokio::time::timeout(limit, recovery.run_if_due()).await {
+                Ok(Err(lost)) => return Err(lost),
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    tracing::warn!(
+                        limit_ms = limit.as_millis() as u64,
+                        "recovery pass cut short; the next one starts over"
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `work` (a leader's turn) while keeping the reconciler lease:
+/// renews it every interval and moves `fence`'s deadline forward with each
+/// confirmed renewal, so a turn longer than the lease keeps it. When a
+/// renewal finds another holder, or no renewal is confirmed before the
+/// fence closes (the store is unreachable or slow), the fence is revoked
+/// and `work` dropped where it is: [`LeaseLost`]. Work that reached a
+/// change after the deadline already stopped itself at its fence check.
+async fn keeping_lease<T>(
+    store: &dyn Store,
+    holder: &str,
+    settings: &ReconcilerSettings,
+    fence: &Fence,
+    work: impl Future<Output = Result<T, LeaseLost>>,
+) -> Result<T, LeaseLost> {
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    tokio::pin!(work);
+    loop {
+        let Some(deadline) = fence.deadline() else {
+            // Never armed: run() arms it before any turn.
+            return work.await;
+        };
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(holder, "could not renew the reconciler lease in time; stopping the pass");
+                fence.revoke();
+                return Err(LeaseLost);
+            }
+            _ = tick.tick() => {
+                let sent = tokio::time::Instant::now();
+                let renewal = tokio::time::timeout_at(
+                    deadline,
+                    store.acquire_lease(LEASE, holder, settings.lease_ttl()),
+                );
+                match renewal.await {
+                    Ok(Ok(true)) => fence.hold_until(sent + settings.fence_span()),
+                    Ok(Ok(false)) => {
+                        tracing::warn!(holder, "another replica took the reconciler lease; stopping the pass");
+                        fence.revoke();
+                        return Err(LeaseLost);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(holder, error = %e, "cannot renew the reconciler lease; the pass stops unless a renewal gets through in time")
+                    }
+                    // The deadline passed: the sleep branch stops the pass.
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Runs `reconciler` as replica `holder` until `shutdown`: every interval,
-/// take or renew the lease and, holding it, run a pass. Releases the lease
-/// on the way out.
+/// take or renew the lease and, holding it, run a turn (a pass, then
+/// recovery), renewing the lease while it runs ([`keeping_lease`]).
+/// Releases the lease on the way out.
 pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: CancellationToken) {
     let store = reconciler.store.clone();
-    let interval = reconciler.settings.interval;
-    let ttl = reconciler.settings.lease_ttl();
+    let settings = reconciler.settings.clone();
+    let fence = reconciler.fence.clone();
+    let interval = settings.interval;
+    let ttl = settings.lease_ttl();
     let mut leading = false;
     tracing::debug!(holder, "reconciler started");
     loop {
+        let sent = tokio::time::Instant::now();
         let lease = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = store.acquire_lease(LEASE, &holder, ttl) => r,
         };
-        match lease {
+        let lost = match lease {
             Ok(true) => {
+                fence.hold_until(sent + settings.fence_span());
                 if !leading {
                     tracing::info!(holder, "this replica now runs the reconciler");
                     leading = true;
@@ -659,58 +862,31 @@ pub async fn run(mut reconciler: Reconciler, holder: String, shutdown: Cancellat
                 if let Some(m) = &reconciler.metrics {
                     m.set_reconciler_leader(true);
                 }
-                let pass = tokio::select! {
+                let turn = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    r = reconciler.reconcile_once(now_ms()) => r,
+                    r = keeping_lease(store.as_ref(), &holder, &settings, &fence, reconciler.lead_once()) => r,
                 };
-                if let (Some(m), Ok(r)) = (&reconciler.metrics, &pass) {
-                    m.reconciler_actions("bootstrap_timeout", r.bootstrap_timed_out.len());
-                    m.reconciler_actions("lifetime_ended", r.lifetime_ended.len());
-                    m.reconciler_actions("orphan_deleted", r.orphans_deleted.len());
-                    m.reconciler_actions("busy_kept", r.busy_kept.len());
-                    m.reconciler_actions("warm_recycled", r.warm_recycled.len());
-                    m.reconciler_actions("warm_surplus", r.warm_surplus.len());
-                    m.reconciler_actions("offline_runner_removed", r.offline_runners_removed.len());
-                    m.reconciler_actions("removed_pool_vm", r.removed_pool_vms.len());
-                    m.reconciler_actions("failure", r.failures.len());
-                }
-                if let Some(recovery) = &mut reconciler.recovery {
-                    // Bounded, so a slow GitHub does not let the lease
-                    // lapse; a pass cut short is redone (idempotent).
-                    let limit = interval.max(Duration::from_secs(2));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        r = tokio::time::timeout(limit, recovery.run_if_due()) => {
-                            if r.is_err() {
-                                tracing::warn!(limit_ms = limit.as_millis() as u64, "recovery pass cut short; the next one starts over");
-                            }
-                        }
-                    }
-                }
-                match pass {
-                    Ok(report) if report.is_quiet() => {
-                        tracing::debug!("reconcile pass: nothing to do")
-                    }
-                    Ok(report) => tracing::info!(?report, "reconcile pass done"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reconcile pass failed; retrying next interval")
-                    }
-                }
+                turn.is_err()
             }
             Ok(false) => {
-                if let Some(m) = &reconciler.metrics {
-                    m.set_reconciler_leader(false);
-                }
-                if leading {
-                    tracing::warn!(holder, "another replica took the reconciler lease");
-                    leading = false;
-                    reconciler.forget();
-                }
+                fence.revoke();
+                true
             }
             Err(e) => {
                 // Without the store the pass could not work anyway; the
                 // lease lapses unless a renewal gets through in time.
                 tracing::warn!(error = %e, "cannot reach the store for the reconciler lease");
+                false
+            }
+        };
+        if lost {
+            if let Some(m) = &reconciler.metrics {
+                m.set_reconciler_leader(false);
+            }
+            if leading {
+                tracing::warn!(holder, "this replica lost the reconciler lease");
+                leading = false;
+                reconciler.forget();
             }
         }
         tokio::select! {
@@ -891,6 +1067,98 @@ mod tests {
         assert_eq!(s.store.pool_in_use("linux").await.unwrap(), 0);
         stop.cancel();
         worker.await.unwrap();
+    }
+
+    /// `s`'s reconciler [`run`] as leader "a", its pass held up asking
+    /// GitHub (`runners`) about the runner of an instance past its
+    /// bootstrap timeout for ten lease TTLs (paused time).
+    /// Returns once the pass asks: the instance's name, the lease TTL, how
+    /// long the answer takes, the stop token and the task.
+    async fn leader_in_a_slow_pass(
+        s: &mut Setup,
+        runners: &Arc<FakeRegistrar>,
+    ) -> (
+        String,
+        Duration,
+        Duration,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let settings = s.reconciler.settings.clone();
+        let fresh = Reconciler::new(s.store.clone(), s.pools.clone(), settings);
+        let reconciler = std::mem::replace(&mut s.reconciler, fresh);
+        let ttl = reconciler.settings.lease_ttl();
+        let slow = ttl * 10;
+        // Past the bootstrap timeout, not yet at the maximum lifetime.
+        let name = provisioned(s, 1, now_ms() - 2 * millis(BOOTSTRAP)).await;
+        runners.set_busy_delay(slow);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(reconciler, "a".into(), stop.clone()));
+        eventually("the pass asks GitHub", Duration::from_secs(1), || async {
+            runners.asked().contains(&name).then_some(())
+        })
+        .await;
+        (name, ttl, slow, stop, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_keeps_its_lease_through_a_pass_longer_than_the_lease() {
+        let (mut s, runners) = setup_with_registrar();
+        let (name, ttl, slow, stop, task) = leader_in_a_slow_pass(&mut s, &runners).await;
+        // Well past the lease's TTL, the pass still running: the leader
+        // renewed, so no other replica can take the lease.
+        tokio::time::sleep(ttl * 4).await;
+        assert!(
+            !s.store.acquire_lease(LEASE, "b", ttl).await.unwrap(),
+            "the lease lapsed during the pass"
+        );
+        // The pass ends holding the lease, so it makes its change.
+        eventually("the teardown queued", slow * 2, || async {
+            (state(&s, &name).await.0 == InstanceState::PendingDelete).then_some(())
+        })
+        .await;
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_lost_its_lease_mid_pass_makes_no_more_changes() {
+        let (mut s, runners) = setup_with_registrar();
+        let (name, _, slow, stop, task) = leader_in_a_slow_pass(&mut s, &runners).await;
+        // Another replica takes the lease over mid-pass (as after a stall
+        // of "a" longer than the TTL).
+        assert!(s.store.release_lease(LEASE, "a").await.unwrap());
+        assert!(s.store.acquire_lease(LEASE, "b", slow * 10).await.unwrap());
+        // Paused time only moves on when every task waits: once it is past
+        // the slow answer, "a" has done all it was going to do with it.
+        tokio::time::sleep(slow * 2).await;
+        assert_eq!(
+            state(&s, &name).await.0,
+            InstanceState::Running,
+            "the replica that lost the lease still queued a teardown"
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn a_fence_closes_at_its_deadline_and_when_revoked() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let fence = Fence::default();
+            assert_eq!(fence.check(), Ok(()), "an unarmed fence holds");
+            fence.hold_until(tokio::time::Instant::now() + Duration::from_millis(100));
+            assert_eq!(fence.check(), Ok(()));
+            tokio::time::advance(Duration::from_millis(100)).await;
+            assert_eq!(fence.check(), Err(LeaseLost));
+            fence.hold_until(tokio::time::Instant::now() + Duration::from_millis(100));
+            fence.revoke();
+            assert_eq!(fence.check(), Err(LeaseLost));
+        });
     }
 
     #[tokio::test]

@@ -58,8 +58,12 @@
 //!   `in_progress`) plus that interval, or, when it ran longer, within
 //!   `recovery_running_age` plus the interval after it completed. README
 //!   gives the measured numbers.
-//! - **Leader only.** Passes run on the reconciler's lease holder; a new
-//!   leader starts with nothing asked (it may ask about a job once more).
+//! - **Leader only.** Passes run on the reconciler's lease holder, which
+//!   keeps renewing the lease while they run; every event submitted and
+//!   every redelivery asked for first checks the reconciler's
+//!   [`Fence`], so a replica that lost the lease stops before its next
+//!   change. A new leader starts with nothing asked (it may ask about a job
+//!   once more).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -71,6 +75,7 @@ use crate::config::ControlPlaneConfig;
 use crate::github::{GitHubJobs, status_event};
 use crate::model::{Job, JobAction, JobEvent, JobState, Millis, instance_is_created, now_ms};
 use crate::pools::Pools;
+use crate::reconciler::{Fence, LeaseLost, PassError};
 use crate::store::{Store, StoreResult};
 
 /// Unrouted jobs older than this are not rerouted: GitHub cancels a job no
@@ -154,6 +159,8 @@ pub struct Recovery {
     asked: HashMap<String, tokio::time::Instant>,
     /// Job id → when its status was last asked for (step 4).
     status_asked: HashMap<u64, Millis>,
+    /// The reconciler's fence, checked before every change.
+    fence: Fence,
 }
 
 /// Why a pass stopped asking GitHub.
@@ -177,6 +184,7 @@ impl Recovery {
             last_run: None,
             asked: HashMap::new(),
             status_asked: HashMap::new(),
+            fence: Fence::default(),
         }
     }
 
@@ -186,14 +194,22 @@ impl Recovery {
         self
     }
 
+    /// Checks `fence` before every change (the reconciler's, set by
+    /// [`Reconciler::with_recovery`](crate::reconciler::Reconciler::with_recovery)).
+    pub(crate) fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
     /// Runs a pass if none ran in the last `interval` (the first call always
-    /// runs one: a new leader looks at once). Errors are logged.
-    pub async fn run_if_due(&mut self) -> Option<RecoveryReport> {
+    /// runs one: a new leader looks at once). Store errors are logged; a
+    /// lost lease is returned.
+    pub async fn run_if_due(&mut self) -> Result<Option<RecoveryReport>, LeaseLost> {
         if self
             .last_run
             .is_some_and(|t| t.elapsed() < self.settings.interval)
         {
-            return None;
+            return Ok(None);
         }
         self.last_run = Some(tokio::time::Instant::now());
         match self.run_once(now_ms()).await {
@@ -203,11 +219,12 @@ impl Recovery {
                 } else {
                     tracing::info!(?report, "recovery pass done");
                 }
-                Some(report)
+                Ok(Some(report))
             }
+            Err(PassError::LeaseLost(lost)) => Err(lost),
             Err(e) => {
                 tracing::warn!(error = %e, "recovery pass failed; retrying next interval");
-                None
+                Ok(None)
             }
         }
     }
@@ -220,15 +237,16 @@ impl Recovery {
         self.last_run = None;
     }
 
-    /// One pass at `now` (see the module docs). Store errors end it.
-    pub async fn run_once(&mut self, now: Millis) -> StoreResult<RecoveryReport> {
+    /// One pass at `now` (see the module docs). Store errors and a lost
+    /// lease end it.
+    pub async fn run_once(&mut self, now: Millis) -> Result<RecoveryReport, PassError> {
         let mut report = RecoveryReport::default();
         self.reroute_unrouted(now, &mut report).await?;
         if let Some(gh) = self.github.clone() {
             // Lost completions before the scan: their checks are bounded
             // (one per running job per age) and each frees a VM, while the
             // scan may spend the whole pass on many runs.
-            let mut out = match self.redeliver_failed(&gh, &mut report).await {
+            let mut out = match self.redeliver_failed(&gh, &mut report).await? {
                 Ok(()) => self.check_running(&gh, now, &mut report).await?,
                 Err(o) => Err(o),
             };
@@ -252,7 +270,11 @@ impl Recovery {
     }
 
     /// Step 1: unrouted jobs a pool now serves go to it.
-    async fn reroute_unrouted(&self, now: Millis, report: &mut RecoveryReport) -> StoreResult<()> {
+    async fn reroute_unrouted(
+        &self,
+        now: Millis,
+        report: &mut RecoveryReport,
+    ) -> Result<(), PassError> {
         let oldest = now.saturating_sub(millis(REROUTE_MAX_AGE));
         let mut cursor = 0;
         let mut seen = 0;
@@ -271,7 +293,7 @@ impl Recovery {
                     format!("grs-reroute:{}:{}", job.job_id, pool.name),
                     JobAction::Queued,
                 );
-                let r = self.store.submit_event(&ev, Some(&pool.name), now).await?;
+                let r = self.submit(&ev, Some(&pool.name), now).await?;
                 if r.job.as_ref().is_some_and(|j| j.state == JobState::Queued) {
                     tracing::info!(job_id = job.job_id, pool = %pool.name, "an unrouted job's labels are now served; queued");
                     report.rerouted.push(job.job_id);
@@ -292,9 +314,9 @@ impl Recovery {
         &mut self,
         gh: &GitHubJobs,
         report: &mut RecoveryReport,
-    ) -> Result<(), OutOfBudget> {
+    ) -> Result<Result<(), OutOfBudget>, LeaseLost> {
         let Some(hook) = gh.client().hook().cloned() else {
-            return Ok(());
+            return Ok(Ok(()));
         };
         let now = tokio::time::Instant::now();
         // A guid asked for longer ago whose attempts all failed since (the
@@ -307,7 +329,9 @@ impl Recovery {
         let mut succeeded: HashSet<String> = HashSet::new();
         let mut cursor: Option<String> = None;
         for _ in 0..DELIVERY_MAX_PAGES {
-            gh.may_call().map_err(OutOfBudget)?;
+            if let Err(o) = gh.may_call() {
+                return Ok(Err(OutOfBudget(o)));
+            }
             let (page, next) = match gh
                 .client()
                 .list_deliveries(&hook, false, 100, cursor.as_deref())
@@ -317,7 +341,7 @@ impl Recovery {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the webhook's deliveries");
                     report.failures.push(format!("listing deliveries: {e}"));
-                    return Ok(());
+                    return Ok(Ok(()));
                 }
             };
             let mut done = next.is_none();
@@ -348,7 +372,10 @@ impl Recovery {
         // Oldest first: events of a job in the order GitHub sent them.
         todo.sort_by_key(|(_, id)| *id);
         for (guid, id) in todo {
-            gh.may_call().map_err(OutOfBudget)?;
+            if let Err(o) = gh.may_call() {
+                return Ok(Err(OutOfBudget(o)));
+            }
+            self.fence.check()?;
             match gh.client().redeliver(&hook, id).await {
                 Ok(()) => {
                     tracing::info!(delivery = %guid, "asked GitHub to redeliver a failed workflow_job delivery");
@@ -361,7 +388,7 @@ impl Recovery {
                 }
             }
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Step 3: queued jobs of the scanned repositories the store does not
@@ -371,7 +398,7 @@ impl Recovery {
         gh: &GitHubJobs,
         now: Millis,
         report: &mut RecoveryReport,
-    ) -> StoreResult<Result<(), OutOfBudget>> {
+    ) -> Result<Result<(), OutOfBudget>, PassError> {
         let (repos, organization) = self.repositories(gh).await?;
         for repo in repos {
             let mut runs = BTreeSet::new();
@@ -423,7 +450,7 @@ impl Recovery {
                         job_name: j.name.clone(),
                         workflow_name: String::new(),
                     };
-                    let r = self.store.submit_event(&ev, Some(&pool.name), now).await?;
+                    let r = self.submit(&ev, Some(&pool.name), now).await?;
                     if r.outcome == crate::model::SubmitOutcome::Accepted {
                         tracing::warn!(job_id = j.id, repository = %repo, pool = %pool.name,
                             "found a queued job GitHub never told GRS about (lost webhook); queued");
@@ -443,7 +470,7 @@ impl Recovery {
         gh: &GitHubJobs,
         now: Millis,
         report: &mut RecoveryReport,
-    ) -> StoreResult<Result<(), OutOfBudget>> {
+    ) -> Result<Result<(), OutOfBudget>, PassError> {
         let age = millis(self.settings.running_age);
         // The job each created instance serves: the one its runner took,
         // else the one bound to it. A job on another job's runner is found
@@ -507,7 +534,7 @@ impl Recovery {
                 _ => continue,
             };
             let pool = (!job.pool.is_empty()).then_some(job.pool.as_str());
-            let r = self.store.submit_event(&ev, pool, now).await?;
+            let r = self.submit(&ev, pool, now).await?;
             if r.outcome == crate::model::SubmitOutcome::Accepted {
                 tracing::warn!(
                     job_id = job.job_id,
@@ -520,6 +547,18 @@ impl Recovery {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Submits `ev` (to `pool`) at `now` if this replica still holds the
+    /// lease.
+    async fn submit(
+        &self,
+        ev: &JobEvent,
+        pool: Option<&str>,
+        now: Millis,
+    ) -> Result<crate::store::SubmitResult, PassError> {
+        self.fence.check()?;
+        Ok(self.store.submit_event(ev, pool, now).await?)
     }
 
     /// The repositories to scan, and the organisation recorded on jobs

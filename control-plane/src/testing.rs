@@ -259,7 +259,8 @@ pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, 
 ///   or answers an HTTP status ([`fail_jit`](Self::fail_jit)).
 /// - `runner_busy` answers what [`set_busy`](Self::set_busy) /
 ///   [`fail_busy`](Self::fail_busy) said of the runner (default: not busy)
-///   and records who was asked ([`asked`](Self::asked)).
+///   and records who was asked ([`asked`](Self::asked)), answering
+///   [`set_busy_delay`](Self::set_busy_delay) later (tokio time).
 /// - `offline_runners` lists [`add_offline`](Self::add_offline)'s
 ///   registrations (recording the prefix asked for); `remove_runner_id`
 ///   removes one and records its id ([`removed_ids`](Self::removed_ids)).
@@ -272,6 +273,7 @@ pub struct FakeRegistrar {
     offline: Mutex<Vec<RunnerRegistration>>,
     removed_ids: Mutex<Vec<u64>>,
     prefixes: Mutex<Vec<String>>,
+    busy_delay: Mutex<Duration>,
 }
 
 impl FakeRegistrar {
@@ -295,6 +297,11 @@ impl FakeRegistrar {
     /// Forgets what was said of runner `name`: not busy.
     pub fn clear_busy(&self, name: &str) {
         lock(&self.busy).remove(name);
+    }
+
+    /// `runner_busy` answers `delay` after it was asked (a slow GitHub).
+    pub fn set_busy_delay(&self, delay: Duration) {
+        *lock(&self.busy_delay) = delay;
     }
 
     /// An offline registration GitHub lists.
@@ -356,6 +363,10 @@ impl RunnerRegistrar for FakeRegistrar {
 
     async fn runner_busy(&self, name: &str) -> Result<Option<bool>, RegistrarError> {
         lock(&self.asked).push(name.to_owned());
+        let delay = *lock(&self.busy_delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         match lock(&self.busy).get(name) {
             Some(Ok(busy)) => Ok(Some(*busy)),
             Some(Err(message)) => Err(github_failure(

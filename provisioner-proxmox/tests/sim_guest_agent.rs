@@ -1,7 +1,10 @@
 //! The guest-agent bootstrap (`bootstrap = "guest-agent"`) against the
 //! simulator's agent endpoints, faults included: an agent that never
-//! answers, a file-write or exec the agent refuses. Every failure is a clear
-//! error, leaves no VM behind and never shows the runner config.
+//! answers, a file-write or exec the agent refuses, an exec whose answer is
+//! lost. Every failure is a clear error and never shows the runner config.
+//! A failure before the runner's command may have run leaves no VM behind;
+//! one after (the exec's answer lost) leaves the VM for the control plane,
+//! whose teardown asks GitHub whether the runner is busy first.
 
 use std::time::Duration;
 
@@ -150,4 +153,38 @@ async fn an_exec_the_agent_refuses_fails_the_create_and_removes_the_vm() {
         Some(1),
         "an exec is never repeated (it could run twice)"
     );
+}
+
+#[tokio::test]
+async fn an_exec_whose_answer_is_lost_leaves_the_vm_and_a_retried_create_keeps_its_runner() {
+    let (f, p) = fixture(Duration::from_millis(20), Duration::from_secs(10)).await;
+    // PVE runs the command (the runner starts) but the answer never comes.
+    f.sim.inject(Fault::LoseAnswers {
+        path_contains: "/agent/exec".into(),
+        times: 1,
+    });
+    let name = "grs-conf-ga5";
+    let e = p.create(&agent_spec(name, 5)).await.unwrap_err();
+    for text in [e.to_string(), format!("{e:?}")] {
+        assert!(!text.contains(SECRET), "{text}");
+    }
+    let vms = f.sim.vms_named(name);
+    assert_eq!(
+        vms.len(),
+        1,
+        "the create destroyed a VM whose runner may be running a job"
+    );
+    assert_eq!(vms[0].agent_execs.len(), 1);
+    // The control plane retries the create: it finds the VM by name,
+    // running, and keeps it without starting the runner a second time.
+    let inst = p.create(&agent_spec(name, 5)).await.unwrap();
+    assert_eq!(inst.state, grs_provisioner::InstanceState::Running);
+    let vms = f.sim.vms_named(name);
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].agent_execs.len(), 1, "the runner was started twice");
+    // Its teardown (after GitHub says the runner is idle) removes it.
+    p.delete(name).await.unwrap();
+    assert!(f.sim.vms_named(name).is_empty());
+    let v = f.sim.schema_violations();
+    assert!(v.is_empty(), "{v:?}");
 }

@@ -294,6 +294,9 @@ impl ProxmoxProvisioner {
         }
     }
 
+    /// Hands the runner its config through the guest agent and runs its
+    /// command; [`FinishFailure::runner_may_run`] when the command may have
+    /// run all the same (its answer was lost).
     pub(super) async fn guest_agent_bootstrap(
         &self,
         node: &str,
@@ -301,7 +304,7 @@ impl ProxmoxProvisioner {
         path: &str,
         content: &secrecy::SecretString,
         command: &[String],
-    ) -> Result<(), ProvisionerError> {
+    ) -> Result<(), FinishFailure> {
         let client = self.client_ref();
         let deadline = Instant::now() + self.pool.agent_timeout;
         let mut pause = Duration::from_millis(100);
@@ -321,23 +324,28 @@ impl ProxmoxProvisioner {
                     return Err(ProvisionerError::Transient(format!(
                         "the guest agent of VM {vmid} on {node} did not answer within {:?} (is qemu-guest-agent installed and enabled in the template?): {e}",
                         self.pool.agent_timeout
-                    )));
+                    ))
+                    .into());
                 }
             }
         }
         client.agent_file_write(node, vmid, path, content).await?;
-        client.agent_exec(node, vmid, command).await?;
+        client
+            .agent_exec(node, vmid, command)
+            .await
+            .map_err(|e| FinishFailure::maybe_done(e, true))?;
         Ok(())
     }
 
-    /// Everything after the clone; on error the caller cleans up.
+    /// Everything after the clone. On error the caller cleans up, unless
+    /// [`FinishFailure::runner_may_run`].
     pub(super) async fn finish_create(
         &self,
         spec: &InstanceSpec,
         node: &str,
         vmid: u32,
         marker: &Marker,
-    ) -> Result<(), ProvisionerError> {
+    ) -> Result<(), FinishFailure> {
         let params = self.config_params(spec, vmid, marker)?;
         self.client_ref().set_config(node, vmid, &params).await?;
         self.start_and_bootstrap(spec, node, vmid).await
@@ -350,11 +358,18 @@ impl ProxmoxProvisioner {
         spec: &InstanceSpec,
         node: &str,
         vmid: u32,
-    ) -> Result<(), ProvisionerError> {
-        let upid = self.client_ref().vm_action(node, vmid, "start").await?;
+    ) -> Result<(), FinishFailure> {
+        // Booted, a cloud-init VM starts its runner by itself; a
+        // guest-agent one only once its command runs.
+        let boot_starts_runner = !matches!(spec.bootstrap, Bootstrap::GuestAgent { .. });
+        let upid = self
+            .client_ref()
+            .vm_action(node, vmid, "start")
+            .await
+            .map_err(|e| FinishFailure::maybe_done(e, boot_starts_runner))?;
         match self.run_task(upid).await {
             Err(e) if e.pve_text().contains("already running") => {}
-            other => other?,
+            other => other.map_err(|e| FinishFailure::maybe_done(e, boot_starts_runner))?,
         }
         if let Bootstrap::GuestAgent {
             path,
@@ -399,7 +414,9 @@ impl ProxmoxProvisioner {
                     self.client_ref()
                         .set_config(&f.node, f.vmid, &self.config_params(spec, f.vmid, &marker)?)
                         .await?;
-                    self.start_and_bootstrap(spec, &f.node, f.vmid).await?;
+                    self.start_and_bootstrap(spec, &f.node, f.vmid)
+                        .await
+                        .map_err(|f| f.error)?;
                     return Ok(Instance {
                         state: InstanceState::Running,
                         ..inst
@@ -495,10 +512,18 @@ impl ProxmoxProvisioner {
             };
             match self.clone_fresh(spec, &node, &marker).await {
                 Ok(vmid) => {
-                    if let Err(e) = self.finish_create(spec, &node, vmid, &marker).await {
+                    if let Err(f) = self.finish_create(spec, &node, vmid, &marker).await {
+                        if f.runner_may_run {
+                            // Issue 10 item 3: its runner may have taken a
+                            // job; only the control plane's teardown, after
+                            // asking GitHub, removes it (a retried create
+                            // finds it by name). It keeps its node place.
+                            tracing::warn!(instance = %spec.name, node = %node, vmid, error = %f.error, "create failed after the runner may have started; VM left for the control plane");
+                            return Err(f.error);
+                        }
                         self.cleanup(&spec.name, &node, vmid).await;
                         release(ledger).await;
-                        return Err(e);
+                        return Err(f.error);
                     }
                     break (node, vmid);
                 }
@@ -549,6 +574,46 @@ impl ProxmoxProvisioner {
             }
         }
         Ok(())
+    }
+}
+
+/// Why the steps after a clone failed, and whether the VM may already run
+/// its runner: then the VM must not be destroyed without asking GitHub
+/// whether the runner is busy, which only the control plane does.
+#[derive(Debug)]
+pub(super) struct FinishFailure {
+    pub error: ProvisionerError,
+    /// The runner may have started: a request that starts it (the VM's
+    /// start in cloud-init mode, the guest agent's exec) went out and its
+    /// answer was lost, so PVE may have carried it out.
+    pub runner_may_run: bool,
+}
+
+impl FinishFailure {
+    /// `e` failed a request that starts the runner when `starts_runner`:
+    /// the runner may run if PVE may have carried it out (no answer came
+    /// back), not if PVE refused it.
+    fn maybe_done(e: PveError, starts_runner: bool) -> Self {
+        let maybe_done = matches!(
+            e,
+            PveError::Connect {
+                maybe_sent: true,
+                ..
+            } | PveError::Timeout { .. }
+        );
+        Self {
+            runner_may_run: starts_runner && maybe_done,
+            error: e.into(),
+        }
+    }
+}
+
+impl<E: Into<ProvisionerError>> From<E> for FinishFailure {
+    fn from(e: E) -> Self {
+        Self {
+            error: e.into(),
+            runner_may_run: false,
+        }
     }
 }
 
