@@ -67,7 +67,7 @@ mod server;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -190,6 +190,10 @@ pub struct SimJob {
     pub runner_name: Option<String>,
     /// Run time once taken.
     pub duration: Duration,
+    /// When a runner took it (benchmarks measure latencies from it).
+    pub started_at: Option<Instant>,
+    /// When it completed, with or without a runner.
+    pub completed_at: Option<Instant>,
 }
 
 /// A runner registration the simulator knows.
@@ -447,6 +451,8 @@ impl GitHubSim {
                 runner_id: None,
                 runner_name: None,
                 duration: new.duration.unwrap_or(st.cfg.job_duration),
+                started_at: None,
+                completed_at: None,
             };
             st.jobs.insert(id, job.clone());
             job
@@ -467,6 +473,7 @@ impl GitHubSim {
             }
             job.status = SimJobStatus::Completed;
             job.conclusion = Some("cancelled".into());
+            job.completed_at = Some(Instant::now());
             job.clone()
         };
         self.deliver(&job, "completed").await;
@@ -722,6 +729,7 @@ impl GitHubSim {
                 let (rid, rname) = (runner.id, runner.name.clone());
                 let job = st.jobs.get_mut(&job_id).expect("listed above");
                 job.status = SimJobStatus::InProgress;
+                job.started_at = Some(Instant::now());
                 job.runner_id = Some(rid);
                 job.runner_name = Some(rname);
                 started.push(job.clone());
@@ -739,6 +747,7 @@ impl GitHubSim {
                     };
                     j.status = SimJobStatus::Completed;
                     j.conclusion = Some("success".into());
+                    j.completed_at = Some(Instant::now());
                     let done = j.clone();
                     if let Some(rid) = done.runner_id {
                         // Ephemeral: the registration goes with its job.
