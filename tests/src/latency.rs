@@ -70,8 +70,8 @@ pub struct LatencyOptions {
     pub boot: Duration,
     /// How long a job of the cold and warm phases runs.
     pub job_duration: Duration,
-    /// How long a job of the second burst runs (the first burst's run
-    /// `job_duration`).
+    /// How long a job of either burst runs: longer than the burst, so no
+    /// VM of the first wave is replaced while it is timed.
     pub burst_job_duration: Duration,
     /// The longest any one wait may take before the run fails.
     pub timeout: Duration,
@@ -137,6 +137,12 @@ pub struct ColdCycle {
     pub create_tasks: Duration,
     /// The cloud-init fetch through the gateway (part of the share).
     pub cloud_init_fetch: Duration,
+    /// Queued → its clone task created: webhook, queue pickup, GitHub
+    /// check, bootstrap, placement, clone call (part of the share).
+    pub to_clone: Duration,
+    /// Between its create tasks: noticing one ended (task polling) and
+    /// sending the next (part of the share).
+    pub between_tasks: Duration,
     /// Completed on GitHub → the VM destroyed (its destroy task ended).
     pub completed_to_deleted: Duration,
     /// The simulated tasks after completion (stop, destroy).
@@ -198,10 +204,11 @@ pub struct LatencyReport {
     pub cold: Vec<ColdCycle>,
     /// The warm phase, in order.
     pub warm: Vec<WarmJob>,
-    /// The first burst (timed to its first wave).
-    pub burst: Burst,
-    /// The second burst (timed until every job started).
-    pub burst_all: Burst,
+    /// The first burst (timed to its first wave); `None` when skipped.
+    pub burst: Option<Burst>,
+    /// The second burst (timed until every job started); `None` when
+    /// skipped.
+    pub burst_all: Option<Burst>,
     /// Simulated VMs that did not start their runner, and why.
     pub boot_failures: Vec<String>,
     /// Most a boot started after its due time (the harness's own delay,
@@ -209,34 +216,51 @@ pub struct LatencyReport {
     pub max_boot_lag: Duration,
 }
 
-/// Runs the benchmark.
+/// Runs the benchmark. A phase with no jobs is skipped.
 pub async fn run(o: &LatencyOptions) -> anyhow::Result<LatencyReport> {
-    let mut boot_failures = Vec::new();
-    let mut max_boot_lag = Duration::ZERO;
-    let (cold, b) = cold_phase(o).await.context("the cold phase")?;
-    boot_failures.extend(b.failures);
-    max_boot_lag = max_boot_lag.max(b.max_lag);
-    let (warm, b) = warm_phase(o).await.context("the warm phase")?;
-    boot_failures.extend(b.failures);
-    max_boot_lag = max_boot_lag.max(b.max_lag);
-    let (burst, b) = burst_phase(o, o.burst_jobs, o.job_duration, false)
-        .await
-        .context("the first burst")?;
-    boot_failures.extend(b.failures);
-    max_boot_lag = max_boot_lag.max(b.max_lag);
-    let (burst_all, b) = burst_phase(o, o.burst_all_jobs, o.burst_job_duration, true)
-        .await
-        .context("the second burst")?;
-    boot_failures.extend(b.failures);
-    max_boot_lag = max_boot_lag.max(b.max_lag);
+    let mut boots = BootSummary::default();
+    let mut cold = Vec::new();
+    if o.cold_jobs > 0 {
+        tracing::info!(jobs = o.cold_jobs, "cold phase");
+        let (c, b) = cold_phase(o).await.context("the cold phase")?;
+        cold = c;
+        boots.add(b);
+    }
+    let mut warm = Vec::new();
+    if o.warm_jobs > 0 {
+        tracing::info!(jobs = o.warm_jobs, "warm phase");
+        let (w, b) = warm_phase(o).await.context("the warm phase")?;
+        warm = w;
+        boots.add(b);
+    }
+    // Both bursts' jobs outlast the burst, so the first wave's VMs are not
+    // replaced (and their slots refilled) while it is being timed.
+    let mut burst = None;
+    if o.burst_jobs > 0 {
+        tracing::info!(jobs = o.burst_jobs, "first burst");
+        let (r, b) = burst_phase(o, o.burst_jobs, o.burst_job_duration, false)
+            .await
+            .context("the first burst")?;
+        burst = Some(r);
+        boots.add(b);
+    }
+    let mut burst_all = None;
+    if o.burst_all_jobs > 0 {
+        tracing::info!(jobs = o.burst_all_jobs, "second burst");
+        let (r, b) = burst_phase(o, o.burst_all_jobs, o.burst_job_duration, true)
+            .await
+            .context("the second burst")?;
+        burst_all = Some(r);
+        boots.add(b);
+    }
     Ok(LatencyReport {
         options: o.clone(),
         cold,
         warm,
         burst,
         burst_all,
-        boot_failures,
-        max_boot_lag,
+        boot_failures: boots.failures,
+        max_boot_lag: boots.max_lag,
     })
 }
 
@@ -341,6 +365,16 @@ async fn cold_phase(o: &LatencyOptions) -> anyhow::Result<(Vec<ColdCycle>, BootS
             bail!("job {} completed without starting", job.id);
         };
         let create_tasks = tasks_of(&log, boot.vmid, t0, boot.online_at);
+        let create_log: Vec<&TaskRecord> = log
+            .iter()
+            .filter(|t| t.vmid == boot.vmid && t.created >= t0 && t.created < boot.online_at)
+            .collect();
+        let first_created = create_log.iter().map(|t| t.created).min().unwrap_or(t0);
+        let last_ended = create_log
+            .iter()
+            .filter_map(|t| t.ended)
+            .max()
+            .unwrap_or(first_created);
         let delete_tasks = tasks_of(&log, boot.vmid, completed, Instant::now());
         let destroyed = log
             .iter()
@@ -360,6 +394,10 @@ async fn cold_phase(o: &LatencyOptions) -> anyhow::Result<(Vec<ColdCycle>, BootS
                 .saturating_sub(boot.registration),
             create_tasks,
             cloud_init_fetch: boot.fetch,
+            to_clone: first_created.saturating_duration_since(t0),
+            between_tasks: last_ended
+                .saturating_duration_since(first_created)
+                .saturating_sub(create_tasks),
             completed_to_deleted: destroyed.saturating_duration_since(completed),
             delete_tasks,
             pve_calls,
@@ -542,6 +580,7 @@ pub fn ideal_all_started(
 
 /// Stops the phase's VMs, then its system.
 async fn shutdown(system: Arc<System>, vms: Vms) -> anyhow::Result<BootSummary> {
+    tracing::info!("phase measured; stopping its system");
     let summary = vms.stop().await;
     let system = Arc::into_inner(system).context("the system is still shared")?;
     system
@@ -572,6 +611,13 @@ struct Boot {
 struct BootSummary {
     failures: Vec<String>,
     max_lag: Duration,
+}
+
+impl BootSummary {
+    fn add(&mut self, other: BootSummary) {
+        self.failures.extend(other.failures);
+        self.max_lag = self.max_lag.max(other.max_lag);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -769,11 +815,13 @@ impl LatencyReport {
                 self.max_calls_per_cycle()
             ));
         }
-        let ratio = ratio(self.burst.first_wave, self.burst.first_wave_bound);
-        if ratio > 1.1 {
-            missed.push(format!(
-                "burst first wave {ratio:.2}x the lower bound (target ≤ 1.1x)"
-            ));
+        if let Some(b) = &self.burst {
+            let ratio = ratio(b.first_wave, b.first_wave_bound);
+            if ratio > 1.1 {
+                missed.push(format!(
+                    "burst first wave {ratio:.2}x the lower bound (target ≤ 1.1x)"
+                ));
+            }
         }
         missed
     }
@@ -839,6 +887,18 @@ impl LatencyReport {
         );
         row(
             &mut s,
+            "  of which queued → clone task created (webhook, pickup, GitHub check, placement), p50 / p99",
+            p50_p99(self.cold.iter().map(|c| c.to_clone)),
+            "—",
+        );
+        row(
+            &mut s,
+            "  of which between the create tasks (task polling, next call), p50 / p99",
+            p50_p99(self.cold.iter().map(|c| c.between_tasks)),
+            "—",
+        );
+        row(
+            &mut s,
             "completed → VM deleted, p50 / p99",
             p50_p99(self.cold.iter().map(|c| c.completed_to_deleted)),
             "—",
@@ -861,43 +921,45 @@ impl LatencyReport {
             ),
             "≤ 15",
         );
-        let b = &self.burst;
-        row(
-            &mut s,
-            &format!(
-                "burst {} jobs on a pool of {}: first {} VMs running",
-                b.jobs, b.capacity, b.capacity
-            ),
-            format!(
-                "{} vs lower bound {} ({:.2}x); {} clones, {} failed; {:.1} calls per clone",
-                secs(b.first_wave),
-                secs(b.first_wave_bound),
-                ratio(b.first_wave, b.first_wave_bound),
-                b.clones,
-                b.failed_clones,
-                b.pve_calls as f64 / b.clones.max(1) as f64
-            ),
-            "≤ 1.1x",
-        );
-        let b = &self.burst_all;
-        row(
-            &mut s,
-            &format!(
-                "burst {} jobs ({} each) on a pool of {}: all started",
-                b.jobs,
-                secs(o.burst_job_duration),
-                b.capacity
-            ),
-            format!(
-                "{} vs limit {} ({:.2}x); {} clones, {} failed",
-                secs(b.all_started),
-                secs(b.all_started_limit),
-                ratio(b.all_started, b.all_started_limit),
-                b.clones,
-                b.failed_clones
-            ),
-            "—",
-        );
+        if let Some(b) = &self.burst {
+            row(
+                &mut s,
+                &format!(
+                    "burst {} jobs on a pool of {}: first {} VMs running",
+                    b.jobs, b.capacity, b.capacity
+                ),
+                format!(
+                    "{} vs lower bound {} ({:.2}x); {} clones, {} failed; {:.1} calls per clone",
+                    secs(b.first_wave),
+                    secs(b.first_wave_bound),
+                    ratio(b.first_wave, b.first_wave_bound),
+                    b.clones,
+                    b.failed_clones,
+                    b.pve_calls as f64 / b.clones.max(1) as f64
+                ),
+                "≤ 1.1x",
+            );
+        }
+        if let Some(b) = &self.burst_all {
+            row(
+                &mut s,
+                &format!(
+                    "burst {} jobs ({} each) on a pool of {}: all started (limit: an ideal dispatcher)",
+                    b.jobs,
+                    secs(o.burst_job_duration),
+                    b.capacity
+                ),
+                format!(
+                    "{} vs limit {} ({:.2}x); {} clones, {} failed",
+                    secs(b.all_started),
+                    secs(b.all_started_limit),
+                    ratio(b.all_started, b.all_started_limit),
+                    b.clones,
+                    b.failed_clones
+                ),
+                "—",
+            );
+        }
         if let Some(worst) = self.cold.iter().max_by_key(|c| c.pve_calls) {
             let _ = writeln!(
                 s,

@@ -7,6 +7,7 @@
 //! ```text
 //! cargo run --release -p grs-e2e --bin grs-latency            # about 5 minutes
 //! cargo run --release -p grs-e2e --bin grs-latency -- --smoke # seconds
+//! cargo run --release -p grs-e2e --bin grs-latency -- --cold-jobs 0 --warm-jobs 0 --burst-all-jobs 0  # the first burst only
 //! ```
 
 use std::process::ExitCode;
@@ -27,6 +28,15 @@ struct Args {
     /// Jobs of the warm phase.
     #[arg(long)]
     warm_jobs: Option<usize>,
+    /// Jobs of the first burst (0: skip it).
+    #[arg(long)]
+    burst_jobs: Option<usize>,
+    /// Jobs of the second burst (0: skip it).
+    #[arg(long)]
+    burst_all_jobs: Option<usize>,
+    /// How long each burst job runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    burst_job_duration: Option<Duration>,
     /// From a VM's start to its cloud-init fetch.
     #[arg(long, value_parser = humantime::parse_duration)]
     boot: Option<Duration>,
@@ -40,7 +50,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,grs_e2e=info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -52,6 +62,9 @@ async fn main() -> ExitCode {
     };
     o.cold_jobs = args.cold_jobs.unwrap_or(o.cold_jobs);
     o.warm_jobs = args.warm_jobs.unwrap_or(o.warm_jobs);
+    o.burst_jobs = args.burst_jobs.unwrap_or(o.burst_jobs);
+    o.burst_all_jobs = args.burst_all_jobs.unwrap_or(o.burst_all_jobs);
+    o.burst_job_duration = args.burst_job_duration.unwrap_or(o.burst_job_duration);
     o.boot = args.boot.unwrap_or(o.boot);
     match run(&o).await {
         Ok(report) => {
