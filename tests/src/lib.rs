@@ -20,9 +20,12 @@
 //! - [`fleet`]: the simulated VMs.
 //! - [`world`]: the whole system, its wiring and the invariants check.
 //! - [`soak`]: many jobs with every fault mixed; invariants and latencies.
+//! - [`latency`]: the latency benchmark (`grs-latency`): cold and warm
+//!   pickup, GRS's own share, PVE calls per VM, bursts; in one process.
 
 pub mod fleet;
 pub mod github;
+pub mod latency;
 pub mod process;
 pub mod pve;
 pub mod soak;

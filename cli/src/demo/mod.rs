@@ -225,6 +225,7 @@ fn pools(n: u32, max_instances: Option<u32>) -> Vec<PoolSpec> {
             template_vmid: 9000 + i,
             cores: None,
             memory_mib: None,
+            min_idle: 0,
         });
     }
     if let Some(max) = max_instances {
@@ -720,7 +721,7 @@ async fn drive(
 
 /// Instances GRS counts in use over every pool plus teardowns it still has
 /// queued, as `GetStats` says; `None` when it does not answer.
-async fn instances_in_use(system: &System) -> Option<u64> {
+pub async fn instances_in_use(system: &System) -> Option<u64> {
     let mut api = system.client().await.ok()?;
     let stats = api
         .get_stats(grs_proto::v1::GetStatsRequest {})

@@ -54,6 +54,8 @@ pub struct PoolSpec {
     pub cores: Option<u32>,
     /// Memory of each VM, MiB (the template's when `None`).
     pub memory_mib: Option<u64>,
+    /// Booted instances with an idle runner kept ready (`min_idle`).
+    pub min_idle: u32,
 }
 
 impl PoolSpec {
@@ -70,6 +72,7 @@ impl PoolSpec {
                 template_vmid: 9000,
                 cores: None,
                 memory_mib: None,
+                min_idle: 0,
             },
             PoolSpec {
                 name: "linux-large".into(),
@@ -78,6 +81,7 @@ impl PoolSpec {
                 template_vmid: 9001,
                 cores: Some(8),
                 memory_mib: Some(16 * 1024),
+                min_idle: 0,
             },
         ]
     }
@@ -426,6 +430,7 @@ fn control_plane_config(
                 PoolConfig {
                     labels: p.labels.clone(),
                     max_instances: p.max_instances,
+                    min_idle: p.min_idle,
                     provisioner: ProvisionerConfig::with_settings("proxmox", &prov).ok(),
                     ..PoolConfig::default()
                 },

@@ -46,7 +46,7 @@ mod tasks;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -105,6 +105,34 @@ impl TaskDurations {
             destroy: Duration::from_millis(10),
             agent_ready: Duration::from_millis(30),
         }
+    }
+}
+
+/// One task of [`PveSim::task_log`].
+#[derive(Debug, Clone)]
+pub struct TaskRecord {
+    /// `qmclone`, `qmstart`, `qmstop`, `qmdestroy`, ...
+    pub kind: String,
+    /// The node it ran on.
+    pub node: String,
+    /// The VM it is about; for a clone, the new VM (not the source, which
+    /// the UPID names).
+    pub vmid: u32,
+    /// When it was created: its UPID was handed out.
+    pub created: Instant,
+    /// When it ended (`None`: still running). Waiting for a storage lock is
+    /// part of the task.
+    pub ended: Option<Instant>,
+    /// It ended with `OK`.
+    pub ok: bool,
+}
+
+impl TaskRecord {
+    /// How long it ran (so far, when still running).
+    pub fn duration(&self) -> Duration {
+        self.ended
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(self.created)
     }
 }
 
@@ -554,6 +582,27 @@ impl PveSim {
             .values()
             .filter(|t| t.kind == kind)
             .count()
+    }
+
+    /// Every task started so far, oldest first: what the simulated
+    /// hypervisor spent its time on, for benchmarks that subtract it from
+    /// a wall time.
+    pub fn task_log(&self) -> Vec<TaskRecord> {
+        let mut log: Vec<TaskRecord> = self
+            .lock()
+            .tasks
+            .values()
+            .map(|t| TaskRecord {
+                kind: t.kind.clone(),
+                node: t.node.clone(),
+                vmid: t.vmid,
+                created: t.created,
+                ended: t.ended,
+                ok: t.exitstatus.as_deref() == Some("OK"),
+            })
+            .collect();
+        log.sort_by_key(|t| t.created);
+        log
     }
 
     /// How long a linked clone holds its storage's lock (see

@@ -116,6 +116,13 @@ pub(super) struct SimTask {
     pub(super) exitstatus: Option<String>,
     pub(super) log: Vec<String>,
     pub(super) invisible_polls: u32,
+    /// The VM the task is about: its `id`, except for a clone, whose `id`
+    /// is the source and whose VM is the new one.
+    pub(super) vmid: u32,
+    /// When the task was created (its UPID returned).
+    pub(super) created: Instant,
+    /// When it ended, either way.
+    pub(super) ended: Option<Instant>,
 }
 
 #[derive(Debug, Default)]

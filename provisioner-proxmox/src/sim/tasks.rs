@@ -114,6 +114,9 @@ where
                 exitstatus: None,
                 log: Vec::new(),
                 invisible_polls: invisible,
+                vmid: id,
+                created: Instant::now(),
+                ended: None,
             },
         );
         (upid, injected, s.faults.slow)
@@ -140,6 +143,7 @@ where
         let r = body(&mut s, injected);
         s.note_peaks();
         if let Some(t) = s.tasks.get_mut(&u2) {
+            t.ended = Some(Instant::now());
             match r {
                 Ok(()) => {
                     t.log.push("TASK OK".into());
@@ -399,6 +403,7 @@ pub(super) fn clone_vm(
     );
     let mut s = sh.state.lock().unwrap();
     if let Some(t) = s.tasks.get_mut(&upid) {
+        t.vmid = newid;
         t.log.push(format!(
             "create {} clone of drive scsi0",
             if full { "full" } else { "linked" }
