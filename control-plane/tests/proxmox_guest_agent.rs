@@ -2,12 +2,14 @@
 //! control plane, against the PVE simulator's agent endpoints: the job's VM
 //! is cloned and started, and once its agent answers the runner config
 //! minted for it is written (`agent/file-write`) and the runner started
-//! (`agent/exec`); completion destroys the VM.
+//! (`agent/exec`); completion destroys the VM. A VM whose runner may have
+//! started when its create failed stays while GitHub says the runner is
+//! busy.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use grs_control_plane::config::ProvisionerConfig;
+use grs_control_plane::config::{Config, ProvisionerConfig};
 use grs_control_plane::guest_agent::{STAGING_PATH, start_command};
 use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::server::ControlPlane;
@@ -18,11 +20,19 @@ use grs_control_plane::testing::{
 };
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner_proxmox::BootstrapMode;
+use grs_provisioner_proxmox::sim::Fault;
 use grs_provisioner_proxmox::testing::SimFixture;
 use secrecy::SecretString;
 
-async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>) {
-    let fx = SimFixture::single_node().await;
+/// A control plane whose pool `linux` is a guest-agent pool of `fx`'s
+/// simulator, asking `registrar` about runners; `tune` adjusts the
+/// configuration last.
+async fn guest_agent_control_plane(
+    fx: &SimFixture,
+    gateway_url: Option<&str>,
+    registrar: Arc<FakeRegistrar>,
+    tune: impl FnOnce(&mut Config),
+) -> RunningControlPlane {
     let mut pool = fx.pool.clone();
     pool.bootstrap = BootstrapMode::GuestAgent;
     let mut config = test_config();
@@ -64,15 +74,22 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
     });
     // No GitHub here: no optional calls (job-status checks, recovery).
     config.control_plane.github_api_budget = 0;
+    tune(&mut config);
     config.validate().unwrap();
     let pools = Pools::from_config(&config, &registry()).unwrap();
-    let cp = RunningControlPlane::start(ControlPlane {
+    RunningControlPlane::start(ControlPlane {
         config,
         store: Arc::new(MemoryStore::new()),
         pools,
-        registrar: Some(Arc::new(FakeRegistrar::default())),
+        registrar: Some(registrar),
     })
-    .await;
+    .await
+}
+
+async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>) {
+    let fx = SimFixture::single_node().await;
+    let registrar = Arc::new(FakeRegistrar::default());
+    let cp = guest_agent_control_plane(&fx, gateway_url, registrar, |_| {}).await;
     let mut c = cp.client().await;
     submit(&mut c, job_event("g1", JobAction::Queued, 8_100_000_001)).await;
     let name = "grs-8100000001";
@@ -149,4 +166,60 @@ async fn a_guest_agent_pool_gets_its_runner_config_through_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_agent_pool_without_a_gateway_gets_its_runner_config_through_the_agent() {
     job_runs_with_its_config_written_by_the_agent(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_runner_may_run_after_a_failed_create_stays_while_github_says_it_is_busy() {
+    let fx = SimFixture::single_node().await;
+    // The agent runs the runner's command, but its answer is lost: the
+    // create fails with the runner running.
+    fx.sim.inject(Fault::LoseAnswers {
+        path_contains: "/agent/exec".into(),
+        times: 1,
+    });
+    let name = "grs-8100000003";
+    let registrar = Arc::new(FakeRegistrar::default());
+    registrar.set_busy(name, true);
+    let cp = guest_agent_control_plane(&fx, None, registrar.clone(), |c| {
+        // The dispatcher gives up at the first failure: the job fails and
+        // the instance's teardown is queued at once.
+        c.control_plane.max_attempts = 1;
+        // The reconciler looks again soon after the teardown is called off.
+        c.control_plane.reconcile_interval = Duration::from_millis(200);
+        c.control_plane.bootstrap_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = cp.client().await;
+    submit(&mut c, job_event("g3", JobAction::Queued, 8_100_000_003)).await;
+    // GitHub says the runner is busy: the teardown is called off (the
+    // instance is running again), and the VM stays.
+    eventually("the teardown called off", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            let i = c
+                .get_instance(pb::GetInstanceRequest { name: name.into() })
+                .await
+                .ok()?
+                .into_inner();
+            (i.state() == pb::InstanceState::Running).then_some(())
+        }
+    })
+    .await;
+    assert!(registrar.asked().iter().any(|n| n == name));
+    let vms = fx.sim.vms_named(name);
+    assert_eq!(
+        vms.len(),
+        1,
+        "the VM of a runner GitHub says is busy was destroyed"
+    );
+    assert_eq!(vms[0].agent_execs.len(), 1);
+    // GitHub says it is idle: the reconciler's next look tears it down.
+    registrar.set_busy(name, false);
+    eventually("the VM destroyed", Duration::from_secs(20), || {
+        let gone = fx.sim.vms_named(name).is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    wait_for_no_instances_in_use(&c, Duration::from_secs(5)).await;
+    cp.shutdown().await.unwrap();
 }
