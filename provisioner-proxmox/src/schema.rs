@@ -229,7 +229,7 @@ fn split(path: &str) -> Vec<String> {
 }
 
 /// Checks one value against a parameter (or property-string key) schema.
-pub fn check_value(schema: &Value, v: &str) -> Result<(), String> {
+fn check_value(schema: &Value, v: &str) -> Result<(), String> {
     match schema["type"].as_str().unwrap_or("string") {
         "integer" => {
             let n: i64 = v

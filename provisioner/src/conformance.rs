@@ -80,14 +80,25 @@ fn err(e: ProvisionerError) -> String {
     e.to_string()
 }
 
+/// A broken promise: the check that failed and what it saw.
+#[derive(Debug, thiserror::Error)]
+#[error("conformance check `{check}` failed: {saw}")]
+pub struct ConformanceFailure {
+    /// The check's name (its function's).
+    pub check: &'static str,
+    /// What went wrong.
+    pub saw: String,
+}
+
 /// Runs every check; stops at the first failure and names it.
-pub async fn run_all(h: &dyn Harness) -> Result<(), String> {
+pub async fn run_all(h: &dyn Harness) -> Result<(), ConformanceFailure> {
     let run = unique_run_id();
     macro_rules! check {
         ($f:ident) => {
-            $f(h, &run)
-                .await
-                .map_err(|e| format!("conformance check `{}` failed: {e}", stringify!($f)))?;
+            $f(h, &run).await.map_err(|saw| ConformanceFailure {
+                check: stringify!($f),
+                saw,
+            })?;
         };
     }
     check!(create_returns_a_running_instance_that_get_and_list_show);
