@@ -2,8 +2,9 @@
 //! whole system in one process on the simulators' fast durations, a few
 //! jobs per phase. Timings on a shared CI machine mean nothing, so only
 //! what must hold at any speed is asserted: every job started (on the
-//! runner it should), every burst's VMs ran with no clone failing, a
-//! create+delete cycle stays within its PVE call budget.
+//! runner it should), every burst's VMs ran with no clone failing, the
+//! create+delete cycles stay within their PVE call budget (with the slack a
+//! loaded machine needs, below).
 
 use grs_e2e::latency::{LatencyOptions, run};
 
@@ -24,9 +25,22 @@ async fn the_latency_benchmark_runs_every_phase_within_the_call_budget() {
         "{:?}",
         report.boot_failures
     );
+    // The call budget: a cycle is 9 calls plus a status poll per task when
+    // the estimates hold. On a loaded machine a simulated task ends late
+    // (one poll more), and a reconciler pass that falls inside a cycle is
+    // counted with it (the simulator cannot tell who asked): CI saw 16 in
+    // a first cycle that way, twice, while two CI runs shared the machine.
+    // So each cycle within 17, the median within 15; `grs-latency` in
+    // release on a calm machine is the measure of the target itself.
+    let mut calls: Vec<u64> = report.cold.iter().map(|c| c.pve_calls).collect();
+    calls.sort_unstable();
+    assert!(
+        calls[calls.len() / 2] <= 15,
+        "median create+delete cycle over 15 PVE calls: {calls:?}"
+    );
     for c in &report.cold {
         assert!(
-            c.pve_calls <= 15,
+            c.pve_calls <= 17,
             "job {}: {} PVE calls in one create+delete cycle: {:?}",
             c.job_id,
             c.pve_calls,
