@@ -593,6 +593,24 @@ mod tests {
         (ctx, store, fake)
     }
 
+    /// Job 7 queued for pool `linux`, its provision entry read by worker
+    /// `a`.
+    async fn job_7_read_by_a(store: &dyn crate::store::Store) -> (Queue, Delivery) {
+        use crate::model::JobAction;
+        use crate::store::conformance::event;
+        store
+            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
+            .await
+            .unwrap();
+        let queue = Queue::Provision("linux".into());
+        let d = store
+            .read(&queue, "a", std::time::Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        (queue, d)
+    }
+
     #[tokio::test]
     async fn a_redone_create_keeps_the_running_vms_first_bootstrap() {
         use crate::model::JobAction;
@@ -698,21 +716,9 @@ mod tests {
     /// `a` must find out it lost the entry and make nothing.
     #[tokio::test]
     async fn a_worker_that_lost_its_entry_to_another_creates_nothing() {
-        use crate::model::JobAction;
-        use crate::store::conformance::event;
-
         let registrar = Arc::new(StallingRegistrar::default());
         let (ctx, store, fake) = worker_context(registrar.clone());
-        store
-            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
-            .await
-            .unwrap();
-        let queue = Queue::Provision("linux".into());
-        let d = store
-            .read(&queue, "a", std::time::Duration::ZERO)
-            .await
-            .unwrap()
-            .unwrap();
+        let (queue, d) = job_7_read_by_a(&*store).await;
         let a = tokio::spawn({
             let (ctx, d) = (ctx.clone(), d.clone());
             async move { handle(&ctx, "linux", "a", d).await }
@@ -750,22 +756,10 @@ mod tests {
     /// holder's instance. The CI soak met it on a loaded machine.
     #[tokio::test]
     async fn a_create_by_a_worker_that_lost_its_entry_mints_and_makes_nothing() {
-        use crate::model::JobAction;
-        use crate::store::conformance::event;
-
         let registrar = Arc::new(crate::testing::FakeRegistrar::default());
         let (ctx, store, fake) = worker_context(registrar.clone());
         let pool = ctx.pools.get("linux").unwrap();
-        store
-            .submit_event(&event("q-7", JobAction::Queued, 7), Some("linux"), now_ms())
-            .await
-            .unwrap();
-        let queue = Queue::Provision("linux".into());
-        let d = store
-            .read(&queue, "a", std::time::Duration::ZERO)
-            .await
-            .unwrap()
-            .unwrap();
+        let (queue, d) = job_7_read_by_a(&*store).await;
         store
             .begin_provision(7, "grs-7", &pool.limits(), now_ms())
             .await

@@ -858,7 +858,7 @@ impl GitHubSim {
 }
 
 /// RFC 3339, as GitHub writes times.
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

@@ -240,12 +240,12 @@ fn route(
         (Method::GET, ["hooks"]) => super::installation::hooks(sim),
         (Method::POST, ["actions", "runners", "generate-jitconfig"]) => generate_jit(sim, body),
         (Method::POST, ["actions", "runners", "registration-token"]) => {
-            let expires = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+            let expires = SystemTime::now() + Duration::from_secs(3600);
             (
                 StatusCode::CREATED,
                 axum::Json(json!({
                     "token": format!("AREG{:028X}", rand::random::<u128>()),
-                    "expires_at": expires.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                    "expires_at": super::rfc3339(expires),
                 })),
             )
                 .into_response()
@@ -412,9 +412,7 @@ fn list_deliveries(
             json!({
                 "id": d.id,
                 "guid": d.delivery_id,
-                "delivered_at": time::OffsetDateTime::from(d.delivered_at)
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
+                "delivered_at": super::rfc3339(d.delivered_at),
                 "redelivery": d.redelivery,
                 "duration": 0.01,
                 "status": if d.succeeded() { "OK".to_owned() } else if d.status.is_none() { "failed to connect".to_owned() } else { format!("Invalid HTTP Response: {}", d.status_code()) },
@@ -450,9 +448,7 @@ fn access_token(sim: &GitHubSim, jwt: &str, installation: &str) -> Response {
     let expires = SystemTime::now() + st.cfg.token_ttl;
     st.tokens.insert(token.clone(), expires);
     st.token_mints += 1;
-    let expires_at = time::OffsetDateTime::from(expires)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let expires_at = super::rfc3339(expires);
     (
         StatusCode::CREATED,
         axum::Json(json!({ "token": token, "expires_at": expires_at })),
