@@ -182,7 +182,26 @@ impl World {
     /// Starts every process and waits until each serves. `None` (the test
     /// then skips, loudly) when `redis-server` is not installed and `CI` is
     /// unset; under `CI` that is an error.
+    ///
+    /// Ports are picked free ([`free_port`]) and handed to the processes,
+    /// so another process can take one in between (CI saw a control plane
+    /// fail with "Address already in use" while other tests ran): a start
+    /// that failed that way is redone, up to three times, on new ports
+    /// (the failed attempt's processes are stopped when it is dropped).
     pub async fn start(opts: WorldOptions) -> anyhow::Result<Option<Self>> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(opts.clone()).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("[e2e harness] a port was taken meanwhile; starting again: {e:#}");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(opts: WorldOptions) -> anyhow::Result<Option<Self>> {
         if std::process::Command::new("redis-server")
             .arg("--version")
             .output()
