@@ -408,6 +408,62 @@ async fn clones_serialize_on_their_storage_lock_and_time_out_on_it() {
     assert_eq!(f.sim.vms().len(), 1 + ok);
 }
 
+/// pve-storage `vdisk_free` frees a volume inside the same
+/// `cluster_lock_storage` a clone creates its volume in: a destroy waits
+/// for a clone holding its storage's lock, and fails its task when the
+/// wait outlasts the lock's timeout, leaving the VM whole.
+#[tokio::test]
+async fn a_destroy_frees_its_volume_inside_the_storage_lock_clones_take() {
+    let opts = SimOptions {
+        durations: TaskDurations {
+            // The clone holds the lock for a quarter: 100 ms, well past the
+            // destroy's 60 ms wait.
+            linked_clone: std::time::Duration::from_millis(400),
+            ..TaskDurations::fast()
+        },
+        storage_lock_timeout: std::time::Duration::from_millis(60),
+        ..SimOptions::default()
+    };
+    let f = SimFixture::start(opts, &[NodeSpec::new("pve1", 64, None)]).await;
+    assert!(f.sim.destroy_storage_lock_hold() > std::time::Duration::ZERO);
+    let c = f.provisioner.client();
+    let clone = |newid: u32| async move {
+        c.clone_vm(
+            "pve1",
+            TEMPLATE_VMID,
+            &[
+                grs_provisioner_proxmox::client::Param::new("newid", newid),
+                grs_provisioner_proxmox::client::Param::new("name", format!("c{newid}")),
+            ],
+        )
+        .await
+        .unwrap()
+    };
+    let first = clone(300).await;
+    c.wait_task(&first).await.unwrap();
+    // A clone takes the lock; the destroy sent just after waits for it.
+    let holding = clone(301).await;
+    let destroy = c.destroy("pve1", 300).await.unwrap();
+    let e = c
+        .wait_task(&destroy)
+        .await
+        .expect_err("the destroy waited 60 ms for a lock held 100 ms")
+        .to_string();
+    assert!(
+        e.contains("can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout"),
+        "{e}"
+    );
+    assert!(
+        f.sim.vm(300).is_some(),
+        "a destroy that never got the lock freed nothing"
+    );
+    c.wait_task(&holding).await.unwrap();
+    // With the lock free, the same destroy goes through.
+    let destroy = c.destroy("pve1", 300).await.unwrap();
+    c.wait_task(&destroy).await.unwrap();
+    assert!(f.sim.vm(300).is_none());
+}
+
 /// With a storage lock that times out quickly, a burst of creates on one
 /// template still succeeds without clone tasks failing on the lock: the
 /// provisioner keeps only as many clones in flight as keep the lock busy

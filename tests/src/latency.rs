@@ -75,6 +75,10 @@ pub struct LatencyOptions {
     pub burst_all_jobs: usize,
     /// The bursts' pool capacity (`max_instances`).
     pub burst_capacity: u32,
+    /// Nodes of the third burst (the first burst's jobs on that many nodes,
+    /// each with a copy of the template: `template_replicas`); below 2: no
+    /// third burst.
+    pub replica_nodes: u32,
     /// How long the simulated Proxmox tasks take.
     pub pve: TaskDurations,
     /// Multiplies the Proxmox client's polling and retry delays (1.0: the
@@ -104,6 +108,7 @@ impl LatencyOptions {
             burst_jobs: 100,
             burst_all_jobs: 200,
             burst_capacity: 50,
+            replica_nodes: 3,
             pve: TaskDurations::default(),
             client_time_scale: 1.0,
             boot: Duration::from_secs(1),
@@ -124,6 +129,7 @@ impl LatencyOptions {
             burst_jobs: 8,
             burst_all_jobs: 12,
             burst_capacity: 4,
+            replica_nodes: 2,
             pve: TaskDurations::fast(),
             client_time_scale: 0.04,
             boot: Duration::from_millis(50),
@@ -207,6 +213,10 @@ pub struct Burst {
     pub pve_calls: u64,
     /// Clone tasks started.
     pub clones: usize,
+    /// The nodes the pool spans (one, or one per template replica).
+    pub nodes: u32,
+    /// The first wave's VMs per node.
+    pub first_wave_per_node: BTreeMap<String, usize>,
 }
 
 /// Everything one run measured.
@@ -223,6 +233,12 @@ pub struct LatencyReport {
     /// The second burst (timed until every job started); `None` when
     /// skipped.
     pub burst_all: Option<Burst>,
+    /// The first burst's jobs on several nodes with template replicas
+    /// (timed to its first wave); `None` when skipped.
+    pub burst_replicas: Option<Burst>,
+    /// The cold phase's PVE calls before its first job, by endpoint: pool
+    /// validation and the reconciler's first pass (not any cycle's).
+    pub startup_calls: BTreeMap<String, u64>,
     /// Simulated VMs that did not start their runner, and why.
     pub boot_failures: Vec<String>,
     /// Most a boot started after its due time (the harness's own delay,
@@ -233,11 +249,12 @@ pub struct LatencyReport {
 /// Runs the benchmark. A phase with no jobs is skipped.
 pub async fn run(o: &LatencyOptions) -> anyhow::Result<LatencyReport> {
     let mut boots = BootSummary::default();
-    let mut cold = Vec::new();
+    let (mut cold, mut startup_calls) = (Vec::new(), BTreeMap::new());
     if o.cold_jobs > 0 {
         tracing::info!(jobs = o.cold_jobs, "cold phase");
-        let (c, b) = cold_phase(o).await.context("the cold phase")?;
+        let (c, startup, b) = cold_phase(o).await.context("the cold phase")?;
         cold = c;
+        startup_calls = startup;
         boots.add(b);
     }
     let mut warm = Vec::new();
@@ -252,7 +269,7 @@ pub async fn run(o: &LatencyOptions) -> anyhow::Result<LatencyReport> {
     let mut burst = None;
     if o.burst_jobs > 0 {
         tracing::info!(jobs = o.burst_jobs, "first burst");
-        let (r, b) = burst_phase(o, o.burst_jobs, o.burst_job_duration, false)
+        let (r, b) = burst_phase(o, o.burst_jobs, o.burst_job_duration, false, 1)
             .await
             .context("the first burst")?;
         burst = Some(r);
@@ -261,10 +278,25 @@ pub async fn run(o: &LatencyOptions) -> anyhow::Result<LatencyReport> {
     let mut burst_all = None;
     if o.burst_all_jobs > 0 {
         tracing::info!(jobs = o.burst_all_jobs, "second burst");
-        let (r, b) = burst_phase(o, o.burst_all_jobs, o.burst_job_duration, true)
+        let (r, b) = burst_phase(o, o.burst_all_jobs, o.burst_job_duration, true, 1)
             .await
             .context("the second burst")?;
         burst_all = Some(r);
+        boots.add(b);
+    }
+    let mut burst_replicas = None;
+    if o.burst_jobs > 0 && o.replica_nodes > 1 {
+        tracing::info!(jobs = o.burst_jobs, nodes = o.replica_nodes, "third burst");
+        let (r, b) = burst_phase(
+            o,
+            o.burst_jobs,
+            o.burst_job_duration,
+            false,
+            o.replica_nodes,
+        )
+        .await
+        .context("the third burst (template replicas)")?;
+        burst_replicas = Some(r);
         boots.add(b);
     }
     Ok(LatencyReport {
@@ -273,16 +305,22 @@ pub async fn run(o: &LatencyOptions) -> anyhow::Result<LatencyReport> {
         warm,
         burst,
         burst_all,
+        burst_replicas,
+        startup_calls,
         boot_failures: boots.failures,
         max_boot_lag: boots.max_lag,
     })
 }
 
-/// A fresh system with one pool of `max_instances` and `min_idle`.
+/// A fresh system with one pool of `max_instances` and `min_idle` over
+/// `nodes` nodes (a template copy on each), its reconciler passing every
+/// `reconcile_interval` (`None`: the default).
 async fn system(
     o: &LatencyOptions,
     max_instances: u32,
     min_idle: u32,
+    nodes: u32,
+    reconcile_interval: Option<Duration>,
 ) -> anyhow::Result<Arc<System>> {
     System::start(SystemOptions {
         pools: vec![PoolSpec {
@@ -299,6 +337,8 @@ async fn system(
         store: StoreChoice::Memory,
         time_scale: o.client_time_scale,
         installation_id: "grs-latency".into(),
+        nodes,
+        reconcile_interval,
         ..SystemOptions::default()
     })
     .await
@@ -336,8 +376,48 @@ fn tasks_of(log: &[TaskRecord], vmid: u32, from: Instant, until: Instant) -> Dur
         .sum()
 }
 
-async fn cold_phase(o: &LatencyOptions) -> anyhow::Result<(Vec<ColdCycle>, BootSummary)> {
-    let system = system(o, 4, 0).await?;
+/// Waits until the system's start-up calls to PVE are over (the pools'
+/// validation, the reconciler's first pass: it lists the cluster's VMs)
+/// and returns them: the reconciler has listed the cluster and no request
+/// came for `quiet`. Bounded by `timeout`.
+async fn startup_calls(
+    pve: &PveSim,
+    quiet: Duration,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    wait("the reconciler's first pass", timeout, || {
+        let listed = pve
+            .requests_by_endpoint()
+            .contains_key("GET /cluster/resources");
+        async move { listed.then_some(()) }
+    })
+    .await?;
+    let deadline = Instant::now() + timeout;
+    let mut seen = pve.request_count();
+    loop {
+        tokio::time::sleep(quiet).await;
+        let now = pve.request_count();
+        if now == seen {
+            return Ok(pve.requests_by_endpoint());
+        }
+        if Instant::now() > deadline {
+            bail!("PVE requests did not stop after start-up within {timeout:?}");
+        }
+        seen = now;
+    }
+}
+
+async fn cold_phase(
+    o: &LatencyOptions,
+) -> anyhow::Result<(Vec<ColdCycle>, BTreeMap<String, u64>, BootSummary)> {
+    // The reconciler's passes (every 30 s by default: the installation's
+    // VMs listed, each one's config read) are a cost per interval, not per
+    // VM; the simulator cannot tell who asked, so in this phase they are
+    // kept out of the cycles being counted.
+    let system = system(o, 4, 0, 1, Some(QUIET_RECONCILER)).await?;
+    // Nor are the start-up's calls the first cycle's.
+    let quiet = o.pve.linked_clone.max(Duration::from_millis(50));
+    let startup = startup_calls(&system.pve, quiet, o.timeout).await?;
     let vms = Vms::start(&system, o.boot);
     let mut cycles = Vec::with_capacity(o.cold_jobs);
     for i in 0..o.cold_jobs {
@@ -420,7 +500,7 @@ async fn cold_phase(o: &LatencyOptions) -> anyhow::Result<(Vec<ColdCycle>, BootS
         });
     }
     let summary = shutdown(system, vms).await?;
-    Ok((cycles, summary))
+    Ok((cycles, startup, summary))
 }
 
 /// Idle online runners on GitHub.
@@ -433,7 +513,7 @@ fn idle_runners(github: &GitHubSim) -> usize {
 }
 
 async fn warm_phase(o: &LatencyOptions) -> anyhow::Result<(Vec<WarmJob>, BootSummary)> {
-    let system = system(o, o.min_idle * 2, o.min_idle).await?;
+    let system = system(o, o.min_idle * 2, o.min_idle, 1, None).await?;
     let vms = Vms::start(&system, o.boot);
     let github = &system.github;
     let warm = o.min_idle as usize;
@@ -479,17 +559,22 @@ async fn warm_phase(o: &LatencyOptions) -> anyhow::Result<(Vec<WarmJob>, BootSum
     Ok((jobs, summary))
 }
 
-/// Queues `n` jobs at once on a fresh pool of the burst capacity; returns
-/// when the first wave runs (and, with `until_all`, when every job has
-/// started).
+/// The cold phase's reconcile interval: longer than any run, so only the
+/// pass at start-up runs, before the first cycle.
+const QUIET_RECONCILER: Duration = Duration::from_secs(24 * 3600);
+
+/// Queues `n` jobs at once on a fresh pool of the burst capacity spread
+/// over `nodes` nodes (a template copy on each); returns when the first
+/// wave runs (and, with `until_all`, when every job has started).
 async fn burst_phase(
     o: &LatencyOptions,
     n: usize,
     job_duration: Duration,
     until_all: bool,
+    nodes: u32,
 ) -> anyhow::Result<(Burst, BootSummary)> {
     let capacity = o.burst_capacity as usize;
-    let system = system(o, o.burst_capacity, 0).await?;
+    let system = system(o, o.burst_capacity, 0, nodes, None).await?;
     let vms = Vms::start(&system, o.boot);
     let (github, pve) = (&system.github, &system.pve);
     pve.reset_request_count();
@@ -542,19 +627,42 @@ async fn burst_phase(
     };
     let log = pve.task_log();
     let hold = pve.storage_lock_hold();
+    let mut first_wave_per_node = BTreeMap::new();
+    for t in log
+        .iter()
+        .filter(|t| t.kind == "qmstart" && t.ok && t.ended.is_some_and(|e| e <= first_wave_at))
+    {
+        *first_wave_per_node.entry(t.node.clone()).or_insert(0) += 1;
+    }
+    // Each node clones from its own template on its own storage: one lock
+    // domain per node. The bound spreads the wave evenly, the best any
+    // placement can do.
+    let even: Vec<usize> = (0..nodes as usize)
+        .map(|i| capacity / nodes as usize + usize::from(i < capacity % nodes as usize))
+        .collect();
     let burst = Burst {
         jobs: n,
         capacity,
         first_wave: first_wave_at.saturating_duration_since(t0),
-        first_wave_bound: pve.lower_bound_for_creates(capacity),
+        first_wave_bound: pve.lower_bound_for_creates_in(&even),
         all_started: all_started_at.saturating_duration_since(t0),
-        all_started_limit: ideal_all_started(n, capacity, &o.pve, hold, o.boot, job_duration),
+        all_started_limit: ideal_all_started(
+            n,
+            capacity,
+            &o.pve,
+            hold,
+            pve.destroy_storage_lock_hold(),
+            o.boot,
+            job_duration,
+        ),
         failed_clones: log
             .iter()
             .filter(|t| t.kind == "qmclone" && t.ended.is_some() && !t.ok)
             .count(),
         pve_calls: pve.request_count(),
         clones: log.iter().filter(|t| t.kind == "qmclone").count(),
+        nodes,
+        first_wave_per_node,
     };
     let summary = shutdown(system, vms).await?;
     Ok((burst, summary))
@@ -563,32 +671,56 @@ async fn burst_phase(
 /// When the last of `n` jobs could start at the earliest on a pool of
 /// `capacity`: an ideal dispatcher with no time of its own hands each job
 /// to the slot free first; its clone waits for the slot and for the
-/// storage lock, holds the lock `hold`, then finishes; the VM starts and
-/// boots; a slot is free again once its job ran and its VM was stopped and
-/// destroyed. (For identical jobs this first-free order is optimal.)
+/// storage lock, holds the lock `clone_hold`, then finishes; the VM starts
+/// and boots; once its job ran and its VM stopped, the destroy waits for
+/// the same lock, holds it `destroy_hold` (the volume's free), and the
+/// slot is free when the destroy ends. The lock serves clones and destroys
+/// in the order they ask. (For identical jobs this first-free order is
+/// optimal.)
 pub fn ideal_all_started(
     n: usize,
     capacity: usize,
     d: &TaskDurations,
-    hold: Duration,
+    clone_hold: Duration,
+    destroy_hold: Duration,
     boot: Duration,
     job: Duration,
 ) -> Duration {
-    let mut slots = vec![Duration::ZERO; capacity.max(1)];
-    let mut lock_free = Duration::ZERO;
-    let mut last = Duration::ZERO;
-    for _ in 0..n {
-        let (i, free) = slots
-            .iter()
-            .copied()
-            .enumerate()
-            .min_by_key(|(_, f)| *f)
-            .expect("at least one slot");
-        let acquired = free.max(lock_free);
-        lock_free = acquired + hold;
-        let started = acquired + d.linked_clone + d.start + boot;
-        slots[i] = started + job + d.stop + d.destroy;
-        last = last.max(started);
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+    enum Ask {
+        Clone,
+        Destroy,
+    }
+    // Lock requests by the time they are made (then by order of making).
+    let mut asks = BinaryHeap::new();
+    let mut made = 0u64;
+    let first = n.min(capacity.max(1));
+    for _ in 0..first {
+        asks.push(Reverse((Duration::ZERO, made, Ask::Clone)));
+        made += 1;
+    }
+    let mut waiting = n - first;
+    let (mut lock_free, mut last) = (Duration::ZERO, Duration::ZERO);
+    while let Some(Reverse((at, _, ask))) = asks.pop() {
+        let acquired = at.max(lock_free);
+        match ask {
+            Ask::Clone => {
+                lock_free = acquired + clone_hold;
+                let started = acquired + d.linked_clone + d.start + boot;
+                last = last.max(started);
+                asks.push(Reverse((started + job + d.stop, made, Ask::Destroy)));
+            }
+            Ask::Destroy => {
+                lock_free = acquired + destroy_hold;
+                if waiting > 0 {
+                    waiting -= 1;
+                    asks.push(Reverse((acquired + d.destroy, made, Ask::Clone)));
+                }
+            }
+        }
+        made += 1;
     }
     last
 }
@@ -975,6 +1107,51 @@ impl LatencyReport {
                 "—",
             );
         }
+        if let Some(b) = &self.burst_replicas {
+            let gain = self
+                .burst
+                .as_ref()
+                .map(|one| {
+                    format!(
+                        "; {:.2}x sooner than on one node",
+                        ratio(one.first_wave, b.first_wave)
+                    )
+                })
+                .unwrap_or_default();
+            let spread: Vec<String> = b
+                .first_wave_per_node
+                .iter()
+                .map(|(node, n)| format!("{node} {n}"))
+                .collect();
+            row(
+                &mut s,
+                &format!(
+                    "burst {} jobs on a pool of {} over {} nodes, a template copy on each (`template_replicas`): first {} VMs running",
+                    b.jobs, b.capacity, b.nodes, b.capacity
+                ),
+                format!(
+                    "{} vs lower bound {} ({:.2}x){gain}; per node {}; {} clones, {} failed",
+                    secs(b.first_wave),
+                    secs(b.first_wave_bound),
+                    ratio(b.first_wave, b.first_wave_bound),
+                    spread.join(", "),
+                    b.clones,
+                    b.failed_clones
+                ),
+                "—",
+            );
+        }
+        if !self.startup_calls.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nPVE calls at start-up, before the first cold job (pool validation, the reconciler's first pass; in no cycle): {}",
+                self.startup_calls
+                    .iter()
+                    .map(|(e, n)| format!("{n} {e}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if let Some(worst) = self.cold.iter().max_by_key(|c| c.pve_calls) {
             let _ = writeln!(
                 s,
@@ -1021,11 +1198,32 @@ mod tests {
         let boot = Duration::from_secs(1);
         // One wave: the lock serializes the clones: the last acquires it
         // after 49 holds, then clones, starts and boots.
-        let one_wave = ideal_all_started(50, 50, &d, hold, boot, Duration::from_secs(10));
+        let destroy_hold = Duration::from_millis(75);
+        let job = Duration::from_secs(10);
+        let one_wave = ideal_all_started(50, 50, &d, hold, destroy_hold, boot, job);
         assert_eq!(one_wave, hold * 49 + Duration::from_millis(2500));
         // One slot: each job waits for the previous one's whole cycle.
-        let one_slot = ideal_all_started(3, 1, &d, hold, boot, Duration::from_secs(10));
+        let one_slot = ideal_all_started(3, 1, &d, hold, destroy_hold, boot, job);
         let cycle = Duration::from_millis(1000 + 500 + 1000 + 10_000 + 200 + 300);
         assert_eq!(one_slot, cycle * 2 + Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_destroy_holding_the_lock_delays_the_next_clone() {
+        let d = TaskDurations::default();
+        let (hold, boot, job) = (
+            Duration::from_millis(250),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        );
+        // Two slots, three jobs. A's clone gets the lock at 0, B's at
+        // 0.25 s; A's destroy runs 12.7–13.0 s, so C asks for the lock at
+        // 13.0 s. Destroys holding the lock for their whole 0.3 s: A's
+        // holds it to 13.0 s, B's (asked at 12.95 s) then to 13.3 s, and
+        // C's clone gets it only then.
+        let free = ideal_all_started(3, 2, &d, hold, Duration::ZERO, boot, job);
+        assert_eq!(free, Duration::from_millis(13_000 + 2500));
+        let held = ideal_all_started(3, 2, &d, hold, d.destroy, boot, job);
+        assert_eq!(held, Duration::from_millis(13_300 + 2500));
     }
 }

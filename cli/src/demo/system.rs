@@ -121,6 +121,16 @@ pub struct SystemOptions {
     pub installation_id: String,
     /// `control_plane.instance_prefix`.
     pub instance_prefix: String,
+    /// `control_plane.reconcile_interval`; `None`: the control plane's
+    /// default. A benchmark that counts PVE calls per VM sets it longer
+    /// than its run, so no reconciler pass is counted as a VM's.
+    pub reconcile_interval: Option<Duration>,
+    /// Proxmox nodes (`pve1`, `pve2`, …; at least one). The templates are on
+    /// node-local storage on `pve1`; with more nodes, each other node has a
+    /// copy of every pool's template (`template_replicas`, vmid
+    /// `template_vmid + 10000 × (n - 1)` on `pve<n>`), as a cluster on local
+    /// storage needs to clone on every node.
+    pub nodes: u32,
 }
 
 impl Default for SystemOptions {
@@ -133,6 +143,8 @@ impl Default for SystemOptions {
             time_scale: 1.0,
             installation_id: "grs-demo".into(),
             instance_prefix: "grs".into(),
+            reconcile_interval: None,
+            nodes: 1,
         }
     }
 }
@@ -188,9 +200,11 @@ impl System {
             .iter()
             .map(|p| u64::from(p.max_instances) * p.memory_mib.unwrap_or(2048).div_ceil(1024))
             .sum();
-        pve.add_node(NODE, need_gib + 16);
-        for p in &opts.pools {
-            pve.add_template(NODE, p.template_vmid, &format!("runner-{}", p.name));
+        for (i, node) in node_names(opts.nodes).iter().enumerate() {
+            pve.add_node(node, need_gib + 16);
+            for p in &opts.pools {
+                pve.add_template(node, replica_vmid(p, i), &format!("runner-{}", p.name));
+            }
         }
 
         // GitHub: deliveries go to the gateway, whose port is known once
@@ -374,6 +388,16 @@ fn local_addr(l: &TcpListener, what: &'static str) -> Result<SocketAddr, DemoErr
 /// `[proxmox]` (pinned fingerprint, production client defaults with delays
 /// scaled), the GitHub simulator as `[github]`, the gateway as
 /// `gateway_url`, one `type = "proxmox"` pool per spec.
+/// `pve1` … `pve<n>` (at least `pve1`).
+fn node_names(n: u32) -> Vec<String> {
+    (1..=n.max(1)).map(|i| format!("pve{i}")).collect()
+}
+
+/// The vmid of `pool`'s template on the `i`-th node (0: the template).
+fn replica_vmid(pool: &PoolSpec, i: usize) -> u32 {
+    pool.template_vmid + 10_000 * i as u32
+}
+
 fn control_plane_config(
     opts: &SystemOptions,
     pve: &PveSim,
@@ -391,11 +415,15 @@ fn control_plane_config(
     }
     conn.retry_base_delay = scaled(conn.retry_base_delay, f, Duration::from_millis(10));
     conn.retry_max_delay = scaled(conn.retry_max_delay, f, Duration::from_millis(100));
-    conn.nodes = vec![NodeConfig {
-        name: NODE.into(),
-        max_instances: None,
-        reserved_memory_mib: 1024,
-    }];
+    let nodes = node_names(opts.nodes);
+    conn.nodes = nodes
+        .iter()
+        .map(|name| NodeConfig {
+            name: name.clone(),
+            max_instances: None,
+            reserved_memory_mib: 1024,
+        })
+        .collect();
 
     let mut config = Config::default();
     let cp = &mut config.control_plane;
@@ -408,6 +436,9 @@ fn control_plane_config(
     cp.instance_prefix = opts.instance_prefix.clone();
     cp.gateway_url = Some(gw_url.to_owned());
     cp.shutdown_grace = Duration::from_secs(5);
+    if let Some(interval) = opts.reconcile_interval {
+        cp.reconcile_interval = interval;
+    }
     cp.retry_backoff = scaled(cp.retry_backoff, f, Duration::from_millis(20));
     cp.retry_backoff_max = scaled(cp.retry_backoff_max, f, Duration::from_millis(200));
     // Ended jobs of a demo need not outlive it by a week in someone's Redis.
@@ -425,6 +456,12 @@ fn control_plane_config(
             let mut prov = ProxmoxPoolConfig::new(NODE, p.template_vmid);
             prov.cores = p.cores;
             prov.memory_mib = p.memory_mib;
+            prov.template_replicas = nodes
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(i, node)| (node.clone(), replica_vmid(p, i)))
+                .collect();
             (
                 p.name.clone(),
                 PoolConfig {

@@ -20,9 +20,13 @@
 //! one (so it doubles per round of clones while nothing queues, and the
 //! first burst reaches the lock's pace within a few clone durations); more
 //! than [`BETA`]: it shrinks by one. A clone that failed on a lock halves it.
-//! Creates beyond the limit wait in GRS, without calls to PVE.
+//! Creates beyond the limit wait in GRS, without calls to PVE, and are
+//! admitted in the order they came: a place freed by a clone goes to the
+//! create that has waited longest, not to whichever waiter runs first
+//! (with every waiter woken, a replacement create queued after a burst's
+//! first wave could overtake it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,6 +76,10 @@ struct GateState {
     in_flight: usize,
     /// The shortest clone seen: the uncontended duration.
     base: Option<Duration>,
+    /// The tickets of the creates waiting, oldest first; only the oldest
+    /// may take a free place.
+    waiting: VecDeque<u64>,
+    next_ticket: u64,
 }
 
 impl Gate {
@@ -81,6 +89,8 @@ impl Gate {
                 limit: INITIAL_LIMIT,
                 in_flight: 0,
                 base: None,
+                waiting: VecDeque::new(),
+                next_ticket: 0,
             }),
             changed: Notify::new(),
         }
@@ -91,20 +101,39 @@ impl Gate {
         self.state.lock().unwrap().limit
     }
 
-    /// Waits until one more clone may start. Cancel-safe: dropping the
-    /// future takes nothing.
+    /// Waits until one more clone may start, after every create that
+    /// began waiting before this one. Cancel-safe: dropping the future
+    /// takes nothing and gives its turn to the next in line.
     pub(crate) async fn admit(self: &Arc<Self>) -> Permit {
+        let mut turn = {
+            let mut s = self.state.lock().unwrap();
+            let ticket = s.next_ticket;
+            s.next_ticket += 1;
+            s.waiting.push_back(ticket);
+            Turn {
+                gate: self,
+                ticket: Some(ticket),
+            }
+        };
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut s = self.state.lock().unwrap();
-                if s.in_flight < s.limit {
+                if s.in_flight < s.limit && s.waiting.front() == turn.ticket.as_ref() {
+                    s.waiting.pop_front();
+                    turn.ticket = None;
                     s.in_flight += 1;
+                    let admitted_with = s.in_flight;
+                    // The next in line may fit too (the limit grew, or
+                    // several places freed at once).
+                    if s.in_flight < s.limit && !s.waiting.is_empty() {
+                        self.changed.notify_waiters();
+                    }
                     return Permit {
                         gate: self.clone(),
-                        admitted_with: s.in_flight,
+                        admitted_with,
                     };
                 }
             }
@@ -136,6 +165,25 @@ impl Gate {
     fn release(&self) {
         self.state.lock().unwrap().in_flight -= 1;
         self.changed.notify_waiters();
+    }
+}
+
+/// A create's place in the gate's line while it waits; dropping it (the
+/// `admit` future was cancelled) leaves the line.
+struct Turn<'a> {
+    gate: &'a Gate,
+    ticket: Option<u64>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket {
+            let mut s = self.gate.state.lock().unwrap();
+            s.waiting.retain(|t| *t != ticket);
+            drop(s);
+            // It may have been first in line: the next one may go now.
+            self.gate.changed.notify_waiters();
+        }
     }
 }
 
@@ -211,5 +259,53 @@ mod tests {
             .await
             .expect("admitted once a place freed")
             .unwrap();
+    }
+
+    /// Polls `f` once (no runtime needed: the gate wakes through `Notify`).
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_freed_place_goes_to_the_create_that_waited_longest() {
+        let g = Arc::new(Gate::new());
+        g.state.lock().unwrap().limit = 1;
+        let held = poll_once(std::pin::pin!(g.admit())).expect("a free place");
+        let mut first = std::pin::pin!(g.admit());
+        let mut second = std::pin::pin!(g.admit());
+        assert!(poll_once(first.as_mut()).is_none());
+        assert!(poll_once(second.as_mut()).is_none());
+        drop(held);
+        // The later create runs first here (as a woken task may): it must
+        // still wait for the earlier one.
+        assert!(
+            poll_once(second.as_mut()).is_none(),
+            "the later create overtook the earlier"
+        );
+        let p = poll_once(first.as_mut()).expect("the earlier create is admitted");
+        assert!(poll_once(second.as_mut()).is_none(), "one place only");
+        drop(p);
+        assert!(poll_once(second.as_mut()).is_some());
+    }
+
+    #[test]
+    fn a_create_that_stops_waiting_gives_its_turn_to_the_next() {
+        let g = Arc::new(Gate::new());
+        g.state.lock().unwrap().limit = 1;
+        let held = poll_once(std::pin::pin!(g.admit())).expect("a free place");
+        let mut second = std::pin::pin!(g.admit());
+        {
+            let mut first = Box::pin(g.admit());
+            assert!(poll_once(first.as_mut()).is_none());
+            assert!(poll_once(second.as_mut()).is_none());
+            // `first` is dropped here: cancelled while waiting.
+        }
+        drop(held);
+        assert!(poll_once(second.as_mut()).is_some());
+        assert!(g.state.lock().unwrap().waiting.is_empty());
     }
 }

@@ -148,7 +148,9 @@ pub struct SimOptions {
     pub token_secret: String,
     /// Task durations.
     pub durations: TaskDurations,
-    /// The part of a linked clone's time spent holding its storage's lock:
+    /// The part of a linked clone's time spent holding its storage's lock
+    /// (and of a destroy's: `vdisk_free` runs the plugin's `free_image`
+    /// inside the same lock):
     /// pve-storage `PVE/Storage.pm` `vdisk_clone` (and `vdisk_alloc` for a
     /// full clone) runs the plugin's `clone_image` (`alloc_image`) inside
     /// `cluster_lock_storage`, a file lock on the node
@@ -608,10 +610,13 @@ impl PveSim {
     /// How long a linked clone holds its storage's lock (see
     /// [`SimOptions::storage_lock_share`]).
     pub fn storage_lock_hold(&self) -> Duration {
-        let o = &self.shared.opts;
-        o.durations
-            .linked_clone
-            .mul_f64(o.storage_lock_share.clamp(0.0, 1.0))
+        tasks::lock_hold(&self.shared, self.shared.opts.durations.linked_clone)
+    }
+
+    /// How long a destroy holds its storage's lock to free the VM's volume
+    /// (the same share of its duration as a clone's).
+    pub fn destroy_storage_lock_hold(&self) -> Duration {
+        tasks::lock_hold(&self.shared, self.shared.opts.durations.destroy)
     }
 
     /// The shortest wall time `n` concurrent linked clone-and-start cycles

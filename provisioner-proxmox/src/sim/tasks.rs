@@ -23,9 +23,16 @@ pub(super) struct StorageLock {
     timeout_error: String,
 }
 
-/// The storage lock a clone (or allocation) on `storage` run by a worker on
-/// `node` takes: per node for local storage, cluster-wide for shared.
-fn storage_lock(sh: &Shared, node: &str, storage: &str, shared: bool) -> StorageLock {
+/// The storage lock a task run by a worker on `node` takes to create or
+/// free a volume on `storage`: per node for local storage, cluster-wide for
+/// shared; held `hold` (see [`SimOptions::storage_lock_share`]).
+fn storage_lock(
+    sh: &Shared,
+    node: &str,
+    storage: &str,
+    shared: bool,
+    hold: Duration,
+) -> StorageLock {
     let (name, timeout_error) = if shared {
         (
             format!("cfs:storage-{storage}"),
@@ -47,14 +54,15 @@ fn storage_lock(sh: &Shared, node: &str, storage: &str, shared: bool) -> Storage
         .clone();
     StorageLock {
         lock,
-        hold: sh
-            .opts
-            .durations
-            .linked_clone
-            .mul_f64(sh.opts.storage_lock_share.clamp(0.0, 1.0)),
+        hold,
         timeout: sh.opts.storage_lock_timeout,
         timeout_error,
     }
+}
+
+/// How long a task of duration `task` holds its storage's lock.
+pub(super) fn lock_hold(sh: &Shared, task: Duration) -> Duration {
+    task.mul_f64(sh.opts.storage_lock_share.clamp(0.0, 1.0))
 }
 
 /// Registers a task and runs `body` after `dur` (plus injected slowness);
@@ -377,7 +385,8 @@ pub(super) fn clone_vm(
         let shared = s.storages.get(&sid).is_some_and(|st| st.shared);
         (full, dur, storage_lock, (sid, shared))
     };
-    let lock = storage_lock(sh, node, &lock_storage.0, lock_storage.1);
+    let hold = lock_hold(sh, sh.opts.durations.linked_clone);
+    let lock = storage_lock(sh, node, &lock_storage.0, lock_storage.1, hold);
     let upid = spawn_task(
         sh,
         node,
@@ -505,7 +514,23 @@ pub(super) fn destroy_vm(
         }
         Ok(())
     }
-    early_checks(&mut sh.state.lock().unwrap(), node, vmid)?;
+    // `vdisk_free` frees each volume inside the storage's lock (pve-storage
+    // `PVE/Storage.pm` `vdisk_free`: `cluster_lock_storage` around the
+    // plugin's `free_image`), the lock clones take to create theirs: a
+    // destroy and a clone on one storage wait for each other there.
+    let lock = {
+        let mut s = sh.state.lock().unwrap();
+        early_checks(&mut s, node, vmid)?;
+        let vm_disks = disks(&find(&mut s, node, vmid)?.config);
+        vm_disks.into_iter().next().map(|(_, sid)| {
+            let shared = s.storages.get(&sid).is_some_and(|st| st.shared);
+            (sid, shared)
+        })
+    }
+    .map(|(sid, shared)| {
+        let hold = lock_hold(sh, sh.opts.durations.destroy);
+        storage_lock(sh, node, &sid, shared, hold)
+    });
     let unreferenced = flag(p, "destroy-unreferenced-disks").unwrap_or(false);
     let dur = sh.opts.durations.destroy;
     let node2 = node.to_owned();
@@ -516,7 +541,7 @@ pub(super) fn destroy_vm(
         vmid,
         user,
         dur,
-        None,
+        lock,
         move |s, injected| {
             if let Some(m) = injected {
                 return Err(m);
