@@ -76,6 +76,49 @@ async fn twenty_jobs_complete_with_nothing_leaked() {
     assert!(!stderr.contains("INFO"), "{stderr}");
 }
 
+/// `--nodes 3`: a template copy on each node, and every node clones.
+#[tokio::test]
+async fn with_three_nodes_every_node_clones_from_its_own_template_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        grs()
+            .args([
+                "demo",
+                "--jobs",
+                "12",
+                "--time-scale",
+                "0.2",
+                "--nodes",
+                "3",
+            ])
+            .args(["-o", "json", "--log-file"])
+            .arg(dir.path().join("demo.log"))
+            .output(),
+    )
+    .await
+    .expect("the demo ends within 2 minutes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: Value = serde_json::from_str(&stdout).expect("one JSON summary");
+    assert_eq!(s["jobs_completed"], 12, "{s:#}");
+    assert_eq!(s["leaked_vms"], 0, "{s:#}");
+    let per_node = s["vms_created_per_node"].as_object().expect("a map");
+    assert_eq!(
+        per_node.keys().collect::<Vec<_>>(),
+        ["pve1", "pve2", "pve3"],
+        "{s:#}"
+    );
+    let total: u64 = per_node.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(s["vms_created"], total, "{s:#}");
+}
+
 #[tokio::test]
 async fn keep_running_serves_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();

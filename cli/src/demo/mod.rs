@@ -105,6 +105,12 @@ pub struct DemoArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_instances: Option<u32>,
 
+    /// Simulated Proxmox nodes (pve1, pve2, …). The templates live on
+    /// node-local storage on pve1; each other node gets a copy of every
+    /// template (`template_replicas`), so each node clones from its own.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub nodes: u32,
+
     /// Multiplies every simulated duration: Proxmox tasks (linked clone
     /// 1 s, start 0.5 s, stop 0.2 s, destroy 0.3 s), boot to runner 3 s,
     /// jobs 10–40 s, one new job a second on average. 0.05 runs 20× faster.
@@ -281,6 +287,9 @@ pub struct Summary {
     pub jobs_completed: usize,
     /// Clones Proxmox made.
     pub vms_created: usize,
+    /// Those clones by the node that made them (with `--nodes`, each node
+    /// clones from its own template copy).
+    pub vms_created_per_node: std::collections::BTreeMap<String, usize>,
     /// VMs Proxmox destroyed.
     pub vms_deleted: usize,
     /// Runners started from cloud-init documents.
@@ -356,6 +365,17 @@ impl Summary {
             "  VMs created / deleted     {} / {}",
             self.vms_created, self.vms_deleted
         )?;
+        if self.vms_created_per_node.len() > 1 {
+            writeln!(
+                out,
+                "  VMs created per node      {}",
+                self.vms_created_per_node
+                    .iter()
+                    .map(|(node, n)| format!("{node} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
         writeln!(out, "  runners started           {}", self.runners_started)?;
         writeln!(
             out,
@@ -488,6 +508,7 @@ pub async fn run(
         store,
         time_scale: args.time_scale,
         job_duration: timings.job_max,
+        nodes: args.nodes,
         ..SystemOptions::default()
     };
     let quiet = args.verbose || format == OutputFormat::Json;
@@ -496,7 +517,7 @@ pub async fn run(
     }
     let system = System::start(opts).await?;
     let setup = format!(
-        "{} jobs over {} ({}), time scale {}, store: {}",
+        "{} jobs over {} ({}) on {}, time scale {}, store: {}",
         args.jobs,
         if pools.len() == 1 { "1 pool" } else { "pools" },
         pools
@@ -504,6 +525,10 @@ pub async fn run(
             .map(|p| format!("{} ≤{} VMs", p.name, p.max_instances))
             .collect::<Vec<_>>()
             .join(", "),
+        match args.nodes {
+            1 => "1 node".to_owned(),
+            n => format!("{n} nodes with template replicas"),
+        },
         args.time_scale,
         system.store_description,
     );
@@ -695,6 +720,15 @@ async fn drive(
         jobs_requested: args.jobs,
         jobs_completed: tracker.completed(),
         vms_created: system.pve.task_count("qmclone"),
+        vms_created_per_node: system
+            .pve
+            .task_log()
+            .into_iter()
+            .filter(|t| t.kind == "qmclone")
+            .fold(Default::default(), |mut per, t| {
+                *per.entry(t.node).or_insert(0) += 1;
+                per
+            }),
         vms_deleted: system.pve.task_count("qmdestroy"),
         runners_started: fleet.runners_started,
         boot_failures: fleet

@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --release -p grs-e2e --bin grs-latency            # about 5 minutes
 //! cargo run --release -p grs-e2e --bin grs-latency -- --smoke # seconds
-//! cargo run --release -p grs-e2e --bin grs-latency -- --cold-jobs 0 --warm-jobs 0 --burst-all-jobs 0  # the first burst only
+//! cargo run --release -p grs-e2e --bin grs-latency -- --cold-jobs 0 --warm-jobs 0 --burst-all-jobs 0 --replica-nodes 0  # the first burst only
 //! ```
 
 use std::process::ExitCode;
@@ -34,6 +34,10 @@ struct Args {
     /// Jobs of the second burst (0: skip it).
     #[arg(long)]
     burst_all_jobs: Option<usize>,
+    /// Nodes of the third burst (the first burst's jobs over that many
+    /// nodes, a template copy on each); below 2 skips it.
+    #[arg(long)]
+    replica_nodes: Option<u32>,
     /// How long each burst job runs.
     #[arg(long, value_parser = humantime::parse_duration)]
     burst_job_duration: Option<Duration>,
@@ -64,6 +68,7 @@ async fn main() -> ExitCode {
     o.warm_jobs = args.warm_jobs.unwrap_or(o.warm_jobs);
     o.burst_jobs = args.burst_jobs.unwrap_or(o.burst_jobs);
     o.burst_all_jobs = args.burst_all_jobs.unwrap_or(o.burst_all_jobs);
+    o.replica_nodes = args.replica_nodes.unwrap_or(o.replica_nodes);
     o.burst_job_duration = args.burst_job_duration.unwrap_or(o.burst_job_duration);
     o.boot = args.boot.unwrap_or(o.boot);
     match run(&o).await {
