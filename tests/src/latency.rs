@@ -213,6 +213,13 @@ pub struct Burst {
     pub pve_calls: u64,
     /// Clone tasks started.
     pub clones: usize,
+    /// Destroy tasks created before the first wave ran: each holds its
+    /// storage's lock for a while (the volume's free), which the first
+    /// wave's lower bound does not count. None with jobs outlasting the
+    /// wave.
+    pub first_wave_destroys: usize,
+    /// How long a destroy holds the lock.
+    pub destroy_hold: Duration,
     /// The nodes the pool spans (one, or one per template replica).
     pub nodes: u32,
     /// The first wave's VMs per node.
@@ -661,6 +668,11 @@ async fn burst_phase(
             .count(),
         pve_calls: pve.request_count(),
         clones: log.iter().filter(|t| t.kind == "qmclone").count(),
+        first_wave_destroys: log
+            .iter()
+            .filter(|t| t.kind == "qmdestroy" && t.created < first_wave_at)
+            .count(),
+        destroy_hold: pve.destroy_storage_lock_hold(),
         nodes,
         first_wave_per_node,
     };
@@ -1069,14 +1081,24 @@ impl LatencyReport {
             "≤ 15",
         );
         if let Some(b) = &self.burst {
+            let destroys = match b.first_wave_destroys {
+                0 => String::new(),
+                n => format!(
+                    "; {n} destroys held the storage lock meanwhile ({} in all)",
+                    secs(b.destroy_hold * n as u32)
+                ),
+            };
             row(
                 &mut s,
                 &format!(
-                    "burst {} jobs on a pool of {}: first {} VMs running",
-                    b.jobs, b.capacity, b.capacity
+                    "burst {} jobs ({} each) on a pool of {}: first {} VMs running",
+                    b.jobs,
+                    secs(o.burst_job_duration),
+                    b.capacity,
+                    b.capacity
                 ),
                 format!(
-                    "{} vs lower bound {} ({:.2}x); {} clones, {} failed; {:.1} calls per clone",
+                    "{} vs lower bound {} ({:.2}x); {} clones, {} failed; {:.1} calls per clone{destroys}",
                     secs(b.first_wave),
                     secs(b.first_wave_bound),
                     ratio(b.first_wave, b.first_wave_bound),
