@@ -1141,6 +1141,50 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// The store cannot be reached while a pass runs (Redis down, a
+    /// partition): the renewals fail, and the pass is stopped when the
+    /// fence closes: not at the first failed renewal (one may yet get
+    /// through), and not never (another replica may take the lease once it
+    /// expires).
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_reach_the_store_stops_its_pass_when_the_fence_closes() {
+        // Nothing listens on port 1: every lease renewal fails.
+        let store = crate::store::RedisStore::new(
+            "redis://127.0.0.1:1",
+            crate::store::RedisStoreOptions::default(),
+        )
+        .unwrap();
+        let settings = ReconcilerSettings::from_config(&test_config().control_plane);
+        let fence = Fence::default();
+        let start = tokio::time::Instant::now();
+        fence.hold_until(start + settings.fence_span());
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let work = {
+            let finished = finished.clone();
+            let long = settings.lease_ttl() * 10;
+            async move {
+                tokio::time::sleep(long).await;
+                finished.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, LeaseLost>(())
+            }
+        };
+        let r = keeping_lease(&store, "a", &settings, &fence, work).await;
+        let stopped = start.elapsed();
+        assert_eq!(r, Err(LeaseLost));
+        assert!(!finished.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(fence.check(), Err(LeaseLost), "the fence stays closed");
+        assert!(
+            stopped >= settings.fence_span(),
+            "stopped after {stopped:?}, before the fence closed ({:?}): a failed renewal is not a lost lease",
+            settings.fence_span()
+        );
+        assert!(
+            stopped < settings.lease_ttl(),
+            "stopped after {stopped:?}, not before the lease could expire ({:?})",
+            settings.lease_ttl()
+        );
+    }
+
     #[test]
     fn a_fence_closes_at_its_deadline_and_when_revoked() {
         let rt = tokio::runtime::Builder::new_current_thread()
