@@ -37,7 +37,10 @@
 //!    `completed` tears down the runner that ran the job, wherever it was
 //!    made, exactly as the lost delivery would have; `in_progress` of a
 //!    job GRS has as provisioned records its runner. Without this a lost
-//!    `completed` kept its runner's VM until `max_lifetime`.
+//!    `completed` kept its runner's VM until `max_lifetime`. A job in
+//!    progress on a runner GRS did not make (a static runner with the
+//!    pool's labels took it) is asked about the same way: no instance
+//!    tells of it, and without the check it stayed in progress for good.
 //!
 //! # Guarantees
 //! - **Within the budget, honouring rate limits.** Every GitHub call of a
@@ -462,9 +465,10 @@ impl Recovery {
         Ok(Ok(()))
     }
 
-    /// Step 4: jobs running (or bound) on created instances for
-    /// `running_age` are asked about; what GitHub says they did is
-    /// submitted as the lost webhook would have been.
+    /// Step 4: jobs running (or bound) on created instances, or in
+    /// progress on runners GRS did not make, unchanged for `running_age`
+    /// are asked about; what GitHub says they did is submitted as the lost
+    /// webhook would have been.
     async fn check_running(
         &mut self,
         gh: &GitHubJobs,
@@ -474,8 +478,9 @@ impl Recovery {
         let age = millis(self.settings.running_age);
         // The job each created instance serves: the one its runner took,
         // else the one bound to it. A job on another job's runner is found
-        // through that runner's instance.
-        let ids: BTreeSet<u64> = self
+        // through that runner's instance; a job on a runner GRS did not
+        // make, through the jobs in progress (below).
+        let mut ids: BTreeSet<u64> = self
             .store
             .list_instances(None, false)
             .await?
@@ -490,6 +495,18 @@ impl Recovery {
             })
             .filter(|&id| id != 0)
             .collect();
+        let mut cursor = 0;
+        loop {
+            let (page, next) = self
+                .store
+                .list_jobs(None, Some(JobState::InProgress), cursor, 500)
+                .await?;
+            ids.extend(page.iter().map(|j| j.job_id));
+            match next {
+                Some(c) => cursor = c,
+                None => break,
+            }
+        }
         self.status_asked.retain(|id, _| ids.contains(id));
         let mut due = Vec::new();
         for &id in &ids {

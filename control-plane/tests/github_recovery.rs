@@ -371,6 +371,113 @@ async fn lost_completed_webhooks_are_recovered_and_the_runners_that_ran_the_jobs
     sim.shutdown().await;
 }
 
+/// A job a runner GRS did not make took (a static runner with the pool's
+/// labels) and whose `completed` was lost is asked about like any other,
+/// also once the VM made for it has taken another job, so that no
+/// instance of GRS's tells of it any more: before the check it stayed in
+/// progress in GRS for good (seen failing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_completed_of_a_job_on_a_runner_grs_did_not_make_is_recovered() {
+    let sim = GitHubSim::start(SimConfig {
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let fake = Arc::new(FakeProvisioner::new());
+    let age = Duration::from_millis(500);
+    let config = config_for(&sim, |c| {
+        c.control_plane.reconcile_interval = Duration::from_millis(100);
+        c.control_plane.recovery_interval = Duration::from_millis(200);
+        c.control_plane.recovery_running_age = age;
+    });
+    let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
+    let cp = start(config, &fake).await;
+    let mut api = cp.client().await;
+    let job = sim.queue_job(NewJob::labels(LABELS)).await;
+    submit(&mut api, queued_event(&job, "q")).await;
+    wait_for_job(
+        &api,
+        job.id,
+        pb::JobState::Provisioned,
+        Duration::from_secs(10),
+    )
+    .await;
+    // A static runner, not GRS's, comes online first and takes the job;
+    // its `in_progress` arrives, its `completed` never does.
+    let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
+    let jit = client
+        .generate_jit_config_in_group("static-1", &labels, Some(1), None)
+        .await
+        .unwrap();
+    use secrecy::ExposeSecret;
+    sim.boot_runner(jit.encoded_jit_config.expose_secret())
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.job(job.id).unwrap().runner_name.as_deref(),
+        Some("static-1")
+    );
+    submit(
+        &mut api,
+        sim_event(&job, "p", pb::JobAction::InProgress, "static-1"),
+    )
+    .await;
+    let made_for_it = wait_for_job(
+        &api,
+        job.id,
+        pb::JobState::InProgress,
+        Duration::from_secs(10),
+    )
+    .await
+    .instance_name;
+    // The VM made for it boots and its runner takes the next job.
+    let next = sim.queue_job(NewJob::labels(LABELS)).await;
+    submit(&mut api, queued_event(&next, "q-next")).await;
+    let jit = client
+        .generate_jit_config_in_group(&made_for_it, &labels, Some(1), None)
+        .await
+        .unwrap();
+    sim.boot_runner(jit.encoded_jit_config.expose_secret())
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.job(next.id).unwrap().runner_name.as_deref(),
+        Some(made_for_it.as_str())
+    );
+    submit(
+        &mut api,
+        sim_event(&next, "p-next", pb::JobAction::InProgress, &made_for_it),
+    )
+    .await;
+    assert!(
+        sim.wait_until(Duration::from_secs(5), |s| {
+            s.job(job.id)
+                .is_some_and(|j| j.status == grs_github::sim::SimJobStatus::Completed)
+        })
+        .await
+    );
+    let t0 = Instant::now();
+    let j = wait_for_job(
+        &api,
+        job.id,
+        pb::JobState::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        (j.conclusion.as_str(), j.runner_name.as_str()),
+        ("success", "static-1")
+    );
+    let took = t0.elapsed();
+    eprintln!(
+        "lost completed of a job on a static runner recovered {took:?} after GitHub completed it"
+    );
+    assert!(took <= age + Duration::from_secs(2), "{took:?}");
+    cp.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
+
 /// A webhook receiver that records the delivery ids it accepts.
 async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
