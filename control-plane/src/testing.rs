@@ -235,6 +235,28 @@ pub async fn wait_for_job(
     .await
 }
 
+/// Waits until instance `name` is in `state` and returns it, or panics
+/// after `timeout`.
+pub async fn wait_for_instance(
+    client: &ControlPlaneClient<Channel>,
+    name: &str,
+    state: pb::InstanceState,
+    timeout: Duration,
+) -> pb::Instance {
+    eventually(&format!("{name} to be {state:?}"), timeout, || {
+        let mut c = client.clone();
+        async move {
+            let i = c
+                .get_instance(pb::GetInstanceRequest { name: name.into() })
+                .await
+                .ok()?
+                .into_inner();
+            (i.state() == state).then_some(i)
+        }
+    })
+    .await
+}
+
 /// Waits until no pool has an instance (every capacity slot released), or
 /// panics after `timeout`.
 pub async fn wait_for_no_instances_in_use(client: &ControlPlaneClient<Channel>, timeout: Duration) {

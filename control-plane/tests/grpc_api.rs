@@ -8,6 +8,7 @@ use futures::StreamExt;
 use grs_control_plane::store::{MemoryStore, Store};
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, fake_pools, job_event, submit, test_config,
+    wait_for_instance,
 };
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner::FakeProvisioner;
@@ -202,19 +203,12 @@ async fn a_job_gets_an_instance_which_is_deleted_when_the_job_completes() {
     done.runner_name = "grs-7000000001".into();
     done.conclusion = "success".into();
     submit(&mut c, done).await;
-    eventually("the instance to be deleted", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move {
-            let i = c
-                .get_instance(pb::GetInstanceRequest {
-                    name: "grs-7000000001".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (i.state() == pb::InstanceState::Deleted).then_some(())
-        }
-    })
+    wait_for_instance(
+        &c,
+        "grs-7000000001",
+        pb::InstanceState::Deleted,
+        Duration::from_secs(5),
+    )
     .await;
     assert_eq!((fake.creates(), fake.deletes(), fake.live()), (1, 1, 0));
     let job = c

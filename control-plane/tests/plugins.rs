@@ -10,7 +10,7 @@ use grs_control_plane::config::ProvisionerConfig;
 use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
-    RunningControlPlane, control_plane, eventually, job_event, submit, test_config,
+    RunningControlPlane, control_plane, job_event, submit, test_config, wait_for_instance,
     wait_for_no_instances_in_use,
 };
 use grs_proto::v1::{self as pb, JobAction};
@@ -21,19 +21,7 @@ async fn instance_running(
     c: &grs_proto::v1::control_plane_client::ControlPlaneClient<tonic::transport::Channel>,
     name: &str,
 ) -> pb::Instance {
-    eventually("the instance to run", Duration::from_secs(30), || {
-        let mut c = c.clone();
-        let name = name.to_owned();
-        async move {
-            let i = c
-                .get_instance(pb::GetInstanceRequest { name })
-                .await
-                .ok()?
-                .into_inner();
-            (i.state() == pb::InstanceState::Running).then_some(i)
-        }
-    })
-    .await
+    wait_for_instance(c, name, pb::InstanceState::Running, Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use grs_control_plane::server::ControlPlane;
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
     FakeRegistrar, RunningControlPlane, eventually, job_event, submit, test_config,
-    wait_for_no_instances_in_use,
+    wait_for_instance, wait_for_no_instances_in_use,
 };
 use grs_proto::v1::{self as pb, JobAction};
 use grs_provisioner_proxmox::BootstrapMode;
@@ -127,20 +127,11 @@ async fn job_runs_with_its_config_written_by_the_agent(gateway_url: Option<&str>
         fx.sim.schema_violations()
     );
     // The create returns after the exec; the store records it then.
-    eventually(
-        "the instance recorded running",
+    wait_for_instance(
+        &c,
+        name,
+        pb::InstanceState::Running,
         Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move {
-                let i = c
-                    .get_instance(pb::GetInstanceRequest { name: name.into() })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (i.state() == pb::InstanceState::Running).then_some(())
-            }
-        },
     )
     .await;
 
@@ -193,17 +184,12 @@ async fn a_vm_whose_runner_may_run_after_a_failed_create_stays_while_github_says
     submit(&mut c, job_event("g3", JobAction::Queued, 8_100_000_003)).await;
     // GitHub says the runner is busy: the teardown is called off (the
     // instance is running again), and the VM stays.
-    eventually("the teardown called off", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
-            let i = c
-                .get_instance(pb::GetInstanceRequest { name: name.into() })
-                .await
-                .ok()?
-                .into_inner();
-            (i.state() == pb::InstanceState::Running).then_some(())
-        }
-    })
+    wait_for_instance(
+        &c,
+        name,
+        pb::InstanceState::Running,
+        Duration::from_secs(20),
+    )
     .await;
     assert!(registrar.asked().iter().any(|n| n == name));
     let vms = fx.sim.vms_named(name);

@@ -12,7 +12,7 @@ use grs_control_plane::pools::{Pools, ProvisionerRegistry};
 use grs_control_plane::store::MemoryStore;
 use grs_control_plane::testing::{
     RunningControlPlane, control_plane, eventually, job_event, submit, test_config,
-    wait_for_no_instances_in_use,
+    wait_for_instance, wait_for_no_instances_in_use,
 };
 use grs_proto::v1::control_plane_client::ControlPlaneClient;
 use grs_proto::v1::{self as pb, JobAction};
@@ -48,18 +48,7 @@ async fn start(fx: &SimFixture, pool: &ProxmoxPoolConfig) -> RunningControlPlane
 
 /// Instance `name` once it runs.
 async fn running(c: &ControlPlaneClient<Channel>, name: &str) -> pb::Instance {
-    eventually(&format!("{name} to run"), Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
-            let i = c
-                .get_instance(pb::GetInstanceRequest { name: name.into() })
-                .await
-                .ok()?
-                .into_inner();
-            (i.state() == pb::InstanceState::Running).then_some(i)
-        }
-    })
-    .await
+    wait_for_instance(c, name, pb::InstanceState::Running, Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
