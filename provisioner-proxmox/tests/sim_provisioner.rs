@@ -66,10 +66,7 @@ async fn a_created_vm_is_a_linked_clone_marked_and_bootstrapped_for_cloud_init()
     assert!(desc.contains(r#""job":7"#), "{desc}");
     let smbios = &vm.config["smbios1"];
     assert!(smbios.ends_with(",base64=1"), "{smbios}");
-    let serial = smbios
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("serial="))
-        .unwrap();
+    let serial = vm.smbios_serial().expect("a serial in smbios1");
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(serial)
         .unwrap();

@@ -37,11 +37,7 @@ fn has_tag(tags: &str, t: &str) -> bool {
 
 /// The SMBIOS serial of a VM's config, if any.
 fn serial(f: &SimFixture, vmid: u32) -> Option<String> {
-    let vm = f.sim.vm(vmid)?;
-    vm.config
-        .get("smbios1")?
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("serial=").map(str::to_owned))
+    f.sim.vm(vmid)?.smbios_serial().map(str::to_owned)
 }
 
 // ---------------------------------------------------------------- item 2
