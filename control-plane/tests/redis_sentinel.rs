@@ -320,15 +320,32 @@ async fn a_primary_killed_mid_load_loses_no_accepted_event() {
     let accepted: Vec<u64> = accepted.lock().unwrap().iter().copied().collect();
     let failed = *failed.lock().unwrap();
     let mut missing = Vec::new();
+    let mut unavailable_reads = 0;
     let mut c = client.clone();
     for &job_id in &accepted {
-        match c.get_job(pb::GetJobRequest { job_id }).await {
+        // A read the store answers `Unavailable` says nothing about the
+        // event; it is asked again (CI saw 3 of 524 reads time out some
+        // seconds after a failover). Not found, or found in another
+        // state, is a lost event at once.
+        let mut tries = 0;
+        let got = loop {
+            let r = c.get_job(pb::GetJobRequest { job_id }).await;
+            match r {
+                Err(e) if e.code() == tonic::Code::Unavailable && tries < 10 => {
+                    tries += 1;
+                    unavailable_reads += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other,
+            }
+        };
+        match got {
             Ok(j) if j.get_ref().state() == pb::JobState::Queued => {}
             other => missing.push((job_id, format!("{other:?}"))),
         }
     }
     eprintln!(
-        "accepted {} events ({before_kill} before the kill, {} after the failover), {failed} refused; primary {p} -> {new_primary}",
+        "accepted {} events ({before_kill} before the kill, {} after the failover), {failed} refused; primary {p} -> {new_primary}; {unavailable_reads} reads answered Unavailable and were asked again",
         accepted.len(),
         accepted.len() - at_failover
     );
