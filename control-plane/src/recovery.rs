@@ -495,23 +495,31 @@ impl Recovery {
             })
             .filter(|&id| id != 0)
             .collect();
+        // Jobs in progress come whole from the listing; only the others
+        // (bound to an instance, not started) are read one by one.
+        let mut listed: HashMap<u64, Job> = HashMap::new();
         let mut cursor = 0;
         loop {
             let (page, next) = self
                 .store
                 .list_jobs(None, Some(JobState::InProgress), cursor, 500)
                 .await?;
-            ids.extend(page.iter().map(|j| j.job_id));
+            listed.extend(page.into_iter().map(|j| (j.job_id, j)));
             match next {
                 Some(c) => cursor = c,
                 None => break,
             }
         }
+        ids.extend(listed.keys().copied());
         self.status_asked.retain(|id, _| ids.contains(id));
         let mut due = Vec::new();
         for &id in &ids {
-            let Some(job) = self.store.get_job(id).await? else {
-                continue;
+            let job = match listed.remove(&id) {
+                Some(job) => job,
+                None => match self.store.get_job(id).await? {
+                    Some(job) => job,
+                    None => continue,
+                },
             };
             let unchanged_long = now.saturating_sub(job.updated_at) >= age;
             let asked_lately = self

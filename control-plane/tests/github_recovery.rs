@@ -276,6 +276,59 @@ async fn a_lost_queued_webhook_is_recovered_within_the_recovery_interval() {
     sim.shutdown().await;
 }
 
+/// The set-up of the lost-`completed` tests: the GitHub simulator with
+/// 100 ms jobs and no webhook (every delivery is lost), and a control plane
+/// that asks about running jobs after `age` (500 ms).
+struct LostCompleted {
+    sim: GitHubSim,
+    fake: Arc<FakeProvisioner>,
+    age: Duration,
+    client: grs_github::GitHubClient,
+    cp: RunningControlPlane,
+}
+
+impl LostCompleted {
+    async fn start() -> Self {
+        let sim = GitHubSim::start(SimConfig {
+            job_duration: Duration::from_millis(100),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let fake = Arc::new(FakeProvisioner::new());
+        let age = Duration::from_millis(500);
+        let config = config_for(&sim, |c| {
+            c.control_plane.reconcile_interval = Duration::from_millis(100);
+            c.control_plane.recovery_interval = Duration::from_millis(200);
+            c.control_plane.recovery_running_age = age;
+        });
+        let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
+        let cp = start(config, &fake).await;
+        Self {
+            sim,
+            fake,
+            age,
+            client,
+            cp,
+        }
+    }
+}
+
+/// Registers runner `name` with the pool's labels through `client` (a JIT
+/// configuration, as GRS mints one) and boots it on the simulator: it
+/// takes the oldest queued job it matches.
+async fn boot_runner(sim: &GitHubSim, client: &grs_github::GitHubClient, name: &str) {
+    use secrecy::ExposeSecret;
+    let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
+    let jit = client
+        .generate_jit_config_in_group(name, &labels, Some(1), None)
+        .await
+        .unwrap();
+    sim.boot_runner(jit.encoded_jit_config.expose_secret())
+        .await
+        .unwrap();
+}
+
 /// A lost `completed` (GitHub never delivered it) is recovered by the
 /// leader asking GitHub about jobs in progress on its instances for
 /// `recovery_running_age`, and applied as the webhook would have been:
@@ -285,21 +338,13 @@ async fn a_lost_queued_webhook_is_recovered_within_the_recovery_interval() {
 /// (seen failing before the check existed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_completed_webhooks_are_recovered_and_the_runners_that_ran_the_jobs_go() {
-    let sim = GitHubSim::start(SimConfig {
-        job_duration: Duration::from_millis(100),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let fake = Arc::new(FakeProvisioner::new());
-    let age = Duration::from_millis(500);
-    let config = config_for(&sim, |c| {
-        c.control_plane.reconcile_interval = Duration::from_millis(100);
-        c.control_plane.recovery_interval = Duration::from_millis(200);
-        c.control_plane.recovery_running_age = age;
-    });
-    let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
-    let cp = start(config, &fake).await;
+    let LostCompleted {
+        sim,
+        fake,
+        age,
+        client,
+        cp,
+    } = LostCompleted::start().await;
     let mut api = cp.client().await;
     let a = sim.queue_job(NewJob::labels(LABELS)).await;
     let b = sim.queue_job(NewJob::labels(LABELS)).await;
@@ -319,15 +364,7 @@ async fn lost_completed_webhooks_are_recovered_and_the_runners_that_ran_the_jobs
     // then A's VM boots and its runner takes B. Their `in_progress`
     // deliveries arrive; their `completed` ones never do.
     for (runner, job) in [(&made[1], &a), (&made[0], &b)] {
-        let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
-        let jit = client
-            .generate_jit_config_in_group(runner, &labels, Some(1), None)
-            .await
-            .unwrap();
-        use secrecy::ExposeSecret;
-        sim.boot_runner(jit.encoded_jit_config.expose_secret())
-            .await
-            .unwrap();
+        boot_runner(&sim, &client, runner).await;
         assert_eq!(sim.job(job.id).unwrap().runner_name.as_ref(), Some(runner));
         let started = sim_event(
             job,
@@ -378,21 +415,13 @@ async fn lost_completed_webhooks_are_recovered_and_the_runners_that_ran_the_jobs
 /// progress in GRS for good (seen failing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_completed_of_a_job_on_a_runner_grs_did_not_make_is_recovered() {
-    let sim = GitHubSim::start(SimConfig {
-        job_duration: Duration::from_millis(100),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let fake = Arc::new(FakeProvisioner::new());
-    let age = Duration::from_millis(500);
-    let config = config_for(&sim, |c| {
-        c.control_plane.reconcile_interval = Duration::from_millis(100);
-        c.control_plane.recovery_interval = Duration::from_millis(200);
-        c.control_plane.recovery_running_age = age;
-    });
-    let client = grs_github::GitHubClient::new(config.github.as_ref().unwrap()).unwrap();
-    let cp = start(config, &fake).await;
+    let LostCompleted {
+        sim,
+        fake: _,
+        age,
+        client,
+        cp,
+    } = LostCompleted::start().await;
     let mut api = cp.client().await;
     let job = sim.queue_job(NewJob::labels(LABELS)).await;
     submit(&mut api, queued_event(&job, "q")).await;
@@ -405,15 +434,7 @@ async fn a_lost_completed_of_a_job_on_a_runner_grs_did_not_make_is_recovered() {
     .await;
     // A static runner, not GRS's, comes online first and takes the job;
     // its `in_progress` arrives, its `completed` never does.
-    let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
-    let jit = client
-        .generate_jit_config_in_group("static-1", &labels, Some(1), None)
-        .await
-        .unwrap();
-    use secrecy::ExposeSecret;
-    sim.boot_runner(jit.encoded_jit_config.expose_secret())
-        .await
-        .unwrap();
+    boot_runner(&sim, &client, "static-1").await;
     assert_eq!(
         sim.job(job.id).unwrap().runner_name.as_deref(),
         Some("static-1")
@@ -434,13 +455,7 @@ async fn a_lost_completed_of_a_job_on_a_runner_grs_did_not_make_is_recovered() {
     // The VM made for it boots and its runner takes the next job.
     let next = sim.queue_job(NewJob::labels(LABELS)).await;
     submit(&mut api, queued_event(&next, "q-next")).await;
-    let jit = client
-        .generate_jit_config_in_group(&made_for_it, &labels, Some(1), None)
-        .await
-        .unwrap();
-    sim.boot_runner(jit.encoded_jit_config.expose_secret())
-        .await
-        .unwrap();
+    boot_runner(&sim, &client, &made_for_it).await;
     assert_eq!(
         sim.job(next.id).unwrap().runner_name.as_deref(),
         Some(made_for_it.as_str())
@@ -891,7 +906,6 @@ async fn a_running_job_is_asked_about_after_the_age_once_per_age_within_the_budg
     use grs_control_plane::github::{ApiBudget, GitHubJobs};
     use grs_control_plane::model::{JobAction, JobState, now_ms};
     use grs_control_plane::recovery::{Recovery, RecoverySettings};
-    use secrecy::ExposeSecret;
 
     let sim = sim(None).await;
     let age = Duration::from_secs(60);
@@ -937,14 +951,7 @@ async fn a_running_job_is_asked_about_after_the_age_once_per_age_within_the_budg
             .finish_provision(job.id, &name, "fake/1", "", t)
             .await
             .unwrap();
-        let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
-        let jit = client
-            .generate_jit_config_in_group(&name, &labels, Some(1), None)
-            .await
-            .unwrap();
-        sim.boot_runner(jit.encoded_jit_config.expose_secret())
-            .await
-            .unwrap();
+        boot_runner(&sim, &client, &name).await;
         store
             .submit_event(&store_event(&job, JobAction::InProgress, &name), None, t)
             .await
