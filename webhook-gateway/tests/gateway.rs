@@ -340,11 +340,13 @@ async fn a_replayed_delivery_is_200_and_recorded_once() {
 
 #[tokio::test]
 async fn an_unreachable_control_plane_is_503_well_inside_ten_seconds() {
-    // A port nothing listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port bound but not listening, held for the whole test: connecting
+    // is refused. (A port bound and released before could be taken by a
+    // server of another test running alongside, which answered; CI saw
+    // 500 instead of 503 once.)
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = held.local_addr().unwrap().port();
     let gw = Gateway::start(&format!("http://127.0.0.1:{port}"), |_, _| {}).await;
     let t = Instant::now();
     let body = fixture("octokit-webhooks/workflow_job/queued.payload.json");
